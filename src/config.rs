@@ -1,0 +1,469 @@
+//! TOML configuration, validated at start-up.
+//!
+//! Every validation error names the key and says how to fix it, because the operator reading it
+//! has only the message and the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML for shardgate: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {problem}; {fix}")]
+    Invalid {
+        key: String,
+        problem: String,
+        fix: String,
+    },
+}
+
+fn invalid(key: &str, problem: impl Into<String>, fix: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        problem: problem.into(),
+        fix: fix.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub listener: ListenerConfig,
+    /// The shardgate instances forming the virtual cluster. Empty means "just this one".
+    #[serde(default)]
+    pub instances: Vec<InstanceConfig>,
+    pub upstream: UpstreamConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address the client listener binds, e.g. "127.0.0.1:29092".
+    pub bind: String,
+    /// host:port advertised to clients in Metadata/FindCoordinator. Defaults to `bind`.
+    #[serde(default)]
+    pub advertised: Option<String>,
+    /// Node id of this instance in the virtual cluster.
+    #[serde(default)]
+    pub node_id: i32,
+    #[serde(default)]
+    pub tls: Option<TlsServerConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsServerConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsClientConfig {
+    /// PEM file with the CA certificates that sign the brokers' certificates.
+    pub ca: PathBuf,
+    /// Name to verify in the brokers' certificates; defaults to each broker's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceConfig {
+    pub node_id: i32,
+    pub advertised: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Kafka bootstrap servers, "host:port".
+    pub bootstrap: Vec<String>,
+    /// Upstream connections per broker shared by all clients (each client connection is pinned
+    /// to one of them so its requests keep their order).
+    #[serde(default = "default_connections_per_broker")]
+    pub connections_per_broker: usize,
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    #[serde(default = "default_request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// How often the topology (brokers, leaders) is refreshed even without errors.
+    #[serde(default = "default_metadata_refresh_ms")]
+    pub metadata_refresh_ms: u64,
+    #[serde(default)]
+    pub tls: Option<TlsClientConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    #[serde(default = "default_admin_bind")]
+    pub bind: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            bind: default_admin_bind(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Frames larger than this are refused before any allocation (Kafka's
+    /// socket.request.max.bytes default is 100 MiB).
+    #[serde(default = "default_max_frame_bytes")]
+    pub max_frame_bytes: usize,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Requests of one client connection being processed at once; beyond that the socket is
+    /// not read (backpressure), never dropped.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight_per_connection: usize,
+    /// A client connection with no request for this long is closed (Kafka's
+    /// connections.max.idle.ms is 10 minutes).
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Longest time a fetch from clients waits upstream between polls when it has no data yet.
+    #[serde(default = "default_fetch_poll_max_ms")]
+    pub fetch_poll_max_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: default_max_frame_bytes(),
+            max_connections: default_max_connections(),
+            max_in_flight_per_connection: default_max_in_flight(),
+            idle_timeout_ms: default_idle_timeout_ms(),
+            fetch_poll_max_ms: default_fetch_poll_max_ms(),
+        }
+    }
+}
+
+fn default_connections_per_broker() -> usize {
+    4
+}
+fn default_connect_timeout_ms() -> u64 {
+    5_000
+}
+fn default_request_timeout_ms() -> u64 {
+    30_000
+}
+fn default_metadata_refresh_ms() -> u64 {
+    30_000
+}
+fn default_admin_bind() -> String {
+    "127.0.0.1:29100".to_string()
+}
+fn default_max_frame_bytes() -> usize {
+    100 * 1024 * 1024
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_in_flight() -> usize {
+    64
+}
+fn default_idle_timeout_ms() -> u64 {
+    600_000
+}
+fn default_fetch_poll_max_ms() -> u64 {
+    50
+}
+
+/// A host:port pair as clients will be told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+pub fn parse_host_port(key: &str, value: &str) -> Result<HostPort, ConfigError> {
+    let fix = "write it as host:port, e.g. \"127.0.0.1:29092\"";
+    let (host, port) = value
+        .rsplit_once(':')
+        .ok_or_else(|| invalid(key, format!("\"{value}\" has no port"), fix))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(invalid(key, format!("\"{value}\" has no host"), fix));
+    }
+    let port: u16 = port
+        .parse()
+        .map_err(|_| invalid(key, format!("\"{port}\" is not a port number"), fix))?;
+    if port == 0 {
+        return Err(invalid(key, "port 0 cannot be advertised", fix));
+    }
+    Ok(HostPort {
+        host: host.to_string(),
+        port,
+    })
+}
+
+/// The validated form the rest of the program uses.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub raw: Config,
+    pub bind: SocketAddr,
+    pub admin_bind: SocketAddr,
+    pub node_id: i32,
+    pub advertised: HostPort,
+    /// All instances of the virtual cluster, this one included, sorted by node id.
+    pub instances: Vec<(i32, HostPort)>,
+    pub bootstrap: Vec<HostPort>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Settings, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()
+    }
+
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let bind: SocketAddr = self.listener.bind.parse().map_err(|_| {
+            invalid(
+                "listener.bind",
+                format!("\"{}\" is not an IP:port", self.listener.bind),
+                "use an address such as \"127.0.0.1:29092\" or \"0.0.0.0:9092\"",
+            )
+        })?;
+        let admin_bind: SocketAddr = self.admin.bind.parse().map_err(|_| {
+            invalid(
+                "admin.bind",
+                format!("\"{}\" is not an IP:port", self.admin.bind),
+                "use an address such as \"127.0.0.1:29100\"",
+            )
+        })?;
+        let advertised = match &self.listener.advertised {
+            Some(a) => parse_host_port("listener.advertised", a)?,
+            None => {
+                if bind.ip().is_unspecified() {
+                    return Err(invalid(
+                        "listener.advertised",
+                        "missing while listener.bind is a wildcard address",
+                        "set the host:port clients should connect to",
+                    ));
+                }
+                HostPort {
+                    host: bind.ip().to_string(),
+                    port: bind.port(),
+                }
+            }
+        };
+        if self.listener.node_id < 0 {
+            return Err(invalid(
+                "listener.node_id",
+                "is negative",
+                "use a node id >= 0",
+            ));
+        }
+        let mut instances = Vec::new();
+        for (i, inst) in self.instances.iter().enumerate() {
+            let key = format!("instances[{i}].advertised");
+            instances.push((inst.node_id, parse_host_port(&key, &inst.advertised)?));
+        }
+        if instances.is_empty() {
+            instances.push((self.listener.node_id, advertised.clone()));
+        } else if !instances.iter().any(|(id, _)| *id == self.listener.node_id) {
+            return Err(invalid(
+                "instances",
+                format!(
+                    "does not list this instance (node_id {})",
+                    self.listener.node_id
+                ),
+                "add an entry with this instance's node_id and advertised address",
+            ));
+        }
+        instances.sort_by_key(|(id, _)| *id);
+        if instances.windows(2).any(|w| w[0].0 == w[1].0) {
+            return Err(invalid(
+                "instances",
+                "two instances share a node_id",
+                "give every instance its own node_id",
+            ));
+        }
+        if self.upstream.bootstrap.is_empty() {
+            return Err(invalid(
+                "upstream.bootstrap",
+                "is empty",
+                "list at least one Kafka broker, e.g. [\"127.0.0.1:19092\"]",
+            ));
+        }
+        let mut bootstrap = Vec::new();
+        for (i, b) in self.upstream.bootstrap.iter().enumerate() {
+            bootstrap.push(parse_host_port(&format!("upstream.bootstrap[{i}]"), b)?);
+        }
+        if self.upstream.connections_per_broker == 0 || self.upstream.connections_per_broker > 64 {
+            return Err(invalid(
+                "upstream.connections_per_broker",
+                format!("{} is out of range", self.upstream.connections_per_broker),
+                "use a value from 1 to 64",
+            ));
+        }
+        let l = &self.limits;
+        if l.max_frame_bytes < 1024 || l.max_frame_bytes > i32::MAX as usize {
+            return Err(invalid(
+                "limits.max_frame_bytes",
+                format!("{} is out of range", l.max_frame_bytes),
+                "use a value from 1024 to 2147483647 (Kafka's default is 104857600)",
+            ));
+        }
+        if l.max_connections == 0 {
+            return Err(invalid(
+                "limits.max_connections",
+                "is 0",
+                "use a positive number",
+            ));
+        }
+        if l.max_in_flight_per_connection == 0 {
+            return Err(invalid(
+                "limits.max_in_flight_per_connection",
+                "is 0",
+                "use a positive number (Kafka clients pipeline up to 5 requests)",
+            ));
+        }
+        for (key, v) in [
+            (
+                "upstream.connect_timeout_ms",
+                self.upstream.connect_timeout_ms,
+            ),
+            (
+                "upstream.request_timeout_ms",
+                self.upstream.request_timeout_ms,
+            ),
+            (
+                "upstream.metadata_refresh_ms",
+                self.upstream.metadata_refresh_ms,
+            ),
+            ("limits.idle_timeout_ms", l.idle_timeout_ms),
+            ("limits.fetch_poll_max_ms", l.fetch_poll_max_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(
+                    key,
+                    "is 0",
+                    "use a positive number of milliseconds",
+                ));
+            }
+        }
+        if let Some(tls) = &self.listener.tls {
+            for (key, p) in [
+                ("listener.tls.cert", &tls.cert),
+                ("listener.tls.key", &tls.key),
+            ] {
+                if !p.is_file() {
+                    return Err(invalid(
+                        key,
+                        format!("{} is not a readable file", p.display()),
+                        "point it at a PEM file",
+                    ));
+                }
+            }
+        }
+        if let Some(tls) = &self.upstream.tls
+            && !tls.ca.is_file()
+        {
+            return Err(invalid(
+                "upstream.tls.ca",
+                format!("{} is not a readable file", tls.ca.display()),
+                "point it at a PEM file with the brokers' CA certificates",
+            ));
+        }
+        Ok(Settings {
+            node_id: self.listener.node_id,
+            bind,
+            admin_bind,
+            advertised,
+            instances,
+            bootstrap,
+            raw: self,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, ConfigError> {
+        Config::parse(text, Path::new("test.toml"))
+    }
+
+    const MINIMAL: &str = r#"
+[listener]
+bind = "127.0.0.1:29092"
+[upstream]
+bootstrap = ["127.0.0.1:19092"]
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults_and_a_single_instance() {
+        let s = parse(MINIMAL).unwrap();
+        assert_eq!(s.advertised.to_string(), "127.0.0.1:29092");
+        assert_eq!(s.instances.len(), 1);
+        assert_eq!(s.raw.limits.max_frame_bytes, 100 * 1024 * 1024);
+        assert_eq!(s.admin_bind.to_string(), "127.0.0.1:29100");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let e = parse(&MINIMAL.replace("19092\"]", "19092\"]\nconnections_per_broker = 0"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstream.connections_per_broker"), "{e}");
+        let e = parse(&MINIMAL.replace("127.0.0.1:19092", "nohost"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstream.bootstrap[0]"), "{e}");
+        let e = parse(&MINIMAL.replace("bind = \"127.0.0.1:29092\"", "bind = \"x\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listener.bind"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_and_garbage_are_rejected() {
+        assert!(parse(&format!("{MINIMAL}\n[bogus]\nx=1")).is_err());
+        assert!(parse("this is not toml [[").is_err());
+        assert!(parse("").is_err());
+    }
+
+    #[test]
+    fn wildcard_bind_needs_advertised() {
+        let e = parse(&MINIMAL.replace("127.0.0.1:29092", "0.0.0.0:29092"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listener.advertised"), "{e}");
+    }
+}

@@ -1,0 +1,253 @@
+//! The Kafka wire format as shardgate needs it: framing, headers, the supported-version table,
+//! and helpers to encode responses. Message bodies come from the `kafka-protocol` crate.
+
+pub mod frame;
+pub mod versions;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame of {0} bytes is shorter than a request header")]
+    ShortFrame(usize),
+    #[error("unknown api key {0}")]
+    UnknownApiKey(i16),
+    #[error("api {api:?} v{version} is not supported (supported: {min}..={max})")]
+    UnsupportedVersion {
+        api: ApiKey,
+        version: i16,
+        min: i16,
+        max: i16,
+    },
+    #[error("cannot decode {what}: {message}")]
+    Decode { what: String, message: String },
+    #[error("cannot encode {what}: {message}")]
+    Encode { what: String, message: String },
+}
+
+impl ProtocolError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ProtocolError::ShortFrame(_) => "short_frame",
+            ProtocolError::UnknownApiKey(_) => "unknown_api_key",
+            ProtocolError::UnsupportedVersion { .. } => "unsupported_version",
+            ProtocolError::Decode { .. } => "decode",
+            ProtocolError::Encode { .. } => "encode",
+        }
+    }
+}
+
+pub fn decode_err(what: impl Into<String>, e: impl std::fmt::Display) -> ProtocolError {
+    ProtocolError::Decode {
+        what: what.into(),
+        message: e.to_string(),
+    }
+}
+
+pub fn encode_err(what: impl Into<String>, e: impl std::fmt::Display) -> ProtocolError {
+    ProtocolError::Encode {
+        what: what.into(),
+        message: e.to_string(),
+    }
+}
+
+/// The first three header fields, readable from any request frame whatever its API: enough to
+/// answer or log even a request we cannot decode.
+#[derive(Debug, Clone, Copy)]
+pub struct FramePrefix {
+    pub api_key: i16,
+    pub api_version: i16,
+    pub correlation_id: i32,
+}
+
+pub fn peek_prefix(frame: &[u8]) -> Result<FramePrefix, ProtocolError> {
+    if frame.len() < 8 {
+        return Err(ProtocolError::ShortFrame(frame.len()));
+    }
+    let mut b = &frame[..8];
+    Ok(FramePrefix {
+        api_key: b.get_i16(),
+        api_version: b.get_i16(),
+        correlation_id: b.get_i32(),
+    })
+}
+
+/// A decoded request header plus the body still as the client's bytes.
+#[derive(Debug, Clone)]
+pub struct RequestFrame {
+    pub api_key: ApiKey,
+    pub api_version: i16,
+    pub header: RequestHeader,
+    /// The whole frame as received (without the length prefix), for byte-level forwarding.
+    pub frame: Bytes,
+    /// The body (after the header): a slice of `frame`.
+    pub body: Bytes,
+}
+
+impl RequestFrame {
+    /// Parses the header of a frame whose api key and version were already checked.
+    pub fn parse(api_key: ApiKey, api_version: i16, frame: Bytes) -> Result<Self, ProtocolError> {
+        let mut body = frame.clone();
+        let header = RequestHeader::decode(&mut body, api_key.request_header_version(api_version))
+            .map_err(|e| decode_err(format!("{api_key:?} request header"), e))?;
+        Ok(Self {
+            api_key,
+            api_version,
+            header,
+            frame,
+            body,
+        })
+    }
+
+    pub fn correlation_id(&self) -> i32 {
+        self.header.correlation_id
+    }
+
+    pub fn decode_body<T: Decodable>(&self) -> Result<T, ProtocolError> {
+        let mut b = self.body.clone();
+        T::decode(&mut b, self.api_version).map_err(|e| {
+            decode_err(
+                format!("{:?} v{} request", self.api_key, self.api_version),
+                e,
+            )
+        })
+    }
+}
+
+/// Encodes a response frame (length prefix, header, body) for the client.
+pub fn encode_response<T: Encodable>(
+    api_key: ApiKey,
+    api_version: i16,
+    correlation_id: i32,
+    body: &T,
+) -> Result<Bytes, ProtocolError> {
+    // ApiVersions responses always use header v0 so that old clients can read the error.
+    let header_version = api_key.response_header_version(api_version);
+    let header = ResponseHeader::default().with_correlation_id(correlation_id);
+    let what = || format!("{api_key:?} v{api_version} response");
+    let size = header
+        .compute_size(header_version)
+        .and_then(|h| body.compute_size(api_version).map(|b| h + b))
+        .map_err(|e| encode_err(what(), e))?;
+    let mut buf = BytesMut::with_capacity(4 + size);
+    buf.put_u32(size as u32);
+    header
+        .encode(&mut buf, header_version)
+        .map_err(|e| encode_err(what(), e))?;
+    body.encode(&mut buf, api_version)
+        .map_err(|e| encode_err(what(), e))?;
+    Ok(buf.freeze())
+}
+
+/// Encodes a request frame without length prefix (the upstream writer adds it and its own
+/// correlation id).
+pub fn encode_request<T: Encodable + HeaderVersion>(
+    api_key: ApiKey,
+    api_version: i16,
+    client_id: Option<StrBytes>,
+    body: &T,
+) -> Result<Bytes, ProtocolError> {
+    let header = RequestHeader::default()
+        .with_request_api_key(api_key as i16)
+        .with_request_api_version(api_version)
+        .with_client_id(client_id);
+    let hv = T::header_version(api_version);
+    let what = || format!("{api_key:?} v{api_version} request");
+    let size = header
+        .compute_size(hv)
+        .and_then(|h| body.compute_size(api_version).map(|b| h + b))
+        .map_err(|e| encode_err(what(), e))?;
+    let mut buf = BytesMut::with_capacity(size);
+    header
+        .encode(&mut buf, hv)
+        .map_err(|e| encode_err(what(), e))?;
+    body.encode(&mut buf, api_version)
+        .map_err(|e| encode_err(what(), e))?;
+    Ok(buf.freeze())
+}
+
+/// Splits an upstream response frame (without length prefix) into header and decoded body.
+pub fn decode_response<T: Decodable>(
+    api_key: ApiKey,
+    api_version: i16,
+    frame: Bytes,
+) -> Result<T, ProtocolError> {
+    let mut b = frame;
+    let what = || format!("{api_key:?} v{api_version} response");
+    ResponseHeader::decode(&mut b, api_key.response_header_version(api_version))
+        .map_err(|e| decode_err(what(), e))?;
+    T::decode(&mut b, api_version).map_err(|e| decode_err(what(), e))
+}
+
+/// Re-frames an upstream response for the client: same bytes, the client's correlation id.
+/// The correlation id is the first header field whatever the header version, so only four
+/// bytes change; the body is not decoded.
+pub fn reframe_response(upstream: &[u8], client_correlation_id: i32) -> Bytes {
+    let mut buf = BytesMut::with_capacity(4 + upstream.len());
+    buf.put_u32(upstream.len() as u32);
+    buf.put_i32(client_correlation_id);
+    buf.put_slice(&upstream[4.min(upstream.len())..]);
+    buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::MetadataResponse;
+
+    #[test]
+    fn reframed_response_keeps_body_and_swaps_correlation_id() {
+        let body = MetadataResponse::default();
+        let framed = encode_response(ApiKey::Metadata, 9, 77, &body).unwrap();
+        let upstream = framed.slice(4..);
+        let client = reframe_response(&upstream, 5);
+        assert_eq!(&client[..4], &framed[..4]);
+        assert_eq!(&client[4..8], &5i32.to_be_bytes());
+        assert_eq!(&client[8..], &framed[8..]);
+    }
+
+    #[test]
+    fn peek_prefix_refuses_short_frames() {
+        assert!(matches!(
+            peek_prefix(&[0, 1, 2]),
+            Err(ProtocolError::ShortFrame(3))
+        ));
+        let p = peek_prefix(&[0, 3, 0, 9, 0, 0, 0, 42, 1]).unwrap();
+        assert_eq!((p.api_key, p.api_version, p.correlation_id), (3, 9, 42));
+    }
+}
+
+/// Kafka error codes shardgate produces or reacts to.
+pub mod codes {
+    pub const NONE: i16 = 0;
+    pub const UNKNOWN_SERVER_ERROR: i16 = -1;
+    pub const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
+    pub const LEADER_NOT_AVAILABLE: i16 = 5;
+    pub const NOT_LEADER_OR_FOLLOWER: i16 = 6;
+    pub const REQUEST_TIMED_OUT: i16 = 7;
+    pub const COORDINATOR_NOT_AVAILABLE: i16 = 15;
+    pub const NOT_COORDINATOR: i16 = 16;
+    pub const UNSUPPORTED_VERSION: i16 = 35;
+    pub const INVALID_REQUEST: i16 = 42;
+    pub const UNKNOWN_TOPIC_ID: i16 = 100;
+    pub const FENCED_LEADER_EPOCH: i16 = 74;
+    pub const UNKNOWN_LEADER_EPOCH: i16 = 75;
+    pub const OFFSET_NOT_AVAILABLE: i16 = 78;
+
+    /// Errors after which the partition's leader must be looked up again.
+    pub fn stale_leader(code: i16) -> bool {
+        matches!(
+            code,
+            NOT_LEADER_OR_FOLLOWER
+                | LEADER_NOT_AVAILABLE
+                | UNKNOWN_TOPIC_OR_PARTITION
+                | FENCED_LEADER_EPOCH
+                | UNKNOWN_LEADER_EPOCH
+                | UNKNOWN_TOPIC_ID
+                | OFFSET_NOT_AVAILABLE
+        )
+    }
+}

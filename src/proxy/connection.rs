@@ -1,0 +1,251 @@
+//! One client connection. The read loop never waits on a request's processing: each request
+//! is handed to its own task, and a sequencer writes the responses back in request order
+//! (Kafka clients match responses by order as well as correlation id). Produce requests go
+//! through a per-connection lane that queues them upstream in arrival order before their
+//! responses are awaited concurrently, so pipelined produces keep their order.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use kafka_protocol::messages::ApiKey;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Ctx, Reply};
+use crate::protocol::frame::FrameReader;
+use crate::protocol::versions::{self, Route};
+use crate::protocol::{RequestFrame, peek_prefix};
+use crate::telemetry;
+
+/// What is known about the client behind a connection.
+#[derive(Debug, Clone)]
+pub struct ClientConn {
+    pub id: u64,
+    pub peer: SocketAddr,
+}
+
+impl ClientConn {
+    /// Upstream connection slot this client is pinned to.
+    pub fn pin(&self) -> u64 {
+        self.id
+    }
+}
+
+type ReplyRx = oneshot::Receiver<Reply>;
+
+pub async fn serve<S>(stream: S, client: ClientConn, ctx: Arc<Ctx>)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let limits = &ctx.settings.raw.limits;
+    let (rd, wr) = tokio::io::split(stream);
+    let mut reader = FrameReader::new(rd, limits.max_frame_bytes);
+    let (seq_tx, seq_rx) = mpsc::channel::<ReplyRx>(limits.max_in_flight_per_connection);
+    let writer = tokio::spawn(write_responses(wr, seq_rx, client.clone()));
+    let (produce_tx, produce_rx) = mpsc::channel::<(RequestFrame, oneshot::Sender<Reply>, Instant)>(
+        limits.max_in_flight_per_connection,
+    );
+    tokio::spawn(produce_lane(produce_rx, client.clone(), ctx.clone()));
+    let idle = Duration::from_millis(limits.idle_timeout_ms);
+
+    loop {
+        let frame = match tokio::time::timeout(idle, reader.next()).await {
+            Err(_) => {
+                tracing::debug!(conn = client.id, peer = %client.peer, "idle connection closed");
+                break;
+            }
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                telemetry::frame_error(e.kind());
+                if !matches!(e, crate::protocol::frame::FrameError::Io(_)) {
+                    tracing::warn!(conn = client.id, peer = %client.peer, error = %e, "bad frame; closing connection");
+                }
+                break;
+            }
+        };
+        metrics::counter!("shardgate_bytes_in_total").increment(frame.len() as u64 + 4);
+        let started = Instant::now();
+        let (tx, rx) = oneshot::channel();
+        if seq_tx.send(rx).await.is_err() {
+            break; // writer gone: the socket is closed
+        }
+        match admit(&client, frame) {
+            Admitted::Request(req) if req.api_key == ApiKey::Produce => {
+                if produce_tx.send((req, tx, started)).await.is_err() {
+                    break;
+                }
+            }
+            Admitted::Request(req) => {
+                let ctx = ctx.clone();
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let reply = run(&ctx, &client, req, started).await;
+                    let _ = tx.send(reply);
+                });
+            }
+            Admitted::Answer(frame) => {
+                let _ = tx.send(Reply::Frame(frame));
+            }
+            Admitted::Refuse(reason) => {
+                let _ = tx.send(Reply::Close(reason));
+                break;
+            }
+        }
+    }
+    drop(seq_tx);
+    drop(produce_tx);
+    let _ = writer.await;
+}
+
+enum Admitted {
+    Request(RequestFrame),
+    /// Answered without processing (ApiVersions downgrade).
+    Answer(Bytes),
+    /// Not answerable: close the connection, as a Kafka broker does.
+    Refuse(String),
+}
+
+/// Checks api key and version and parses the header, before any processing.
+fn admit(client: &ClientConn, frame: Bytes) -> Admitted {
+    let prefix = match peek_prefix(&frame) {
+        Ok(p) => p,
+        Err(e) => {
+            telemetry::frame_error(e.kind());
+            tracing::warn!(conn = client.id, peer = %client.peer, error = %e, "malformed request");
+            return Admitted::Refuse(e.to_string());
+        }
+    };
+    let Some(supported) = versions::lookup(prefix.api_key) else {
+        telemetry::frame_error("unknown_api_key");
+        tracing::warn!(conn = client.id, peer = %client.peer, api_key = prefix.api_key, "unknown or unsupported api key; closing connection");
+        return Admitted::Refuse(format!("unknown api key {}", prefix.api_key));
+    };
+    let range = versions::local_range(supported);
+    if prefix.api_version < range.min || prefix.api_version > range.max {
+        telemetry::frame_error("unsupported_version");
+        if supported.api == ApiKey::ApiVersions {
+            // KIP-511: answer a too-new ApiVersions with a v0 body carrying our ranges.
+            tracing::info!(
+                conn = client.id,
+                version = prefix.api_version,
+                "ApiVersions downgrade answer"
+            );
+            return match super::api_versions::downgrade_answer(prefix.correlation_id) {
+                Ok(f) => Admitted::Answer(f),
+                Err(e) => Admitted::Refuse(e.to_string()),
+            };
+        }
+        tracing::warn!(conn = client.id, peer = %client.peer, api = ?supported.api, version = prefix.api_version, "unsupported version; closing connection");
+        return Admitted::Refuse(format!(
+            "{:?} v{} unsupported",
+            supported.api, prefix.api_version
+        ));
+    }
+    match RequestFrame::parse(supported.api, prefix.api_version, frame) {
+        Ok(r) => Admitted::Request(r),
+        Err(e) => {
+            telemetry::frame_error(e.kind());
+            tracing::warn!(conn = client.id, peer = %client.peer, error = %e, "malformed request header");
+            Admitted::Refuse(e.to_string())
+        }
+    }
+}
+
+/// Runs a request to completion and records its metrics.
+async fn run(ctx: &Ctx, client: &ClientConn, req: RequestFrame, started: Instant) -> Reply {
+    let api = req.api_key;
+    let route = versions::lookup(api as i16).map(|s| s.route);
+    let result = match route {
+        Some(Route::Local) => super::api_versions::handle(ctx, &req),
+        Some(Route::ClusterView) => super::coordinator::cluster_view(ctx, client, &req).await,
+        Some(Route::PartitionLeaders) => match api {
+            ApiKey::Fetch => super::fetch::handle(ctx, client, &req).await,
+            ApiKey::Produce => super::produce::handle(ctx, client, req.clone()).await,
+            _ => super::partitioned::handle(ctx, client, &req).await,
+        },
+        Some(Route::GroupCoordinator) | Some(Route::TxnCoordinator) => {
+            super::coordinator::forward_to_coordinator(ctx, client, &req).await
+        }
+        Some(Route::AnyBroker) => super::coordinator::forward_to_any(ctx, client, &req).await,
+        Some(Route::AllBrokers) => super::coordinator::list_groups(ctx, client, &req).await,
+        None => Ok(Reply::Close("unroutable api".into())),
+    };
+    finish(client, api, started, result)
+}
+
+pub(super) fn finish(
+    client: &ClientConn,
+    api: ApiKey,
+    started: Instant,
+    result: Result<Reply, super::HandlerError>,
+) -> Reply {
+    match result {
+        Ok(reply) => {
+            telemetry::request_done(api, started.elapsed(), None);
+            reply
+        }
+        Err(e) => {
+            telemetry::request_done(api, started.elapsed(), Some(e.kind()));
+            tracing::warn!(conn = client.id, peer = %client.peer, ?api, error = %e, "request failed; closing connection so the client retries");
+            Reply::Close(e.to_string())
+        }
+    }
+}
+
+/// Queues produce requests upstream one at a time, in arrival order, then lets their
+/// responses be awaited concurrently.
+async fn produce_lane(
+    mut rx: mpsc::Receiver<(RequestFrame, oneshot::Sender<Reply>, Instant)>,
+    client: ClientConn,
+    ctx: Arc<Ctx>,
+) {
+    while let Some((req, tx, started)) = rx.recv().await {
+        match super::produce::send(&ctx, &client, &req).await {
+            Ok(pending) => {
+                let client = client.clone();
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let result = pending.finish(&ctx).await;
+                    let _ = tx.send(finish(&client, ApiKey::Produce, started, result));
+                });
+            }
+            Err(e) => {
+                let _ = tx.send(finish(&client, ApiKey::Produce, started, Err(e)));
+            }
+        }
+    }
+}
+
+async fn write_responses<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::Receiver<ReplyRx>,
+    client: ClientConn,
+) {
+    while let Some(next) = rx.recv().await {
+        match next.await {
+            Ok(Reply::Frame(bytes)) => {
+                metrics::counter!("shardgate_bytes_out_total").increment(bytes.len() as u64);
+                if let Err(e) = wr.write_all(&bytes).await {
+                    tracing::debug!(conn = client.id, error = %e, "client write failed");
+                    break;
+                }
+            }
+            Ok(Reply::Nothing) => {}
+            Ok(Reply::Close(reason)) => {
+                tracing::debug!(conn = client.id, %reason, "closing client connection");
+                break;
+            }
+            Err(_) => {
+                tracing::error!(
+                    conn = client.id,
+                    "request task ended without a reply; closing"
+                );
+                break;
+            }
+        }
+    }
+    let _ = wr.shutdown().await;
+}

@@ -1,0 +1,505 @@
+//! Requests that are not split by partition: the cluster view (Metadata, FindCoordinator,
+//! DescribeCluster), group and transaction APIs forwarded as bytes to the real coordinator,
+//! controller-bound admin APIs, and ListGroups fanned out to every broker.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use kafka_protocol::messages::*;
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+
+use super::connection::ClientConn;
+use super::{Ctx, HandlerError, Reply};
+use crate::protocol::{
+    RequestFrame, codes, decode_response, encode_request, encode_response, reframe_response,
+};
+use crate::telemetry;
+use crate::upstream::UpstreamError;
+
+pub const GROUP: i8 = 0;
+pub const TXN: i8 = 1;
+
+/// Real coordinators by (key type, key), learned from FindCoordinator upstream and forgotten
+/// on NOT_COORDINATOR / COORDINATOR_NOT_AVAILABLE.
+#[derive(Default)]
+pub struct CoordinatorCache {
+    map: Mutex<HashMap<(i8, String), i32>>,
+}
+
+impl CoordinatorCache {
+    fn get(&self, key_type: i8, key: &str) -> Option<i32> {
+        self.map
+            .lock()
+            .expect("coordinator cache")
+            .get(&(key_type, key.to_string()))
+            .copied()
+    }
+    fn put(&self, key_type: i8, key: &str, broker: i32) {
+        self.map
+            .lock()
+            .expect("coordinator cache")
+            .insert((key_type, key.to_string()), broker);
+    }
+    fn forget(&self, key_type: i8, key: &str) {
+        self.map
+            .lock()
+            .expect("coordinator cache")
+            .remove(&(key_type, key.to_string()));
+    }
+}
+
+fn any_broker(ctx: &Ctx, client: &ClientConn) -> Result<i32, UpstreamError> {
+    let topo = ctx.topology().load();
+    if topo.brokers.contains_key(&topo.controller_id) && client.id.is_multiple_of(2) {
+        return Ok(topo.controller_id);
+    }
+    topo.any_broker(client.id).ok_or(UpstreamError::NoBroker)
+}
+
+fn typed_reply<T: Encodable>(req: &RequestFrame, resp: &T) -> Result<Reply, HandlerError> {
+    Ok(Reply::Frame(encode_response(
+        req.api_key,
+        req.api_version,
+        req.correlation_id(),
+        resp,
+    )?))
+}
+
+/// Forwards a typed request at the client's version and decodes the typed response.
+async fn call_typed<Req, Resp>(
+    ctx: &Ctx,
+    client: &ClientConn,
+    broker: i32,
+    req: &RequestFrame,
+    body: &Req,
+) -> Result<Resp, HandlerError>
+where
+    Req: Encodable + HeaderVersion,
+    Resp: Decodable,
+{
+    Ok(ctx
+        .pool
+        .call(
+            broker,
+            client.pin(),
+            req.api_key,
+            req.api_version,
+            req.header.client_id.clone(),
+            body,
+        )
+        .await?)
+}
+
+pub async fn cluster_view(
+    ctx: &Ctx,
+    client: &ClientConn,
+    req: &RequestFrame,
+) -> Result<Reply, HandlerError> {
+    let broker = any_broker(ctx, client)?;
+    match req.api_key {
+        ApiKey::Metadata => {
+            let body: MetadataRequest = req.decode_body()?;
+            let all = body.topics.is_none()
+                || (req.api_version == 0 && body.topics.as_ref().is_some_and(|t| t.is_empty()));
+            let mut resp: MetadataResponse = call_typed(ctx, client, broker, req, &body).await?;
+            ctx.topology().absorb(&resp, all);
+            ctx.cluster.rewrite_metadata(&mut resp);
+            typed_reply(req, &resp)
+        }
+        ApiKey::FindCoordinator => {
+            let body: FindCoordinatorRequest = req.decode_body()?;
+            let mut resp: FindCoordinatorResponse =
+                call_typed(ctx, client, broker, req, &body).await?;
+            if resp.coordinators.is_empty() {
+                if resp.error_code == 0 {
+                    ctx.coordinators
+                        .put(body.key_type, &body.key, resp.node_id.0);
+                }
+            } else {
+                for c in &resp.coordinators {
+                    if c.error_code == 0 {
+                        ctx.coordinators.put(body.key_type, &c.key, c.node_id.0);
+                    }
+                }
+            }
+            ctx.cluster
+                .rewrite_find_coordinator(&mut resp, body.key_type, &body.key);
+            typed_reply(req, &resp)
+        }
+        ApiKey::DescribeCluster => {
+            let body: DescribeClusterRequest = req.decode_body()?;
+            let mut resp: DescribeClusterResponse =
+                call_typed(ctx, client, broker, req, &body).await?;
+            ctx.cluster.rewrite_describe_cluster(&mut resp);
+            typed_reply(req, &resp)
+        }
+        other => Err(HandlerError::Protocol(
+            crate::protocol::ProtocolError::Decode {
+                what: format!("{other:?}"),
+                message: "not a cluster-view API".into(),
+            },
+        )),
+    }
+}
+
+/// The coordinator keys a request is about: (key type, keys).
+fn coordinator_keys(req: &RequestFrame) -> Result<(i8, Vec<String>), HandlerError> {
+    let one = |s: &StrBytes| vec![s.to_string()];
+    Ok(match req.api_key {
+        ApiKey::JoinGroup => (GROUP, one(&req.decode_body::<JoinGroupRequest>()?.group_id)),
+        ApiKey::SyncGroup => (GROUP, one(&req.decode_body::<SyncGroupRequest>()?.group_id)),
+        ApiKey::Heartbeat => (GROUP, one(&req.decode_body::<HeartbeatRequest>()?.group_id)),
+        ApiKey::LeaveGroup => (
+            GROUP,
+            one(&req.decode_body::<LeaveGroupRequest>()?.group_id),
+        ),
+        ApiKey::OffsetCommit => (
+            GROUP,
+            one(&req.decode_body::<OffsetCommitRequest>()?.group_id),
+        ),
+        ApiKey::TxnOffsetCommit => (
+            GROUP,
+            one(&req.decode_body::<TxnOffsetCommitRequest>()?.group_id),
+        ),
+        ApiKey::OffsetDelete => (
+            GROUP,
+            one(&req.decode_body::<OffsetDeleteRequest>()?.group_id),
+        ),
+        ApiKey::ConsumerGroupHeartbeat => (
+            GROUP,
+            one(&req.decode_body::<ConsumerGroupHeartbeatRequest>()?.group_id),
+        ),
+        ApiKey::OffsetFetch => {
+            let b: OffsetFetchRequest = req.decode_body()?;
+            if req.api_version >= 8 {
+                (
+                    GROUP,
+                    b.groups.iter().map(|g| g.group_id.to_string()).collect(),
+                )
+            } else {
+                (GROUP, one(&b.group_id))
+            }
+        }
+        ApiKey::DescribeGroups => (
+            GROUP,
+            req.decode_body::<DescribeGroupsRequest>()?
+                .groups
+                .iter()
+                .map(|g| g.to_string())
+                .collect(),
+        ),
+        ApiKey::DeleteGroups => (
+            GROUP,
+            req.decode_body::<DeleteGroupsRequest>()?
+                .groups_names
+                .iter()
+                .map(|g| g.to_string())
+                .collect(),
+        ),
+        ApiKey::ConsumerGroupDescribe => (
+            GROUP,
+            req.decode_body::<ConsumerGroupDescribeRequest>()?
+                .group_ids
+                .iter()
+                .map(|g| g.to_string())
+                .collect(),
+        ),
+        ApiKey::InitProducerId => (
+            TXN,
+            req.decode_body::<InitProducerIdRequest>()?
+                .transactional_id
+                .iter()
+                .map(|t| t.to_string())
+                .collect(),
+        ),
+        ApiKey::AddPartitionsToTxn => (
+            TXN,
+            one(&req
+                .decode_body::<AddPartitionsToTxnRequest>()?
+                .v3_and_below_transactional_id),
+        ),
+        ApiKey::AddOffsetsToTxn => (
+            TXN,
+            one(&req
+                .decode_body::<AddOffsetsToTxnRequest>()?
+                .transactional_id),
+        ),
+        ApiKey::EndTxn => (
+            TXN,
+            one(&req.decode_body::<EndTxnRequest>()?.transactional_id),
+        ),
+        other => {
+            return Err(HandlerError::Protocol(
+                crate::protocol::ProtocolError::Decode {
+                    what: format!("{other:?}"),
+                    message: "not a coordinator API".into(),
+                },
+            ));
+        }
+    })
+}
+
+/// The real coordinator of a key, from the cache or from FindCoordinator upstream.
+async fn find_coordinator(
+    ctx: &Ctx,
+    client: &ClientConn,
+    key_type: i8,
+    key: &str,
+) -> Result<Option<i32>, HandlerError> {
+    if let Some(b) = ctx.coordinators.get(key_type, key) {
+        return Ok(Some(b));
+    }
+    let broker = any_broker(ctx, client)?;
+    let req = FindCoordinatorRequest::default()
+        .with_key(StrBytes::from_string(key.to_string()))
+        .with_key_type(key_type);
+    let resp: FindCoordinatorResponse = ctx
+        .pool
+        .call(broker, client.pin(), ApiKey::FindCoordinator, 3, None, &req)
+        .await?;
+    telemetry::upstream_code(ApiKey::FindCoordinator, resp.error_code);
+    if resp.error_code != 0 {
+        return Ok(None);
+    }
+    ctx.coordinators.put(key_type, key, resp.node_id.0);
+    Ok(Some(resp.node_id.0))
+}
+
+/// Error codes in a coordinator response that mean our cached coordinator is stale.
+fn coordinator_moved(api: ApiKey, version: i16, frame: &Bytes) -> bool {
+    let moved = |c: i16| c == codes::NOT_COORDINATOR || c == codes::COORDINATOR_NOT_AVAILABLE;
+    let f = frame.clone();
+    macro_rules! top {
+        ($t:ty) => {
+            decode_response::<$t>(api, version, f)
+                .map(|r| moved(r.error_code))
+                .unwrap_or(false)
+        };
+    }
+    match api {
+        ApiKey::JoinGroup => top!(JoinGroupResponse),
+        ApiKey::SyncGroup => top!(SyncGroupResponse),
+        ApiKey::Heartbeat => top!(HeartbeatResponse),
+        ApiKey::LeaveGroup => top!(LeaveGroupResponse),
+        ApiKey::OffsetDelete => top!(OffsetDeleteResponse),
+        ApiKey::ConsumerGroupHeartbeat => top!(ConsumerGroupHeartbeatResponse),
+        ApiKey::InitProducerId => top!(InitProducerIdResponse),
+        ApiKey::AddOffsetsToTxn => top!(AddOffsetsToTxnResponse),
+        ApiKey::EndTxn => top!(EndTxnResponse),
+        ApiKey::OffsetFetch => decode_response::<OffsetFetchResponse>(api, version, f)
+            .map(|r| moved(r.error_code) || r.groups.iter().any(|g| moved(g.error_code)))
+            .unwrap_or(false),
+        ApiKey::OffsetCommit => decode_response::<OffsetCommitResponse>(api, version, f)
+            .map(|r| {
+                r.topics
+                    .iter()
+                    .any(|t| t.partitions.iter().any(|p| moved(p.error_code)))
+            })
+            .unwrap_or(false),
+        ApiKey::TxnOffsetCommit => decode_response::<TxnOffsetCommitResponse>(api, version, f)
+            .map(|r| {
+                r.topics
+                    .iter()
+                    .any(|t| t.partitions.iter().any(|p| moved(p.error_code)))
+            })
+            .unwrap_or(false),
+        ApiKey::AddPartitionsToTxn => {
+            decode_response::<AddPartitionsToTxnResponse>(api, version, f)
+                .map(|r| {
+                    moved(r.error_code)
+                        || r.results_by_topic_v3_and_below.iter().any(|t| {
+                            t.results_by_partition
+                                .iter()
+                                .any(|p| moved(p.partition_error_code))
+                        })
+                })
+                .unwrap_or(false)
+        }
+        ApiKey::DescribeGroups => decode_response::<DescribeGroupsResponse>(api, version, f)
+            .map(|r| r.groups.iter().any(|g| moved(g.error_code)))
+            .unwrap_or(false),
+        ApiKey::DeleteGroups => decode_response::<DeleteGroupsResponse>(api, version, f)
+            .map(|r| r.results.iter().any(|g| moved(g.error_code)))
+            .unwrap_or(false),
+        ApiKey::ConsumerGroupDescribe => {
+            decode_response::<ConsumerGroupDescribeResponse>(api, version, f)
+                .map(|r| r.groups.iter().any(|g| moved(g.error_code)))
+                .unwrap_or(false)
+        }
+        _ => false,
+    }
+}
+
+/// Group and transaction APIs: forwarded as the client's bytes to the real coordinator.
+pub async fn forward_to_coordinator(
+    ctx: &Ctx,
+    client: &ClientConn,
+    req: &RequestFrame,
+) -> Result<Reply, HandlerError> {
+    let (key_type, keys) = coordinator_keys(req)?;
+    let mut targets = BTreeMap::new();
+    for k in &keys {
+        let b = match find_coordinator(ctx, client, key_type, k).await? {
+            Some(b) => b,
+            // No coordinator yet: any broker answers NOT_COORDINATOR, which clients retry.
+            None => any_broker(ctx, client)?,
+        };
+        targets.entry(b).or_insert_with(Vec::new).push(k.clone());
+    }
+    let broker = match targets.len() {
+        0 => any_broker(ctx, client)?,
+        1 => *targets.keys().next().expect("one target"),
+        _ => return split_by_coordinator(ctx, client, req, targets).await,
+    };
+    let resp = ctx
+        .pool
+        .call_raw(broker, client.pin(), req.api_key, req.frame.clone())
+        .await?;
+    if coordinator_moved(req.api_key, req.api_version, &resp) {
+        for k in &keys {
+            ctx.coordinators.forget(key_type, k);
+        }
+    }
+    Ok(Reply::Frame(reframe_response(&resp, req.correlation_id())))
+}
+
+/// Multi-group requests whose groups live on different coordinators (admin clients batch them
+/// because every group's coordinator looks like the same shardgate node).
+async fn split_by_coordinator(
+    ctx: &Ctx,
+    client: &ClientConn,
+    req: &RequestFrame,
+    targets: BTreeMap<i32, Vec<String>>,
+) -> Result<Reply, HandlerError> {
+    let gid = |s: &String| GroupId(StrBytes::from_string(s.clone()));
+    match req.api_key {
+        ApiKey::DescribeGroups => {
+            let body: DescribeGroupsRequest = req.decode_body()?;
+            let mut merged = DescribeGroupsResponse::default();
+            for (broker, groups) in targets {
+                let mut sub = body.clone();
+                sub.groups = groups.iter().map(gid).collect();
+                let r: DescribeGroupsResponse = call_typed(ctx, client, broker, req, &sub).await?;
+                merged.throttle_time_ms = merged.throttle_time_ms.max(r.throttle_time_ms);
+                merged.groups.extend(r.groups);
+            }
+            typed_reply(req, &merged)
+        }
+        ApiKey::DeleteGroups => {
+            let body: DeleteGroupsRequest = req.decode_body()?;
+            let mut merged = DeleteGroupsResponse::default();
+            for (broker, groups) in targets {
+                let mut sub = body.clone();
+                sub.groups_names = groups.iter().map(gid).collect();
+                let r: DeleteGroupsResponse = call_typed(ctx, client, broker, req, &sub).await?;
+                merged.throttle_time_ms = merged.throttle_time_ms.max(r.throttle_time_ms);
+                merged.results.extend(r.results);
+            }
+            typed_reply(req, &merged)
+        }
+        ApiKey::ConsumerGroupDescribe => {
+            let body: ConsumerGroupDescribeRequest = req.decode_body()?;
+            let mut merged = ConsumerGroupDescribeResponse::default();
+            for (broker, groups) in targets {
+                let mut sub = body.clone();
+                sub.group_ids = groups.iter().map(gid).collect();
+                let r: ConsumerGroupDescribeResponse =
+                    call_typed(ctx, client, broker, req, &sub).await?;
+                merged.throttle_time_ms = merged.throttle_time_ms.max(r.throttle_time_ms);
+                merged.groups.extend(r.groups);
+            }
+            typed_reply(req, &merged)
+        }
+        ApiKey::OffsetFetch => {
+            let body: OffsetFetchRequest = req.decode_body()?;
+            let mut merged = OffsetFetchResponse::default();
+            for (broker, groups) in targets {
+                let mut sub = body.clone();
+                sub.groups
+                    .retain(|g| groups.iter().any(|k| g.group_id.as_str() == k.as_str()));
+                let r: OffsetFetchResponse = call_typed(ctx, client, broker, req, &sub).await?;
+                merged.throttle_time_ms = merged.throttle_time_ms.max(r.throttle_time_ms);
+                merged.groups.extend(r.groups);
+            }
+            typed_reply(req, &merged)
+        }
+        other => Err(HandlerError::Protocol(
+            crate::protocol::ProtocolError::Decode {
+                what: format!("{other:?}"),
+                message: "request names several coordinator keys but cannot be split".into(),
+            },
+        )),
+    }
+}
+
+/// Admin APIs any broker serves (KRaft brokers forward controller-bound requests).
+pub async fn forward_to_any(
+    ctx: &Ctx,
+    client: &ClientConn,
+    req: &RequestFrame,
+) -> Result<Reply, HandlerError> {
+    let broker = any_broker(ctx, client)?;
+    let resp = ctx
+        .pool
+        .call_raw(broker, client.pin(), req.api_key, req.frame.clone())
+        .await?;
+    if matches!(
+        req.api_key,
+        ApiKey::CreateTopics | ApiKey::DeleteTopics | ApiKey::CreatePartitions
+    ) {
+        // Leaders of new partitions must be known before clients produce to them.
+        ctx.topology().request_refresh();
+    }
+    Ok(Reply::Frame(reframe_response(&resp, req.correlation_id())))
+}
+
+/// ListGroups: each broker knows only the groups it coordinates.
+pub async fn list_groups(
+    ctx: &Ctx,
+    client: &ClientConn,
+    req: &RequestFrame,
+) -> Result<Reply, HandlerError> {
+    let body: ListGroupsRequest = req.decode_body()?;
+    let brokers: Vec<i32> = ctx.topology().load().brokers.keys().copied().collect();
+    if brokers.is_empty() {
+        return Err(UpstreamError::NoBroker.into());
+    }
+    let frame = encode_request(
+        req.api_key,
+        req.api_version,
+        req.header.client_id.clone(),
+        &body,
+    )?;
+    let calls = brokers.iter().map(|b| {
+        let frame = frame.clone();
+        async move {
+            let raw = ctx
+                .pool
+                .call_raw(*b, client.pin(), req.api_key, frame)
+                .await?;
+            Ok::<ListGroupsResponse, HandlerError>(decode_response(
+                req.api_key,
+                req.api_version,
+                raw,
+            )?)
+        }
+    });
+    let mut merged = ListGroupsResponse::default();
+    for r in futures::future::join_all(calls).await {
+        match r {
+            Ok(r) => {
+                merged.throttle_time_ms = merged.throttle_time_ms.max(r.throttle_time_ms);
+                if merged.error_code == 0 {
+                    merged.error_code = r.error_code;
+                }
+                merged.groups.extend(r.groups);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "ListGroups: a broker did not answer");
+                merged.error_code = codes::COORDINATOR_NOT_AVAILABLE;
+            }
+        }
+    }
+    typed_reply(req, &merged)
+}

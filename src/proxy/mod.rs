@@ -1,0 +1,79 @@
+//! The client side: accept loop, per-connection handling, and one module per request path.
+//!
+//! - `connection`: framing, concurrency and in-order responses for one client socket.
+//! - `cluster`: the virtual cluster (brokers = shardgate instances) and address rewriting.
+//! - `produce`, `fetch`, `partitioned`: requests split by upstream partition leader.
+//! - `coordinator`: group/transaction APIs forwarded to the real coordinator, admin APIs.
+
+pub mod api_versions;
+pub mod cluster;
+pub mod connection;
+pub mod coordinator;
+pub mod fetch;
+pub mod partitioned;
+pub mod produce;
+pub mod server;
+pub mod signals;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::config::Settings;
+use crate::protocol::ProtocolError;
+use crate::upstream::UpstreamError;
+use crate::upstream::pool::Pool;
+use crate::upstream::topology::TopologyHandle;
+
+/// What a request handler gives back to the connection's response sequencer.
+#[derive(Debug)]
+pub enum Reply {
+    /// A complete response frame, length prefix included.
+    Frame(Bytes),
+    /// The request has no response (Produce with acks=0).
+    Nothing,
+    /// Close the connection after the responses before this one (the reason is logged).
+    Close(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+impl HandlerError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            HandlerError::Protocol(e) => e.kind(),
+            HandlerError::Upstream(e) => e.kind(),
+        }
+    }
+}
+
+/// Shared state of the proxy, one per process.
+pub struct Ctx {
+    pub settings: Settings,
+    pub cluster: cluster::VirtualCluster,
+    pub pool: Arc<Pool>,
+    pub coordinators: coordinator::CoordinatorCache,
+    pub signals: signals::PartitionSignals,
+}
+
+impl Ctx {
+    pub fn new(settings: Settings, pool: Arc<Pool>) -> Self {
+        Self {
+            cluster: cluster::VirtualCluster::new(settings.node_id, settings.instances.clone()),
+            settings,
+            pool,
+            coordinators: coordinator::CoordinatorCache::default(),
+            signals: signals::PartitionSignals::new(256),
+        }
+    }
+
+    pub fn topology(&self) -> &TopologyHandle {
+        &self.pool.topology
+    }
+}

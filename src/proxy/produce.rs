@@ -1,0 +1,269 @@
+//! The produce path for unmanaged topics: split the request by upstream partition leader,
+//! queue the parts on the client's pinned upstream connections in arrival order, then merge
+//! the answers. Record batches are never decoded: they stay slices of the client's frame.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use kafka_protocol::messages::produce_request::TopicProduceData;
+use kafka_protocol::messages::produce_response::{
+    LeaderIdAndEpoch, PartitionProduceResponse, TopicProduceResponse,
+};
+use kafka_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use uuid::Uuid;
+
+use super::connection::ClientConn;
+use super::{Ctx, HandlerError, Reply};
+use crate::protocol::{RequestFrame, codes, decode_response, encode_request, encode_response};
+use crate::telemetry;
+use crate::upstream::pool::PendingReply;
+
+/// A topic as the client named it: by name (v3-12) or by id (v13+).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct TopicRef {
+    name: StrBytes,
+    id: Uuid,
+}
+
+/// One upstream part of a produce: its partitions and the queued request.
+type SubProduce = (Vec<(TopicRef, i32)>, Result<PendingReply, HandlerError>);
+
+pub struct PendingProduce {
+    api_version: i16,
+    correlation_id: i32,
+    acks: i16,
+    /// Every (topic, partition) in client order, for the response.
+    order: Vec<(TopicRef, i32)>,
+    subs: Vec<SubProduce>,
+    /// Partitions answered without going upstream.
+    local_errors: BTreeMap<(TopicRef, i32), i16>,
+}
+
+pub async fn handle(
+    ctx: &Ctx,
+    client: &ClientConn,
+    req: RequestFrame,
+) -> Result<Reply, HandlerError> {
+    send(ctx, client, &req).await?.finish(ctx).await
+}
+
+/// Routes and queues the request upstream. Only queueing is awaited here, so the caller can
+/// keep the client's produce order while answers are awaited concurrently.
+pub async fn send(
+    ctx: &Ctx,
+    client: &ClientConn,
+    req: &RequestFrame,
+) -> Result<PendingProduce, HandlerError> {
+    let body: ProduceRequest = req.decode_body()?;
+    let by_id = req.api_version >= 13;
+    let mut topo = ctx.topology().load();
+    let resolve =
+        |topo: &crate::upstream::topology::Topology, t: &TopicProduceData| -> Option<StrBytes> {
+            if by_id {
+                topo.topic_name(&t.topic_id).cloned()
+            } else {
+                Some(t.name.0.clone())
+            }
+        };
+    let unknown = body.topic_data.iter().any(|t| {
+        resolve(&topo, t).is_none_or(|n| {
+            t.partition_data
+                .iter()
+                .any(|p| topo.leader(&n, p.index).is_none())
+        })
+    });
+    if unknown {
+        ctx.topology()
+            .refresh_after(topo.version, Duration::from_secs(2))
+            .await;
+        topo = ctx.topology().load();
+    }
+
+    let mut order = Vec::new();
+    let mut local_errors = BTreeMap::new();
+    let mut by_broker: BTreeMap<i32, (ProduceRequest, Vec<(TopicRef, i32)>)> = BTreeMap::new();
+    for t in &body.topic_data {
+        let name = resolve(&topo, t);
+        let tref = TopicRef {
+            name: t.name.0.clone(),
+            id: t.topic_id,
+        };
+        for p in &t.partition_data {
+            order.push((tref.clone(), p.index));
+            let leader = name.as_ref().and_then(|n| topo.leader(n, p.index));
+            let Some(broker) = leader else {
+                let code = match &name {
+                    None if by_id => codes::UNKNOWN_TOPIC_ID,
+                    Some(n) if !topo.topics.contains_key(n) => codes::UNKNOWN_TOPIC_OR_PARTITION,
+                    None => codes::UNKNOWN_TOPIC_OR_PARTITION,
+                    Some(_) => codes::NOT_LEADER_OR_FOLLOWER,
+                };
+                local_errors.insert((tref.clone(), p.index), code);
+                continue;
+            };
+            let (sub, parts) = by_broker.entry(broker).or_insert_with(|| {
+                let mut r = body.clone();
+                r.topic_data.clear();
+                (r, Vec::new())
+            });
+            match sub
+                .topic_data
+                .iter_mut()
+                .find(|x| x.name == t.name && x.topic_id == t.topic_id)
+            {
+                Some(x) => x.partition_data.push(p.clone()),
+                None => {
+                    let mut x = t.clone();
+                    x.partition_data = vec![p.clone()];
+                    sub.topic_data.push(x);
+                }
+            }
+            parts.push((tref.clone(), p.index));
+        }
+    }
+
+    let expect_response = body.acks != 0;
+    let single = by_broker.len() == 1 && local_errors.is_empty();
+    let mut subs = Vec::with_capacity(by_broker.len());
+    for (broker, (sub, parts)) in by_broker {
+        // One leader for everything: forward the client's own bytes untouched.
+        let frame = if single {
+            Ok(req.frame.clone())
+        } else {
+            encode_request(
+                ApiKey::Produce,
+                req.api_version,
+                req.header.client_id.clone(),
+                &sub,
+            )
+        };
+        let pending = match frame {
+            Ok(f) => ctx
+                .pool
+                .send_raw(broker, client.pin(), ApiKey::Produce, f, expect_response)
+                .await
+                .map_err(HandlerError::from),
+            Err(e) => Err(e.into()),
+        };
+        subs.push((parts, pending));
+    }
+    Ok(PendingProduce {
+        api_version: req.api_version,
+        correlation_id: req.correlation_id(),
+        acks: body.acks,
+        order,
+        subs,
+        local_errors,
+    })
+}
+
+impl PendingProduce {
+    pub async fn finish(self, ctx: &Ctx) -> Result<Reply, HandlerError> {
+        let version = self.api_version;
+        let mut answers: BTreeMap<(TopicRef, i32), PartitionProduceResponse> = BTreeMap::new();
+        let mut throttle = 0;
+        let mut stale = false;
+        let error_answer = |index: i32, code: i16| {
+            PartitionProduceResponse::default()
+                .with_index(index)
+                .with_error_code(code)
+                .with_base_offset(-1)
+                .with_log_append_time_ms(-1)
+                .with_log_start_offset(-1)
+        };
+        let waits = self.subs.into_iter().map(|(parts, pending)| async move {
+            let result = match pending {
+                Ok(p) => p.wait().await.map_err(HandlerError::from),
+                Err(e) => Err(e),
+            };
+            (parts, result)
+        });
+        for (parts, result) in futures::future::join_all(waits).await {
+            let decoded = result.and_then(|raw| match raw {
+                None => Ok(None),
+                Some(raw) => Ok(Some(decode_response::<ProduceResponse>(
+                    ApiKey::Produce,
+                    version,
+                    raw,
+                )?)),
+            });
+            match decoded {
+                Ok(Some(resp)) => {
+                    throttle = throttle.max(resp.throttle_time_ms);
+                    let topo = ctx.topology().load();
+                    for t in resp.responses {
+                        let name = topo
+                            .topic_name(&t.topic_id)
+                            .cloned()
+                            .unwrap_or_else(|| t.name.0.clone());
+                        let tref = TopicRef {
+                            name: t.name.0.clone(),
+                            id: t.topic_id,
+                        };
+                        for mut p in t.partition_responses {
+                            telemetry::upstream_code(ApiKey::Produce, p.error_code);
+                            stale |= codes::stale_leader(p.error_code);
+                            if p.error_code == codes::NONE {
+                                ctx.signals.notify(&name, p.index);
+                            }
+                            // KIP-951 hints name real brokers: clear them; clients refresh
+                            // metadata from us instead.
+                            p.current_leader = LeaderIdAndEpoch::default();
+                            answers.insert((tref.clone(), p.index), p);
+                        }
+                    }
+                }
+                Ok(None) => {
+                    for (tref, p) in parts {
+                        ctx.signals.notify(&tref.name, p);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "produce sub-request failed; answering NOT_LEADER_OR_FOLLOWER");
+                    stale = true;
+                    for key in parts {
+                        let idx = key.1;
+                        answers.insert(key, error_answer(idx, codes::NOT_LEADER_OR_FOLLOWER));
+                    }
+                }
+            }
+        }
+        for (key, code) in self.local_errors {
+            stale = true;
+            let idx = key.1;
+            answers.insert(key, error_answer(idx, code));
+        }
+        if stale {
+            ctx.topology().request_refresh();
+        }
+        if self.acks == 0 {
+            return Ok(Reply::Nothing);
+        }
+        let mut resp = ProduceResponse::default().with_throttle_time_ms(throttle);
+        for (tref, index) in self.order {
+            let answer = answers
+                .remove(&(tref.clone(), index))
+                .unwrap_or_else(|| error_answer(index, codes::UNKNOWN_SERVER_ERROR));
+            match resp
+                .responses
+                .iter_mut()
+                .find(|t| t.name.0 == tref.name && t.topic_id == tref.id)
+            {
+                Some(t) => t.partition_responses.push(answer),
+                None => resp.responses.push(
+                    TopicProduceResponse::default()
+                        .with_name(TopicName(tref.name.clone()))
+                        .with_topic_id(tref.id)
+                        .with_partition_responses(vec![answer]),
+                ),
+            }
+        }
+        Ok(Reply::Frame(encode_response(
+            ApiKey::Produce,
+            version,
+            self.correlation_id,
+            &resp,
+        )?))
+    }
+}

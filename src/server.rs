@@ -1,0 +1,116 @@
+//! Wiring of one shardgate process: topology refresher, client listener, admin HTTP.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Settings;
+use crate::proxy::Ctx;
+use crate::upstream::pool::Pool;
+use crate::upstream::topology::{TopologyHandle, run_refresher};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("cannot install the metrics recorder: {0}")]
+    Metrics(String),
+}
+
+pub struct Running {
+    pub ctx: Arc<Ctx>,
+    pub client_addr: std::net::SocketAddr,
+    pub admin_addr: std::net::SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub async fn start(settings: Settings) -> Result<Running, StartError> {
+    let prometheus = crate::telemetry::install().map_err(|e| StartError::Metrics(e.to_string()))?;
+    let upstream_tls = match &settings.raw.upstream.tls {
+        Some(t) => Some((crate::tls::connector(&t.ca)?, t.server_name.clone())),
+        None => None,
+    };
+    let client_tls = match &settings.raw.listener.tls {
+        Some(t) => Some(crate::tls::acceptor(&t.cert, &t.key)?),
+        None => None,
+    };
+    let topology = Arc::new(TopologyHandle::new());
+    let pool = Arc::new(Pool::new(&settings, topology, upstream_tls));
+    let ctx = Arc::new(Ctx::new(settings.clone(), pool.clone()));
+
+    let listener = TcpListener::bind(settings.bind)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "client listener (listener.bind)",
+            addr: settings.bind.to_string(),
+            source,
+        })?;
+    let admin = TcpListener::bind(settings.admin_bind)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "admin HTTP (admin.bind)",
+            addr: settings.admin_bind.to_string(),
+            source,
+        })?;
+    let client_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        what: "client listener",
+        addr: settings.bind.to_string(),
+        source,
+    })?;
+    let admin_addr = admin.local_addr().map_err(|source| StartError::Bind {
+        what: "admin HTTP",
+        addr: settings.admin_bind.to_string(),
+        source,
+    })?;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(run_refresher(
+        pool.clone(),
+        Duration::from_millis(settings.raw.upstream.metadata_refresh_ms),
+    )));
+    tasks.push(tokio::spawn(crate::proxy::server::run(
+        listener,
+        ctx.clone(),
+        client_tls,
+        shutdown_rx.clone(),
+    )));
+    let router = crate::admin::router(ctx.clone(), prometheus);
+    let mut admin_shutdown = shutdown_rx;
+    tasks.push(tokio::spawn(async move {
+        let r = axum::serve(admin, router)
+            .with_graceful_shutdown(async move {
+                let _ = admin_shutdown.changed().await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "admin HTTP server failed");
+        }
+    }));
+    tracing::info!(%client_addr, %admin_addr, advertised = %settings.advertised, "shardgate listening");
+    Ok(Running {
+        ctx,
+        client_addr,
+        admin_addr,
+        shutdown,
+        tasks,
+    })
+}
+
+impl Running {
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}

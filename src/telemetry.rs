@@ -1,0 +1,158 @@
+//! Metric names and recording helpers, so names live in one place. Everything is exported in
+//! Prometheus format on the admin port under `shardgate_*`.
+
+use std::time::Duration;
+
+use kafka_protocol::messages::ApiKey;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::upstream::UpstreamError;
+
+pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
+    let buckets = [
+        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        5.0, 10.0,
+    ];
+    let handle = PrometheusBuilder::new()
+        .set_buckets(&buckets)?
+        .install_recorder()?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!("shardgate_connections", "Open client connections");
+    describe_counter!("shardgate_connections_total", "Client connections accepted");
+    describe_counter!(
+        "shardgate_connections_rejected_total",
+        "Client connections refused at the limit"
+    );
+    describe_counter!("shardgate_requests_total", "Client requests by API");
+    describe_histogram!(
+        "shardgate_request_duration_seconds",
+        "Client request latency by API"
+    );
+    describe_counter!(
+        "shardgate_request_errors_total",
+        "Client requests that failed, by API and kind"
+    );
+    describe_counter!("shardgate_frame_errors_total", "Bad client frames, by kind");
+    describe_counter!("shardgate_bytes_in_total", "Bytes received from clients");
+    describe_counter!("shardgate_bytes_out_total", "Bytes sent to clients");
+    describe_histogram!(
+        "shardgate_upstream_request_duration_seconds",
+        "Upstream request latency by API and broker"
+    );
+    describe_counter!(
+        "shardgate_upstream_errors_total",
+        "Upstream failures by kind"
+    );
+    describe_counter!(
+        "shardgate_upstream_error_codes_total",
+        "Kafka error codes returned by upstream, by API and code"
+    );
+    describe_counter!(
+        "shardgate_upstream_connects_total",
+        "Upstream connection attempts"
+    );
+    describe_counter!(
+        "shardgate_topology_refreshes_total",
+        "Upstream topology refreshes"
+    );
+}
+
+pub fn api_name(api: i16) -> &'static str {
+    match ApiKey::try_from(api) {
+        Ok(k) => api_label(k),
+        Err(_) => "Unknown",
+    }
+}
+
+/// `ApiKey` debug names are stable identifiers; leak-free static strings for labels.
+pub fn api_label(k: ApiKey) -> &'static str {
+    use ApiKey::*;
+    match k {
+        Produce => "Produce",
+        Fetch => "Fetch",
+        ListOffsets => "ListOffsets",
+        Metadata => "Metadata",
+        OffsetCommit => "OffsetCommit",
+        OffsetFetch => "OffsetFetch",
+        FindCoordinator => "FindCoordinator",
+        JoinGroup => "JoinGroup",
+        Heartbeat => "Heartbeat",
+        LeaveGroup => "LeaveGroup",
+        SyncGroup => "SyncGroup",
+        DescribeGroups => "DescribeGroups",
+        ListGroups => "ListGroups",
+        ApiVersions => "ApiVersions",
+        CreateTopics => "CreateTopics",
+        DeleteTopics => "DeleteTopics",
+        DeleteRecords => "DeleteRecords",
+        InitProducerId => "InitProducerId",
+        OffsetForLeaderEpoch => "OffsetForLeaderEpoch",
+        AddPartitionsToTxn => "AddPartitionsToTxn",
+        AddOffsetsToTxn => "AddOffsetsToTxn",
+        EndTxn => "EndTxn",
+        TxnOffsetCommit => "TxnOffsetCommit",
+        DescribeAcls => "DescribeAcls",
+        CreateAcls => "CreateAcls",
+        DeleteAcls => "DeleteAcls",
+        DescribeConfigs => "DescribeConfigs",
+        AlterConfigs => "AlterConfigs",
+        CreatePartitions => "CreatePartitions",
+        DeleteGroups => "DeleteGroups",
+        IncrementalAlterConfigs => "IncrementalAlterConfigs",
+        OffsetDelete => "OffsetDelete",
+        DescribeCluster => "DescribeCluster",
+        ConsumerGroupHeartbeat => "ConsumerGroupHeartbeat",
+        ConsumerGroupDescribe => "ConsumerGroupDescribe",
+        _ => "Other",
+    }
+}
+
+pub fn request_done(api: ApiKey, elapsed: Duration, error_kind: Option<&'static str>) {
+    let name = api_label(api);
+    metrics::counter!("shardgate_requests_total", "api" => name).increment(1);
+    metrics::histogram!("shardgate_request_duration_seconds", "api" => name)
+        .record(elapsed.as_secs_f64());
+    if let Some(kind) = error_kind {
+        metrics::counter!("shardgate_request_errors_total", "api" => name, "kind" => kind)
+            .increment(1);
+    }
+}
+
+pub fn frame_error(kind: &'static str) {
+    metrics::counter!("shardgate_frame_errors_total", "kind" => kind).increment(1);
+}
+
+pub fn upstream_request(
+    api: ApiKey,
+    broker: i32,
+    elapsed: Duration,
+    error: Option<&UpstreamError>,
+) {
+    let name = api_label(api);
+    metrics::histogram!(
+        "shardgate_upstream_request_duration_seconds",
+        "api" => name,
+        "broker" => broker.to_string()
+    )
+    .record(elapsed.as_secs_f64());
+    if let Some(e) = error {
+        metrics::counter!("shardgate_upstream_errors_total", "kind" => e.kind()).increment(1);
+    }
+}
+
+/// Counts a non-zero Kafka error code returned by upstream.
+pub fn upstream_code(api: ApiKey, code: i16) {
+    if code != 0 {
+        metrics::counter!(
+            "shardgate_upstream_error_codes_total",
+            "api" => api_label(api),
+            "code" => code.to_string()
+        )
+        .increment(1);
+    }
+}

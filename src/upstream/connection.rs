@@ -1,0 +1,211 @@
+//! One multiplexed connection to one broker. Many callers share it: each request gets the
+//! connection's own correlation id, and responses are matched back by it. Writes are batched
+//! by a writer task; a reader task completes the waiting callers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+
+use super::UpstreamError;
+use crate::config::HostPort;
+use crate::protocol::frame::FrameReader;
+
+pub type Reply = Result<Bytes, UpstreamError>;
+
+struct Outgoing {
+    /// Request frame without length prefix; its correlation id field is overwritten.
+    frame: Bytes,
+    reply: Option<oneshot::Sender<Reply>>,
+}
+
+type Pending = Arc<Mutex<HashMap<i32, oneshot::Sender<Reply>>>>;
+
+pub struct UpstreamConn {
+    pub broker: i32,
+    tx: mpsc::Sender<Outgoing>,
+    alive: Arc<AtomicBool>,
+}
+
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
+
+pub type TlsConnector = tokio_rustls::TlsConnector;
+
+impl UpstreamConn {
+    pub async fn connect(
+        broker: i32,
+        addr: &HostPort,
+        connect_timeout: Duration,
+        max_frame: usize,
+        tls: Option<(&TlsConnector, &str)>,
+    ) -> Result<Self, UpstreamError> {
+        let err = |message: String| UpstreamError::Connect {
+            broker,
+            addr: addr.to_string(),
+            message,
+        };
+        let tcp = tokio::time::timeout(
+            connect_timeout,
+            TcpStream::connect((addr.host.as_str(), addr.port)),
+        )
+        .await
+        .map_err(|_| {
+            err(format!(
+                "timed out after {} ms",
+                connect_timeout.as_millis()
+            ))
+        })?
+        .map_err(|e| err(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let stream: Box<dyn Stream> = match tls {
+            None => Box::new(tcp),
+            Some((connector, name)) => {
+                let server_name =
+                    tokio_rustls::rustls::pki_types::ServerName::try_from(name.to_string())
+                        .map_err(|e| err(format!("bad TLS server name {name}: {e}")))?;
+                let s = tokio::time::timeout(connect_timeout, connector.connect(server_name, tcp))
+                    .await
+                    .map_err(|_| err("TLS handshake timed out".into()))?
+                    .map_err(|e| err(format!("TLS handshake: {e}")))?;
+                Box::new(s)
+            }
+        };
+        Ok(Self::start(broker, stream, max_frame))
+    }
+
+    fn start(broker: i32, stream: Box<dyn Stream>, max_frame: usize) -> Self {
+        let (rd, wr) = tokio::io::split(stream);
+        let (tx, rx) = mpsc::channel(1024);
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let alive = Arc::new(AtomicBool::new(true));
+        tokio::spawn(write_loop(broker, wr, rx, pending.clone(), alive.clone()));
+        tokio::spawn(read_loop(
+            broker,
+            FrameReader::new(rd, max_frame),
+            pending,
+            alive.clone(),
+        ));
+        Self { broker, tx, alive }
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Acquire) && !self.tx.is_closed()
+    }
+
+    /// Queues a request. Requests queued by one caller are written in the order queued, which
+    /// is what keeps a client's pipelined produce requests in order upstream. Returns the
+    /// receiver of the response, or `None` for requests that get no response (acks=0).
+    pub async fn enqueue(
+        &self,
+        frame: Bytes,
+        expect_response: bool,
+    ) -> Result<Option<oneshot::Receiver<Reply>>, UpstreamError> {
+        let (reply, rx) = if expect_response {
+            let (t, r) = oneshot::channel();
+            (Some(t), Some(r))
+        } else {
+            (None, None)
+        };
+        self.tx
+            .send(Outgoing { frame, reply })
+            .await
+            .map_err(|_| UpstreamError::Disconnected {
+                broker: self.broker,
+                message: "connection closed".into(),
+            })?;
+        Ok(rx)
+    }
+}
+
+fn fail_all(pending: &Pending, broker: i32, message: &str) {
+    let drained: Vec<_> = pending.lock().expect("pending lock").drain().collect();
+    for (_, tx) in drained {
+        let _ = tx.send(Err(UpstreamError::Disconnected {
+            broker,
+            message: message.to_string(),
+        }));
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(
+    broker: i32,
+    mut wr: W,
+    mut rx: mpsc::Receiver<Outgoing>,
+    pending: Pending,
+    alive: Arc<AtomicBool>,
+) {
+    let mut next_id: i32 = 1;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut batch = Vec::with_capacity(64);
+    while rx.recv_many(&mut batch, 64).await > 0 {
+        if !alive.load(Ordering::Acquire) {
+            break;
+        }
+        for out in batch.drain(..) {
+            if out.frame.len() < 8 {
+                if let Some(r) = out.reply {
+                    let _ = r.send(Err(UpstreamError::Protocol(
+                        "request frame too short".into(),
+                    )));
+                }
+                continue;
+            }
+            let id = next_id;
+            next_id = next_id.checked_add(1).unwrap_or(1);
+            if let Some(r) = out.reply {
+                pending.lock().expect("pending lock").insert(id, r);
+            }
+            buf.put_u32(out.frame.len() as u32);
+            buf.put_slice(&out.frame[..4]);
+            buf.put_i32(id);
+            buf.put_slice(&out.frame[8..]);
+        }
+        if let Err(e) = wr.write_all(&buf).await {
+            tracing::warn!(broker, error = %e, "upstream write failed");
+            alive.store(false, Ordering::Release);
+            fail_all(&pending, broker, &e.to_string());
+            break;
+        }
+        buf.clear();
+    }
+    alive.store(false, Ordering::Release);
+    let _ = wr.shutdown().await;
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    broker: i32,
+    mut reader: FrameReader<R>,
+    pending: Pending,
+    alive: Arc<AtomicBool>,
+) {
+    let reason = loop {
+        match reader.next().await {
+            Ok(Some(frame)) => {
+                if frame.len() < 4 {
+                    break "response frame shorter than a header".to_string();
+                }
+                let id = i32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]);
+                let waiter = pending.lock().expect("pending lock").remove(&id);
+                match waiter {
+                    Some(tx) => {
+                        let _ = tx.send(Ok(frame));
+                    }
+                    None => {
+                        tracing::warn!(broker, correlation_id = id, "response for unknown request");
+                    }
+                }
+            }
+            Ok(None) => break "closed by broker".to_string(),
+            Err(e) => break e.to_string(),
+        }
+    };
+    tracing::debug!(broker, %reason, "upstream connection ended");
+    alive.store(false, Ordering::Release);
+    fail_all(&pending, broker, &reason);
+}

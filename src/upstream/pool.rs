@@ -1,0 +1,233 @@
+//! Upstream connections shared by every client connection: `connections_per_broker` slots per
+//! broker, each client connection pinned to one slot so its requests to a broker stay in order.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use kafka_protocol::messages::ApiKey;
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+
+use super::UpstreamError;
+use super::connection::{TlsConnector, UpstreamConn};
+use super::topology::TopologyHandle;
+use crate::config::{HostPort, Settings};
+use crate::protocol::{decode_response, encode_request};
+use crate::telemetry;
+
+struct Slot {
+    conn: ArcSwapOption<UpstreamConn>,
+    /// Serialises (re)connecting only; the hot path reads `conn` without locking.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+pub struct Pool {
+    slots: Mutex<HashMap<(i32, usize), Arc<Slot>>>,
+    per_broker: usize,
+    connect_timeout: Duration,
+    request_timeout: Duration,
+    max_frame: usize,
+    bootstrap: Vec<HostPort>,
+    pub topology: Arc<TopologyHandle>,
+    tls: Option<(TlsConnector, Option<String>)>,
+}
+
+/// Pseudo broker ids for bootstrap addresses, used before the real ids are known.
+pub fn bootstrap_id(index: usize) -> i32 {
+    -1 - index as i32
+}
+
+impl Pool {
+    pub fn new(
+        settings: &Settings,
+        topology: Arc<TopologyHandle>,
+        tls: Option<(TlsConnector, Option<String>)>,
+    ) -> Self {
+        let up = &settings.raw.upstream;
+        Self {
+            slots: Mutex::new(HashMap::new()),
+            per_broker: up.connections_per_broker,
+            connect_timeout: Duration::from_millis(up.connect_timeout_ms),
+            request_timeout: Duration::from_millis(up.request_timeout_ms),
+            // Responses can be as large as a fetch asks; Kafka caps fetch.max.bytes at
+            // message.max.bytes-ish sizes, so allow generously.
+            max_frame: i32::MAX as usize,
+            bootstrap: settings.bootstrap.clone(),
+            topology,
+            tls,
+        }
+    }
+
+    pub fn bootstrap_len(&self) -> usize {
+        self.bootstrap.len()
+    }
+
+    fn address(&self, broker: i32) -> Result<HostPort, UpstreamError> {
+        if broker < 0 {
+            let i = (-1 - broker) as usize;
+            return self
+                .bootstrap
+                .get(i)
+                .cloned()
+                .ok_or(UpstreamError::UnknownBroker(broker));
+        }
+        self.topology
+            .load()
+            .brokers
+            .get(&broker)
+            .cloned()
+            .ok_or(UpstreamError::UnknownBroker(broker))
+    }
+
+    /// The connection of slot `pin % connections_per_broker` to `broker`, connecting if needed.
+    pub async fn conn(&self, broker: i32, pin: u64) -> Result<Arc<UpstreamConn>, UpstreamError> {
+        let key = (broker, (pin % self.per_broker as u64) as usize);
+        let slot = {
+            let mut slots = self.slots.lock().expect("pool lock");
+            slots
+                .entry(key)
+                .or_insert_with(|| {
+                    Arc::new(Slot {
+                        conn: ArcSwapOption::empty(),
+                        connecting: tokio::sync::Mutex::new(()),
+                    })
+                })
+                .clone()
+        };
+        if let Some(c) = slot.conn.load_full()
+            && c.is_alive()
+        {
+            return Ok(c);
+        }
+        // Cold path: one caller connects, the others wait for its result.
+        let _guard = slot.connecting.lock().await;
+        if let Some(c) = slot.conn.load_full()
+            && c.is_alive()
+        {
+            return Ok(c);
+        }
+        let addr = self.address(broker)?;
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|(c, name)| (c, name.clone().unwrap_or_else(|| addr.host.clone())));
+        let started = Instant::now();
+        let result = UpstreamConn::connect(
+            broker,
+            &addr,
+            self.connect_timeout,
+            self.max_frame,
+            tls.as_ref().map(|(c, n)| (*c, n.as_str())),
+        )
+        .await;
+        match result {
+            Ok(c) => {
+                tracing::debug!(broker, %addr, ms = started.elapsed().as_millis() as u64, "upstream connected");
+                metrics::counter!("shardgate_upstream_connects_total", "result" => "ok")
+                    .increment(1);
+                let c = Arc::new(c);
+                slot.conn.store(Some(c.clone()));
+                Ok(c)
+            }
+            Err(e) => {
+                tracing::warn!(broker, %addr, error = %e, "upstream connect failed");
+                metrics::counter!("shardgate_upstream_connects_total", "result" => "error")
+                    .increment(1);
+                Err(e)
+            }
+        }
+    }
+
+    /// Queues `frame` on the pinned connection; await the returned future for the response.
+    /// Splitting queueing from waiting lets a caller keep request order without waiting.
+    pub async fn send_raw(
+        &self,
+        broker: i32,
+        pin: u64,
+        api: ApiKey,
+        frame: Bytes,
+        expect_response: bool,
+    ) -> Result<PendingReply, UpstreamError> {
+        let conn = self.conn(broker, pin).await?;
+        let rx = conn.enqueue(frame, expect_response).await?;
+        Ok(PendingReply {
+            broker,
+            api,
+            rx,
+            timeout: self.request_timeout,
+            started: Instant::now(),
+        })
+    }
+
+    /// Sends a raw request frame and waits for the raw response frame.
+    pub async fn call_raw(
+        &self,
+        broker: i32,
+        pin: u64,
+        api: ApiKey,
+        frame: Bytes,
+    ) -> Result<Bytes, UpstreamError> {
+        let pending = self.send_raw(broker, pin, api, frame, true).await?;
+        pending
+            .wait()
+            .await?
+            .ok_or(UpstreamError::Protocol("no response".into()))
+    }
+
+    /// Encodes, sends, waits and decodes a typed request.
+    pub async fn call<Req, Resp>(
+        &self,
+        broker: i32,
+        pin: u64,
+        api: ApiKey,
+        version: i16,
+        client_id: Option<StrBytes>,
+        req: &Req,
+    ) -> Result<Resp, UpstreamError>
+    where
+        Req: Encodable + HeaderVersion,
+        Resp: Decodable,
+    {
+        let frame = encode_request(api, version, client_id, req)?;
+        let resp = self.call_raw(broker, pin, api, frame).await?;
+        Ok(decode_response(api, version, resp)?)
+    }
+}
+
+pub struct PendingReply {
+    broker: i32,
+    api: ApiKey,
+    rx: Option<tokio::sync::oneshot::Receiver<super::connection::Reply>>,
+    timeout: Duration,
+    started: Instant,
+}
+
+impl PendingReply {
+    /// `Ok(None)` for a request that gets no response.
+    pub async fn wait(self) -> Result<Option<Bytes>, UpstreamError> {
+        let Some(rx) = self.rx else {
+            return Ok(None);
+        };
+        let broker = self.broker;
+        let result = match tokio::time::timeout(self.timeout, rx).await {
+            Err(_) => Err(UpstreamError::Timeout {
+                broker,
+                ms: self.timeout.as_millis() as u64,
+            }),
+            Ok(Err(_)) => Err(UpstreamError::Disconnected {
+                broker,
+                message: "connection closed before the response".into(),
+            }),
+            Ok(Ok(r)) => r,
+        };
+        telemetry::upstream_request(
+            self.api,
+            broker,
+            self.started.elapsed(),
+            result.as_ref().err(),
+        );
+        result.map(Some)
+    }
+}
