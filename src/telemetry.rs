@@ -156,3 +156,13 @@ pub fn upstream_code(api: ApiKey, code: i16) {
         .increment(1);
     }
 }
+
+/// A request answered with an error because upstream could not be reached.
+pub fn request_upstream_failure(api: ApiKey, e: &UpstreamError) {
+    metrics::counter!(
+        "shardgate_request_errors_total",
+        "api" => api_label(api),
+        "kind" => e.kind()
+    )
+    .increment(1);
+}

@@ -352,10 +352,28 @@ pub async fn forward_to_coordinator(
         1 => *targets.keys().next().expect("one target"),
         _ => return split_by_coordinator(ctx, client, req, targets).await,
     };
-    let resp = ctx
+    let resp = match ctx
         .pool
         .call_raw(broker, client.pin(), req.api_key, req.frame.clone())
-        .await?;
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            // The coordinator is unreachable: forget it, and tell the client in the API's own
+            // terms (a retriable error) where we can, rather than dropping the connection.
+            for k in &keys {
+                ctx.coordinators.forget(key_type, k);
+            }
+            return match coordinator_unavailable(req, &keys)? {
+                Some(reply) => {
+                    tracing::warn!(api = ?req.api_key, broker, error = %e, "coordinator unreachable; answering COORDINATOR_NOT_AVAILABLE");
+                    telemetry::request_upstream_failure(req.api_key, &e);
+                    Ok(reply)
+                }
+                None => Err(e.into()),
+            };
+        }
+    };
     if coordinator_moved(req.api_key, req.api_version, &resp) {
         for k in &keys {
             ctx.coordinators.forget(key_type, k);
@@ -502,4 +520,65 @@ pub async fn list_groups(
         }
     }
     typed_reply(req, &merged)
+}
+
+/// A COORDINATOR_NOT_AVAILABLE answer in the API's own shape, for APIs with a top-level or
+/// per-group error code. `None` where the API has no such field (the connection is closed
+/// instead, which clients also retry).
+fn coordinator_unavailable(
+    req: &RequestFrame,
+    keys: &[String],
+) -> Result<Option<Reply>, HandlerError> {
+    let code = codes::COORDINATOR_NOT_AVAILABLE;
+    let reply = match req.api_key {
+        ApiKey::JoinGroup => typed_reply(req, &JoinGroupResponse::default().with_error_code(code))?,
+        ApiKey::SyncGroup => typed_reply(req, &SyncGroupResponse::default().with_error_code(code))?,
+        ApiKey::Heartbeat => typed_reply(req, &HeartbeatResponse::default().with_error_code(code))?,
+        ApiKey::LeaveGroup => {
+            typed_reply(req, &LeaveGroupResponse::default().with_error_code(code))?
+        }
+        ApiKey::ConsumerGroupHeartbeat => typed_reply(
+            req,
+            &ConsumerGroupHeartbeatResponse::default().with_error_code(code),
+        )?,
+        ApiKey::InitProducerId => typed_reply(
+            req,
+            &InitProducerIdResponse::default()
+                .with_error_code(code)
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1),
+        )?,
+        ApiKey::AddOffsetsToTxn => typed_reply(
+            req,
+            &AddOffsetsToTxnResponse::default().with_error_code(code),
+        )?,
+        ApiKey::EndTxn => typed_reply(req, &EndTxnResponse::default().with_error_code(code))?,
+        ApiKey::OffsetFetch if req.api_version >= 8 => {
+            let groups = keys
+                .iter()
+                .map(|k| {
+                    offset_fetch_response::OffsetFetchResponseGroup::default()
+                        .with_group_id(GroupId(StrBytes::from_string(k.clone())))
+                        .with_error_code(code)
+                })
+                .collect();
+            typed_reply(req, &OffsetFetchResponse::default().with_groups(groups))?
+        }
+        ApiKey::OffsetFetch => {
+            typed_reply(req, &OffsetFetchResponse::default().with_error_code(code))?
+        }
+        ApiKey::DescribeGroups => {
+            let groups = keys
+                .iter()
+                .map(|k| {
+                    describe_groups_response::DescribedGroup::default()
+                        .with_group_id(GroupId(StrBytes::from_string(k.clone())))
+                        .with_error_code(code)
+                })
+                .collect();
+            typed_reply(req, &DescribeGroupsResponse::default().with_groups(groups))?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(reply))
 }

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""A small CLI over kafka-python and confluent-kafka, so the integration tests can drive both
+Python clients the same way as kcat, franz-go and the Java tools.
+
+  kclient.py --lib kafka-python|confluent produce --brokers B --topic T --count N
+             [--codec none|gzip|snappy|lz4|zstd] [--key-prefix P] [--value-prefix V]
+  kclient.py --lib ... consume --brokers B --topic T --group G --count N [--timeout S]
+  kclient.py --lib ... admin create|describe|delete --brokers B --topic T [--partitions P] [--rf R]
+
+Every command prints one JSON object on stdout. `consume` commits exactly the offsets it
+processed (synchronously, before exiting), so a second run resumes right after them.
+"""
+import argparse
+import json
+import sys
+import time
+
+
+def produce_kafka_python(a):
+    from kafka import KafkaProducer
+    codec = None if a.codec == "none" else a.codec
+    p = KafkaProducer(bootstrap_servers=a.brokers, acks="all", compression_type=codec,
+                      retries=10, linger_ms=5)
+    futures = []
+    for i in range(a.count):
+        futures.append(p.send(a.topic, key=f"{a.key_prefix}{i}".encode(),
+                              value=f"{a.value_prefix}{i}".encode()))
+    acked = 0
+    errors = []
+    for f in futures:
+        try:
+            f.get(timeout=60)
+            acked += 1
+        except Exception as e:  # noqa: BLE001 - report every failure
+            errors.append(repr(e))
+    p.flush()
+    p.close()
+    return {"acked": acked, "errors": errors[:5]}
+
+
+def produce_confluent(a):
+    from confluent_kafka import Producer
+    p = Producer({"bootstrap.servers": a.brokers, "acks": "all", "compression.type": a.codec,
+                  "enable.idempotence": True, "linger.ms": 5})
+    state = {"acked": 0, "errors": []}
+
+    def cb(err, _msg):
+        if err is None:
+            state["acked"] += 1
+        else:
+            state["errors"].append(str(err))
+
+    for i in range(a.count):
+        while True:
+            try:
+                p.produce(a.topic, key=f"{a.key_prefix}{i}", value=f"{a.value_prefix}{i}",
+                          on_delivery=cb)
+                break
+            except BufferError:
+                p.poll(0.1)
+        p.poll(0)
+    remaining = p.flush(60)
+    if remaining:
+        state["errors"].append(f"{remaining} not delivered after 60 s")
+    state["errors"] = state["errors"][:5]
+    return state
+
+
+def consume_kafka_python(a):
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+    c = KafkaConsumer(a.topic, bootstrap_servers=a.brokers, group_id=a.group,
+                      auto_offset_reset="earliest", enable_auto_commit=False,
+                      max_poll_records=100)
+    records = []
+    deadline = time.time() + a.timeout
+    while len(records) < a.count and time.time() < deadline:
+        batch = c.poll(timeout_ms=500)
+        offsets = {}
+        for tp, msgs in batch.items():
+            for m in msgs:
+                if len(records) >= a.count:
+                    break
+                records.append([m.key.decode() if m.key else None, m.value.decode(), tp.partition, m.offset])
+                offsets[TopicPartition(tp.topic, tp.partition)] = OffsetAndMetadata(m.offset + 1, "", -1)
+        if offsets:
+            c.commit(offsets)
+    c.close(autocommit=False)
+    return {"consumed": len(records), "records": records}
+
+
+def consume_confluent(a):
+    from confluent_kafka import Consumer, TopicPartition
+    c = Consumer({"bootstrap.servers": a.brokers, "group.id": a.group,
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.subscribe([a.topic])
+    records = []
+    deadline = time.time() + a.timeout
+    while len(records) < a.count and time.time() < deadline:
+        msgs = c.consume(num_messages=100, timeout=0.5)
+        offsets = {}
+        for m in msgs:
+            if m.error():
+                continue
+            if len(records) >= a.count:
+                break
+            records.append([m.key().decode() if m.key() else None, m.value().decode(), m.partition(), m.offset()])
+            offsets[(m.topic(), m.partition())] = m.offset() + 1
+        if offsets:
+            c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
+    c.close()
+    return {"consumed": len(records), "records": records}
+
+
+def admin_kafka_python(a):
+    from kafka.admin import KafkaAdminClient, NewTopic
+    adm = KafkaAdminClient(bootstrap_servers=a.brokers)
+    try:
+        if a.action == "create":
+            adm.create_topics([NewTopic(a.topic, a.partitions, a.rf)])
+            return {"created": a.topic}
+        if a.action == "delete":
+            adm.delete_topics([a.topic])
+            return {"deleted": a.topic}
+        d = adm.describe_topics([a.topic])[0]
+        return {"topic": a.topic, "partitions": len(d["partitions"]), "error": d["error_code"]}
+    finally:
+        adm.close()
+
+
+def admin_confluent(a):
+    from confluent_kafka.admin import AdminClient, NewTopic
+    adm = AdminClient({"bootstrap.servers": a.brokers})
+    if a.action == "create":
+        adm.create_topics([NewTopic(a.topic, a.partitions, a.rf)])[a.topic].result(30)
+        return {"created": a.topic}
+    if a.action == "delete":
+        adm.delete_topics([a.topic])[a.topic].result(30)
+        return {"deleted": a.topic}
+    md = adm.list_topics(a.topic, timeout=30)
+    t = md.topics[a.topic]
+    return {"topic": a.topic, "partitions": len(t.partitions),
+            "error": t.error.code() if t.error else 0}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--lib", choices=["kafka-python", "confluent"], required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("produce")
+    p.add_argument("--brokers", required=True)
+    p.add_argument("--topic", required=True)
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--codec", default="none", choices=["none", "gzip", "snappy", "lz4", "zstd"])
+    p.add_argument("--key-prefix", default="k-")
+    p.add_argument("--value-prefix", default="v-")
+    c = sub.add_parser("consume")
+    c.add_argument("--brokers", required=True)
+    c.add_argument("--topic", required=True)
+    c.add_argument("--group", required=True)
+    c.add_argument("--count", type=int, required=True)
+    c.add_argument("--timeout", type=float, default=60)
+    d = sub.add_parser("admin")
+    d.add_argument("action", choices=["create", "describe", "delete"])
+    d.add_argument("--brokers", required=True)
+    d.add_argument("--topic", required=True)
+    d.add_argument("--partitions", type=int, default=6)
+    d.add_argument("--rf", type=int, default=1)
+    a = ap.parse_args()
+    lib = "kafka_python" if a.lib == "kafka-python" else "confluent"
+    fn = globals()[f"{a.cmd}_{lib}"]
+    print(json.dumps(fn(a)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

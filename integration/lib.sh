@@ -1,0 +1,92 @@
+# shellcheck shell=bash disable=SC2034 # variables are for the scripts that source this
+# integration/lib.sh — paths, ports and small helpers shared by integration/testbed
+# and by test scripts that want to talk to the testbed (source it; it defines no
+# side effects besides variables and functions).
+#
+# Everything the testbed installs or runs lives under $SHARDGATE_CACHE, never in
+# the repo, so `git status` stays clean and CI/dev machines can reuse the cache.
+
+INTEGRATION_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$INTEGRATION_DIR/.." && pwd)"
+
+SHARDGATE_CACHE="${SHARDGATE_CACHE:-$HOME/.cache/shardgate}"
+CACHE="$SHARDGATE_CACHE"
+
+KAFKA_VERSION="4.1.1"
+KAFKA_HOME="$CACHE/kafka-$KAFKA_VERSION"
+KAFKA_LIBS="$KAFKA_HOME/libs"
+KAFKA_LOG4J="$KAFKA_HOME/config/log4j2.xml"
+
+CACHE_BIN="$CACHE/bin"
+VENV="$CACHE/venv"
+RUN_DIR="$CACHE/run"
+TOOLS_LOG_DIR="$CACHE/logs"
+STATE_FILE="$RUN_DIR/testbed.state"
+
+# Fixed, documented ports (all on 127.0.0.1). Node n (1..3) gets
+#   PLAINTEXT 19091+n  -> 19092, 19093, 19094
+#   CONTROLLER 19191+n -> 19192, 19193, 19194
+BROKER_PORT_BASE=19091
+CONTROLLER_PORT_BASE=19191
+SHARDGATE_ADDR="127.0.0.1:29092"
+SHARDGATE_ADMIN_ADDR="127.0.0.1:29100"
+
+broker_port()     { echo $((BROKER_PORT_BASE + $1)); }
+controller_port() { echo $((CONTROLLER_PORT_BASE + $1)); }
+broker_addr()     { echo "127.0.0.1:$(broker_port "$1")"; }
+node_dir()        { echo "$RUN_DIR/kafka-$1"; }
+node_pidfile()    { echo "$RUN_DIR/kafka-$1.pid"; }
+shardgate_pidfile() { echo "$RUN_DIR/shardgate.pid"; }
+
+# Comma separated bootstrap list for n brokers: 127.0.0.1:19092[,127.0.0.1:19093,...]
+kafka_bootstrap() {
+  local n="$1" i out=""
+  for ((i = 1; i <= n; i++)); do out+="${out:+,}$(broker_addr "$i")"; done
+  echo "$out"
+}
+
+log()  { printf '[testbed %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+warn() { printf '[testbed %s] WARNING: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die()  { printf '[testbed %s] ERROR: %s\n' "$(date +%H:%M:%S)" "$*" >&2; exit 1; }
+
+# Seconds since the epoch with sub-second precision, for timings in messages.
+now() { date +%s.%N; }
+elapsed_since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# wait_until TIMEOUT_S DESCRIPTION CMD...: poll CMD every 0.3 s until it succeeds.
+# Used instead of fixed sleeps: readiness is whatever the command says it is.
+wait_until() {
+  local timeout="$1" what="$2"; shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@"; do
+    if ((SECONDS >= deadline)); then
+      warn "timed out after ${timeout}s waiting for $what"
+      return 1
+    fi
+    sleep 0.3
+  done
+}
+
+# pid_alive PIDFILE PATTERN: the pid in PIDFILE is running AND its command line
+# contains PATTERN. The pattern check guards against pid reuse: we must never
+# signal a process that `up` did not start.
+pid_alive() {
+  local pidfile="$1" pattern="$2" pid
+  [[ -s "$pidfile" ]] || return 1
+  pid="$(<"$pidfile")"
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  [[ -r "/proc/$pid/cmdline" ]] || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- "$pattern"
+}
+
+# port_in_use PORT: something accepts TCP connections on 127.0.0.1:PORT.
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Number of brokers of the running (or last started) testbed, 0 if none.
+state_brokers() {
+  if [[ -s "$STATE_FILE" ]]; then
+    sed -n 's/^BROKERS=//p' "$STATE_FILE"
+  else
+    echo 0
+  fi
+}

@@ -1,0 +1,304 @@
+//! Bad input through a real shardgate in front of real Kafka: every kind of broken client
+//! gets an error answer or a closed connection, is counted, and never disturbs other clients.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use common::*;
+use kafka_protocol::messages::{
+    ApiKey, ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, RequestHeader, ResponseHeader,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+
+fn connect() -> TcpStream {
+    let s = TcpStream::connect(proxy()).expect("shardgate reachable");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn frame(api: ApiKey, version: i16, correlation_id: i32, body: &impl Encodable) -> Vec<u8> {
+    let header = RequestHeader::default()
+        .with_request_api_key(api as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(correlation_id)
+        .with_client_id(Some(StrBytes::from_static_str("bad-input-test")));
+    let mut buf = BytesMut::new();
+    header
+        .encode(&mut buf, api.request_header_version(version))
+        .unwrap();
+    body.encode(&mut buf, version).unwrap();
+    let mut out = (buf.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&buf);
+    out
+}
+
+fn read_frame(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body)?;
+    Ok(body)
+}
+
+/// The peer closed the connection (EOF or reset) within the read timeout.
+fn closed(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1024];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// A well-behaved client still gets answers: ApiVersions over a raw socket, and a metadata
+/// round trip with librdkafka.
+fn still_serving() {
+    let mut s = connect();
+    s.write_all(&frame(
+        ApiKey::ApiVersions,
+        3,
+        7,
+        &ApiVersionsRequest::default()
+            .with_client_software_name(StrBytes::from_static_str("t"))
+            .with_client_software_version(StrBytes::from_static_str("1")),
+    ))
+    .unwrap();
+    let resp = read_frame(&mut s).expect("ApiVersions answer");
+    let mut b = bytes::Bytes::from(resp);
+    let h = ResponseHeader::decode(&mut b, 0).unwrap();
+    assert_eq!(h.correlation_id, 7);
+    let r = ApiVersionsResponse::decode(&mut b, 3).unwrap();
+    assert_eq!(r.error_code, 0);
+    assert!(
+        r.api_keys
+            .iter()
+            .any(|k| k.api_key == ApiKey::Produce as i16)
+    );
+
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", proxy())
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(None, Duration::from_secs(10))
+        .expect("metadata through shardgate");
+    assert!(!md.brokers().is_empty());
+    let (code, _) = http_get("/healthz");
+    assert_eq!(code, 200);
+}
+
+fn frame_errors(kind: &str) -> f64 {
+    metric(
+        "shardgate_frame_errors_total",
+        &[&format!("kind=\"{kind}\"")],
+    )
+}
+
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn oversized_frame_is_refused_before_allocation_and_counted() {
+    let before = frame_errors("too_large");
+    let mut s = connect();
+    // Announce 1 GiB (default limit 100 MiB) and send nothing more: shardgate must close
+    // without waiting for, or allocating, the body.
+    s.write_all(&(1u32 << 30).to_be_bytes()).unwrap();
+    assert!(closed(&mut s));
+    eventually("too_large counted", Duration::from_secs(5), || {
+        frame_errors("too_large") > before
+    });
+    still_serving();
+}
+
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn negative_frame_size_closes_the_connection() {
+    let before = frame_errors("negative_size");
+    let mut s = connect();
+    s.write_all(&(-5i32).to_be_bytes()).unwrap();
+    assert!(closed(&mut s));
+    eventually("negative_size counted", Duration::from_secs(5), || {
+        frame_errors("negative_size") > before
+    });
+    still_serving();
+}
+
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn unknown_api_key_closes_the_connection() {
+    let before = frame_errors("unknown_api_key");
+    let mut s = connect();
+    let mut f = BytesMut::new();
+    f.put_i16(999); // api key
+    f.put_i16(0);
+    f.put_i32(1);
+    f.put_i16(-1); // null client id
+    let mut out = (f.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&f);
+    s.write_all(&out).unwrap();
+    assert!(closed(&mut s));
+    eventually("unknown_api_key counted", Duration::from_secs(5), || {
+        frame_errors("unknown_api_key") > before
+    });
+    still_serving();
+}
+
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn unsupported_version_of_a_known_api_closes_the_connection() {
+    let before = frame_errors("unsupported_version");
+    // Produce v2 was removed in Kafka 4.0 and is not in shardgate's table.
+    let mut f = BytesMut::new();
+    f.put_i16(ApiKey::Produce as i16);
+    f.put_i16(2);
+    f.put_i32(1);
+    f.put_i16(-1);
+    let mut out = (f.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&f);
+    let mut s = connect();
+    s.write_all(&out).unwrap();
+    assert!(closed(&mut s));
+    eventually(
+        "unsupported_version counted",
+        Duration::from_secs(5),
+        || frame_errors("unsupported_version") > before,
+    );
+    still_serving();
+}
+
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn too_new_api_versions_gets_the_downgrade_answer_and_the_connection_stays_usable() {
+    let mut s = connect();
+    // ApiVersions v99: header v2 layout; the body does not matter for the downgrade answer.
+    let mut f = BytesMut::new();
+    f.put_i16(ApiKey::ApiVersions as i16);
+    f.put_i16(99);
+    f.put_i32(42);
+    f.put_i16(-1);
+    f.put_u8(0);
+    let mut out = (f.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&f);
+    s.write_all(&out).unwrap();
+    let resp = read_frame(&mut s).expect("downgrade answer");
+    let mut b = bytes::Bytes::from(resp);
+    let h = ResponseHeader::decode(&mut b, 0).unwrap();
+    assert_eq!(h.correlation_id, 42);
+    let r = ApiVersionsResponse::decode(&mut b, 0).unwrap();
+    assert_eq!(r.error_code, 35, "UNSUPPORTED_VERSION");
+    let produce = r
+        .api_keys
+        .iter()
+        .find(|k| k.api_key == 0)
+        .expect("Produce range listed");
+    assert!(produce.max_version >= 9);
+    // The client retries at a version we speak, on the same connection.
+    s.write_all(&frame(
+        ApiKey::ApiVersions,
+        3,
+        43,
+        &ApiVersionsRequest::default(),
+    ))
+    .unwrap();
+    let resp = read_frame(&mut s).expect("second answer");
+    assert_eq!(&resp[..4], &43i32.to_be_bytes());
+}
+
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn malformed_request_body_closes_the_connection_and_is_counted() {
+    let errors = || {
+        metric(
+            "shardgate_request_errors_total",
+            &["api=\"Metadata\"", "kind=\"decode\""],
+        )
+    };
+    let before = errors();
+    let mut s = connect();
+    // A Metadata v12 header followed by garbage: topics array length claims 1e9 entries.
+    let header = RequestHeader::default()
+        .with_request_api_key(ApiKey::Metadata as i16)
+        .with_request_api_version(12)
+        .with_correlation_id(5);
+    let mut f = BytesMut::new();
+    header.encode(&mut f, 2).unwrap();
+    f.put_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2, 3]);
+    let mut out = (f.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&f);
+    s.write_all(&out).unwrap();
+    assert!(closed(&mut s));
+    eventually("decode error counted", Duration::from_secs(5), || {
+        errors() > before
+    });
+    still_serving();
+}
+
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn truncated_frame_then_close_is_counted() {
+    let before = frame_errors("truncated");
+    let mut s = connect();
+    s.write_all(&[0, 0, 0, 100, 0, 3, 0, 9]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(closed(&mut s));
+    eventually("truncated counted", Duration::from_secs(5), || {
+        frame_errors("truncated") > before
+    });
+    still_serving();
+}
+
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn random_bytes_close_the_connection() {
+    // Deterministic pseudo-random bytes (xorshift), several seeds.
+    for seed in [1u64, 7, 99, 12345] {
+        let mut x = seed;
+        let data: Vec<u8> = (0..4096)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut s = connect();
+        let _ = s.write_all(&data);
+        assert!(closed(&mut s), "seed {seed}");
+    }
+    still_serving();
+}
+
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn client_disconnecting_mid_request_does_not_disturb_others() {
+    for _ in 0..20 {
+        let mut s = connect();
+        // A Metadata request for every topic, and gone before the answer.
+        let f = frame(
+            ApiKey::Metadata,
+            12,
+            1,
+            &MetadataRequest::default().with_topics(None),
+        );
+        s.write_all(&f).unwrap();
+        drop(s);
+        // And half a frame.
+        let mut s = connect();
+        s.write_all(&f[..f.len() / 2]).unwrap();
+        drop(s);
+    }
+    still_serving();
+}

@@ -1,0 +1,185 @@
+//! Shared helpers for the integration tests. They run against the testbed that
+//! `integration/run-tests` starts (real Kafka brokers and shardgate on fixed loopback ports);
+//! every test is `#[ignore]`d so that a plain `cargo test` runs only the unit tests.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub fn var(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// Client address of shardgate.
+pub fn proxy() -> String {
+    var("SHARDGATE_BOOTSTRAP", "127.0.0.1:29092")
+}
+
+/// Direct address(es) of the Kafka brokers.
+pub fn kafka() -> String {
+    var("KAFKA_BOOTSTRAP", "127.0.0.1:19092")
+}
+
+pub fn admin() -> String {
+    var("SHARDGATE_ADMIN", "http://127.0.0.1:29100")
+}
+
+pub fn cache() -> PathBuf {
+    PathBuf::from(var(
+        "SHARDGATE_CACHE",
+        &format!("{}/.cache/shardgate", var("HOME", "/root")),
+    ))
+}
+
+pub fn brokers() -> usize {
+    kafka().split(',').count()
+}
+
+/// Replication factor for test topics: 3 on the 3-broker testbed.
+pub fn rf() -> i32 {
+    brokers().min(3) as i32
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    cache().join("bin").join(name)
+}
+
+pub fn python() -> PathBuf {
+    cache().join("venv/bin/python")
+}
+
+/// A topic or group name no earlier run used.
+pub fn unique(prefix: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}-{}", nanos % 1_000_000_000_000)
+}
+
+/// Runs a command to completion with a time limit; panics with its output on failure.
+pub fn run(cmd: &mut Command, limit: Duration) -> Output {
+    let desc = format!("{cmd:?}");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {desc}: {e}"));
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = stdout.read_to_end(&mut b);
+        b
+    });
+    let err_t = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = stderr.read_to_end(&mut b);
+        b
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{desc} did not finish within {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&err_t.join().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: out_t.join().unwrap(),
+        stderr: err_t.join().unwrap(),
+    }
+}
+
+pub fn run_ok(cmd: &mut Command, limit: Duration) -> String {
+    let desc = format!("{cmd:?}");
+    let out = run(cmd, limit);
+    assert!(
+        out.status.success(),
+        "{desc} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// GET on the admin port, without an HTTP client dependency: status code and body.
+pub fn http_get(path: &str) -> (u16, String) {
+    let base = admin();
+    let hostport = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = TcpStream::connect(hostport).expect("admin port reachable");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Sum of a Prometheus counter/gauge over the series whose labels contain all `labels`
+/// (e.g. `kind="too_large"`).
+pub fn metric(name: &str, labels: &[&str]) -> f64 {
+    let (_, body) = http_get("/metrics");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            let series = l.split_whitespace().next().unwrap_or("");
+            let base = series.split('{').next().unwrap_or("");
+            base == name && labels.iter().all(|lab| series.contains(lab))
+        })
+        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until `f` holds, polling; panics with `what` after `limit`.
+pub fn eventually(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !f() {
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Creates a topic through shardgate with the Java admin tool.
+pub fn create_topic(topic: &str, partitions: i32) {
+    run_ok(
+        Command::new(bin("kafka-topics")).args([
+            "--bootstrap-server",
+            &proxy(),
+            "--create",
+            "--topic",
+            topic,
+            "--partitions",
+            &partitions.to_string(),
+            "--replication-factor",
+            &rf().to_string(),
+        ]),
+        Duration::from_secs(60),
+    );
+}
+
+pub const CODECS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
