@@ -49,5 +49,6 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
 }
 
 async fn metrics(State(s): State<AdminState>) -> String {
+    metrics::gauge!("shardgate_huge_allocations").set(crate::alloc::huge_allocations() as f64);
     s.prometheus.render()
 }

@@ -6,6 +6,7 @@
 //! - `admin`, `telemetry`: HTTP endpoints and metrics.
 
 pub mod admin;
+pub mod alloc;
 pub mod config;
 pub mod protocol;
 pub mod proxy;

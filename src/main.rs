@@ -4,6 +4,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use shardgate::config::Config;
 
+#[global_allocator]
+static ALLOC: shardgate::alloc::GuardedAlloc = shardgate::alloc::GuardedAlloc;
+
 #[derive(Parser)]
 #[command(
     name = "shardgate",
