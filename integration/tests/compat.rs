@@ -150,7 +150,7 @@ fn kcat_produce(topic: &str, codec: &str) {
             "-b",
             &proxy(),
             "-t",
-            &topic,
+            topic,
             "-K",
             ":",
             "-z",
