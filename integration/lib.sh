@@ -17,6 +17,14 @@ KAFKA_HOME="$CACHE/kafka-$KAFKA_VERSION"
 KAFKA_LIBS="$KAFKA_HOME/libs"
 KAFKA_LOG4J="$KAFKA_HOME/config/log4j2.xml"
 
+# Consul (only with `testbed install --consul` / `up --consul`), built from the Go module
+# proxy. 1.16.3 is the newest 1.16 patch whose module is MPL-2.0: the proxy also serves
+# v1.16.5 and v1.16.6 (2024), but their LICENSE is the BSL, as is 1.17+ (v1.16.4 and
+# v1.16.7+ are not on the proxy). install_consul refuses a module that is not MPL-2.0.
+CONSUL_VERSION="1.16.3"
+CONSUL_HOME="$CACHE/consul-$CONSUL_VERSION"
+CONSUL_BIN="$CONSUL_HOME/consul"
+
 CACHE_BIN="$CACHE/bin"
 VENV="$CACHE/venv"
 RUN_DIR="$CACHE/run"
@@ -30,6 +38,15 @@ BROKER_PORT_BASE=19091
 CONTROLLER_PORT_BASE=19191
 SHARDGATE_ADDR="127.0.0.1:29092"
 SHARDGATE_ADMIN_ADDR="127.0.0.1:29100"
+# Consul dev agent: HTTP API 28500, server RPC 28300, Serf LAN/WAN 28301/28302 (TCP+UDP);
+# DNS, gRPC and gRPC-TLS off. Never the defaults 8500/8300/8301/8302/8600/8502/8503,
+# so a Consul the developer runs anyway does not clash with the testbed.
+CONSUL_HTTP_PORT=28500
+CONSUL_SERVER_PORT=28300
+CONSUL_SERF_LAN_PORT=28301
+CONSUL_SERF_WAN_PORT=28302
+CONSUL_HTTP_ADDR="127.0.0.1:$CONSUL_HTTP_PORT"
+CONSUL_RUN_DIR="$RUN_DIR/consul"
 
 broker_port()     { echo $((BROKER_PORT_BASE + $1)); }
 controller_port() { echo $((CONTROLLER_PORT_BASE + $1)); }
@@ -37,6 +54,7 @@ broker_addr()     { echo "127.0.0.1:$(broker_port "$1")"; }
 node_dir()        { echo "$RUN_DIR/kafka-$1"; }
 node_pidfile()    { echo "$RUN_DIR/kafka-$1.pid"; }
 shardgate_pidfile() { echo "$RUN_DIR/shardgate.pid"; }
+consul_pidfile()  { echo "$CONSUL_RUN_DIR/consul.pid"; }
 
 # Comma separated bootstrap list for n brokers: 127.0.0.1:19092[,127.0.0.1:19093,...]
 kafka_bootstrap() {

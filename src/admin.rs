@@ -3,10 +3,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::shards::controller::ControlError;
+use crate::shards::{HASH_END, ShardMap, TopicConfig};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::proxy::Ctx;
@@ -22,11 +29,26 @@ pub fn router(ctx: Arc<Ctx>, prometheus: PrometheusHandle) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/api/v1/topics", get(list_topics).post(create_topic))
+        .route("/api/v1/topics/{topic}/shards", get(get_shards))
+        .route("/api/v1/topics/{topic}/shards/{id}/split", post(split))
+        .route("/api/v1/topics/{topic}/merge", post(merge))
+        .route("/api/v1/consumers", get(consumers))
         .with_state(AdminState { ctx, prometheus })
 }
 
 /// Ready when a full upstream topology refresh succeeded recently.
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
+    if !s
+        .ctx
+        .shards_loaded
+        .load(std::sync::atomic::Ordering::Acquire)
+    {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shard maps not loaded yet\n".to_string(),
+        );
+    }
     let topo = s.ctx.topology().load();
     let fresh_for = Duration::from_millis(s.ctx.settings.raw.upstream.metadata_refresh_ms * 3);
     match topo.refreshed_at {
@@ -51,4 +73,202 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
 async fn metrics(State(s): State<AdminState>) -> String {
     metrics::gauge!("shardgate_huge_allocations").set(crate::alloc::huge_allocations() as f64);
     s.prometheus.render()
+}
+
+fn error(status: u16, message: impl std::fmt::Display) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (code, Json(json!({ "error": message.to_string() }))).into_response()
+}
+
+fn control_error(e: ControlError) -> Response {
+    metrics::counter!("shardgate_admin_errors_total", "status" => e.status().to_string())
+        .increment(1);
+    tracing::warn!(error = %e, "admin request refused");
+    error(e.status(), e)
+}
+
+fn map_json(map: &ShardMap) -> serde_json::Value {
+    // The map's own serde shape is the contract: bounds as decimal strings, end exclusive.
+    serde_json::to_value(map).unwrap_or_else(|e| json!({ "error": e.to_string() }))
+}
+
+async fn list_topics(State(s): State<AdminState>) -> Response {
+    let topics: Vec<_> = s
+        .ctx
+        .shards
+        .all()
+        .iter()
+        .map(|m| {
+            json!({
+                "name": m.config.name,
+                "route_by": m.config.route_by,
+                "pool": m.config.pool,
+                "epoch": m.map.epoch,
+                "active_shards": m.active().len(),
+                "gates": m.map.gates.len(),
+                "autoscale": m.config.autoscale,
+            })
+        })
+        .collect();
+    Json(json!({ "topics": topics })).into_response()
+}
+
+async fn create_topic(
+    State(s): State<AdminState>,
+    body: Result<Json<TopicConfig>, JsonRejection>,
+) -> Response {
+    let Json(cfg) = match body {
+        Ok(b) => b,
+        Err(e) => return error(400, format!("bad topic JSON: {}", e.body_text())),
+    };
+    match s.ctx.controller.create_topic(&s.ctx, cfg).await {
+        Ok(map) => (StatusCode::CREATED, Json(map_json(&map))).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn get_shards(State(s): State<AdminState>, Path(topic): Path<String>) -> Response {
+    match s.ctx.shards.get(&topic) {
+        Some(m) => Json(map_json(&m.map)).into_response(),
+        None => error(404, format!("topic {topic} is not managed")),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SplitBody {
+    at: Option<String>,
+}
+
+async fn split(
+    State(s): State<AdminState>,
+    Path((topic, id)): Path<(String, String)>,
+    body: Option<Json<serde_json::Value>>,
+) -> Response {
+    let Ok(id) = id.parse::<u32>() else {
+        return error(400, format!("shard id {id:?} is not a number"));
+    };
+    let body: SplitBody = match body {
+        None => SplitBody::default(),
+        Some(Json(v)) => match serde_json::from_value(v) {
+            Ok(b) => b,
+            Err(e) => {
+                return error(
+                    400,
+                    format!("bad split body: {e}; expected {{\"at\": \"<u64>\"}}"),
+                );
+            }
+        },
+    };
+    let at = match body.at.as_deref().map(str::parse::<u128>) {
+        None => None,
+        Some(Ok(v)) if v < HASH_END => Some(v),
+        Some(_) => return error(400, "`at` must be a decimal string within 0..2^64"),
+    };
+    match s.ctx.controller.split(&s.ctx, &topic, id, at, "api").await {
+        Ok(map) => Json(map_json(&map)).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MergeBody {
+    shards: [u32; 2],
+}
+
+async fn merge(
+    State(s): State<AdminState>,
+    Path(topic): Path<String>,
+    body: Result<Json<MergeBody>, JsonRejection>,
+) -> Response {
+    let Json(body) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                400,
+                format!(
+                    "bad merge body: {}; expected {{\"shards\": [a, b]}}",
+                    e.body_text()
+                ),
+            );
+        }
+    };
+    match s
+        .ctx
+        .controller
+        .merge(&s.ctx, &topic, body.shards[0], body.shards[1], "api")
+        .await
+    {
+        Ok(map) => Json(map_json(&map)).into_response(),
+        Err(e) => control_error(e),
+    }
+}
+
+async fn consumers(State(s): State<AdminState>) -> Response {
+    let topics: Vec<String> = s
+        .ctx
+        .shards
+        .all()
+        .iter()
+        .map(|m| m.config.name.clone())
+        .collect();
+    let groups: serde_json::Map<String, serde_json::Value> = topics
+        .iter()
+        .map(|t| (t.clone(), json!(s.ctx.groups.groups_on(t))))
+        .collect();
+    Json(json!({ "groups_by_topic": groups })).into_response()
+}
+
+/// A minimal blocking HTTP/1.1 client for the CLI (`shardgate shards ...`): one request, one
+/// connection, no dependency for a handful of admin calls.
+pub fn http_request(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let hostport = base.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(hostport)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
 }

@@ -45,6 +45,52 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Managed topics declared in the file (more can be added through the admin API).
+    #[serde(default)]
+    pub topics: Vec<crate::shards::TopicConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// "embedded" (a local directory; one instance) or "consul".
+    #[serde(default = "default_store_kind")]
+    pub kind: String,
+    /// Directory of the embedded store.
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+    /// Consul HTTP address, e.g. "http://127.0.0.1:8500".
+    #[serde(default = "default_consul_addr")]
+    pub consul_addr: String,
+    /// Name of this virtual cluster: keys live under shardgate/<cluster>/.
+    #[serde(default = "default_cluster")]
+    pub cluster: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            kind: default_store_kind(),
+            path: default_store_path(),
+            consul_addr: default_consul_addr(),
+            cluster: default_cluster(),
+        }
+    }
+}
+
+fn default_store_kind() -> String {
+    "embedded".into()
+}
+fn default_store_path() -> PathBuf {
+    PathBuf::from("shardgate-data")
+}
+fn default_consul_addr() -> String {
+    "http://127.0.0.1:8500".into()
+}
+fn default_cluster() -> String {
+    "default".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -374,6 +420,43 @@ impl Config {
                     key,
                     "is 0",
                     "use a positive number of milliseconds",
+                ));
+            }
+        }
+        match self.store.kind.as_str() {
+            "embedded" | "consul" => {}
+            other => {
+                return Err(invalid(
+                    "store.kind",
+                    format!("\"{other}\" is not a store"),
+                    "use \"embedded\" (the default) or \"consul\"",
+                ));
+            }
+        }
+        if self.store.kind == "consul" && !self.store.consul_addr.starts_with("http://") {
+            return Err(invalid(
+                "store.consul_addr",
+                format!("\"{}\" is not an http:// URL", self.store.consul_addr),
+                "use e.g. \"http://127.0.0.1:8500\"",
+            ));
+        }
+        if self.store.cluster.is_empty() || self.store.cluster.contains('/') {
+            return Err(invalid(
+                "store.cluster",
+                "is empty or contains '/'",
+                "use a plain name such as \"prod\"",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in self.topics.iter().enumerate() {
+            t.validate().map_err(|(field, problem, fix)| {
+                invalid(&format!("topics[{i}].{field}"), problem, fix)
+            })?;
+            if !names.insert(t.name.clone()) {
+                return Err(invalid(
+                    &format!("topics[{i}].name"),
+                    format!("topic \"{}\" is declared twice", t.name),
+                    "declare each managed topic once",
                 ));
             }
         }

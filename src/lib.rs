@@ -11,6 +11,8 @@ pub mod config;
 pub mod protocol;
 pub mod proxy;
 pub mod server;
+pub mod shards;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;

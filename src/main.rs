@@ -30,6 +30,29 @@ enum Command {
         #[arg(long, short, default_value = "shardgate.toml")]
         config: PathBuf,
     },
+    /// Inspect and change shard maps through a running instance's admin API.
+    Shards {
+        /// Admin address of a shardgate instance.
+        #[arg(long, default_value = "http://127.0.0.1:29100", global = true)]
+        admin: String,
+        #[command(subcommand)]
+        op: ShardsOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum ShardsOp {
+    /// List managed topics, or the shard map of one topic.
+    List { topic: Option<String> },
+    /// Split a shard (at the weighted median of observed keys unless --at is given).
+    Split {
+        topic: String,
+        shard: u32,
+        #[arg(long)]
+        at: Option<String>,
+    },
+    /// Merge two adjacent shards.
+    Merge { topic: String, a: u32, b: u32 },
 }
 
 fn main() -> ExitCode {
@@ -41,7 +64,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let (Command::Run { config } | Command::CheckConfig { config }) = &cli.command;
+    let config = match &cli.command {
+        Command::Run { config } | Command::CheckConfig { config } => config,
+        Command::Shards { admin, op } => return shards_cli(admin, op),
+    };
     let settings = match Config::load(config) {
         Ok(s) => s,
         Err(e) => {
@@ -76,6 +102,44 @@ fn main() -> ExitCode {
         running.stop().await;
         ExitCode::SUCCESS
     })
+}
+
+fn shards_cli(admin: &str, op: &ShardsOp) -> ExitCode {
+    let (method, path, body) = match op {
+        ShardsOp::List { topic: None } => ("GET", "/api/v1/topics".to_string(), None),
+        ShardsOp::List { topic: Some(t) } => ("GET", format!("/api/v1/topics/{t}/shards"), None),
+        ShardsOp::Split { topic, shard, at } => (
+            "POST",
+            format!("/api/v1/topics/{topic}/shards/{shard}/split"),
+            Some(match at {
+                Some(a) => serde_json::json!({ "at": a }).to_string(),
+                None => "{}".to_string(),
+            }),
+        ),
+        ShardsOp::Merge { topic, a, b } => (
+            "POST",
+            format!("/api/v1/topics/{topic}/merge"),
+            Some(serde_json::json!({ "shards": [a, b] }).to_string()),
+        ),
+    };
+    match shardgate::admin::http_request(admin, method, &path, body.as_deref()) {
+        Ok((status, text)) => {
+            let pretty = serde_json::from_str::<serde_json::Value>(&text)
+                .and_then(|v| serde_json::to_string_pretty(&v))
+                .unwrap_or(text);
+            println!("{pretty}");
+            if (200..300).contains(&status) {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("shardgate: admin API answered {status}");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("shardgate: cannot reach the admin API at {admin}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn shutdown_signal() {

@@ -23,6 +23,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("cannot install the metrics recorder: {0}")]
     Metrics(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 pub struct Running {
@@ -45,7 +47,18 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     };
     let topology = Arc::new(TopologyHandle::new());
     let pool = Arc::new(Pool::new(&settings, topology, upstream_tls));
-    let ctx = Arc::new(Ctx::new(settings.clone(), pool.clone()));
+    let store: Arc<dyn crate::store::ShardStore> = match settings.raw.store.kind.as_str() {
+        "consul" => {
+            return Err(StartError::Store(crate::store::StoreError::Unavailable(
+                "the consul store is not available in this build".into(),
+            )));
+        }
+        _ => Arc::new(crate::store::embedded::EmbeddedStore::open(
+            &settings.raw.store.path,
+        )?),
+    };
+    tracing::info!(store = %store.describe(), "shard store");
+    let ctx = Arc::new(Ctx::new(settings.clone(), pool.clone(), store));
 
     let listener = TcpListener::bind(settings.bind)
         .await
@@ -84,6 +97,27 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         client_tls,
         shutdown_rx.clone(),
     )));
+    // Shard maps: load what the store has, create topics the config declares, then run the
+    // controller. Upstream may not be reachable yet: keep retrying in the background.
+    {
+        let ctx = ctx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match ctx.controller.load(&ctx).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "loading shard maps failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+            ctx.shards_loaded
+                .store(true, std::sync::atomic::Ordering::Release);
+            ctx.controller.clone().run(ctx.clone()).await;
+        }));
+    }
     let router = crate::admin::router(ctx.clone(), prometheus);
     let mut admin_shutdown = shutdown_rx;
     tasks.push(tokio::spawn(async move {

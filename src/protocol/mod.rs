@@ -2,6 +2,7 @@
 //! and helpers to encode responses. Message bodies come from the `kafka-protocol` crate.
 
 pub mod frame;
+pub mod records;
 pub mod versions;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};

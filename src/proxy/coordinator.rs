@@ -379,7 +379,68 @@ pub async fn forward_to_coordinator(
             ctx.coordinators.forget(key_type, k);
         }
     }
+    if key_type == GROUP
+        && let [group] = keys.as_slice()
+    {
+        observe_group(ctx, client, req, group, &resp);
+    }
     Ok(Reply::Frame(reframe_response(&resp, req.correlation_id())))
+}
+
+/// Links the client to the consumer group it speaks for and records committed offsets of
+/// managed topics: the ordering gates need both.
+fn observe_group(ctx: &Ctx, client: &ClientConn, req: &RequestFrame, group: &str, resp: &Bytes) {
+    if !matches!(
+        req.api_key,
+        ApiKey::JoinGroup
+            | ApiKey::SyncGroup
+            | ApiKey::Heartbeat
+            | ApiKey::OffsetCommit
+            | ApiKey::OffsetFetch
+            | ApiKey::ConsumerGroupHeartbeat
+    ) {
+        return;
+    }
+    let client_id = req.header.client_id.as_deref().unwrap_or("");
+    ctx.groups.link(client.peer.ip(), client_id, group);
+    if req.api_key != ApiKey::OffsetCommit {
+        return;
+    }
+    let (Ok(body), Ok(answer)) = (
+        req.decode_body::<OffsetCommitRequest>(),
+        decode_response::<OffsetCommitResponse>(req.api_key, req.api_version, resp.clone()),
+    ) else {
+        return;
+    };
+    let topo = ctx.topology().load();
+    for t in &body.topics {
+        let name = if t.topic_id.is_nil() {
+            t.name.0.clone()
+        } else {
+            match topo.topic_name(&t.topic_id) {
+                Some(n) => n.clone(),
+                None => continue,
+            }
+        };
+        if !ctx.shards.is_managed(&name) {
+            continue;
+        }
+        let accepted = |partition: i32| {
+            answer.topics.iter().any(|rt| {
+                (rt.name.0 == t.name.0 && rt.topic_id == t.topic_id)
+                    && rt
+                        .partitions
+                        .iter()
+                        .any(|p| p.partition_index == partition && p.error_code == 0)
+            })
+        };
+        for p in &t.partitions {
+            if accepted(p.partition_index) {
+                ctx.groups
+                    .committed(group, &name, p.partition_index, p.committed_offset);
+            }
+        }
+    }
 }
 
 /// Multi-group requests whose groups live on different coordinators (admin clients batch them

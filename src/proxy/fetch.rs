@@ -21,7 +21,9 @@ use uuid::Uuid;
 use super::connection::ClientConn;
 use super::{Ctx, HandlerError, Reply};
 use crate::protocol::{RequestFrame, codes, decode_response, encode_request, encode_response};
+use crate::shards::gates::{Consumer, records_before};
 use crate::telemetry;
+use crate::upstream::topology::Topology;
 
 const FETCH_SESSION_ID_NOT_FOUND: i16 = 70;
 
@@ -73,12 +75,13 @@ pub async fn handle(
         .into_iter()
         .map(|s| ctx.signals.subscribe(s))
         .collect();
+    let who = observe_positions(ctx, client, req, &body, &topo);
     for w in &mut watchers {
         w.mark_unchanged();
     }
 
     loop {
-        let round = fetch_once(ctx, client, req, &body).await?;
+        let round = fetch_once(ctx, client, req, &body, who.as_ref()).await?;
         let now = Instant::now();
         if round.bytes >= min_bytes || round.errors || now >= deadline {
             return Ok(Reply::Frame(encode_response(
@@ -115,6 +118,7 @@ async fn fetch_once(
     client: &ClientConn,
     req: &RequestFrame,
     body: &FetchRequest,
+    who: Option<&Consumer>,
 ) -> Result<Round, HandlerError> {
     let by_id = req.api_version >= 13;
     let mut topo = ctx.topology().load();
@@ -234,6 +238,16 @@ async fn fetch_once(
                             errors = true;
                             stale |= codes::stale_leader(p.error_code);
                         }
+                        if let Some(who) = who {
+                            let name = if by_id {
+                                topo.topic_name(&t.topic_id).cloned()
+                            } else {
+                                Some(t.topic.0.clone())
+                            };
+                            if let Some(name) = name {
+                                apply_gate(ctx, who, &name, &mut p);
+                            }
+                        }
                         bytes += p.records.as_ref().map_or(0, |r| r.len());
                         // Never point the client at a real broker.
                         p.preferred_read_replica = BrokerId(-1);
@@ -295,4 +309,63 @@ async fn fetch_once(
         bytes,
         errors,
     })
+}
+
+/// For fetches touching managed topics: who is fetching, and the positions the fetch reveals
+/// (fetching from offset o means everything before o was delivered).
+fn observe_positions(
+    ctx: &Ctx,
+    client: &ClientConn,
+    req: &RequestFrame,
+    body: &FetchRequest,
+    topo: &Topology,
+) -> Option<Consumer> {
+    let by_id = req.api_version >= 13;
+    let mut who = None;
+    for t in &body.topics {
+        let name = if by_id {
+            topo.topic_name(&t.topic_id).cloned()
+        } else {
+            Some(t.topic.0.clone())
+        };
+        let Some(name) = name else { continue };
+        if !ctx.shards.is_managed(&name) {
+            continue;
+        }
+        let w = who.get_or_insert_with(|| {
+            let client_id = req.header.client_id.as_deref().unwrap_or("");
+            ctx.groups.consumer(client.peer.ip(), client_id, client.id)
+        });
+        for p in &t.partitions {
+            ctx.groups.fetched(w, &name, p.partition, p.fetch_offset);
+        }
+    }
+    who
+}
+
+/// Holds back the records of a gated partition that `who` may not see yet.
+fn apply_gate(ctx: &Ctx, who: &Consumer, topic: &str, p: &mut PartitionData) {
+    let Some(m) = ctx.shards.get(topic) else {
+        return;
+    };
+    let Some(gate) = m
+        .map
+        .gates
+        .iter()
+        .find(|g| g.partition == p.partition_index)
+    else {
+        return;
+    };
+    if ctx.groups.gate_open(who, topic, gate) {
+        return;
+    }
+    let from = gate.from_offset.unwrap_or(0);
+    if let Some(records) = &p.records {
+        let kept = records_before(records, from);
+        if kept.len() < records.len() {
+            metrics::counter!("shardgate_gate_held_fetches_total", "topic" => topic.to_string())
+                .increment(1);
+        }
+        p.records = Some(kept);
+    }
 }

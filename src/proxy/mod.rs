@@ -12,6 +12,7 @@ pub mod coordinator;
 pub mod fetch;
 pub mod partitioned;
 pub mod produce;
+pub mod reroute;
 pub mod server;
 pub mod signals;
 
@@ -60,16 +61,35 @@ pub struct Ctx {
     pub pool: Arc<Pool>,
     pub coordinators: coordinator::CoordinatorCache,
     pub signals: signals::PartitionSignals,
+    /// Shard maps of managed topics, as this instance routes them.
+    pub shards: crate::shards::registry::Registry,
+    /// Consumer groups seen on the wire and how far they consumed (for ordering gates).
+    pub groups: crate::shards::gates::GroupTracker,
+    pub controller: Arc<crate::shards::controller::Controller>,
+    /// Client producers' recent batches on managed topics, to answer retries from memory.
+    pub producers: reroute::ProducerMemory,
+    /// Set once stored maps are loaded: until then managed topics are unknown, so produce
+    /// requests to them must wait rather than pass through unrouted.
+    pub shards_loaded: std::sync::atomic::AtomicBool,
 }
 
 impl Ctx {
-    pub fn new(settings: Settings, pool: Arc<Pool>) -> Self {
+    pub fn new(
+        settings: Settings,
+        pool: Arc<Pool>,
+        store: Arc<dyn crate::store::ShardStore>,
+    ) -> Self {
         Self {
             cluster: cluster::VirtualCluster::new(settings.node_id, settings.instances.clone()),
             settings,
             pool,
             coordinators: coordinator::CoordinatorCache::default(),
             signals: signals::PartitionSignals::new(256),
+            shards: Default::default(),
+            groups: Default::default(),
+            controller: Arc::new(crate::shards::controller::Controller::new(store)),
+            producers: Default::default(),
+            shards_loaded: Default::default(),
         }
     }
 

@@ -14,8 +14,10 @@ use kafka_protocol::protocol::StrBytes;
 use uuid::Uuid;
 
 use super::connection::ClientConn;
+use super::reroute::{ClientPart, reroute};
 use super::{Ctx, HandlerError, Reply};
 use crate::protocol::{RequestFrame, codes, decode_response, encode_request, encode_response};
+use crate::shards::registry::InflightGuard;
 use crate::telemetry;
 use crate::upstream::pool::PendingReply;
 
@@ -36,8 +38,14 @@ pub struct PendingProduce {
     /// Every (topic, partition) in client order, for the response.
     order: Vec<(TopicRef, i32)>,
     subs: Vec<SubProduce>,
-    /// Partitions answered without going upstream.
-    local_errors: BTreeMap<(TopicRef, i32), i16>,
+    /// Partitions answered without going upstream: (code, message).
+    local_errors: BTreeMap<(TopicRef, i32), (i16, Option<String>)>,
+    /// Managed topics: what became of each client partition, keyed like `order`.
+    managed: BTreeMap<(TopicRef, i32), ClientPart>,
+    /// Managed topics: target partitions that could not be sent upstream.
+    target_errors: BTreeMap<(TopicRef, i32), i16>,
+    /// Keeps the map epochs these records were routed under "in flight" for the seal protocol.
+    _routed: Vec<InflightGuard>,
 }
 
 pub async fn handle(
@@ -82,6 +90,10 @@ pub async fn send(
 
     let mut order = Vec::new();
     let mut local_errors = BTreeMap::new();
+    let mut managed = BTreeMap::new();
+    let mut target_errors = BTreeMap::new();
+    let mut routed = Vec::new();
+    let loaded = ctx.shards_loaded.load(std::sync::atomic::Ordering::Acquire);
     let mut by_broker: BTreeMap<i32, (ProduceRequest, Vec<(TopicRef, i32)>)> = BTreeMap::new();
     for t in &body.topic_data {
         let name = resolve(&topo, t);
@@ -89,6 +101,65 @@ pub async fn send(
             name: t.name.0.clone(),
             id: t.topic_id,
         };
+        if !loaded {
+            // Until the stored shard maps are loaded we cannot tell managed topics from
+            // plain ones: a retriable error beats writing records to the wrong partition.
+            for p in &t.partition_data {
+                order.push((tref.clone(), p.index));
+                local_errors.insert((tref.clone(), p.index), (codes::LEADER_NOT_AVAILABLE, None));
+            }
+            continue;
+        }
+        if let Some(m) = name.as_ref().and_then(|n| ctx.shards.get(n)) {
+            routed.push(ctx.shards.enter(&m.config.name, m.map.epoch));
+            let r = reroute(
+                &ctx.shards,
+                &m,
+                &t.partition_data,
+                &ctx.producers,
+                body.transactional_id.is_some(),
+            );
+            for (shard, (records, bytes)) in &r.records_per_shard {
+                let labels = [
+                    ("topic", m.config.name.clone()),
+                    ("shard", shard.to_string()),
+                ];
+                metrics::counter!("shardgate_shard_records_in_total", &labels).increment(*records);
+                metrics::counter!("shardgate_shard_bytes_in_total", &labels).increment(*bytes);
+            }
+            for part in r.parts {
+                order.push((tref.clone(), part.index));
+                managed.insert((tref.clone(), part.index), part);
+            }
+            for (target, records) in r.targets {
+                let Some(broker) = topo.leader(&m.config.name, target) else {
+                    target_errors.insert((tref.clone(), target), codes::NOT_LEADER_OR_FOLLOWER);
+                    continue;
+                };
+                let (sub, parts) = by_broker.entry(broker).or_insert_with(|| {
+                    let mut r = body.clone();
+                    r.topic_data.clear();
+                    (r, Vec::new())
+                });
+                let pd = kafka_protocol::messages::produce_request::PartitionProduceData::default()
+                    .with_index(target)
+                    .with_records(Some(records));
+                match sub
+                    .topic_data
+                    .iter_mut()
+                    .find(|x| x.name == t.name && x.topic_id == t.topic_id)
+                {
+                    Some(x) => x.partition_data.push(pd),
+                    None => {
+                        let mut x = t.clone();
+                        x.partition_data = vec![pd];
+                        sub.topic_data.push(x);
+                    }
+                }
+                parts.push((tref.clone(), target));
+            }
+            continue;
+        }
         for p in &t.partition_data {
             order.push((tref.clone(), p.index));
             let leader = name.as_ref().and_then(|n| topo.leader(n, p.index));
@@ -99,7 +170,7 @@ pub async fn send(
                     None => codes::UNKNOWN_TOPIC_OR_PARTITION,
                     Some(_) => codes::NOT_LEADER_OR_FOLLOWER,
                 };
-                local_errors.insert((tref.clone(), p.index), code);
+                local_errors.insert((tref.clone(), p.index), (code, None));
                 continue;
             };
             let (sub, parts) = by_broker.entry(broker).or_insert_with(|| {
@@ -124,7 +195,7 @@ pub async fn send(
     }
 
     let expect_response = body.acks != 0;
-    let single = by_broker.len() == 1 && local_errors.is_empty();
+    let single = by_broker.len() == 1 && local_errors.is_empty() && managed.is_empty();
     let mut subs = Vec::with_capacity(by_broker.len());
     for (broker, (sub, parts)) in by_broker {
         // One leader for everything: forward the client's own bytes untouched.
@@ -155,6 +226,9 @@ pub async fn send(
         order,
         subs,
         local_errors,
+        managed,
+        target_errors,
+        _routed: routed,
     })
 }
 
@@ -229,8 +303,17 @@ impl PendingProduce {
                 }
             }
         }
-        for (key, code) in self.local_errors {
-            stale = true;
+        let mut local = BTreeMap::new();
+        for (key, (code, message)) in self.local_errors {
+            stale |= codes::stale_leader(code) || code == codes::LEADER_NOT_AVAILABLE;
+            let idx = key.1;
+            local.insert(
+                key,
+                error_answer(idx, code).with_error_message(message.map(StrBytes::from_string)),
+            );
+        }
+        stale |= !self.target_errors.is_empty();
+        for (key, code) in self.target_errors {
             let idx = key.1;
             answers.insert(key, error_answer(idx, code));
         }
@@ -242,9 +325,16 @@ impl PendingProduce {
         }
         let mut resp = ProduceResponse::default().with_throttle_time_ms(throttle);
         for (tref, index) in self.order {
-            let answer = answers
-                .remove(&(tref.clone(), index))
-                .unwrap_or_else(|| error_answer(index, codes::UNKNOWN_SERVER_ERROR));
+            let key = (tref.clone(), index);
+            let answer = if let Some(a) = local.remove(&key) {
+                a
+            } else if let Some(part) = self.managed.get(&key) {
+                managed_answer(ctx, part, &tref, &answers)
+            } else {
+                answers
+                    .remove(&key)
+                    .unwrap_or_else(|| error_answer(index, codes::UNKNOWN_SERVER_ERROR))
+            };
             match resp
                 .responses
                 .iter_mut()
@@ -266,4 +356,44 @@ impl PendingProduce {
             &resp,
         )?))
     }
+}
+
+/// The answer for one client partition of a managed topic, from the answers of the upstream
+/// partitions its records went to.
+fn managed_answer(
+    ctx: &Ctx,
+    part: &ClientPart,
+    tref: &TopicRef,
+    answers: &BTreeMap<(TopicRef, i32), PartitionProduceResponse>,
+) -> PartitionProduceResponse {
+    let base = PartitionProduceResponse::default()
+        .with_index(part.index)
+        .with_base_offset(-1)
+        .with_log_append_time_ms(-1)
+        .with_log_start_offset(-1);
+    if let Some((code, message)) = &part.refused {
+        return base
+            .with_error_code(*code)
+            .with_error_message(Some(StrBytes::from_string(message.clone())));
+    }
+    if let Some(offset) = part.remembered {
+        metrics::counter!("shardgate_produce_retries_answered_total").increment(1);
+        return base.with_base_offset(offset);
+    }
+    let mut offset = -1;
+    for t in &part.targets {
+        match answers.get(&(tref.clone(), *t)) {
+            Some(a) if a.error_code == codes::NONE => {
+                if part.sole_writer {
+                    offset = a.base_offset;
+                }
+            }
+            Some(a) => return base.with_error_code(a.error_code),
+            None => return base.with_error_code(codes::UNKNOWN_SERVER_ERROR),
+        }
+    }
+    if let Some(key) = &part.memory_key {
+        ctx.producers.remember(key.clone(), offset);
+    }
+    base.with_base_offset(offset)
 }

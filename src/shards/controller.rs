@@ -1,0 +1,694 @@
+//! The shard controller: creates managed topics, executes splits and merges with the seal
+//! protocol, removes gates every group has passed, and runs the autoscaler. One instance is the
+//! leader (with the embedded store: always this one). Every decision is logged with its
+//! reason and counted.
+//!
+//! Split of shard S=[a,b) on partition p at m, onto idle partition q:
+//! 1. read q's end offset `from` (q is idle, so nothing lands there until step 3);
+//! 2. write epoch e+1 to the store (check-and-set on e): [a,m) stays on p, [m,b) → q, and a
+//!    gate (q, from, after p with seal unknown);
+//! 3. install it: new produce requests route by e+1;
+//! 4. wait until no produce request routed under an older epoch is in flight;
+//! 5. read p's end offset as the seal offset and write it into the gate (epoch e+2).
+//!
+//! Consumers of q get records from `from` on only once their group consumed p up to the seal.
+//! A merge works the same way with the lower shard's partition reused.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kafka_protocol::messages::create_topics_request::CreatableTopic;
+use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+use kafka_protocol::messages::{
+    ApiKey, BrokerId, CreateTopicsRequest, CreateTopicsResponse, ListOffsetsRequest,
+    ListOffsetsResponse, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+
+use super::registry::{hottest, weighted_median};
+use super::{HASH_END, MapError, ShardMap, TopicConfig};
+use crate::proxy::Ctx;
+use crate::store::{ShardStore, StoreError, StoredTopic};
+use crate::upstream::UpstreamError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("topic {0} is not managed")]
+    UnknownTopic(String),
+    #[error("topic {0} is already managed")]
+    AlreadyManaged(String),
+    #[error("invalid topic config `{field}`: {problem}; {fix}")]
+    BadConfig {
+        field: String,
+        problem: String,
+        fix: String,
+    },
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("upstream refused: {0}")]
+    Kafka(String),
+    #[error("the shard count would leave [{min}, {max}]")]
+    Bounds { min: u32, max: u32 },
+}
+
+impl ControlError {
+    /// HTTP status for the admin API.
+    pub fn status(&self) -> u16 {
+        match self {
+            ControlError::UnknownTopic(_) => 404,
+            ControlError::AlreadyManaged(_) | ControlError::Store(StoreError::Conflict { .. }) => {
+                409
+            }
+            ControlError::BadConfig { .. } | ControlError::Map(_) | ControlError::Bounds { .. } => {
+                400
+            }
+            ControlError::Store(_) | ControlError::Upstream(_) | ControlError::Kafka(_) => 503,
+        }
+    }
+}
+
+#[derive(Default)]
+struct ShardStats {
+    last_offset: Option<(Instant, i64)>,
+    fast: f64,
+    slow: f64,
+    hot_since: Option<Instant>,
+    cold_since: Option<Instant>,
+}
+
+pub struct Controller {
+    pub store: Arc<dyn ShardStore>,
+    /// One map change at a time (admin requests and the autoscaler); held across the seal
+    /// protocol's awaits on purpose: it guards a multi-step change, not a hot path.
+    ops: tokio::sync::Mutex<()>,
+    stats: Mutex<HashMap<(String, i32), ShardStats>>,
+    cooldown: Mutex<HashMap<String, Instant>>,
+}
+
+pub struct Decision {
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+impl Controller {
+    pub fn new(store: Arc<dyn ShardStore>) -> Self {
+        Self {
+            store,
+            ops: tokio::sync::Mutex::new(()),
+            stats: Mutex::new(HashMap::new()),
+            cooldown: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Loads every stored map into the registry and adds topics declared in the config that
+    /// the store does not know yet.
+    pub async fn load(&self, ctx: &Ctx) -> Result<(), ControlError> {
+        for t in self.store.load_all().await? {
+            tracing::info!(topic = %t.config.name, epoch = t.map.epoch, shards = t.map.active().len(), "loaded shard map");
+            ctx.shards.install(t.config, t.map);
+        }
+        for cfg in ctx.settings.raw.topics.clone() {
+            if !ctx.shards.is_managed(&cfg.name) {
+                self.create_topic(ctx, cfg).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates (or adopts) the upstream topic with `pool` partitions and stores its first map.
+    pub async fn create_topic(
+        &self,
+        ctx: &Ctx,
+        cfg: TopicConfig,
+    ) -> Result<ShardMap, ControlError> {
+        cfg.validate()
+            .map_err(|(field, problem, fix)| ControlError::BadConfig {
+                field: field.into(),
+                problem,
+                fix,
+            })?;
+        let _op = self.ops.lock().await;
+        if ctx.shards.is_managed(&cfg.name) {
+            return Err(ControlError::AlreadyManaged(cfg.name));
+        }
+        let existing = self.partition_count(ctx, &cfg.name).await?;
+        match existing {
+            Some(n) if n >= cfg.pool => {
+                tracing::info!(topic = %cfg.name, partitions = n, "adopting existing topic")
+            }
+            Some(n) => {
+                return Err(ControlError::BadConfig {
+                    field: "pool".into(),
+                    problem: format!(
+                        "topic {} exists with {n} partitions, fewer than pool {}",
+                        cfg.name, cfg.pool
+                    ),
+                    fix: "use a pool no larger than the partition count, or add partitions first"
+                        .into(),
+                });
+            }
+            None => self.create_upstream(ctx, &cfg).await?,
+        }
+        let map = ShardMap::initial(&cfg.name, cfg.initial_shards, cfg.pool)?;
+        let stored = StoredTopic {
+            config: cfg.clone(),
+            map: map.clone(),
+        };
+        self.store.put(&stored, None).await?;
+        ctx.shards.install(cfg, map.clone());
+        Ok(map)
+    }
+
+    async fn partition_count(&self, ctx: &Ctx, topic: &str) -> Result<Option<i32>, ControlError> {
+        let t = ctx.topology().load();
+        ctx.topology()
+            .refresh_after(t.version, Duration::from_secs(5))
+            .await;
+        Ok(ctx
+            .topology()
+            .load()
+            .topics
+            .get(topic.as_bytes())
+            .map(|t| t.partitions.len() as i32))
+    }
+
+    async fn create_upstream(&self, ctx: &Ctx, cfg: &TopicConfig) -> Result<(), ControlError> {
+        let broker = ctx
+            .topology()
+            .load()
+            .any_broker(0)
+            .ok_or(UpstreamError::NoBroker)?;
+        let req = CreateTopicsRequest::default()
+            .with_timeout_ms(30_000)
+            .with_topics(vec![
+                CreatableTopic::default()
+                    .with_name(TopicName(StrBytes::from_string(cfg.name.clone())))
+                    .with_num_partitions(cfg.pool)
+                    .with_replication_factor(cfg.replication_factor),
+            ]);
+        let resp: CreateTopicsResponse = ctx
+            .pool
+            .call(broker, 0, ApiKey::CreateTopics, 5, None, &req)
+            .await?;
+        for t in &resp.topics {
+            if t.error_code != 0 && t.error_code != 36 {
+                return Err(ControlError::Kafka(format!(
+                    "CreateTopics {}: error {} {}",
+                    cfg.name,
+                    t.error_code,
+                    t.error_message.as_deref().unwrap_or("")
+                )));
+            }
+        }
+        // Wait until every partition has a leader, so the first produce routes.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let t = ctx.topology().load();
+            if let Some(info) = t.topics.get(cfg.name.as_bytes())
+                && info.partitions.len() as i32 >= cfg.pool
+                && info.partitions.iter().all(|p| p.leader >= 0)
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(ControlError::Kafka(format!(
+                    "topic {} has no leaders after 30 s",
+                    cfg.name
+                )));
+            }
+            ctx.topology()
+                .refresh_after(t.version, Duration::from_millis(500))
+                .await;
+        }
+    }
+
+    /// Latest offsets of `partitions` of `topic`.
+    pub async fn end_offsets(
+        &self,
+        ctx: &Ctx,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, i64>, ControlError> {
+        let topo = ctx.topology().load();
+        let mut by_leader: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+        for p in partitions {
+            let leader = topo
+                .leader(topic, *p)
+                .ok_or_else(|| ControlError::Kafka(format!("{topic}-{p} has no leader")))?;
+            by_leader.entry(leader).or_default().push(*p);
+        }
+        let mut out = BTreeMap::new();
+        for (broker, parts) in by_leader {
+            let req = ListOffsetsRequest::default()
+                .with_replica_id(BrokerId(-1))
+                .with_topics(vec![
+                    ListOffsetsTopic::default()
+                        .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+                        .with_partitions(
+                            parts
+                                .iter()
+                                .map(|p| {
+                                    ListOffsetsPartition::default()
+                                        .with_partition_index(*p)
+                                        .with_timestamp(-1)
+                                })
+                                .collect(),
+                        ),
+                ]);
+            let resp: ListOffsetsResponse = ctx
+                .pool
+                .call(broker, 0, ApiKey::ListOffsets, 7, None, &req)
+                .await?;
+            for t in resp.topics {
+                for p in t.partitions {
+                    if p.error_code != 0 {
+                        ctx.topology().request_refresh();
+                        return Err(ControlError::Kafka(format!(
+                            "ListOffsets {topic}-{}: error {}",
+                            p.partition_index, p.error_code
+                        )));
+                    }
+                    out.insert(p.partition_index, p.offset);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn current(&self, ctx: &Ctx, topic: &str) -> Result<(TopicConfig, ShardMap), ControlError> {
+        let m = ctx
+            .shards
+            .get(topic)
+            .ok_or_else(|| ControlError::UnknownTopic(topic.to_string()))?;
+        Ok((m.config.clone(), m.map.clone()))
+    }
+
+    async fn commit(
+        &self,
+        ctx: &Ctx,
+        config: &TopicConfig,
+        map: &ShardMap,
+        expected: u64,
+    ) -> Result<(), ControlError> {
+        self.store
+            .put(
+                &StoredTopic {
+                    config: config.clone(),
+                    map: map.clone(),
+                },
+                Some(expected),
+            )
+            .await?;
+        ctx.shards.install(config.clone(), map.clone());
+        Ok(())
+    }
+
+    /// The idle partition for a new shard: the one whose upstream leader carries the fewest
+    /// active shards of this topic.
+    fn place(&self, ctx: &Ctx, map: &ShardMap) -> Result<i32, ControlError> {
+        let topo = ctx.topology().load();
+        let mut load: HashMap<i32, usize> = HashMap::new();
+        for s in map.active() {
+            if let Some(l) = topo.leader(&map.topic, s.partition) {
+                *load.entry(l).or_default() += 1;
+            }
+        }
+        map.idle_partitions()
+            .into_iter()
+            .min_by_key(|p| {
+                (
+                    topo.leader(&map.topic, *p)
+                        .map(|l| load.get(&l).copied().unwrap_or(0))
+                        .unwrap_or(usize::MAX),
+                    *p,
+                )
+            })
+            .ok_or(ControlError::Map(MapError::PoolExhausted(map.pool)))
+    }
+
+    pub async fn split(
+        &self,
+        ctx: &Ctx,
+        topic: &str,
+        shard: u32,
+        at: Option<u128>,
+        reason: &'static str,
+    ) -> Result<ShardMap, ControlError> {
+        let started = Instant::now();
+        let _op = self.ops.lock().await;
+        let (config, map) = self.current(ctx, topic)?;
+        if map.active().len() as u32 >= config.max_shards() {
+            return Err(ControlError::Bounds {
+                min: config.autoscale.min_shards,
+                max: config.max_shards(),
+            });
+        }
+        let s = map.shard(shard)?.clone();
+        let at = match at {
+            Some(a) => a,
+            None => weighted_median(&mut ctx.shards.samples_in(topic, s.start, s.end), &s),
+        };
+        let to = self.place(ctx, &map)?;
+        let mut next = map.split(shard, at, to)?;
+        let from = self.end_offsets(ctx, topic, &[to]).await?[&to];
+        if let Some(g) = next.gates.last_mut() {
+            g.from_offset = Some(from);
+        }
+        self.commit(ctx, &config, &next, map.epoch).await?;
+        let sealed = self.seal(ctx, &config, next).await?;
+        let took = started.elapsed();
+        metrics::counter!("shardgate_shard_splits_total", "topic" => topic.to_string(), "reason" => reason).increment(1);
+        metrics::histogram!("shardgate_shard_change_seconds", "topic" => topic.to_string(), "op" => "split").record(took.as_secs_f64());
+        tracing::info!(topic, shard, at = %at, to_partition = to, reason, ms = took.as_millis() as u64, epoch = sealed.epoch, "shard split");
+        self.cooldown
+            .lock()
+            .expect("cooldown")
+            .insert(topic.to_string(), Instant::now());
+        Ok(sealed)
+    }
+
+    pub async fn merge(
+        &self,
+        ctx: &Ctx,
+        topic: &str,
+        a: u32,
+        b: u32,
+        reason: &'static str,
+    ) -> Result<ShardMap, ControlError> {
+        let started = Instant::now();
+        let _op = self.ops.lock().await;
+        let (config, map) = self.current(ctx, topic)?;
+        if map.active().len() as u32 <= config.autoscale.min_shards {
+            return Err(ControlError::Bounds {
+                min: config.autoscale.min_shards,
+                max: config.max_shards(),
+            });
+        }
+        let mut next = map.merge(a, b)?;
+        let gate_partition = next
+            .gates
+            .last()
+            .map(|g| g.partition)
+            .expect("merge adds a gate");
+        let from = self.end_offsets(ctx, topic, &[gate_partition]).await?[&gate_partition];
+        if let Some(g) = next.gates.last_mut() {
+            g.from_offset = Some(from);
+        }
+        self.commit(ctx, &config, &next, map.epoch).await?;
+        let sealed = self.seal(ctx, &config, next).await?;
+        let took = started.elapsed();
+        metrics::counter!("shardgate_shard_merges_total", "topic" => topic.to_string(), "reason" => reason).increment(1);
+        metrics::histogram!("shardgate_shard_change_seconds", "topic" => topic.to_string(), "op" => "merge").record(took.as_secs_f64());
+        tracing::info!(
+            topic,
+            a,
+            b,
+            reason,
+            ms = took.as_millis() as u64,
+            epoch = sealed.epoch,
+            "shards merged"
+        );
+        self.cooldown
+            .lock()
+            .expect("cooldown")
+            .insert(topic.to_string(), Instant::now());
+        Ok(sealed)
+    }
+
+    /// Steps 4-5 of the seal protocol for every gate of `map` still missing a seal offset.
+    async fn seal(
+        &self,
+        ctx: &Ctx,
+        config: &TopicConfig,
+        map: ShardMap,
+    ) -> Result<ShardMap, ControlError> {
+        if map.sealing().next().is_none() {
+            return Ok(map);
+        }
+        let deadline =
+            Instant::now() + Duration::from_millis(ctx.settings.raw.upstream.request_timeout_ms);
+        while ctx.shards.inflight_before(&map.topic, map.epoch) > 0 {
+            if Instant::now() > deadline {
+                return Err(ControlError::Kafka(
+                    "produce requests of the old epoch did not finish; the seal is retried later"
+                        .into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let parents: Vec<i32> = map
+            .sealing()
+            .flat_map(|g| {
+                g.after
+                    .iter()
+                    .filter(|a| a.seal_offset.is_none())
+                    .map(|a| a.partition)
+            })
+            .collect();
+        let ends = self.end_offsets(ctx, &map.topic, &parents).await?;
+        let mut next = map.clone();
+        next.epoch += 1;
+        for g in &mut next.gates {
+            for a in &mut g.after {
+                if a.seal_offset.is_none() {
+                    a.seal_offset = ends.get(&a.partition).copied();
+                }
+            }
+        }
+        self.commit(ctx, config, &next, map.epoch).await?;
+        Ok(next)
+    }
+
+    /// Periodic work of the leader: finish interrupted seals, drop gates every group passed,
+    /// sample rates and decide splits and merges.
+    pub async fn run(self: Arc<Self>, ctx: Arc<Ctx>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut last_sample: HashMap<String, Instant> = HashMap::new();
+        loop {
+            tick.tick().await;
+            for m in ctx.shards.all() {
+                let topic = m.config.name.clone();
+                if m.map.sealing().next().is_some() {
+                    let _op = self.ops.lock().await;
+                    if let Ok((config, map)) = self.current(&ctx, &topic)
+                        && let Err(e) = self.seal(&ctx, &config, map).await
+                    {
+                        tracing::warn!(topic, error = %e, "seal pending");
+                    }
+                }
+                if let Err(e) = self.retire_gates(&ctx, &topic).await {
+                    tracing::warn!(topic, error = %e, "gate cleanup failed");
+                }
+                let every = Duration::from_millis(m.config.autoscale.sample_interval_ms);
+                if last_sample.get(&topic).is_none_or(|t| t.elapsed() >= every) {
+                    last_sample.insert(topic.clone(), Instant::now());
+                    match self.evaluate(&ctx, &topic).await {
+                        Ok(Some(d)) => {
+                            tracing::info!(topic, reason = d.reason, detail = %d.detail, "autoscaler acted")
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(topic, error = %e, "autoscaler sample failed"),
+                    }
+                }
+                export_map_metrics(&ctx, &topic);
+            }
+        }
+    }
+
+    async fn retire_gates(&self, ctx: &Ctx, topic: &str) -> Result<(), ControlError> {
+        let Some(m) = ctx.shards.get(topic) else {
+            return Ok(());
+        };
+        let done: Vec<i32> = m
+            .map
+            .gates
+            .iter()
+            .filter(|g| g.from_offset.is_some() && g.after.iter().all(|a| a.seal_offset.is_some()))
+            .filter(|g| ctx.groups.all_groups_passed(topic, g))
+            .map(|g| g.partition)
+            .collect();
+        if done.is_empty() {
+            return Ok(());
+        }
+        let _op = self.ops.lock().await;
+        let (config, map) = self.current(ctx, topic)?;
+        let mut next = map.clone();
+        next.gates.retain(|g| !done.contains(&g.partition));
+        if next.gates.len() == map.gates.len() {
+            return Ok(());
+        }
+        next.epoch += 1;
+        self.commit(ctx, &config, &next, map.epoch).await?;
+        for p in done {
+            metrics::gauge!("shardgate_gate_closed", "topic" => topic.to_string(), "partition" => p.to_string()).set(0.0);
+            tracing::info!(
+                topic,
+                partition = p,
+                "gate retired: every group consumed past the seal"
+            );
+        }
+        Ok(())
+    }
+
+    /// One autoscaler step for `topic`: sample end offsets, update the moving averages, and
+    /// split or merge when a threshold held long enough.
+    pub async fn evaluate(&self, ctx: &Ctx, topic: &str) -> Result<Option<Decision>, ControlError> {
+        let (config, map) = self.current(ctx, topic)?;
+        let a = config.autoscale.clone();
+        let active: Vec<_> = map.active().into_iter().cloned().collect();
+        let parts: Vec<i32> = active.iter().map(|s| s.partition).collect();
+        let ends = self.end_offsets(ctx, topic, &parts).await?;
+        let now = Instant::now();
+        let split_rec = a.split_records_per_sec;
+        let merge_rec = split_rec * a.merge_fraction;
+        let mut hot: Option<(u32, f64, Duration)> = None;
+        let mut cold: Vec<u32> = Vec::new();
+        {
+            let mut stats = self.stats.lock().expect("stats");
+            for s in &active {
+                let st = stats.entry((topic.to_string(), s.partition)).or_default();
+                let end = ends.get(&s.partition).copied().unwrap_or(0);
+                if let Some((t0, o0)) = st.last_offset {
+                    let dt = now.duration_since(t0).as_secs_f64().max(0.001);
+                    let rate = (end - o0).max(0) as f64 / dt;
+                    st.fast = if st.fast == 0.0 {
+                        rate
+                    } else {
+                        0.6 * rate + 0.4 * st.fast
+                    };
+                    st.slow = if st.slow == 0.0 {
+                        rate
+                    } else {
+                        0.1 * rate + 0.9 * st.slow
+                    };
+                    metrics::gauge!("shardgate_shard_records_per_second", "topic" => topic.to_string(), "shard" => s.id.to_string()).set(st.fast);
+                }
+                st.last_offset = Some((now, end));
+                if st.fast > split_rec {
+                    let since = *st.hot_since.get_or_insert(now);
+                    let held = now.duration_since(since);
+                    if held >= Duration::from_secs(a.sustain_secs)
+                        && hot.is_none_or(|(_, r, _)| st.fast > r)
+                    {
+                        hot = Some((s.id, st.fast, held));
+                    }
+                } else {
+                    st.hot_since = None;
+                }
+                if st.slow < merge_rec && st.fast < merge_rec {
+                    let since = *st.cold_since.get_or_insert(now);
+                    if now.duration_since(since) >= Duration::from_secs(a.cold_secs) {
+                        cold.push(s.id);
+                    }
+                } else {
+                    st.cold_since = None;
+                }
+            }
+        }
+        if !a.enabled {
+            return Ok(None);
+        }
+        let last_change = self.cooldown.lock().expect("cooldown").get(topic).copied();
+        let since_change = last_change
+            .map(|t| now.duration_since(t))
+            .unwrap_or(Duration::MAX);
+        if let Some((id, rate, held)) = hot
+            && since_change >= Duration::from_secs(a.split_cooldown_secs)
+            && (active.len() as u32) < config.max_shards()
+            && !map.idle_partitions().is_empty()
+        {
+            let s = map.shard(id)?.clone();
+            let samples = ctx.shards.samples_in(topic, s.start, s.end);
+            let (at, reason) = match hottest(&samples) {
+                Some((h, share)) if share >= a.hot_key_fraction && samples.len() >= 20 => {
+                    // Isolate the hot key: split right at it (or just after it when it is the
+                    // shard's first hash), so other keys stop sharing its partition.
+                    let h = h as u128;
+                    let at = if h > s.start { h } else { h + 1 };
+                    if at >= s.end {
+                        tracing::warn!(
+                            topic,
+                            shard = id,
+                            share,
+                            "one key carries the shard and cannot be isolated further"
+                        );
+                        metrics::counter!("shardgate_hot_keys_reported_total", "topic" => topic.to_string()).increment(1);
+                        return Ok(None);
+                    }
+                    (Some(at), "hot_key")
+                }
+                _ => (None, "records_rate"),
+            };
+            self.stats
+                .lock()
+                .expect("stats")
+                .retain(|(t, _), _| t != topic);
+            self.split(ctx, topic, id, at, reason).await?;
+            return Ok(Some(Decision {
+                reason,
+                detail: format!(
+                    "shard {id} at {rate:.0} records/s > {split_rec} for {:.1} s (sustain {} s)",
+                    held.as_secs_f64(),
+                    a.sustain_secs
+                ),
+            }));
+        }
+        if since_change >= Duration::from_secs(a.merge_cooldown_secs)
+            && (active.len() as u32) > a.min_shards
+        {
+            for w in active.windows(2) {
+                if cold.contains(&w[0].id) && cold.contains(&w[1].id) && w[0].end == w[1].start {
+                    match self.merge(ctx, topic, w[0].id, w[1].id, "cold").await {
+                        Ok(_) => {
+                            self.stats
+                                .lock()
+                                .expect("stats")
+                                .retain(|(t, _), _| t != topic);
+                            return Ok(Some(Decision {
+                                reason: "cold",
+                                detail: format!(
+                                    "shards {} and {} below {merge_rec:.0} records/s for {} s",
+                                    w[0].id, w[1].id, a.cold_secs
+                                ),
+                            }));
+                        }
+                        Err(ControlError::Map(MapError::PartitionBusy(_))) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Gauges describing the map, for the Grafana shard view.
+fn export_map_metrics(ctx: &Ctx, topic: &str) {
+    let Some(m) = ctx.shards.get(topic) else {
+        return;
+    };
+    metrics::gauge!("shardgate_shard_map_epoch", "topic" => topic.to_string())
+        .set(m.map.epoch as f64);
+    metrics::gauge!("shardgate_shards_active", "topic" => topic.to_string())
+        .set(m.active().len() as f64);
+    for s in m.active() {
+        metrics::gauge!(
+            "shardgate_shard_range_start_fraction",
+            "topic" => topic.to_string(),
+            "shard" => s.id.to_string(),
+            "partition" => s.partition.to_string()
+        )
+        .set(s.start as f64 / HASH_END as f64);
+    }
+    for g in &m.map.gates {
+        let sealed = g.from_offset.is_some() && g.after.iter().all(|a| a.seal_offset.is_some());
+        let closed = !sealed || !ctx.groups.all_groups_passed(topic, g);
+        metrics::gauge!("shardgate_gate_closed", "topic" => topic.to_string(), "partition" => g.partition.to_string())
+            .set(if closed { 1.0 } else { 0.0 });
+    }
+}

@@ -1,0 +1,266 @@
+//! Ordering gates on the fetch path.
+//!
+//! After a split or merge, a key's new records land on another partition than its old ones.
+//! A gate `(partition q, from_offset, after: [(p, seal_offset)])` holds q's records at and
+//! after `from_offset` from a consumer group until that group has consumed p up to
+//! `seal_offset`; then the key's old records have all been delivered and the new ones may
+//! follow.
+//!
+//! shardgate sees the group protocol and the fetches, not the consumers themselves, so it links
+//! fetch connections to groups by what both carry: the client's address and `client.id`
+//! (JoinGroup/SyncGroup/Heartbeat/OffsetCommit name the group). Where that link is ambiguous
+//! (several groups behind one address and client id) every linked group must have drained: the
+//! conservative answer never breaks order, it only delays. A connection linked to no group is
+//! judged by its own fetch positions.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use super::map::Gate;
+
+type Positions = HashMap<(String, i32), i64>;
+
+#[derive(Default)]
+pub struct GroupTracker {
+    links: Mutex<HashMap<(IpAddr, String), HashSet<String>>>,
+    /// Per group: the highest offset known consumed (committed, or a fetch position: fetching
+    /// from offset o means everything before o was delivered).
+    groups: Mutex<HashMap<String, Positions>>,
+    conns: Mutex<HashMap<u64, Positions>>,
+    /// When a group was first held at a gate, for the wait-time metric.
+    held_since: Mutex<HashMap<(String, String, i32), Instant>>,
+}
+
+/// Who is fetching: the groups linked to the connection, or the connection itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Consumer {
+    Groups(Vec<String>),
+    Connection(u64),
+}
+
+impl Consumer {
+    fn label(&self) -> String {
+        match self {
+            Consumer::Groups(g) => g.join(","),
+            Consumer::Connection(c) => format!("conn-{c}"),
+        }
+    }
+}
+
+impl GroupTracker {
+    pub fn link(&self, ip: IpAddr, client_id: &str, group: &str) {
+        let mut l = self.links.lock().expect("links lock");
+        l.entry((ip, client_id.to_string()))
+            .or_default()
+            .insert(group.to_string());
+    }
+
+    pub fn consumer(&self, ip: IpAddr, client_id: &str, conn: u64) -> Consumer {
+        let l = self.links.lock().expect("links lock");
+        match l.get(&(ip, client_id.to_string())) {
+            Some(g) if !g.is_empty() => {
+                let mut v: Vec<String> = g.iter().cloned().collect();
+                v.sort();
+                Consumer::Groups(v)
+            }
+            _ => Consumer::Connection(conn),
+        }
+    }
+
+    fn bump(p: &mut Positions, topic: &str, partition: i32, offset: i64) {
+        let e = p.entry((topic.to_string(), partition)).or_insert(offset);
+        if offset > *e {
+            *e = offset;
+        }
+    }
+
+    pub fn committed(&self, group: &str, topic: &str, partition: i32, offset: i64) {
+        let mut g = self.groups.lock().expect("groups lock");
+        Self::bump(
+            g.entry(group.to_string()).or_default(),
+            topic,
+            partition,
+            offset,
+        );
+    }
+
+    pub fn fetched(&self, who: &Consumer, topic: &str, partition: i32, offset: i64) {
+        match who {
+            Consumer::Groups(groups) => {
+                let mut g = self.groups.lock().expect("groups lock");
+                for group in groups {
+                    Self::bump(
+                        g.entry(group.clone()).or_default(),
+                        topic,
+                        partition,
+                        offset,
+                    );
+                }
+            }
+            Consumer::Connection(c) => {
+                let mut m = self.conns.lock().expect("conns lock");
+                Self::bump(m.entry(*c).or_default(), topic, partition, offset);
+            }
+        }
+    }
+
+    pub fn forget_connection(&self, conn: u64) {
+        self.conns.lock().expect("conns lock").remove(&conn);
+    }
+
+    fn position(&self, who: &Consumer, topic: &str, partition: i32) -> Vec<i64> {
+        let key = (topic.to_string(), partition);
+        match who {
+            Consumer::Groups(groups) => {
+                let g = self.groups.lock().expect("groups lock");
+                groups
+                    .iter()
+                    .map(|group| {
+                        g.get(group)
+                            .and_then(|p| p.get(&key))
+                            .copied()
+                            .unwrap_or(-1)
+                    })
+                    .collect()
+            }
+            Consumer::Connection(c) => {
+                let m = self.conns.lock().expect("conns lock");
+                vec![m.get(c).and_then(|p| p.get(&key)).copied().unwrap_or(-1)]
+            }
+        }
+    }
+
+    /// Whether `who` may see records at and after the gate's `from_offset`.
+    pub fn gate_open(&self, who: &Consumer, topic: &str, gate: &Gate) -> bool {
+        if gate.from_offset.is_none() {
+            return false;
+        }
+        let open = gate.after.iter().all(|parent| match parent.seal_offset {
+            None => false,
+            Some(seal) => self
+                .position(who, topic, parent.partition)
+                .iter()
+                .all(|p| *p >= seal),
+        });
+        let key = (who.label(), topic.to_string(), gate.partition);
+        let mut held = self.held_since.lock().expect("held lock");
+        if open {
+            if let Some(since) = held.remove(&key) {
+                metrics::histogram!("shardgate_gate_wait_seconds", "topic" => topic.to_string())
+                    .record(since.elapsed().as_secs_f64());
+            }
+        } else {
+            held.entry(key).or_insert_with(Instant::now);
+        }
+        open
+    }
+
+    /// Groups that have positions on `topic` (those a gate must wait for before removal).
+    pub fn groups_on(&self, topic: &str) -> Vec<String> {
+        let g = self.groups.lock().expect("groups lock");
+        g.iter()
+            .filter(|(_, p)| p.keys().any(|(t, _)| t == topic))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Whether every group seen on `topic` has passed every parent of `gate`.
+    pub fn all_groups_passed(&self, topic: &str, gate: &Gate) -> bool {
+        self.groups_on(topic)
+            .into_iter()
+            .all(|g| self.gate_open(&Consumer::Groups(vec![g]), topic, gate))
+    }
+}
+
+/// The batches of `records` that start below `from_offset` (a gate cuts only at batch
+/// boundaries: shardgate's rerouted batches never straddle a routing switch).
+pub fn records_before(records: &Bytes, from_offset: i64) -> Bytes {
+    let mut pos = 0usize;
+    while records.len() >= pos + 12 {
+        let base = i64::from_be_bytes(records[pos..pos + 8].try_into().expect("8 bytes"));
+        let len = i32::from_be_bytes(records[pos + 8..pos + 12].try_into().expect("4 bytes"));
+        if base >= from_offset || len < 0 {
+            break;
+        }
+        let next = pos + 12 + len as usize;
+        if next > records.len() {
+            // A partial batch at the end (fetch max_bytes): keep it, as the broker sent it.
+            pos = records.len();
+            break;
+        }
+        pos = next;
+    }
+    records.slice(..pos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shards::map::GateParent;
+    use bytes::{BufMut, BytesMut};
+    use std::net::Ipv4Addr;
+
+    fn batch(base: i64, len: usize) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        b.put_i64(base);
+        b.put_i32(len as i32);
+        b.put_slice(&vec![0u8; len]);
+        b.to_vec()
+    }
+
+    fn gate(seal: Option<i64>) -> Gate {
+        Gate {
+            partition: 5,
+            from_offset: Some(100),
+            after: vec![GateParent {
+                partition: 0,
+                seal_offset: seal,
+            }],
+            created_epoch: 1,
+        }
+    }
+
+    #[test]
+    fn gate_opens_only_after_every_linked_group_passed_the_seal() {
+        let t = GroupTracker::default();
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        t.link(ip, "c1", "g1");
+        let who = t.consumer(ip, "c1", 9);
+        assert_eq!(who, Consumer::Groups(vec!["g1".into()]));
+        assert!(!t.gate_open(&who, "t", &gate(None)), "closed until sealed");
+        assert!(!t.gate_open(&who, "t", &gate(Some(50))));
+        t.fetched(&who, "t", 0, 49);
+        assert!(!t.gate_open(&who, "t", &gate(Some(50))));
+        t.committed("g1", "t", 0, 50);
+        assert!(t.gate_open(&who, "t", &gate(Some(50))));
+        // A second group behind the same client id: ambiguous, so both must have drained.
+        t.link(ip, "c1", "g2");
+        let both = t.consumer(ip, "c1", 9);
+        assert!(!t.gate_open(&both, "t", &gate(Some(50))));
+    }
+
+    #[test]
+    fn unlinked_connections_are_judged_by_their_own_fetches() {
+        let t = GroupTracker::default();
+        let who = t.consumer(IpAddr::V4(Ipv4Addr::LOCALHOST), "solo", 3);
+        assert_eq!(who, Consumer::Connection(3));
+        t.fetched(&who, "t", 0, 60);
+        assert!(t.gate_open(&who, "t", &gate(Some(50))));
+    }
+
+    #[test]
+    fn records_are_cut_at_the_first_batch_at_or_after_the_gate() {
+        let mut all = batch(90, 20);
+        all.extend(batch(95, 20));
+        all.extend(batch(100, 20));
+        all.extend(batch(120, 20));
+        let b = Bytes::from(all);
+        assert_eq!(records_before(&b, 100).len(), 64);
+        assert_eq!(records_before(&b, 90).len(), 0);
+        assert_eq!(records_before(&b, 1000).len(), b.len());
+    }
+}

@@ -1,0 +1,192 @@
+//! Elastic shards: managed topics whose hash space is split and merged while producers and
+//! consumers keep running.
+//!
+//! - `map`: the shard map (ranges, partitions, gates) and the pure split/merge operations.
+//! - `routing`: which hash a record routes by.
+//! - `registry`: the maps this instance routes with, swapped atomically.
+//! - `controller`: executes splits and merges (seal protocol) and runs the autoscaler.
+//! - `gates`: which records of a gated partition a consumer group may see yet.
+
+pub mod controller;
+pub mod gates;
+pub mod map;
+pub mod registry;
+pub mod routing;
+
+use serde::{Deserialize, Serialize};
+
+pub use map::{HASH_END, MapError, Shard, ShardMap, ShardState};
+pub use routing::RouteField;
+
+/// A managed topic as configured (file or admin API).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicConfig {
+    pub name: String,
+    #[serde(default = "default_route_by")]
+    pub route_by: Vec<RouteField>,
+    #[serde(default = "default_initial_shards")]
+    pub initial_shards: u32,
+    /// Partitions of the upstream topic; active shards use a subset, so a split or merge never
+    /// changes the partition count clients see.
+    #[serde(default = "default_pool")]
+    pub pool: i32,
+    /// Replication factor when shardgate creates the upstream topic (-1: broker default).
+    #[serde(default = "default_replication")]
+    pub replication_factor: i16,
+    #[serde(default)]
+    pub autoscale: AutoscaleConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutoscaleConfig {
+    pub enabled: bool,
+    /// Split a shard whose rate stays above either threshold for `sustain_secs`.
+    pub split_records_per_sec: f64,
+    pub split_bytes_per_sec: f64,
+    /// Merge two adjacent shards when both stay below this fraction of the split thresholds
+    /// for `cold_secs` (at most 0.25, so a merged shard is not immediately hot).
+    pub merge_fraction: f64,
+    pub sustain_secs: u64,
+    pub cold_secs: u64,
+    pub split_cooldown_secs: u64,
+    pub merge_cooldown_secs: u64,
+    pub min_shards: u32,
+    /// 0: the pool size.
+    pub max_shards: u32,
+    /// A shard where one key carries at least this share of the load is not split blindly:
+    /// the key is isolated in a range of its own.
+    pub hot_key_fraction: f64,
+    pub sample_interval_ms: u64,
+}
+
+impl Default for AutoscaleConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            split_records_per_sec: 5_000.0,
+            split_bytes_per_sec: 5.0 * 1024.0 * 1024.0,
+            merge_fraction: 0.2,
+            sustain_secs: 8,
+            cold_secs: 60,
+            split_cooldown_secs: 10,
+            merge_cooldown_secs: 120,
+            min_shards: 1,
+            max_shards: 0,
+            hot_key_fraction: 0.25,
+            sample_interval_ms: 2_000,
+        }
+    }
+}
+
+fn default_route_by() -> Vec<RouteField> {
+    vec![RouteField::Key]
+}
+fn default_initial_shards() -> u32 {
+    4
+}
+fn default_pool() -> i32 {
+    32
+}
+fn default_replication() -> i16 {
+    -1
+}
+
+type Invalid = (&'static str, String, String);
+
+impl TopicConfig {
+    /// Checks the values; `Err((field, problem, fix))`.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        let bad = |f: &'static str, p: String, fix: &str| Err((f, p, fix.to_string()));
+        if self.name.is_empty()
+            || self.name.len() > 249
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            return bad(
+                "name",
+                format!("\"{}\" is not a valid Kafka topic name", self.name),
+                "use letters, digits, '.', '_' and '-' (at most 249)",
+            );
+        }
+        if self.route_by.is_empty() {
+            return bad(
+                "route_by",
+                "is empty".into(),
+                "list at least one field, e.g. [\"key\"]",
+            );
+        }
+        if self.pool < 1 || self.pool > 10_000 {
+            return bad(
+                "pool",
+                format!("{} is out of range", self.pool),
+                "use 1..10000 (default 32)",
+            );
+        }
+        if self.initial_shards == 0 || self.initial_shards as i64 > self.pool as i64 {
+            return bad(
+                "initial_shards",
+                format!(
+                    "{} is not within 1..=pool ({})",
+                    self.initial_shards, self.pool
+                ),
+                "use at least 1 and at most the pool size",
+            );
+        }
+        let a = &self.autoscale;
+        if a.max_shards != 0 && a.max_shards as i64 > self.pool as i64 {
+            return bad(
+                "autoscale.max_shards",
+                format!("{} exceeds the pool ({})", a.max_shards, self.pool),
+                "raise pool or lower max_shards",
+            );
+        }
+        if a.min_shards == 0 || (a.max_shards != 0 && a.min_shards > a.max_shards) {
+            return bad(
+                "autoscale.min_shards",
+                format!("{} is out of range", a.min_shards),
+                "use at least 1 and at most max_shards",
+            );
+        }
+        if !(a.merge_fraction > 0.0 && a.merge_fraction <= 0.25) {
+            return bad(
+                "autoscale.merge_fraction",
+                format!("{} is out of range", a.merge_fraction),
+                "use a value in (0, 0.25]",
+            );
+        }
+        if !(a.split_records_per_sec > 0.0 && a.split_bytes_per_sec > 0.0) {
+            return bad(
+                "autoscale.split_records_per_sec",
+                "thresholds must be positive".into(),
+                "set both split thresholds above 0",
+            );
+        }
+        if !(a.hot_key_fraction > 0.0 && a.hot_key_fraction <= 1.0) {
+            return bad(
+                "autoscale.hot_key_fraction",
+                format!("{} is out of range", a.hot_key_fraction),
+                "use a value in (0, 1]",
+            );
+        }
+        if a.sample_interval_ms < 100 {
+            return bad(
+                "autoscale.sample_interval_ms",
+                format!("{} is too small", a.sample_interval_ms),
+                "use at least 100",
+            );
+        }
+        Ok(())
+    }
+
+    pub fn max_shards(&self) -> u32 {
+        if self.autoscale.max_shards == 0 {
+            self.pool as u32
+        } else {
+            self.autoscale.max_shards
+        }
+    }
+}
