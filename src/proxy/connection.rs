@@ -98,6 +98,7 @@ where
     drop(seq_tx);
     drop(produce_tx);
     let _ = writer.await;
+    ctx.groups.forget_connection(client.id);
 }
 
 enum Admitted {

@@ -245,7 +245,7 @@ async fn fetch_once(
                                 Some(t.topic.0.clone())
                             };
                             if let Some(name) = name {
-                                apply_gate(ctx, who, &name, &mut p);
+                                apply_gate(ctx, who, client.id, &name, &mut p);
                             }
                         }
                         bytes += p.records.as_ref().map_or(0, |r| r.len());
@@ -337,29 +337,31 @@ fn observe_positions(
             ctx.groups.consumer(client.peer.ip(), client_id, client.id)
         });
         for p in &t.partitions {
-            ctx.groups.fetched(w, &name, p.partition, p.fetch_offset);
+            ctx.groups
+                .fetched(w, client.id, &name, p.partition, p.fetch_offset);
         }
     }
     who
 }
 
-/// Holds back the records of a gated partition that `who` may not see yet.
-fn apply_gate(ctx: &Ctx, who: &Consumer, topic: &str, p: &mut PartitionData) {
+/// Holds back the records of a gated partition that `who` may not see yet. Several gates may
+/// cover one partition (one per split or merge that moved keys onto it): records are held from
+/// the first offset a closed gate covers.
+fn apply_gate(ctx: &Ctx, who: &Consumer, conn: u64, topic: &str, p: &mut PartitionData) {
     let Some(m) = ctx.shards.get(topic) else {
         return;
     };
-    let Some(gate) = m
+    let Some(from) = m
         .map
         .gates
         .iter()
-        .find(|g| g.partition == p.partition_index)
+        .filter(|g| g.partition == p.partition_index)
+        .filter(|g| !ctx.groups.gate_open(who, conn, topic, g))
+        .map(|g| g.from_offset.unwrap_or(0))
+        .min()
     else {
         return;
     };
-    if ctx.groups.gate_open(who, topic, gate) {
-        return;
-    }
-    let from = gate.from_offset.unwrap_or(0);
     if let Some(records) = &p.records {
         let kept = records_before(records, from);
         if kept.len() < records.len() {

@@ -277,6 +277,16 @@ impl PendingProduce {
                         };
                         for mut p in t.partition_responses {
                             telemetry::upstream_code(ApiKey::Produce, p.error_code);
+                            if p.error_code != codes::NONE && !codes::stale_leader(p.error_code) {
+                                tracing::warn!(
+                                    topic = %name,
+                                    partition = p.index,
+                                    code = p.error_code,
+                                    message = ?p.error_message,
+                                    record_errors = ?p.record_errors,
+                                    "upstream refused a produce"
+                                );
+                            }
                             stale |= codes::stale_leader(p.error_code);
                             if p.error_code == codes::NONE {
                                 ctx.signals.notify(&name, p.index);
@@ -372,6 +382,9 @@ fn managed_answer(
         .with_log_append_time_ms(-1)
         .with_log_start_offset(-1);
     if let Some((code, message)) = &part.refused {
+        tracing::warn!(partition = part.index, code, %message, "produce to a managed topic refused");
+        metrics::counter!("shardgate_produce_refused_total", "code" => code.to_string())
+            .increment(1);
         return base
             .with_error_code(*code)
             .with_error_message(Some(StrBytes::from_string(message.clone())));

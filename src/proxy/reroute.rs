@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::messages::produce_request::PartitionProduceData;
 
 use crate::protocol::records::{BatchInfo, Record, RecordsError, decode_batches, encode_batch};
@@ -50,7 +50,7 @@ pub fn reroute(
     transactional: bool,
 ) -> Rerouted {
     let mut parts = Vec::with_capacity(data.len());
-    let mut targets: BTreeMap<i32, BytesMut> = BTreeMap::new();
+    let mut targets: BTreeMap<i32, (BatchInfo, Vec<Record>)> = BTreeMap::new();
     let mut writers: BTreeMap<i32, usize> = BTreeMap::new();
     let mut per_shard: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
     let mut sampled = Vec::new();
@@ -119,11 +119,10 @@ pub fn reroute(
             }
             part.memory_key = Some(key);
         }
-        let mut part_targets: BTreeMap<i32, Vec<(BatchInfo, Vec<&Record>)>> = BTreeMap::new();
+        let mut part_targets: BTreeMap<i32, usize> = BTreeMap::new();
         for (info, records) in &batches {
             // Records without any routing field or key stick to one shard per batch.
             let spread = &m.active()[(registry.next_spread() % m.active().len() as u64) as usize];
-            let mut by_target: BTreeMap<i32, Vec<&Record>> = BTreeMap::new();
             for r in records {
                 let shard = match route_hash(&m.config.route_by, r) {
                     Some(h) => {
@@ -136,39 +135,15 @@ pub fn reroute(
                 e.0 += 1;
                 e.1 += r.value.as_ref().map_or(0, |v| v.len() as u64)
                     + r.key.as_ref().map_or(0, |k| k.len() as u64);
-                by_target.entry(shard.partition).or_default().push(r);
+                *part_targets.entry(shard.partition).or_default() += 1;
+                // Kafka accepts one batch per partition in a produce request, so every
+                // record bound for a target joins one batch (with the first batch's codec).
+                targets
+                    .entry(shard.partition)
+                    .or_insert_with(|| (info.clone(), Vec::new()))
+                    .1
+                    .push(r.clone());
             }
-            for (t, recs) in by_target {
-                part_targets
-                    .entry(t)
-                    .or_default()
-                    .push((info.clone(), recs));
-            }
-        }
-        let mut encoded: Vec<(i32, Bytes)> = Vec::new();
-        let mut failed = None;
-        for (t, list) in &part_targets {
-            for (info, recs) in list {
-                let out = BatchInfo {
-                    producer_id: -1,
-                    producer_epoch: -1,
-                    base_sequence: -1,
-                    partition_leader_epoch: -1,
-                    ..info.clone()
-                };
-                match encode_batch(recs, &out) {
-                    Ok(b) => encoded.push((*t, b)),
-                    Err(e) => failed = Some(e),
-                }
-            }
-        }
-        if let Some(e) = failed {
-            part.refused = Some((CORRUPT_MESSAGE, format!("cannot re-encode records: {e}")));
-            parts.push(part);
-            continue;
-        }
-        for (t, b) in encoded {
-            targets.entry(t).or_default().extend_from_slice(&b);
         }
         part.targets = part_targets.keys().copied().collect();
         for t in &part.targets {
@@ -180,9 +155,32 @@ pub fn reroute(
         p.sole_writer = p.targets.len() == 1 && writers.get(&p.targets[0]) == Some(&1);
     }
     registry.sample(&m.config.name, &sampled);
+    let mut encoded = BTreeMap::new();
+    for (t, (info, records)) in targets {
+        let out = BatchInfo {
+            producer_id: -1,
+            producer_epoch: -1,
+            base_sequence: -1,
+            partition_leader_epoch: -1,
+            ..info
+        };
+        let refs: Vec<&Record> = records.iter().collect();
+        match encode_batch(&refs, &out) {
+            Ok(b) => {
+                encoded.insert(t, b);
+            }
+            Err(e) => {
+                // Encoding records we just decoded fails only on a codec error: refuse the
+                // client partitions that had records for this target.
+                for p in parts.iter_mut().filter(|p| p.targets.contains(&t)) {
+                    p.refused = Some((CORRUPT_MESSAGE, format!("cannot re-encode records: {e}")));
+                }
+            }
+        }
+    }
     Rerouted {
         parts,
-        targets: targets.into_iter().map(|(t, b)| (t, b.freeze())).collect(),
+        targets: encoded,
         records_per_shard: per_shard,
     }
 }

@@ -504,13 +504,16 @@ impl Controller {
         let Some(m) = ctx.shards.get(topic) else {
             return Ok(());
         };
-        let done: Vec<i32> = m
+        let retention_ms = m.config.autoscale.gate_retention_secs.saturating_mul(1000);
+        let now = super::map::now_ms();
+        let done: Vec<(i32, u64)> = m
             .map
             .gates
             .iter()
             .filter(|g| g.from_offset.is_some() && g.after.iter().all(|a| a.seal_offset.is_some()))
+            .filter(|g| now.saturating_sub(g.created_at_ms) >= retention_ms)
             .filter(|g| ctx.groups.all_groups_passed(topic, g))
-            .map(|g| g.partition)
+            .map(|g| (g.partition, g.created_epoch))
             .collect();
         if done.is_empty() {
             return Ok(());
@@ -518,13 +521,14 @@ impl Controller {
         let _op = self.ops.lock().await;
         let (config, map) = self.current(ctx, topic)?;
         let mut next = map.clone();
-        next.gates.retain(|g| !done.contains(&g.partition));
+        next.gates
+            .retain(|g| !done.contains(&(g.partition, g.created_epoch)));
         if next.gates.len() == map.gates.len() {
             return Ok(());
         }
         next.epoch += 1;
         self.commit(ctx, &config, &next, map.epoch).await?;
-        for p in done {
+        for (p, _) in done {
             metrics::gauge!("shardgate_gate_closed", "topic" => topic.to_string(), "partition" => p.to_string()).set(0.0);
             tracing::info!(
                 topic,

@@ -88,61 +88,75 @@ impl GroupTracker {
         );
     }
 
-    pub fn fetched(&self, who: &Consumer, topic: &str, partition: i32, offset: i64) {
-        match who {
-            Consumer::Groups(groups) => {
-                let mut g = self.groups.lock().expect("groups lock");
-                for group in groups {
-                    Self::bump(
-                        g.entry(group.clone()).or_default(),
-                        topic,
-                        partition,
-                        offset,
-                    );
-                }
-            }
-            Consumer::Connection(c) => {
-                let mut m = self.conns.lock().expect("conns lock");
-                Self::bump(m.entry(*c).or_default(), topic, partition, offset);
-            }
+    /// A fetch from `offset` on `conn`: recorded for the connection, and for the group only
+    /// when the connection is linked to exactly one group (with several candidates the fetch
+    /// cannot be attributed, and guessing could open a gate early for the wrong group).
+    pub fn fetched(&self, who: &Consumer, conn: u64, topic: &str, partition: i32, offset: i64) {
+        if let Consumer::Groups(groups) = who
+            && let [group] = groups.as_slice()
+        {
+            let mut g = self.groups.lock().expect("groups lock");
+            Self::bump(
+                g.entry(group.clone()).or_default(),
+                topic,
+                partition,
+                offset,
+            );
         }
+        let mut m = self.conns.lock().expect("conns lock");
+        Self::bump(m.entry(conn).or_default(), topic, partition, offset);
     }
 
     pub fn forget_connection(&self, conn: u64) {
         self.conns.lock().expect("conns lock").remove(&conn);
     }
 
-    fn position(&self, who: &Consumer, topic: &str, partition: i32) -> Vec<i64> {
-        let key = (topic.to_string(), partition);
-        match who {
-            Consumer::Groups(groups) => {
-                let g = self.groups.lock().expect("groups lock");
-                groups
-                    .iter()
-                    .map(|group| {
-                        g.get(group)
-                            .and_then(|p| p.get(&key))
-                            .copied()
-                            .unwrap_or(-1)
-                    })
-                    .collect()
-            }
-            Consumer::Connection(c) => {
-                let m = self.conns.lock().expect("conns lock");
-                vec![m.get(c).and_then(|p| p.get(&key)).copied().unwrap_or(-1)]
-            }
+    fn group_position(&self, group: &str, topic: &str, partition: i32) -> Option<i64> {
+        let g = self.groups.lock().expect("groups lock");
+        let p = g.get(group)?;
+        if !p.keys().any(|(t, _)| t == topic) {
+            return None; // not known to consume this topic
         }
+        Some(
+            p.get(&(topic.to_string(), partition))
+                .copied()
+                .unwrap_or(-1),
+        )
     }
 
-    /// Whether `who` may see records at and after the gate's `from_offset`.
-    pub fn gate_open(&self, who: &Consumer, topic: &str, gate: &Gate) -> bool {
+    fn conn_position(&self, conn: u64, topic: &str, partition: i32) -> i64 {
+        let m = self.conns.lock().expect("conns lock");
+        m.get(&conn)
+            .and_then(|p| p.get(&(topic.to_string(), partition)))
+            .copied()
+            .unwrap_or(-1)
+    }
+
+    /// Positions that must all have passed a seal for `who` to see gated records: those of
+    /// every linked group known to consume the topic, or, if none is, the connection's own.
+    fn positions(&self, who: &Consumer, conn: u64, topic: &str, partition: i32) -> Vec<i64> {
+        if let Consumer::Groups(groups) = who {
+            let known: Vec<i64> = groups
+                .iter()
+                .filter_map(|g| self.group_position(g, topic, partition))
+                .collect();
+            if !known.is_empty() {
+                return known;
+            }
+        }
+        vec![self.conn_position(conn, topic, partition)]
+    }
+
+    /// Whether `who` (fetching on `conn`) may see records at and after the gate's
+    /// `from_offset`.
+    pub fn gate_open(&self, who: &Consumer, conn: u64, topic: &str, gate: &Gate) -> bool {
         if gate.from_offset.is_none() {
             return false;
         }
         let open = gate.after.iter().all(|parent| match parent.seal_offset {
             None => false,
             Some(seal) => self
-                .position(who, topic, parent.partition)
+                .positions(who, conn, topic, parent.partition)
                 .iter()
                 .all(|p| *p >= seal),
         });
@@ -172,7 +186,7 @@ impl GroupTracker {
     pub fn all_groups_passed(&self, topic: &str, gate: &Gate) -> bool {
         self.groups_on(topic)
             .into_iter()
-            .all(|g| self.gate_open(&Consumer::Groups(vec![g]), topic, gate))
+            .all(|g| self.gate_open(&Consumer::Groups(vec![g]), u64::MAX, topic, gate))
     }
 }
 
@@ -221,6 +235,7 @@ mod tests {
                 seal_offset: seal,
             }],
             created_epoch: 1,
+            created_at_ms: 0,
         }
     }
 
@@ -231,16 +246,30 @@ mod tests {
         t.link(ip, "c1", "g1");
         let who = t.consumer(ip, "c1", 9);
         assert_eq!(who, Consumer::Groups(vec!["g1".into()]));
-        assert!(!t.gate_open(&who, "t", &gate(None)), "closed until sealed");
-        assert!(!t.gate_open(&who, "t", &gate(Some(50))));
-        t.fetched(&who, "t", 0, 49);
-        assert!(!t.gate_open(&who, "t", &gate(Some(50))));
+        assert!(
+            !t.gate_open(&who, 9, "t", &gate(None)),
+            "closed until sealed"
+        );
+        assert!(!t.gate_open(&who, 9, "t", &gate(Some(50))));
+        t.fetched(&who, 9, "t", 0, 49);
+        assert!(!t.gate_open(&who, 9, "t", &gate(Some(50))));
         t.committed("g1", "t", 0, 50);
-        assert!(t.gate_open(&who, "t", &gate(Some(50))));
-        // A second group behind the same client id: ambiguous, so both must have drained.
+        assert!(t.gate_open(&who, 9, "t", &gate(Some(50))));
+        // A second group behind the same client id that also consumes the topic: the link
+        // is ambiguous, so both must have drained.
         t.link(ip, "c1", "g2");
         let both = t.consumer(ip, "c1", 9);
-        assert!(!t.gate_open(&both, "t", &gate(Some(50))));
+        assert!(
+            t.gate_open(&both, 9, "t", &gate(Some(50))),
+            "g2 is not known on t"
+        );
+        t.committed("g2", "t", 0, 10);
+        assert!(!t.gate_open(&both, 9, "t", &gate(Some(50))));
+        // An ambiguous fetch is not attributed to either group.
+        t.fetched(&both, 9, "t", 0, 70);
+        assert!(!t.gate_open(&both, 9, "t", &gate(Some(50))));
+        t.committed("g2", "t", 0, 55);
+        assert!(t.gate_open(&both, 9, "t", &gate(Some(50))));
     }
 
     #[test]
@@ -248,8 +277,12 @@ mod tests {
         let t = GroupTracker::default();
         let who = t.consumer(IpAddr::V4(Ipv4Addr::LOCALHOST), "solo", 3);
         assert_eq!(who, Consumer::Connection(3));
-        t.fetched(&who, "t", 0, 60);
-        assert!(t.gate_open(&who, "t", &gate(Some(50))));
+        t.fetched(&who, 3, "t", 0, 60);
+        assert!(t.gate_open(&who, 3, "t", &gate(Some(50))));
+        assert!(
+            !t.gate_open(&who, 4, "t", &gate(Some(50))),
+            "another connection"
+        );
     }
 
     #[test]

@@ -57,6 +57,9 @@ pub struct Gate {
     pub from_offset: Option<i64>,
     pub after: Vec<GateParent>,
     pub created_epoch: u64,
+    /// Wall-clock creation time (ms since the epoch), for the retention of gates.
+    #[serde(default)]
+    pub created_at_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,6 +230,7 @@ impl ShardMap {
                 seal_offset: None,
             }],
             created_epoch: epoch,
+            created_at_ms: now_ms(),
         });
         Ok(next)
     }
@@ -247,11 +251,6 @@ impl ShardMap {
         } else {
             return Err(MapError::NotAdjacent(a, b));
         };
-        if self.gates.iter().any(|g| g.partition == lo.partition) {
-            // A partition may carry one gate at a time: its records from one offset on wait
-            // for one set of parents.
-            return Err(MapError::PartitionBusy(lo.partition));
-        }
         let epoch = self.epoch + 1;
         let mut next = self.clone();
         next.epoch = epoch;
@@ -279,6 +278,7 @@ impl ShardMap {
                 seal_offset: None,
             }],
             created_epoch: epoch,
+            created_at_ms: now_ms(),
         });
         Ok(next)
     }
@@ -326,6 +326,13 @@ impl ShardMap {
     }
 }
 
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// u128 hash-space bounds as decimal strings in JSON (2^64 does not fit in a JSON number that
 /// every client parses exactly).
 mod u128_string {
@@ -371,16 +378,13 @@ mod tests {
         assert_eq!(n.epoch, 1);
         assert_eq!(n.route(0).partition, 0);
         assert_eq!(n.route(u64::MAX).partition, 5);
+        assert_eq!(n.gates.len(), 1);
+        assert_eq!((n.gates[0].partition, n.gates[0].from_offset), (5, None));
         assert_eq!(
-            n.gates,
-            vec![Gate {
-                partition: 5,
-                from_offset: None,
-                after: vec![GateParent {
-                    partition: 0,
-                    seal_offset: None
-                }],
-                created_epoch: 1
+            n.gates[0].after,
+            vec![GateParent {
+                partition: 0,
+                seal_offset: None
             }]
         );
         assert_eq!(m.epoch, 0, "the old map is untouched");
@@ -471,7 +475,7 @@ mod tests {
                         m.merge(active[i].id, active[i + 1].id)
                     }
                     Op::Merge { .. } => Err(MapError::NotAdjacent(0, 0)),
-                    // Gates close out as consumers drain; model it by dropping them.
+                    // Gates retire as consumers drain; model it by dropping them.
                     Op::Drain => { let mut n = m.clone(); n.gates.clear(); Ok(n) }
                 };
                 match next {

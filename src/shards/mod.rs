@@ -59,6 +59,10 @@ pub struct AutoscaleConfig {
     /// the key is isolated in a range of its own.
     pub hot_key_fraction: f64,
     pub sample_interval_ms: u64,
+    /// A gate is retired once every group seen on the topic passed it and it is at least this
+    /// old; until then a group that appears later and reads from before the seal still gets
+    /// per-key order.
+    pub gate_retention_secs: u64,
 }
 
 impl Default for AutoscaleConfig {
@@ -76,6 +80,7 @@ impl Default for AutoscaleConfig {
             max_shards: 0,
             hot_key_fraction: 0.25,
             sample_interval_ms: 2_000,
+            gate_retention_secs: 3_600,
         }
     }
 }

@@ -4,7 +4,8 @@ Python clients the same way as kcat, franz-go and the Java tools.
 
   kclient.py --lib kafka-python|confluent produce --brokers B --topic T --count N
              [--codec none|gzip|snappy|lz4|zstd] [--key-prefix P] [--value-prefix V]
-  kclient.py --lib ... consume --brokers B --topic T --group G --count N [--timeout S]
+             [--keys K --rate R]   (K keys, value "<key>:<seq>" with a per-key sequence, R records/s)
+  kclient.py --lib ... consume --brokers B --topic T --group G --count N [--timeout S] [--idle S]
   kclient.py --lib ... admin create|describe|delete --brokers B --topic T [--partitions P] [--rf R]
 
 Every command prints one JSON object on stdout. `consume` commits exactly the offsets it
@@ -16,15 +17,34 @@ import sys
 import time
 
 
+def record(a, i):
+    """Key and value of record i: one key per record, or K keys with per-key sequences."""
+    if a.keys:
+        key = f"{a.key_prefix}{i % a.keys}"
+        return key, f"{key}:{i // a.keys}"
+    return f"{a.key_prefix}{i}", f"{a.value_prefix}{i}"
+
+
+def pace(a, i, started):
+    """Sleeps so that record i leaves at the requested rate."""
+    if a.rate:
+        ahead = started + i / a.rate - time.time()
+        if ahead > 0:
+            time.sleep(ahead)
+
+
 def produce_kafka_python(a):
     from kafka import KafkaProducer
     codec = None if a.codec == "none" else a.codec
+    # max_in_flight 1 keeps per-key order across retries (kafka-python has no idempotence).
     p = KafkaProducer(bootstrap_servers=a.brokers, acks="all", compression_type=codec,
-                      retries=10, linger_ms=5)
+                      retries=10, linger_ms=5, max_in_flight_requests_per_connection=1)
     futures = []
+    started = time.time()
     for i in range(a.count):
-        futures.append(p.send(a.topic, key=f"{a.key_prefix}{i}".encode(),
-                              value=f"{a.value_prefix}{i}".encode()))
+        pace(a, i, started)
+        k, v = record(a, i)
+        futures.append(p.send(a.topic, key=k.encode(), value=v.encode()))
     acked = 0
     errors = []
     for f in futures:
@@ -50,11 +70,13 @@ def produce_confluent(a):
         else:
             state["errors"].append(str(err))
 
+    started = time.time()
     for i in range(a.count):
+        pace(a, i, started)
+        k, v = record(a, i)
         while True:
             try:
-                p.produce(a.topic, key=f"{a.key_prefix}{i}", value=f"{a.value_prefix}{i}",
-                          on_delivery=cb)
+                p.produce(a.topic, key=k, value=v, on_delivery=cb)
                 break
             except BufferError:
                 p.poll(0.1)
@@ -70,12 +92,18 @@ def consume_kafka_python(a):
     from kafka import KafkaConsumer, TopicPartition
     from kafka.structs import OffsetAndMetadata
     c = KafkaConsumer(a.topic, bootstrap_servers=a.brokers, group_id=a.group,
+                      client_id=f"kclient-{a.group}",
                       auto_offset_reset="earliest", enable_auto_commit=False,
                       max_poll_records=100)
     records = []
     deadline = time.time() + a.timeout
+    last = time.time()
     while len(records) < a.count and time.time() < deadline:
+        if a.idle and records and time.time() - last > a.idle:
+            break
         batch = c.poll(timeout_ms=500)
+        if batch:
+            last = time.time()
         offsets = {}
         for tp, msgs in batch.items():
             for m in msgs:
@@ -92,12 +120,18 @@ def consume_kafka_python(a):
 def consume_confluent(a):
     from confluent_kafka import Consumer, TopicPartition
     c = Consumer({"bootstrap.servers": a.brokers, "group.id": a.group,
+                  "client.id": f"kclient-{a.group}",
                   "auto.offset.reset": "earliest", "enable.auto.commit": False})
     c.subscribe([a.topic])
     records = []
     deadline = time.time() + a.timeout
+    last = time.time()
     while len(records) < a.count and time.time() < deadline:
+        if a.idle and records and time.time() - last > a.idle:
+            break
         msgs = c.consume(num_messages=100, timeout=0.5)
+        if msgs:
+            last = time.time()
         offsets = {}
         for m in msgs:
             if m.error():
@@ -154,12 +188,15 @@ def main():
     p.add_argument("--codec", default="none", choices=["none", "gzip", "snappy", "lz4", "zstd"])
     p.add_argument("--key-prefix", default="k-")
     p.add_argument("--value-prefix", default="v-")
+    p.add_argument("--keys", type=int, default=0)
+    p.add_argument("--rate", type=float, default=0)
     c = sub.add_parser("consume")
     c.add_argument("--brokers", required=True)
     c.add_argument("--topic", required=True)
     c.add_argument("--group", required=True)
     c.add_argument("--count", type=int, required=True)
     c.add_argument("--timeout", type=float, default=60)
+    c.add_argument("--idle", type=float, default=0, help="stop after this many seconds without records")
     d = sub.add_parser("admin")
     d.add_argument("action", choices=["create", "describe", "delete"])
     d.add_argument("--brokers", required=True)

@@ -1,0 +1,414 @@
+//! Elastic shards end to end: a managed topic created through the admin API, produced to
+//! continuously by three real clients (librdkafka through the rdkafka crate, the Java console
+//! producer with its default idempotence, kafka-python), while shards split and merge — forced
+//! through the admin API and decided by the autoscaler under a load step — and consumed by
+//! groups of different clients. Asserts that no acknowledged record is lost, that within each
+//! group a key's sequence never goes backwards (re-deliveries are counted separately), and that
+//! no split or merge causes a consumer rebalance.
+
+mod common;
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+
+fn admin_post(path: &str, body: &Value) -> (u16, Value) {
+    let (code, text) =
+        shardgate::admin::http_request(&admin(), "POST", path, Some(&body.to_string())).unwrap();
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn admin_get(path: &str) -> (u16, Value) {
+    let (code, text) = shardgate::admin::http_request(&admin(), "GET", path, None).unwrap();
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn active(map: &Value) -> Vec<Value> {
+    let mut v: Vec<Value> = map["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == "active")
+        .cloned()
+        .collect();
+    v.sort_by_key(|s| s["start"].as_str().unwrap().parse::<u128>().unwrap());
+    v
+}
+
+/// Per key, the sequence numbers in the order a group received them.
+#[derive(Default)]
+struct Order {
+    seen: HashMap<String, (i64, BTreeSet<i64>)>,
+    violations: Vec<String>,
+    redeliveries: usize,
+}
+
+impl Order {
+    fn record(&mut self, value: &str) {
+        let Some((key, seq)) = value.rsplit_once(':') else {
+            self.violations.push(format!("malformed value {value}"));
+            return;
+        };
+        let seq: i64 = seq.parse().unwrap();
+        let (max, all) = self
+            .seen
+            .entry(key.to_string())
+            .or_insert((-1, BTreeSet::new()));
+        if !all.insert(seq) {
+            self.redeliveries += 1;
+        } else if seq < *max {
+            self.violations.push(format!("{key}: {seq} after {max}"));
+        }
+        *max = (*max).max(seq);
+    }
+
+    fn values(&self) -> BTreeSet<String> {
+        self.seen
+            .iter()
+            .flat_map(|(k, (_, s))| s.iter().map(move |q| format!("{k}:{q}")))
+            .collect()
+    }
+}
+
+struct CountRebalances(Arc<AtomicUsize>);
+impl rdkafka::client::ClientContext for CountRebalances {}
+impl ConsumerContext for CountRebalances {
+    fn post_rebalance(&self, _: &rdkafka::consumer::BaseConsumer<Self>, r: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = r {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the testbed: integration/run-tests"]
+async fn per_key_order_holds_across_splits_and_merges_with_three_producers_and_two_groups() {
+    let topic = unique("orders");
+    let (code, created) = admin_post(
+        "/api/v1/topics",
+        &json!({
+            "name": topic, "route_by": ["key"], "initial_shards": 2, "pool": 24,
+            "replication_factor": rf(),
+            "autoscale": {
+                "split_records_per_sec": 400.0, "sustain_secs": 3, "sample_interval_ms": 1000,
+                "split_cooldown_secs": 3, "merge_cooldown_secs": 4, "cold_secs": 4,
+                "merge_fraction": 0.25, "max_shards": 12, "gate_retention_secs": 0
+            }
+        }),
+    );
+    assert_eq!(code, 201, "{created}");
+
+    // Group A: rdkafka, in this process, counting rebalances.
+    let stop = Arc::new(AtomicBool::new(false));
+    let rebalances = Arc::new(AtomicUsize::new(0));
+    let order_a = Arc::new(Mutex::new(Order::default()));
+    let consumer_a = {
+        let (topic, stop, rebalances, order) = (
+            topic.clone(),
+            stop.clone(),
+            rebalances.clone(),
+            order_a.clone(),
+        );
+        std::thread::spawn(move || {
+            let c: BaseConsumer<CountRebalances> = ClientConfig::new()
+                .set("bootstrap.servers", proxy())
+                .set("group.id", format!("{topic}-a"))
+                .set("client.id", format!("{topic}-a"))
+                .set("auto.offset.reset", "earliest")
+                .set("enable.auto.commit", "false")
+                .create_with_context(CountRebalances(rebalances))
+                .unwrap();
+            c.subscribe(&[&topic]).unwrap();
+            let mut idle_since = Instant::now();
+            loop {
+                match c.poll(Duration::from_millis(200)) {
+                    Some(Ok(m)) => {
+                        idle_since = Instant::now();
+                        order
+                            .lock()
+                            .unwrap()
+                            .record(&String::from_utf8_lossy(m.payload().unwrap()));
+                        let _ = c.commit_message(&m, CommitMode::Async);
+                    }
+                    Some(Err(e)) => panic!("consumer A error: {e}"),
+                    None => {
+                        if stop.load(Ordering::SeqCst)
+                            && idle_since.elapsed() > Duration::from_secs(8)
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = c.commit_consumer_state(CommitMode::Sync);
+        })
+    };
+    // Group B: kafka-python, stops after 15 s without records once producers are done.
+    let consumer_b = Command::new(python())
+        .arg(repo().join("integration/clients/py/kclient.py"))
+        .args([
+            "--lib",
+            "kafka-python",
+            "consume",
+            "--brokers",
+            &proxy(),
+            "--topic",
+            &topic,
+            "--group",
+            &format!("{topic}-b"),
+            "--count",
+            "100000000",
+            "--timeout",
+            "300",
+            "--idle",
+            "15",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Producers: rdkafka (keys r-0..r-399, with a load step), Java (j-0..j-299), kafka-python
+    // (p-0..p-299). Each key has one producer, so its sequence is that producer's order.
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let rd = {
+        let (topic, acked) = (topic.clone(), acked.clone());
+        tokio::spawn(async move {
+            let p: FutureProducer = ClientConfig::new()
+                .set("bootstrap.servers", proxy())
+                .set("acks", "all")
+                .set("enable.idempotence", "true")
+                .set("linger.ms", "5")
+                .create()
+                .unwrap();
+            let started = Instant::now();
+            let mut seq = vec![0i64; 400];
+            let mut i = 0usize;
+            let mut pending = Vec::new();
+            // 200 records/s, a load step to ~3000 records/s from 6 s to 26 s, then 200/s.
+            while started.elapsed() < Duration::from_secs(40) {
+                let t = started.elapsed().as_secs_f64();
+                let rate = if (6.0..26.0).contains(&t) {
+                    3000.0
+                } else {
+                    200.0
+                };
+                let k = i % 400;
+                let value = format!("r-{k}:{}", seq[k]);
+                seq[k] += 1;
+                i += 1;
+                let (p2, t2, a2) = (p.clone(), topic.clone(), acked.clone());
+                pending.push(tokio::spawn(async move {
+                    let key = value.split(':').next().unwrap().to_string();
+                    if p2
+                        .send(
+                            FutureRecord::to(&t2).key(&key).payload(&value),
+                            Duration::from_secs(60),
+                        )
+                        .await
+                        .is_ok()
+                    {
+                        a2.lock().unwrap().insert(value);
+                    }
+                }));
+                tokio::time::sleep(Duration::from_secs_f64(1.0 / rate)).await;
+            }
+            for h in pending {
+                let _ = h.await;
+            }
+        })
+    };
+    let java = {
+        let topic = topic.clone();
+        std::thread::spawn(move || {
+            // ~150 records/s for ~40 s through a paced generator on stdin.
+            let generator = "import sys,time\nfor i in range(6000):\n    k=f'j-{i%300}'\n    print(f'{k}|{k}:{i//300}', flush=True)\n    time.sleep(1/150)\n";
+            let out = run(
+                Command::new("sh").arg("-c").arg(format!(
+                    "python3 -c \"$GEN\" | {} --bootstrap-server {} --topic {topic} --property parse.key=true --property 'key.separator=|' --producer-property acks=all",
+                    bin("kafka-console-producer").display(),
+                    proxy()
+                )).env("GEN", generator),
+                Duration::from_secs(180),
+            );
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        })
+    };
+    let py_prod = {
+        let topic = topic.clone();
+        std::thread::spawn(move || {
+            let out = run_ok(
+                Command::new(python())
+                    .arg(repo().join("integration/clients/py/kclient.py"))
+                    .args([
+                        "--lib",
+                        "kafka-python",
+                        "produce",
+                        "--brokers",
+                        &proxy(),
+                        "--topic",
+                        &topic,
+                        "--count",
+                        "6000",
+                        "--keys",
+                        "300",
+                        "--key-prefix",
+                        "p-",
+                        "--rate",
+                        "150",
+                    ]),
+                Duration::from_secs(180),
+            );
+            serde_json::from_str::<Value>(out.trim()).unwrap()
+        })
+    };
+
+    // Forced changes through the API while everything runs: 4 splits and 3 merges.
+    let mut forced = 0;
+    let mut api_errors = Vec::new();
+    for (step, split) in [true, true, false, true, false, true, false]
+        .into_iter()
+        .enumerate()
+    {
+        tokio::time::sleep(Duration::from_secs(if step == 0 { 3 } else { 4 })).await;
+        let (_, map) = admin_get(&format!("/api/v1/topics/{topic}/shards"));
+        let shards = active(&map);
+        let (code, body) = if split || shards.len() < 2 {
+            let id = shards[0]["id"].as_u64().unwrap();
+            admin_post(
+                &format!("/api/v1/topics/{topic}/shards/{id}/split"),
+                &json!({}),
+            )
+        } else {
+            let (a, b) = (
+                shards[0]["id"].as_u64().unwrap(),
+                shards[1]["id"].as_u64().unwrap(),
+            );
+            admin_post(
+                &format!("/api/v1/topics/{topic}/merge"),
+                &json!({"shards": [a, b]}),
+            )
+        };
+        if code == 200 {
+            forced += 1;
+        } else {
+            api_errors.push(format!("step {step}: {code} {body}"));
+        }
+    }
+    rd.await.unwrap();
+    let (java_ok, java_err) = java.join().unwrap();
+    let py_out = py_prod.join().unwrap();
+    // After the load step the autoscaler merges cold neighbours: give it its cold window.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    stop.store(true, Ordering::SeqCst);
+    consumer_a.join().unwrap();
+    let out_b = consumer_b.wait_with_output().unwrap();
+
+    // What was acknowledged.
+    assert!(java_ok, "java console producer failed: {java_err}");
+    for bad in ["ERROR", "OutOfOrderSequence", "DuplicateSequence"] {
+        assert!(
+            !java_err.contains(bad),
+            "java producer logged {bad}: {java_err}"
+        );
+    }
+    assert_eq!(py_out["acked"], 6000, "kafka-python: {py_out}");
+    let mut want = acked.lock().unwrap().clone();
+    want.extend((0..6000).map(|i| format!("j-{}:{}", i % 300, i / 300)));
+    want.extend((0..6000).map(|i| format!("p-{}:{}", i % 300, i / 300)));
+
+    // Group A (rdkafka).
+    let a = order_a.lock().unwrap();
+    assert!(
+        a.violations.is_empty(),
+        "group A order violations: {:?}",
+        &a.violations[..a.violations.len().min(10)]
+    );
+    let missing: Vec<_> = want.difference(&a.values()).take(10).cloned().collect();
+    assert!(
+        missing.is_empty(),
+        "group A lost {} records, e.g. {missing:?}",
+        want.difference(&a.values()).count()
+    );
+    assert_eq!(
+        rebalances.load(Ordering::SeqCst),
+        1,
+        "a split or merge caused a rebalance of group A"
+    );
+    eprintln!(
+        "group A: {} records, {} re-deliveries",
+        a.values().len(),
+        a.redeliveries
+    );
+
+    // Group B (kafka-python).
+    let b_json: Value = serde_json::from_slice(&out_b.stdout).unwrap_or_else(|e| {
+        panic!(
+            "group B output ({e}): {}",
+            String::from_utf8_lossy(&out_b.stderr)
+        )
+    });
+    let mut b = Order::default();
+    for r in b_json["records"].as_array().unwrap() {
+        b.record(r[1].as_str().unwrap());
+    }
+    assert!(
+        b.violations.is_empty(),
+        "group B order violations: {:?}",
+        &b.violations[..b.violations.len().min(10)]
+    );
+    let missing: Vec<_> = want.difference(&b.values()).take(10).cloned().collect();
+    assert!(
+        missing.is_empty(),
+        "group B lost {} records, e.g. {missing:?}",
+        want.difference(&b.values()).count()
+    );
+    eprintln!(
+        "group B: {} records, {} re-deliveries",
+        b.values().len(),
+        b.redeliveries
+    );
+    // What the scaling did (checked last: order and loss are the point).
+    let (_, map) = admin_get(&format!("/api/v1/topics/{topic}/shards"));
+    let splits = metric(
+        "shardgate_shard_splits_total",
+        &[&format!("topic=\"{topic}\"")],
+    );
+    let merges = metric(
+        "shardgate_shard_merges_total",
+        &[&format!("topic=\"{topic}\"")],
+    );
+    let auto_splits = metric(
+        "shardgate_shard_splits_total",
+        &[&format!("topic=\"{topic}\""), "reason=\"records_rate\""],
+    ) + metric(
+        "shardgate_shard_splits_total",
+        &[&format!("topic=\"{topic}\""), "reason=\"hot_key\""],
+    );
+    eprintln!(
+        "splits {splits} (autoscaler {auto_splits}), merges {merges}, forced ok {forced}, api errors {api_errors:?}, epoch {}, active {}",
+        map["epoch"],
+        active(&map).len()
+    );
+    assert!(splits >= 5.0, "only {splits} splits");
+    assert!(merges >= 3.0, "only {merges} merges");
+    assert!(auto_splits >= 1.0, "the autoscaler never split");
+}
