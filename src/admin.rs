@@ -92,6 +92,45 @@ fn map_json(map: &ShardMap) -> serde_json::Value {
     serde_json::to_value(map).unwrap_or_else(|e| json!({ "error": e.to_string() }))
 }
 
+/// Map changes are made by the leader; another instance forwards the request to it.
+async fn forward_to_leader(
+    s: &AdminState,
+    method: &'static str,
+    path: String,
+    body: String,
+) -> Option<Response> {
+    if s.ctx.controller.is_leader() {
+        return None;
+    }
+    let leader = match s.ctx.controller.store.leader().await {
+        Ok(Some(l)) if l.node_id != s.ctx.settings.node_id => l,
+        Ok(_) => {
+            return Some(error(
+                503,
+                "no leader elected yet (is the shard store reachable?); retry",
+            ));
+        }
+        Err(e) => return Some(error(503, format!("cannot find the leader: {e}"))),
+    };
+    let admin = leader.admin.clone();
+    let result =
+        tokio::task::spawn_blocking(move || http_request(&admin, method, &path, Some(&body))).await;
+    Some(match result {
+        Ok(Ok((status, text))) => {
+            let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            (code, [("content-type", "application/json")], text).into_response()
+        }
+        Ok(Err(e)) => error(
+            502,
+            format!(
+                "leader {} at {} unreachable: {e}",
+                leader.node_id, leader.admin
+            ),
+        ),
+        Err(e) => error(500, e),
+    })
+}
+
 async fn list_topics(State(s): State<AdminState>) -> Response {
     let topics: Vec<_> = s
         .ctx
@@ -121,6 +160,10 @@ async fn create_topic(
         Ok(b) => b,
         Err(e) => return error(400, format!("bad topic JSON: {}", e.body_text())),
     };
+    let text = serde_json::to_string(&cfg).unwrap_or_default();
+    if let Some(r) = forward_to_leader(&s, "POST", "/api/v1/topics".into(), text).await {
+        return r;
+    }
     match s.ctx.controller.create_topic(&s.ctx, cfg).await {
         Ok(map) => (StatusCode::CREATED, Json(map_json(&map))).into_response(),
         Err(e) => control_error(e),
@@ -165,6 +208,11 @@ async fn split(
         Some(Ok(v)) if v < HASH_END => Some(v),
         Some(_) => return error(400, "`at` must be a decimal string within 0..2^64"),
     };
+    let text = json!({ "at": body.at }).to_string();
+    let path = format!("/api/v1/topics/{topic}/shards/{id}/split");
+    if let Some(r) = forward_to_leader(&s, "POST", path, text).await {
+        return r;
+    }
     match s.ctx.controller.split(&s.ctx, &topic, id, at, "api").await {
         Ok(map) => Json(map_json(&map)).into_response(),
         Err(e) => control_error(e),
@@ -194,6 +242,12 @@ async fn merge(
             );
         }
     };
+    let text = json!({ "shards": body.shards }).to_string();
+    if let Some(r) =
+        forward_to_leader(&s, "POST", format!("/api/v1/topics/{topic}/merge"), text).await
+    {
+        return r;
+    }
     match s
         .ctx
         .controller

@@ -201,6 +201,10 @@ async fn per_key_order_holds_across_splits_and_merges_with_three_producers_and_t
             let mut i = 0usize;
             let mut pending = Vec::new();
             // 200 records/s, a load step to ~3000 records/s from 6 s to 26 s, then 200/s.
+            // Paced in 10 ms ticks (tokio timers have millisecond resolution): 200 records/s,
+            // a load step to 3000 records/s from 6 s to 26 s, then 200/s again.
+            let mut due = 0.0f64;
+            let mut last = Instant::now();
             while started.elapsed() < Duration::from_secs(40) {
                 let t = started.elapsed().as_secs_f64();
                 let rate = if (6.0..26.0).contains(&t) {
@@ -208,25 +212,42 @@ async fn per_key_order_holds_across_splits_and_merges_with_three_producers_and_t
                 } else {
                     200.0
                 };
-                let k = i % 400;
-                let value = format!("r-{k}:{}", seq[k]);
-                seq[k] += 1;
-                i += 1;
-                let (p2, t2, a2) = (p.clone(), topic.clone(), acked.clone());
-                pending.push(tokio::spawn(async move {
-                    let key = value.split(':').next().unwrap().to_string();
-                    if p2
-                        .send(
-                            FutureRecord::to(&t2).key(&key).payload(&value),
-                            Duration::from_secs(60),
-                        )
-                        .await
-                        .is_ok()
-                    {
-                        a2.lock().unwrap().insert(value);
-                    }
-                }));
-                tokio::time::sleep(Duration::from_secs_f64(1.0 / rate)).await;
+                due += rate * last.elapsed().as_secs_f64();
+                last = Instant::now();
+                while due >= 1.0 {
+                    due -= 1.0;
+                    let k = i % 400;
+                    let value = format!("r-{k}:{}", seq[k]);
+                    seq[k] += 1;
+                    i += 1;
+                    // Enqueue now, in sequence order (spawned sends could be polled out of
+                    // order and fake a violation); only the wait for the ack is spawned.
+                    let key = format!("r-{k}");
+                    let delivery = loop {
+                        match p.send_result(FutureRecord::to(&topic).key(&key).payload(&value)) {
+                            Ok(d) => break d,
+                            Err((e, _)) => {
+                                assert!(
+                                    matches!(
+                                        e,
+                                        rdkafka::error::KafkaError::MessageProduction(
+                                            rdkafka::types::RDKafkaErrorCode::QueueFull
+                                        )
+                                    ),
+                                    "{e}"
+                                );
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                        }
+                    };
+                    let a2 = acked.clone();
+                    pending.push(tokio::spawn(async move {
+                        if let Ok(Ok(_)) = delivery.await {
+                            a2.lock().unwrap().insert(value);
+                        }
+                    }));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             for h in pending {
                 let _ = h.await;
@@ -411,4 +432,179 @@ async fn per_key_order_holds_across_splits_and_merges_with_three_producers_and_t
     assert!(splits >= 5.0, "only {splits} splits");
     assert!(merges >= 3.0, "only {merges} merges");
     assert!(auto_splits >= 1.0, "the autoscaler never split");
+}
+
+/// Partition of the latest record of every key, read directly from Kafka.
+fn key_partitions(topic: &str) -> HashMap<String, i32> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", unique("keys"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    c.subscribe(&[topic]).unwrap();
+    let mut out = HashMap::new();
+    let mut idle = Instant::now();
+    while idle.elapsed() < Duration::from_secs(5) {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+            idle = Instant::now();
+            out.insert(
+                String::from_utf8_lossy(m.key().unwrap()).into_owned(),
+                m.partition(),
+            );
+        }
+    }
+    out
+}
+
+async fn produce_keys(topic: &str, keys: usize, round: usize) {
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", proxy())
+        .set("acks", "all")
+        .create()
+        .unwrap();
+    let sends = (0..keys).map(|k| {
+        let p = p.clone();
+        let key = format!("key-{k}");
+        let value = format!("{key}:{round}");
+        async move {
+            p.send(
+                FutureRecord::to(topic).key(&key).payload(&value),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        }
+    });
+    futures::future::join_all(sends).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the testbed: integration/run-tests"]
+async fn restarted_instance_reloads_its_maps_and_routes_every_key_where_it_was() {
+    let topic = unique("restart");
+    let (code, body) = admin_post(
+        "/api/v1/topics",
+        &json!({"name": topic, "initial_shards": 3, "pool": 8, "replication_factor": rf(), "autoscale": {"enabled": false}}),
+    );
+    assert_eq!(code, 201, "{body}");
+    let (code, body) = admin_post(
+        &format!("/api/v1/topics/{topic}/shards/1/split"),
+        &json!({}),
+    );
+    assert_eq!(code, 200, "{body}");
+    produce_keys(&topic, 300, 0).await;
+    let before = key_partitions(&topic);
+    assert_eq!(before.len(), 300);
+    let (_, map_before) = admin_get(&format!("/api/v1/topics/{topic}/shards"));
+
+    run_ok(
+        Command::new(repo().join("integration/testbed")).arg("restart-proxy"),
+        Duration::from_secs(60),
+    );
+    eventually("restarted shardgate ready", Duration::from_secs(30), || {
+        http_get("/readyz").0 == 200
+    });
+    let (_, map_after) = admin_get(&format!("/api/v1/topics/{topic}/shards"));
+    assert_eq!(map_after, map_before, "the map was not reloaded as stored");
+
+    produce_keys(&topic, 300, 1).await;
+    let after = key_partitions(&topic);
+    let moved: Vec<_> = before
+        .iter()
+        .filter(|(k, p)| after.get(*k) != Some(p))
+        .take(5)
+        .collect();
+    assert!(
+        moved.is_empty(),
+        "keys changed partition across a restart: {moved:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn bad_admin_input_gets_a_clear_error_and_changes_nothing() {
+    let topic = unique("badadmin");
+    let (code, _) = admin_post(
+        "/api/v1/topics",
+        &json!({"name": topic, "initial_shards": 3, "pool": 6, "replication_factor": rf(), "autoscale": {"enabled": false}}),
+    );
+    assert_eq!(code, 201);
+    let (_, before) = admin_get(&format!("/api/v1/topics/{topic}/shards"));
+    let first = &active(&before)[0];
+    let cases: Vec<(String, String, u16, &str)> = vec![
+        (
+            "/api/v1/topics/no-such-topic/shards/0/split".into(),
+            "{}".into(),
+            404,
+            "not managed",
+        ),
+        (
+            format!("/api/v1/topics/{topic}/merge"),
+            r#"{"shards": [0, 2]}"#.into(),
+            400,
+            "not adjacent",
+        ),
+        (
+            format!("/api/v1/topics/{topic}/shards/0/split"),
+            json!({"at": first["start"]}).to_string(),
+            400,
+            "not strictly inside",
+        ),
+        (
+            format!("/api/v1/topics/{topic}/shards/0/split"),
+            json!({"at": first["end"]}).to_string(),
+            400,
+            "not strictly inside",
+        ),
+        (
+            format!("/api/v1/topics/{topic}/shards/0/split"),
+            r#"{"at": "abc"}"#.into(),
+            400,
+            "decimal",
+        ),
+        (
+            format!("/api/v1/topics/{topic}/shards/99/split"),
+            "{}".into(),
+            400,
+            "does not exist",
+        ),
+        (
+            format!("/api/v1/topics/{topic}/merge"),
+            "{not json".into(),
+            400,
+            "bad merge body",
+        ),
+        (
+            "/api/v1/topics".into(),
+            r#"{"name": "x y"}"#.into(),
+            400,
+            "not a valid Kafka topic name",
+        ),
+        (
+            "/api/v1/topics".into(),
+            json!({"name": topic}).to_string(),
+            409,
+            "already managed",
+        ),
+        (
+            "/api/v1/topics".into(),
+            r#"{"name": "ok", "route_by": ["value"]}"#.into(),
+            400,
+            "unknown routing field",
+        ),
+    ];
+    for (path, body, want, says) in cases {
+        let (code, text) =
+            shardgate::admin::http_request(&admin(), "POST", &path, Some(&body)).unwrap();
+        assert_eq!(code, want, "{path} {body}: {text}");
+        assert!(
+            text.contains(says),
+            "{path} {body}: {text} should say {says:?}"
+        );
+    }
+    let (_, after) = admin_get(&format!("/api/v1/topics/{topic}/shards"));
+    assert_eq!(after, before, "a refused request changed the map");
 }

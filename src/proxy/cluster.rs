@@ -10,23 +10,53 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::StrBytes;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
 use crate::config::HostPort;
 
 pub struct VirtualCluster {
     pub self_id: i32,
-    /// Sorted by node id.
-    pub instances: Vec<(i32, HostPort)>,
+    /// The configured instances: the membership until a store registry says who is live.
+    configured: Vec<(i32, HostPort)>,
+    /// Live instances, sorted by node id (swapped when the registry changes).
+    live: ArcSwap<Vec<(i32, HostPort)>>,
 }
 
 impl VirtualCluster {
     pub fn new(self_id: i32, instances: Vec<(i32, HostPort)>) -> Self {
-        Self { self_id, instances }
+        Self {
+            self_id,
+            live: ArcSwap::from_pointee(instances.clone()),
+            configured: instances,
+        }
+    }
+
+    pub fn instances(&self) -> Arc<Vec<(i32, HostPort)>> {
+        self.live.load_full()
+    }
+
+    /// Membership from the store's registry: instances whose sessions are alive (this one
+    /// always included, so a registry that has not seen us yet cannot empty the cluster).
+    pub fn set_live(&self, mut live: Vec<(i32, HostPort)>) {
+        if !live.iter().any(|(id, _)| *id == self.self_id)
+            && let Some(me) = self.configured.iter().find(|(id, _)| *id == self.self_id)
+        {
+            live.push(me.clone());
+        }
+        live.sort_by_key(|(id, _)| *id);
+        live.dedup_by_key(|(id, _)| *id);
+        if *self.live.load_full() != live {
+            tracing::info!(instances = ?live.iter().map(|(i, _)| *i).collect::<Vec<_>>(), "virtual cluster membership changed");
+            self.live.store(Arc::new(live));
+        }
     }
 
     /// Highest-random-weight choice among instances: stable while instances stay, and only the
     /// keys of a leaving instance move.
     fn rendezvous(&self, key: &[u8]) -> i32 {
-        self.instances
+        self.instances()
             .iter()
             .max_by_key(|(id, _)| xxh3_64_with_seed(key, *id as u64))
             .map(|(id, _)| *id)
@@ -51,25 +81,29 @@ impl VirtualCluster {
 
     /// The instance that plays "controller" for clients (the lowest node id).
     pub fn controller_id(&self) -> i32 {
-        self.instances
+        self.instances()
             .first()
             .map(|(id, _)| *id)
             .unwrap_or(self.self_id)
     }
 
-    fn address(&self, id: i32) -> &HostPort {
-        self.instances
-            .iter()
+    fn address(&self, id: i32) -> HostPort {
+        let all = self.instances();
+        all.iter()
             .find(|(i, _)| *i == id)
-            .map(|(_, a)| a)
-            .unwrap_or(&self.instances[0].1)
+            .or_else(|| all.first())
+            .map(|(_, a)| a.clone())
+            .unwrap_or_else(|| HostPort {
+                host: "127.0.0.1".into(),
+                port: 9092,
+            })
     }
 
     /// Virtual replica list: the leader first, then other instances, as many as upstream has
     /// replicas (bounded by the number of instances).
     fn replicas(&self, leader: i32, upstream_count: usize) -> Vec<BrokerId> {
         let mut out = vec![BrokerId(leader)];
-        for (id, _) in &self.instances {
+        for (id, _) in self.instances().iter() {
             if out.len() >= upstream_count {
                 break;
             }
@@ -82,7 +116,7 @@ impl VirtualCluster {
 
     pub fn rewrite_metadata(&self, resp: &mut MetadataResponse) {
         resp.brokers = self
-            .instances
+            .instances()
             .iter()
             .map(|(id, a)| {
                 MetadataResponseBroker::default()
@@ -148,7 +182,7 @@ impl VirtualCluster {
 
     pub fn rewrite_describe_cluster(&self, resp: &mut DescribeClusterResponse) {
         resp.brokers = self
-            .instances
+            .instances()
             .iter()
             .map(|(id, a)| {
                 DescribeClusterBroker::default()

@@ -29,7 +29,7 @@ use kafka_protocol::protocol::StrBytes;
 use super::registry::{hottest, weighted_median};
 use super::{HASH_END, MapError, ShardMap, TopicConfig};
 use crate::proxy::Ctx;
-use crate::store::{ShardStore, StoreError, StoredTopic};
+use crate::store::{InstanceInfo, ShardStore, StoreError, StoredTopic};
 use crate::upstream::UpstreamError;
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +88,8 @@ pub struct Controller {
     ops: tokio::sync::Mutex<()>,
     stats: Mutex<HashMap<(String, i32), ShardStats>>,
     cooldown: Mutex<HashMap<String, Instant>>,
+    /// Whether this instance holds the leader lock (always, with the embedded store).
+    leader: std::sync::atomic::AtomicBool,
 }
 
 pub struct Decision {
@@ -97,12 +99,125 @@ pub struct Decision {
 
 impl Controller {
     pub fn new(store: Arc<dyn ShardStore>) -> Self {
+        let leader = std::sync::atomic::AtomicBool::new(!store.elects());
         Self {
             store,
             ops: tokio::sync::Mutex::new(()),
             stats: Mutex::new(HashMap::new()),
             cooldown: Mutex::new(HashMap::new()),
+            leader,
         }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// This instance as the store's registry shows it.
+    pub fn me(&self, ctx: &Ctx) -> InstanceInfo {
+        let admin = ctx.settings.admin_bind;
+        let host = if admin.ip().is_unspecified() {
+            ctx.settings.advertised.host.clone()
+        } else {
+            admin.ip().to_string()
+        };
+        InstanceInfo {
+            node_id: ctx.settings.node_id,
+            advertised: ctx.settings.advertised.to_string(),
+            admin: format!("http://{host}:{}", admin.port()),
+            applied: ctx
+                .shards
+                .all()
+                .iter()
+                .filter(|m| ctx.shards.inflight_before(&m.config.name, m.map.epoch) == 0)
+                .map(|m| (m.config.name.clone(), m.map.epoch))
+                .collect(),
+        }
+    }
+
+    /// Background work every instance does with the store: follow map changes (blocking
+    /// queries), publish which epochs it applied, and campaign for the leader lock. With the
+    /// store unreachable, routing goes on with the last maps and the controller pauses.
+    pub async fn follow_store(self: Arc<Self>, ctx: Arc<Ctx>) {
+        let watcher = {
+            let (this, ctx) = (self.clone(), ctx.clone());
+            async move {
+                let mut index = 0;
+                loop {
+                    match this.store.watch(index).await {
+                        Ok((i, topics)) => {
+                            index = i;
+                            for t in topics {
+                                if ctx.shards.install(t.config, t.map.clone()) {
+                                    tracing::info!(topic = %t.map.topic, epoch = t.map.epoch, "installed shard map from the store");
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "watching the shard store failed; routing with the last maps");
+                            metrics::counter!("shardgate_store_errors_total", "op" => "watch")
+                                .increment(1);
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            }
+        };
+        let reporter = async move {
+            let mut last: Option<InstanceInfo> = None;
+            let mut last_sent = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tick.tick().await;
+                let me = self.me(&ctx);
+                // Renew the session (and registry entry) every 3 s, and at once when the
+                // applied epochs change: the seal protocol is waiting for them.
+                if last.as_ref() != Some(&me) || last_sent.elapsed() >= Duration::from_secs(3) {
+                    match self.store.report(&me).await {
+                        Ok(()) => {
+                            last = Some(me.clone());
+                            last_sent = Instant::now();
+                        }
+                        Err(e) => {
+                            metrics::counter!("shardgate_store_errors_total", "op" => "report")
+                                .increment(1);
+                            tracing::warn!(error = %e, "cannot report to the shard store");
+                            last = None;
+                        }
+                    }
+                    if let Ok(Some(live)) = self.store.instances().await {
+                        let members = live
+                            .iter()
+                            .filter_map(|i| {
+                                crate::config::parse_host_port("instances", &i.advertised)
+                                    .ok()
+                                    .map(|a| (i.node_id, a))
+                            })
+                            .collect();
+                        ctx.cluster.set_live(members);
+                    }
+                    let lead = match self.store.campaign(&me).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            metrics::counter!("shardgate_store_errors_total", "op" => "campaign")
+                                .increment(1);
+                            tracing::warn!(error = %e, "leader election unavailable; controller paused");
+                            false
+                        }
+                    };
+                    let was = self.leader.swap(lead, std::sync::atomic::Ordering::AcqRel);
+                    if was != lead {
+                        tracing::info!(leader = lead, node_id = me.node_id, "leadership changed");
+                    }
+                    metrics::gauge!("shardgate_controller_leader").set(if lead {
+                        1.0
+                    } else {
+                        0.0
+                    });
+                }
+            }
+        };
+        tokio::join!(watcher, reporter);
     }
 
     /// Loads every stored map into the registry and adds topics declared in the config that
@@ -469,10 +584,19 @@ impl Controller {
     pub async fn run(self: Arc<Self>, ctx: Arc<Ctx>) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut last_sample: HashMap<String, Instant> = HashMap::new();
+        let mut last_check = Instant::now();
         loop {
             tick.tick().await;
+            if self.is_leader() && last_check.elapsed() >= Duration::from_secs(5) {
+                last_check = Instant::now();
+                self.republish(&ctx).await;
+            }
             for m in ctx.shards.all() {
                 let topic = m.config.name.clone();
+                export_map_metrics(&ctx, &topic);
+                if !self.is_leader() {
+                    continue;
+                }
                 if m.map.sealing().next().is_some() {
                     let _op = self.ops.lock().await;
                     if let Ok((config, map)) = self.current(&ctx, &topic)
@@ -495,7 +619,33 @@ impl Controller {
                         Err(e) => tracing::warn!(topic, error = %e, "autoscaler sample failed"),
                     }
                 }
-                export_map_metrics(&ctx, &topic);
+            }
+        }
+    }
+
+    /// A store that lost maps (a Consul agent restarted without its data) is refilled from the
+    /// maps the instances still route by, so check-and-set writes can go on.
+    async fn republish(&self, ctx: &Ctx) {
+        let stored = match self.store.load_all().await {
+            Ok(s) => s,
+            Err(_) => return,
+        };
+        for m in ctx.shards.all() {
+            if stored.iter().any(|t| t.config.name == m.config.name) {
+                continue;
+            }
+            let _op = self.ops.lock().await;
+            let t = StoredTopic {
+                config: m.config.clone(),
+                map: m.map.clone(),
+            };
+            match self.store.put(&t, None).await {
+                Ok(()) => {
+                    tracing::warn!(topic = %m.config.name, epoch = m.map.epoch, "shard store had lost the map; republished it")
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %m.config.name, error = %e, "republishing a lost map failed")
+                }
             }
         }
     }
