@@ -48,11 +48,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let topology = Arc::new(TopologyHandle::new());
     let pool = Arc::new(Pool::new(&settings, topology, upstream_tls));
     let store: Arc<dyn crate::store::ShardStore> = match settings.raw.store.kind.as_str() {
-        "consul" => {
-            return Err(StartError::Store(crate::store::StoreError::Unavailable(
-                "the consul store is not available in this build".into(),
-            )));
-        }
+        "consul" => Arc::new(crate::store::consul::ConsulStore::new(&settings.raw.store)),
         _ => Arc::new(crate::store::embedded::EmbeddedStore::open(
             &settings.raw.store.path,
         )?),
@@ -115,7 +111,10 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             }
             ctx.shards_loaded
                 .store(true, std::sync::atomic::Ordering::Release);
-            ctx.controller.clone().run(ctx.clone()).await;
+            tokio::join!(
+                ctx.controller.clone().follow_store(ctx.clone()),
+                ctx.controller.clone().run(ctx.clone())
+            );
         }));
     }
     let router = crate::admin::router(ctx.clone(), prometheus);

@@ -154,6 +154,9 @@ async fn two_instances_survive_leader_death_and_a_consul_outage_without_losing_o
     let cluster = unique("it");
     let mut a = Some(start(1, &cluster));
     let b = start(2, &cluster);
+    eventually("a leader is elected", Duration::from_secs(30), || {
+        is_leader(1) || is_leader(2)
+    });
     let topic = unique("consul");
     let (code, created) = call(
         2,

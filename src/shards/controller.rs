@@ -342,8 +342,32 @@ impl Controller {
         }
     }
 
-    /// Latest offsets of `partitions` of `topic`.
+    /// Latest offsets of `partitions` of `topic`, retrying retriable errors (a fresh topic's
+    /// leaders, a leader moving) for a few seconds.
     pub async fn end_offsets(
+        &self,
+        ctx: &Ctx,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, i64>, ControlError> {
+        let mut wait = Duration::from_millis(50);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.end_offsets_once(ctx, topic, partitions).await {
+                Ok(o) => return Ok(o),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(topic, error = %e, "ListOffsets retry");
+                    let v = ctx.topology().load().version;
+                    ctx.topology().refresh_after(v, wait).await;
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn end_offsets_once(
         &self,
         ctx: &Ctx,
         topic: &str,
@@ -555,6 +579,29 @@ impl Controller {
                 ));
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // Every live instance must route by this epoch with nothing older in flight.
+        loop {
+            match self.store.instances().await? {
+                None => break,
+                Some(list) => {
+                    let lagging: Vec<i32> = list
+                        .iter()
+                        .filter(|i| i.applied.get(&map.topic).is_none_or(|e| *e < map.epoch))
+                        .map(|i| i.node_id)
+                        .collect();
+                    if lagging.is_empty() {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        return Err(ControlError::Kafka(format!(
+                            "instances {lagging:?} have not applied epoch {}; the seal is retried later",
+                            map.epoch
+                        )));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
         }
         let parents: Vec<i32> = map
             .sealing()
