@@ -24,8 +24,13 @@ const KEYS: usize = 20_000;
 
 fn post(admin: &str, path: &str, body: Value) -> (u16, Value, Duration) {
     let t = Instant::now();
-    let (code, text) = shardgate::admin::http_request(admin, "POST", path, Some(&body.to_string())).expect("admin API");
-    (code, serde_json::from_str(&text).unwrap_or(Value::Null), t.elapsed())
+    let (code, text) = shardgate::admin::http_request(admin, "POST", path, Some(&body.to_string()))
+        .expect("admin API");
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+        t.elapsed(),
+    )
 }
 
 fn get(admin: &str, path: &str) -> Value {
@@ -34,14 +39,22 @@ fn get(admin: &str, path: &str) -> Value {
 }
 
 fn active(map: &Value) -> Vec<Value> {
-    let mut v: Vec<Value> = map["shards"].as_array().unwrap().iter().filter(|s| s["state"] == "active").cloned().collect();
+    let mut v: Vec<Value> = map["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == "active")
+        .cloned()
+        .collect();
     v.sort_by_key(|s| s["start"].as_str().unwrap().parse::<u128>().unwrap());
     v
 }
 
 async fn produce(bootstrap: &str, topic: &str, round: u32, extra: &[(&str, &str)]) {
     let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", bootstrap).set("acks", "all").set("linger.ms", "5");
+    cfg.set("bootstrap.servers", bootstrap)
+        .set("acks", "all")
+        .set("linger.ms", "5");
     for (k, v) in extra {
         cfg.set(*k, *v);
     }
@@ -70,7 +83,10 @@ async fn produce(bootstrap: &str, topic: &str, round: u32, extra: &[(&str, &str)
 fn placement(kafka: &str, topic: &str, round: u32) -> HashMap<String, i32> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka)
-        .set("group.id", format!("bench-{topic}-{round}-{}", std::process::id()))
+        .set(
+            "group.id",
+            format!("bench-{topic}-{round}-{}", std::process::id()),
+        )
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()
@@ -82,11 +98,18 @@ fn placement(kafka: &str, topic: &str, round: u32) -> HashMap<String, i32> {
         if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
             idle = Instant::now();
             if m.payload() == Some(round.to_string().as_bytes()) {
-                out.insert(String::from_utf8_lossy(m.key().unwrap()).into_owned(), m.partition());
+                out.insert(
+                    String::from_utf8_lossy(m.key().unwrap()).into_owned(),
+                    m.partition(),
+                );
             }
         }
     }
-    assert_eq!(out.len(), KEYS, "not every key of round {round} was read back");
+    assert_eq!(
+        out.len(),
+        KEYS,
+        "not every key of round {round} was read back"
+    );
     out
 }
 
@@ -101,27 +124,45 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 #[tokio::main]
 async fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let (proxy, kafka, admin) = (&args[0], &args[1], &args[2]);
     let rf = kafka.split(',').count().min(3) as i32;
     let tag = std::process::id();
 
     // Keys moved by a split and a merge (managed topic, 4 shards on a pool of 32).
     let topic = format!("bench-moves-{tag}");
-    let (code, m, _) = post(admin, "/api/v1/topics", json!({"name": topic, "initial_shards": 4, "pool": 32, "replication_factor": rf, "autoscale": {"enabled": false}}));
+    let (code, m, _) = post(
+        admin,
+        "/api/v1/topics",
+        json!({"name": topic, "initial_shards": 4, "pool": 32, "replication_factor": rf, "autoscale": {"enabled": false}}),
+    );
     assert_eq!(code, 201, "{m}");
     produce(proxy, &topic, 0, &[]).await;
     let p0 = placement(kafka, &topic, 0);
     let map = get(admin, &format!("/api/v1/topics/{topic}/shards"));
     let id = active(&map)[1]["id"].as_u64().unwrap();
-    let (code, _, split_took) = post(admin, &format!("/api/v1/topics/{topic}/shards/{id}/split"), json!({}));
+    let (code, _, split_took) = post(
+        admin,
+        &format!("/api/v1/topics/{topic}/shards/{id}/split"),
+        json!({}),
+    );
     assert_eq!(code, 200);
     produce(proxy, &topic, 1, &[]).await;
     let p1 = placement(kafka, &topic, 1);
     let map = get(admin, &format!("/api/v1/topics/{topic}/shards"));
     let shards = active(&map);
-    let (a, b) = (shards[2]["id"].as_u64().unwrap(), shards[3]["id"].as_u64().unwrap());
-    let (code, body, merge_took) = post(admin, &format!("/api/v1/topics/{topic}/merge"), json!({"shards": [a, b]}));
+    let (a, b) = (
+        shards[2]["id"].as_u64().unwrap(),
+        shards[3]["id"].as_u64().unwrap(),
+    );
+    let (code, body, merge_took) = post(
+        admin,
+        &format!("/api/v1/topics/{topic}/merge"),
+        json!({"shards": [a, b]}),
+    );
     assert_eq!(code, 200, "{body}");
     produce(proxy, &topic, 2, &[]).await;
     let p2 = placement(kafka, &topic, 2);
@@ -130,45 +171,92 @@ async fn main() {
 
     // Plain Kafka: murmur2 % N with one partition added (4 -> 5), produced directly.
     let plain = format!("bench-plain-{tag}");
-    let admin_client: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", kafka).create().unwrap();
+    let admin_client: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka)
+        .create()
+        .unwrap();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    admin_client.create_topics(&[NewTopic::new(&plain, 4, TopicReplication::Fixed(rf))], &opts).await.unwrap();
+    admin_client
+        .create_topics(
+            &[NewTopic::new(&plain, 4, TopicReplication::Fixed(rf))],
+            &opts,
+        )
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let murmur = [("partitioner", "murmur2_random")];
     produce(kafka, &plain, 0, &murmur).await;
     let q0 = placement(kafka, &plain, 0);
-    admin_client.create_partitions(&[NewPartitions::new(&plain, 5)], &opts).await.unwrap();
+    admin_client
+        .create_partitions(&[NewPartitions::new(&plain, 5)], &opts)
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     produce(kafka, &plain, 1, &murmur).await;
     let q1 = placement(kafka, &plain, 1);
-    println!("moved add-partition: {:.4} (4 -> 5 partitions, murmur2)", moved(&q0, &q1));
+    println!(
+        "moved add-partition: {:.4} (4 -> 5 partitions, murmur2)",
+        moved(&q0, &q1)
+    );
 
     // Split and merge execution time: five of each on a fresh topic, median.
     let t2 = format!("bench-ops-{tag}");
-    let (code, _, _) = post(admin, "/api/v1/topics", json!({"name": t2, "initial_shards": 2, "pool": 16, "replication_factor": rf, "autoscale": {"enabled": false}}));
+    let (code, _, _) = post(
+        admin,
+        "/api/v1/topics",
+        json!({"name": t2, "initial_shards": 2, "pool": 16, "replication_factor": rf, "autoscale": {"enabled": false}}),
+    );
     assert_eq!(code, 201);
     let (mut splits, mut merges) = (vec![split_took], vec![merge_took]);
     for _ in 0..5 {
         let shards = active(&get(admin, &format!("/api/v1/topics/{t2}/shards")));
         let id = shards[0]["id"].as_u64().unwrap();
-        let (code, _, took) = post(admin, &format!("/api/v1/topics/{t2}/shards/{id}/split"), json!({}));
+        let (code, _, took) = post(
+            admin,
+            &format!("/api/v1/topics/{t2}/shards/{id}/split"),
+            json!({}),
+        );
         assert_eq!(code, 200);
         splits.push(took);
         let shards = active(&get(admin, &format!("/api/v1/topics/{t2}/shards")));
-        let (a, b) = (shards[0]["id"].as_u64().unwrap(), shards[1]["id"].as_u64().unwrap());
-        let (code, _, took) = post(admin, &format!("/api/v1/topics/{t2}/merge"), json!({"shards": [a, b]}));
+        let (a, b) = (
+            shards[0]["id"].as_u64().unwrap(),
+            shards[1]["id"].as_u64().unwrap(),
+        );
+        let (code, _, took) = post(
+            admin,
+            &format!("/api/v1/topics/{t2}/merge"),
+            json!({"shards": [a, b]}),
+        );
         assert_eq!(code, 200);
         merges.push(took);
     }
-    println!("split ms: median {:.1} max {:.1}", median(splits.clone()).as_secs_f64() * 1e3, splits.iter().max().unwrap().as_secs_f64() * 1e3);
-    println!("merge ms: median {:.1} max {:.1}", median(merges.clone()).as_secs_f64() * 1e3, merges.iter().max().unwrap().as_secs_f64() * 1e3);
+    println!(
+        "split ms: median {:.1} max {:.1}",
+        median(splits.clone()).as_secs_f64() * 1e3,
+        splits.iter().max().unwrap().as_secs_f64() * 1e3
+    );
+    println!(
+        "merge ms: median {:.1} max {:.1}",
+        median(merges.clone()).as_secs_f64() * 1e3,
+        merges.iter().max().unwrap().as_secs_f64() * 1e3
+    );
 
     // Reaction time: one shard, default thresholds (5000 records/s), 1000/s baseline for 10 s,
     // then a 10x step to 10000/s until the autoscaler has split it.
     let t3 = format!("bench-react-{tag}");
-    let (code, _, _) = post(admin, "/api/v1/topics", json!({"name": t3, "initial_shards": 1, "pool": 8, "replication_factor": rf}));
+    let (code, _, _) = post(
+        admin,
+        "/api/v1/topics",
+        json!({"name": t3, "initial_shards": 1, "pool": 8, "replication_factor": rf}),
+    );
     assert_eq!(code, 201);
-    let p: FutureProducer = ClientConfig::new().set("bootstrap.servers", proxy).set("acks", "1").set("linger.ms", "5").create().unwrap();
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", proxy)
+        .set("acks", "1")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
     let started = Instant::now();
     let mut step_at = None;
     let mut due = 0.0f64;
@@ -176,7 +264,11 @@ async fn main() {
     let mut i = 0u64;
     let reacted = loop {
         let t = started.elapsed();
-        let rate = if t < Duration::from_secs(10) { 1000.0 } else { 10_000.0 };
+        let rate = if t < Duration::from_secs(10) {
+            1000.0
+        } else {
+            10_000.0
+        };
         if rate > 1000.0 && step_at.is_none() {
             step_at = Some(Instant::now());
         }
@@ -201,7 +293,10 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     match reacted {
-        Some(d) => println!("reaction s: {:.1} (10x step 1000 -> 10000 records/s, split threshold 5000/s)", d.as_secs_f64()),
+        Some(d) => println!(
+            "reaction s: {:.1} (10x step 1000 -> 10000 records/s, split threshold 5000/s)",
+            d.as_secs_f64()
+        ),
         None => println!("reaction s: none within 60 s"),
     }
 }

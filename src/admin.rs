@@ -271,7 +271,7 @@ async fn consumers(State(s): State<AdminState>) -> Response {
         .iter()
         .map(|t| (t.clone(), json!(s.ctx.groups.groups_on(t))))
         .collect();
-    Json(json!({ "groups_by_topic": groups })).into_response()
+    Json(json!({ "groups_by_topic": groups, "committed": s.ctx.groups.snapshot() })).into_response()
 }
 
 /// A minimal blocking HTTP/1.1 client for the CLI (`shardgate shards ...`): one request, one

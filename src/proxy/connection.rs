@@ -99,6 +99,7 @@ where
     drop(produce_tx);
     let _ = writer.await;
     ctx.groups.forget_connection(client.id);
+    ctx.pool.release(client.id);
 }
 
 enum Admitted {

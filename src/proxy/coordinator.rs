@@ -352,11 +352,21 @@ pub async fn forward_to_coordinator(
         1 => *targets.keys().next().expect("one target"),
         _ => return split_by_coordinator(ctx, client, req, targets).await,
     };
-    let resp = match ctx
-        .pool
-        .call_raw(broker, client.pin(), req.api_key, req.frame.clone())
-        .await
-    {
+    let sent = match parked_for(req) {
+        // Requests the coordinator may hold until a rebalance completes get a connection of
+        // their own (as each Kafka consumer has its own coordinator connection).
+        Some(timeout) => {
+            ctx.pool
+                .call_dedicated(broker, client.id, req.api_key, req.frame.clone(), timeout)
+                .await
+        }
+        None => {
+            ctx.pool
+                .call_raw(broker, client.pin(), req.api_key, req.frame.clone())
+                .await
+        }
+    };
+    let resp = match sent {
         Ok(r) => r,
         Err(e) => {
             // The coordinator is unreachable: forget it, and tell the client in the API's own
@@ -385,6 +395,31 @@ pub async fn forward_to_coordinator(
         observe_group(ctx, client, req, group, &resp);
     }
     Ok(Reply::Frame(reframe_response(&resp, req.correlation_id())))
+}
+
+/// How long the coordinator may hold a request before answering, for requests that wait for
+/// a rebalance: JoinGroup (up to its rebalance timeout) and SyncGroup (until the leader's
+/// assignment arrives, bounded by the same timeout).
+fn parked_for(req: &RequestFrame) -> Option<std::time::Duration> {
+    let margin = std::time::Duration::from_secs(15);
+    match req.api_key {
+        ApiKey::JoinGroup => {
+            let rebalance_ms = req
+                .decode_body::<JoinGroupRequest>()
+                .map(|b| {
+                    if b.rebalance_timeout_ms > 0 {
+                        b.rebalance_timeout_ms
+                    } else {
+                        b.session_timeout_ms
+                    }
+                })
+                .unwrap_or(300_000)
+                .max(0) as u64;
+            Some(std::time::Duration::from_millis(rebalance_ms) + margin)
+        }
+        ApiKey::SyncGroup => Some(std::time::Duration::from_secs(300) + margin),
+        _ => None,
+    }
 }
 
 /// Links the client to the consumer group it speaks for and records committed offsets of

@@ -88,21 +88,11 @@ impl GroupTracker {
         );
     }
 
-    /// A fetch from `offset` on `conn`: recorded for the connection, and for the group only
-    /// when the connection is linked to exactly one group (with several candidates the fetch
-    /// cannot be attributed, and guessing could open a gate early for the wrong group).
-    pub fn fetched(&self, who: &Consumer, conn: u64, topic: &str, partition: i32, offset: i64) {
-        if let Consumer::Groups(groups) = who
-            && let [group] = groups.as_slice()
-        {
-            let mut g = self.groups.lock().expect("groups lock");
-            Self::bump(
-                g.entry(group.clone()).or_default(),
-                topic,
-                partition,
-                offset,
-            );
-        }
+    /// A fetch from `offset` on `conn`. It counts for the connection only: clients prefetch
+    /// (librdkafka reads ahead on every partition), so a fetch position says what the client
+    /// library has received, not what the application has consumed. Groups advance by their
+    /// commits alone.
+    pub fn fetched(&self, _who: &Consumer, conn: u64, topic: &str, partition: i32, offset: i64) {
         let mut m = self.conns.lock().expect("conns lock");
         Self::bump(m.entry(conn).or_default(), topic, partition, offset);
     }
@@ -132,19 +122,21 @@ impl GroupTracker {
             .unwrap_or(-1)
     }
 
-    /// Positions that must all have passed a seal for `who` to see gated records: those of
-    /// every linked group known to consume the topic, or, if none is, the connection's own.
+    /// Positions that must all have passed a seal for `who` to see gated records: the committed
+    /// offsets of every linked group known to consume the topic (a linked group that has not
+    /// committed on it yet holds the gate closed), or, for a connection linked to no group, its
+    /// own fetch positions.
     fn positions(&self, who: &Consumer, conn: u64, topic: &str, partition: i32) -> Vec<i64> {
-        if let Consumer::Groups(groups) = who {
-            let known: Vec<i64> = groups
-                .iter()
-                .filter_map(|g| self.group_position(g, topic, partition))
-                .collect();
-            if !known.is_empty() {
-                return known;
+        match who {
+            Consumer::Groups(groups) => {
+                let known: Vec<i64> = groups
+                    .iter()
+                    .filter_map(|g| self.group_position(g, topic, partition))
+                    .collect();
+                if known.is_empty() { vec![-1] } else { known }
             }
+            Consumer::Connection(_) => vec![self.conn_position(conn, topic, partition)],
         }
-        vec![self.conn_position(conn, topic, partition)]
     }
 
     /// Whether `who` (fetching on `conn`) may see records at and after the gate's
@@ -171,6 +163,23 @@ impl GroupTracker {
             held.entry(key).or_insert_with(Instant::now);
         }
         open
+    }
+
+    /// Committed positions per group on managed topics, for `GET /api/v1/consumers`.
+    pub fn snapshot(
+        &self,
+    ) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, i64>> {
+        let g = self.groups.lock().expect("groups lock");
+        g.iter()
+            .map(|(group, p)| {
+                (
+                    group.clone(),
+                    p.iter()
+                        .map(|((t, part), o)| (format!("{t}/{part}"), *o))
+                        .collect(),
+                )
+            })
+            .collect()
     }
 
     /// Groups that have positions on `topic` (those a gate must wait for before removal).
@@ -251,7 +260,12 @@ mod tests {
             "closed until sealed"
         );
         assert!(!t.gate_open(&who, 9, "t", &gate(Some(50))));
-        t.fetched(&who, 9, "t", 0, 49);
+        t.fetched(&who, 9, "t", 0, 70);
+        assert!(
+            !t.gate_open(&who, 9, "t", &gate(Some(50))),
+            "a fetch position is not consumption (clients prefetch)"
+        );
+        t.committed("g1", "t", 0, 49);
         assert!(!t.gate_open(&who, 9, "t", &gate(Some(50))));
         t.committed("g1", "t", 0, 50);
         assert!(t.gate_open(&who, 9, "t", &gate(Some(50))));
@@ -264,9 +278,6 @@ mod tests {
             "g2 is not known on t"
         );
         t.committed("g2", "t", 0, 10);
-        assert!(!t.gate_open(&both, 9, "t", &gate(Some(50))));
-        // An ambiguous fetch is not attributed to either group.
-        t.fetched(&both, 9, "t", 0, 70);
         assert!(!t.gate_open(&both, 9, "t", &gate(Some(50))));
         t.committed("g2", "t", 0, 55);
         assert!(t.gate_open(&both, 9, "t", &gate(Some(50))));

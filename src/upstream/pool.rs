@@ -25,6 +25,10 @@ struct Slot {
 
 pub struct Pool {
     slots: Mutex<HashMap<(i32, usize), Arc<Slot>>>,
+    /// Connections owned by one client connection, for requests a broker may park for minutes
+    /// (JoinGroup, SyncGroup): a broker serves one request at a time per connection, so parking
+    /// them on a shared connection would stall every client pinned to it.
+    dedicated: Mutex<HashMap<(i32, u64), Arc<UpstreamConn>>>,
     per_broker: usize,
     connect_timeout: Duration,
     request_timeout: Duration,
@@ -48,6 +52,7 @@ impl Pool {
         let up = &settings.raw.upstream;
         Self {
             slots: Mutex::new(HashMap::new()),
+            dedicated: Mutex::new(HashMap::new()),
             per_broker: up.connections_per_broker,
             connect_timeout: Duration::from_millis(up.connect_timeout_ms),
             request_timeout: Duration::from_millis(up.request_timeout_ms),
@@ -138,6 +143,70 @@ impl Pool {
                 Err(e)
             }
         }
+    }
+
+    /// Sends on the connection dedicated to `owner` (a client connection id) and waits up to
+    /// `timeout` for the answer.
+    pub async fn call_dedicated(
+        &self,
+        broker: i32,
+        owner: u64,
+        api: ApiKey,
+        frame: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, UpstreamError> {
+        let existing = self
+            .dedicated
+            .lock()
+            .expect("pool lock")
+            .get(&(broker, owner))
+            .filter(|c| c.is_alive())
+            .cloned();
+        let conn = match existing {
+            Some(c) => c,
+            None => {
+                let addr = self.address(broker)?;
+                let tls = self
+                    .tls
+                    .as_ref()
+                    .map(|(c, name)| (c, name.clone().unwrap_or_else(|| addr.host.clone())));
+                let c = Arc::new(
+                    UpstreamConn::connect(
+                        broker,
+                        &addr,
+                        self.connect_timeout,
+                        self.max_frame,
+                        tls.as_ref().map(|(c, n)| (*c, n.as_str())),
+                    )
+                    .await?,
+                );
+                self.dedicated
+                    .lock()
+                    .expect("pool lock")
+                    .insert((broker, owner), c.clone());
+                c
+            }
+        };
+        let rx = conn.enqueue(frame, true).await?;
+        let pending = PendingReply {
+            broker,
+            api,
+            rx,
+            timeout,
+            started: Instant::now(),
+        };
+        pending
+            .wait()
+            .await?
+            .ok_or(UpstreamError::Protocol("no response".into()))
+    }
+
+    /// Closes the connections dedicated to a client connection that went away.
+    pub fn release(&self, owner: u64) {
+        self.dedicated
+            .lock()
+            .expect("pool lock")
+            .retain(|(_, o), _| *o != owner);
     }
 
     /// Queues `frame` on the pinned connection; await the returned future for the response.
