@@ -368,8 +368,25 @@ fn franz_go_round_trip_every_codec_and_admin() {
         "--rf",
         &rf().to_string(),
     ]);
-    let described = franz(&["admin", "describe", "--brokers", &proxy, "--topic", &topic]);
-    assert!(described.contains(&topic), "{described}");
+    // Metadata reaches every broker a moment after creation: describe until it does.
+    eventually(
+        "franz-go sees the new topic",
+        Duration::from_secs(30),
+        || {
+            let out = run(
+                Command::new(bin("franz-client")).args([
+                    "admin",
+                    "describe",
+                    "--brokers",
+                    &proxy,
+                    "--topic",
+                    &topic,
+                ]),
+                Duration::from_secs(60),
+            );
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(&topic)
+        },
+    );
     for codec in CODECS {
         let out = franz(&[
             "produce",
