@@ -187,6 +187,10 @@ pub struct LimitsConfig {
     /// Longest time a fetch from clients waits upstream between polls when it has no data yet.
     #[serde(default = "default_fetch_poll_max_ms")]
     pub fetch_poll_max_ms: u64,
+    /// Managed topics decompress client batches to reroute them; a batch that would decompress
+    /// to more than this is refused (decompression bombs).
+    #[serde(default = "default_max_decompressed")]
+    pub max_decompressed_batch_bytes: usize,
 }
 
 impl Default for LimitsConfig {
@@ -197,6 +201,7 @@ impl Default for LimitsConfig {
             max_in_flight_per_connection: default_max_in_flight(),
             idle_timeout_ms: default_idle_timeout_ms(),
             fetch_poll_max_ms: default_fetch_poll_max_ms(),
+            max_decompressed_batch_bytes: default_max_decompressed(),
         }
     }
 }
@@ -230,6 +235,9 @@ fn default_idle_timeout_ms() -> u64 {
 }
 fn default_fetch_poll_max_ms() -> u64 {
     50
+}
+fn default_max_decompressed() -> usize {
+    crate::protocol::records::DEFAULT_MAX_DECOMPRESSED
 }
 
 /// A host:port pair as clients will be told.

@@ -5,9 +5,7 @@
 //! unmanaged topics never get here.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use kafka_protocol::compression::{
-    Compressor, Decompressor, Gzip, Lz4, None as NoCompression, Snappy, Zstd,
-};
+use kafka_protocol::compression::{Compressor, Gzip, Lz4, None as NoCompression, Snappy, Zstd};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RecordsError {
@@ -130,8 +128,19 @@ fn get_bytes(b: &mut Bytes) -> Result<Option<Bytes>, RecordsError> {
     Ok(Some(b.split_to(len)))
 }
 
+/// Default bound on one batch's decompressed size (see `decode_batches_limited`).
+pub const DEFAULT_MAX_DECOMPRESSED: usize = 128 * 1024 * 1024;
+
 /// Decodes every batch of a produce partition's `records` field.
-pub fn decode_batches(mut data: Bytes) -> Result<Vec<(BatchInfo, Vec<Record>)>, RecordsError> {
+pub fn decode_batches(data: Bytes) -> Result<Vec<(BatchInfo, Vec<Record>)>, RecordsError> {
+    decode_batches_limited(data, DEFAULT_MAX_DECOMPRESSED)
+}
+
+/// `decode_batches` with a bound on each batch's decompressed size.
+pub fn decode_batches_limited(
+    mut data: Bytes,
+    max_decompressed: usize,
+) -> Result<Vec<(BatchInfo, Vec<Record>)>, RecordsError> {
     let mut out = Vec::new();
     while data.has_remaining() {
         if data.remaining() < 61 {
@@ -173,23 +182,85 @@ pub fn decode_batches(mut data: Bytes) -> Result<Vec<(BatchInfo, Vec<Record>)>, 
             partition_leader_epoch,
             records: count,
         };
-        let body = decompress(info.compression()?, batch)?;
+        let body = decompress(info.compression()?, batch, max_decompressed)?;
         let records = decode_records(body, count, base_timestamp)?;
         out.push((info, records));
     }
     Ok(out)
 }
 
-fn decompress(c: Compression, mut b: Bytes) -> Result<Bytes, RecordsError> {
-    let err = |e: anyhow::Error| RecordsError::Compression(e.to_string());
-    let take = |buf: &mut Bytes| Ok(buf.split_to(buf.len()));
-    Ok(match c {
-        Compression::None => b,
-        Compression::Gzip => Gzip::decompress(&mut b, take).map_err(err)?,
-        Compression::Snappy => Snappy::decompress(&mut b, take).map_err(err)?,
-        Compression::Lz4 => Lz4::decompress(&mut b, take).map_err(err)?,
-        Compression::Zstd => Zstd::decompress(&mut b, take).map_err(err)?,
-    })
+/// Decompresses a batch body, refusing to produce more than `limit` bytes: the compressed size
+/// is bounded by the frame limit, the decompressed size is not (a few bytes of snappy can
+/// declare 4 GiB), so every codec is read through a bound instead of the protocol crate's
+/// unbounded decompressors.
+fn decompress(c: Compression, b: Bytes, limit: usize) -> Result<Bytes, RecordsError> {
+    use std::io::Read;
+    let too_big =
+        || RecordsError::Compression(format!("batch decompresses to more than {limit} bytes"));
+    let bounded = |r: &mut dyn Read| -> Result<Bytes, RecordsError> {
+        let mut out = Vec::new();
+        r.take(limit as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| RecordsError::Compression(e.to_string()))?;
+        if out.len() > limit {
+            return Err(too_big());
+        }
+        Ok(Bytes::from(out))
+    };
+    match c {
+        Compression::None => Ok(b),
+        Compression::Gzip => bounded(&mut flate2::read::GzDecoder::new(&b[..])),
+        Compression::Zstd => {
+            let mut d = zstd::stream::read::Decoder::new(&b[..])
+                .map_err(|e| RecordsError::Compression(e.to_string()))?;
+            bounded(&mut d)
+        }
+        Compression::Lz4 => {
+            let mut d =
+                lz4::Decoder::new(&b[..]).map_err(|e| RecordsError::Compression(e.to_string()))?;
+            bounded(&mut d)
+        }
+        Compression::Snappy => snappy(b, limit),
+    }
+}
+
+/// Kafka's snappy: xerial framing (magic header, then length-prefixed blocks), or a raw
+/// snappy buffer without it. Each block's declared length is checked before allocating.
+fn snappy(mut b: Bytes, limit: usize) -> Result<Bytes, RecordsError> {
+    const MAGIC: &[u8; 16] = b"\x82SNAPPY\x00\x00\x00\x00\x01\x00\x00\x00\x01";
+    let err = |e: snap::Error| RecordsError::Compression(format!("snappy: {e}"));
+    let too_big =
+        || RecordsError::Compression(format!("batch decompresses to more than {limit} bytes"));
+    let mut out = Vec::new();
+    let block = |data: &[u8], out: &mut Vec<u8>| -> Result<(), RecordsError> {
+        let n = snap::raw::decompress_len(data).map_err(err)?;
+        if out.len() + n > limit {
+            return Err(too_big());
+        }
+        let start = out.len();
+        out.resize(start + n, 0);
+        snap::raw::Decoder::new()
+            .decompress(data, &mut out[start..])
+            .map_err(err)?;
+        Ok(())
+    };
+    if b.len() < MAGIC.len() || b[..8] != MAGIC[..8] {
+        block(&b, &mut out)?;
+        return Ok(Bytes::from(out));
+    }
+    b.advance(MAGIC.len());
+    while b.has_remaining() {
+        if b.remaining() < 4 {
+            return Err(RecordsError::Truncated);
+        }
+        let len = b.get_u32() as usize;
+        if b.remaining() < len {
+            return Err(RecordsError::Truncated);
+        }
+        let data = b.split_to(len);
+        block(&data, &mut out)?;
+    }
+    Ok(Bytes::from(out))
 }
 
 fn decode_records(
@@ -396,6 +467,57 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "{c:?}");
         }
+    }
+
+    #[test]
+    fn decompression_is_bounded_for_every_codec() {
+        // 1 MiB of zeros compresses to almost nothing; with a 64 KiB bound it must be refused.
+        let big = Record {
+            attributes: 0,
+            timestamp: 0,
+            key: None,
+            value: Some(Bytes::from(vec![0u8; 1 << 20])),
+            headers: vec![],
+        };
+        for codec in [1i16, 2, 3, 4] {
+            let info = BatchInfo {
+                attributes: codec,
+                producer_id: -1,
+                producer_epoch: -1,
+                base_sequence: -1,
+                partition_leader_epoch: -1,
+                records: 1,
+            };
+            let bytes = encode_batch(&[&big], &info).unwrap();
+            assert!(
+                bytes.len() < 64 * 1024,
+                "codec {codec} compressed to {}",
+                bytes.len()
+            );
+            assert!(
+                matches!(
+                    decode_batches_limited(bytes.clone(), 64 * 1024),
+                    Err(RecordsError::Compression(_))
+                ),
+                "codec {codec}"
+            );
+            assert_eq!(
+                decode_batches_limited(bytes, 2 << 20).unwrap()[0].1[0],
+                big,
+                "codec {codec}"
+            );
+        }
+    }
+
+    #[test]
+    fn snappy_block_declaring_4_gib_is_refused_before_allocating() {
+        // The fuzzing finding: xerial header, one block whose varint length says 2^32-1.
+        let mut body = b"\x82SNAPPY\x00\x00\x00\x00\x01\x00\x00\x00\x01".to_vec();
+        body.extend_from_slice(&[0, 0, 0, 6, 0xff, 0xff, 0xff, 0xff, 0x0f, 0]);
+        assert!(matches!(
+            snappy(Bytes::from(body), DEFAULT_MAX_DECOMPRESSED),
+            Err(RecordsError::Compression(_))
+        ));
     }
 
     #[test]

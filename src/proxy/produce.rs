@@ -118,6 +118,7 @@ pub async fn send(
                 &t.partition_data,
                 &ctx.producers,
                 body.transactional_id.is_some(),
+                ctx.settings.raw.limits.max_decompressed_batch_bytes,
             );
             for (shard, (records, bytes)) in &r.records_per_shard {
                 let labels = [

@@ -9,7 +9,9 @@ use std::sync::Mutex;
 use bytes::Bytes;
 use kafka_protocol::messages::produce_request::PartitionProduceData;
 
-use crate::protocol::records::{BatchInfo, Record, RecordsError, decode_batches, encode_batch};
+use crate::protocol::records::{
+    BatchInfo, Record, RecordsError, decode_batches_limited, encode_batch,
+};
 use crate::shards::registry::{Managed, Registry};
 use crate::shards::routing::route_hash;
 
@@ -48,6 +50,7 @@ pub fn reroute(
     data: &[PartitionProduceData],
     memory: &ProducerMemory,
     transactional: bool,
+    max_decompressed: usize,
 ) -> Rerouted {
     let mut parts = Vec::with_capacity(data.len());
     let mut targets: BTreeMap<i32, (BatchInfo, Vec<Record>)> = BTreeMap::new();
@@ -74,7 +77,12 @@ pub fn reroute(
             parts.push(part);
             continue;
         }
-        let batches = match pd.records.clone().map(decode_batches).transpose() {
+        let batches = match pd
+            .records
+            .clone()
+            .map(|r| decode_batches_limited(r, max_decompressed))
+            .transpose()
+        {
             Ok(b) => b.unwrap_or_default(),
             Err(e) => {
                 part.refused = Some((refusal_code(&e), format!("cannot reroute records: {e}")));
