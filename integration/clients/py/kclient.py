@@ -17,6 +17,16 @@ import sys
 import time
 
 
+def kp_tls(a):
+    """kafka-python TLS settings when --ca is given."""
+    return {"security_protocol": "SSL", "ssl_cafile": a.ca} if a.ca else {}
+
+
+def ck_tls(a):
+    """confluent-kafka TLS settings when --ca is given."""
+    return {"security.protocol": "ssl", "ssl.ca.location": a.ca} if a.ca else {}
+
+
 def record(a, i):
     """Key and value of record i: one key per record, or K keys with per-key sequences."""
     if a.keys:
@@ -38,7 +48,8 @@ def produce_kafka_python(a):
     codec = None if a.codec == "none" else a.codec
     # max_in_flight 1 keeps per-key order across retries (kafka-python has no idempotence).
     p = KafkaProducer(bootstrap_servers=a.brokers, acks="all", compression_type=codec,
-                      retries=10, linger_ms=5, max_in_flight_requests_per_connection=1)
+                      retries=10, linger_ms=5, max_in_flight_requests_per_connection=1,
+                      **kp_tls(a))
     futures = []
     started = time.time()
     for i in range(a.count):
@@ -61,7 +72,7 @@ def produce_kafka_python(a):
 def produce_confluent(a):
     from confluent_kafka import Producer
     p = Producer({"bootstrap.servers": a.brokers, "acks": "all", "compression.type": a.codec,
-                  "enable.idempotence": True, "linger.ms": 5})
+                  "enable.idempotence": True, "linger.ms": 5, **ck_tls(a)})
     state = {"acked": 0, "errors": []}
 
     def cb(err, _msg):
@@ -92,7 +103,7 @@ def consume_kafka_python(a):
     from kafka import KafkaConsumer, TopicPartition
     from kafka.structs import OffsetAndMetadata
     c = KafkaConsumer(a.topic, bootstrap_servers=a.brokers, group_id=a.group,
-                      client_id=f"kclient-{a.group}",
+                      client_id=f"kclient-{a.group}", **kp_tls(a),
                       auto_offset_reset="earliest", enable_auto_commit=False,
                       max_poll_records=100)
     records = []
@@ -120,7 +131,7 @@ def consume_kafka_python(a):
 def consume_confluent(a):
     from confluent_kafka import Consumer, TopicPartition
     c = Consumer({"bootstrap.servers": a.brokers, "group.id": a.group,
-                  "client.id": f"kclient-{a.group}",
+                  "client.id": f"kclient-{a.group}", **ck_tls(a),
                   "auto.offset.reset": "earliest", "enable.auto.commit": False})
     c.subscribe([a.topic])
     records = []
@@ -148,7 +159,7 @@ def consume_confluent(a):
 
 def admin_kafka_python(a):
     from kafka.admin import KafkaAdminClient, NewTopic
-    adm = KafkaAdminClient(bootstrap_servers=a.brokers)
+    adm = KafkaAdminClient(bootstrap_servers=a.brokers, **kp_tls(a))
     try:
         if a.action == "create":
             adm.create_topics([NewTopic(a.topic, a.partitions, a.rf)])
@@ -164,7 +175,7 @@ def admin_kafka_python(a):
 
 def admin_confluent(a):
     from confluent_kafka.admin import AdminClient, NewTopic
-    adm = AdminClient({"bootstrap.servers": a.brokers})
+    adm = AdminClient({"bootstrap.servers": a.brokers, **ck_tls(a)})
     if a.action == "create":
         adm.create_topics([NewTopic(a.topic, a.partitions, a.rf)])[a.topic].result(30)
         return {"created": a.topic}
@@ -180,6 +191,7 @@ def admin_confluent(a):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", choices=["kafka-python", "confluent"], required=True)
+    ap.add_argument("--ca", help="CA certificate (PEM): connect with TLS")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("produce")
     p.add_argument("--brokers", required=True)

@@ -1,0 +1,142 @@
+//! TLS on the client listener: a shardgate instance with a certificate serves confluent-kafka
+//! and kafka-python through TLS, and a plaintext client is refused and counted.
+//! Ports: 127.0.0.1:29093 (TLS clients), 127.0.0.1:29101 (admin).
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+struct Instance(Child);
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+const ADMIN: &str = "http://127.0.0.1:29101";
+
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn tls_clients_round_trip_and_plaintext_is_refused() {
+    let dir = cache().join("run").join("tls-test");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-addext",
+                "subjectAltName=IP:127.0.0.1",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+        Duration::from_secs(60),
+    );
+    let bootstrap: Vec<String> = kafka().split(',').map(|b| format!("\"{b}\"")).collect();
+    let config = format!(
+        "[listener]\nbind = \"127.0.0.1:29093\"\n[listener.tls]\ncert = \"{}\"\nkey = \"{}\"\n[upstream]\nbootstrap = [{}]\n[admin]\nbind = \"127.0.0.1:29101\"\n[store]\npath = \"{}\"\n",
+        cert.display(),
+        key.display(),
+        bootstrap.join(", "),
+        dir.join("data").display()
+    );
+    let path = dir.join("tls.toml");
+    std::fs::write(&path, config).unwrap();
+    let bin = std::env::var("SHARDGATE_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| repo().join("target/debug/shardgate"));
+    let log = std::fs::File::create(dir.join("shardgate.log")).unwrap();
+    let _sg = Instance(
+        Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    eventually("TLS instance ready", Duration::from_secs(30), || {
+        shardgate::admin::http_request(ADMIN, "GET", "/readyz", None).is_ok_and(|(c, _)| c == 200)
+    });
+
+    // confluent-kafka (its wheel bundles librdkafka with OpenSSL; Debian's kcat has no TLS)
+    // and kafka-python (Python's ssl module), both over TLS.
+    let script = repo().join("integration/clients/py/kclient.py");
+    let ca = cert.to_str().unwrap();
+    for lib in ["confluent", "kafka-python"] {
+        let topic = unique(&format!("tls-{lib}"));
+        let py = |args: &[&str]| -> serde_json::Value {
+            let out = run_ok(
+                Command::new(python())
+                    .arg(&script)
+                    .args(["--lib", lib, "--ca", ca])
+                    .args(args),
+                Duration::from_secs(120),
+            );
+            serde_json::from_str(out.trim()).unwrap()
+        };
+        let r = py(&[
+            "produce",
+            "--brokers",
+            "127.0.0.1:29093",
+            "--topic",
+            &topic,
+            "--count",
+            "100",
+        ]);
+        assert_eq!(r["acked"], 100, "{lib}: {r}");
+        let r = py(&[
+            "consume",
+            "--brokers",
+            "127.0.0.1:29093",
+            "--topic",
+            &topic,
+            "--group",
+            &unique("g-tls"),
+            "--count",
+            "100",
+        ]);
+        assert_eq!(r["consumed"], 100, "{lib}: {r}");
+    }
+
+    // A plaintext client on the TLS port gets no Kafka answer, and the handshake failure is
+    // counted.
+    let before = shardgate::admin::http_request(ADMIN, "GET", "/metrics", None)
+        .unwrap()
+        .1;
+    let plain = run(
+        Command::new("kcat").args(["-L", "-b", "127.0.0.1:29093", "-m", "3"]),
+        Duration::from_secs(30),
+    );
+    assert!(
+        !plain.status.success(),
+        "plaintext metadata request succeeded on the TLS port"
+    );
+    let after = shardgate::admin::http_request(ADMIN, "GET", "/metrics", None)
+        .unwrap()
+        .1;
+    let count = |m: &str| -> f64 {
+        m.lines()
+            .filter(|l| l.starts_with("shardgate_frame_errors_total{kind=\"tls_handshake\"}"))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(
+        count(&after) > count(&before),
+        "TLS handshake failure not counted"
+    );
+}
