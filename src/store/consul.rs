@@ -140,6 +140,23 @@ impl ConsulStore {
         }
     }
 
+    /// Writes `me` to `key` bound to this instance's session; false if another session holds it.
+    async fn acquire(&self, key: &str, me: &InstanceInfo) -> Result<bool, StoreError> {
+        let session = self.session().await?;
+        let value = serde_json::to_vec(me).map_err(unavailable)?;
+        let req = CreateOrUpdateKeyRequest {
+            key,
+            acquire: &session,
+            ..Default::default()
+        };
+        let (ok, _) =
+            tokio::time::timeout(REQUEST_TIMEOUT, self.kv.create_or_update_key(req, value))
+                .await
+                .map_err(|_| unavailable(format!("write of {key} timed out")))?
+                .map_err(unavailable)?;
+        Ok(ok)
+    }
+
     fn parse_topics(
         &self,
         entries: Vec<rs_consul::ReadKeyResponse>,
@@ -250,41 +267,13 @@ impl ShardStore for ConsulStore {
     }
 
     fn campaign<'a>(&'a self, me: &'a InstanceInfo) -> BoxFuture<'a, Result<bool, StoreError>> {
-        async move {
-            let session = self.session().await?;
-            let value = serde_json::to_vec(me).map_err(unavailable)?;
-            let key = self.key("leader");
-            let req = CreateOrUpdateKeyRequest {
-                key: &key,
-                acquire: &session,
-                ..Default::default()
-            };
-            let (ok, _) =
-                tokio::time::timeout(REQUEST_TIMEOUT, self.kv.create_or_update_key(req, value))
-                    .await
-                    .map_err(|_| unavailable("campaign timed out"))?
-                    .map_err(unavailable)?;
-            Ok(ok)
-        }
-        .boxed()
+        async move { self.acquire(&self.key("leader"), me).await }.boxed()
     }
 
     fn report<'a>(&'a self, me: &'a InstanceInfo) -> BoxFuture<'a, Result<(), StoreError>> {
         async move {
-            let session = self.session().await?;
-            let value = serde_json::to_vec(me).map_err(unavailable)?;
             let key = self.key(&format!("instances/{}", me.node_id));
-            let req = CreateOrUpdateKeyRequest {
-                key: &key,
-                acquire: &session,
-                ..Default::default()
-            };
-            let (ok, _) =
-                tokio::time::timeout(REQUEST_TIMEOUT, self.kv.create_or_update_key(req, value))
-                    .await
-                    .map_err(|_| unavailable("report timed out"))?
-                    .map_err(unavailable)?;
-            if !ok {
+            if !self.acquire(&key, me).await? {
                 return Err(unavailable(format!(
                     "instance key {key} is held by another session (duplicate node_id?)"
                 )));
