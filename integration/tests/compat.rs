@@ -585,3 +585,39 @@ fn java_perf_tools_run_through_the_proxy() {
         "consumer perf output: {out}"
     );
 }
+
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn java_consumer_with_the_kip_848_group_protocol_resumes_from_its_commits() {
+    // group.protocol=consumer: ConsumerGroupHeartbeat instead of JoinGroup/SyncGroup.
+    let topic = unique("compat-kip848");
+    create_topic(&topic, PARTITIONS);
+    kcat_produce(&topic, "none");
+    let want = expected(&["none"]);
+    let group = unique("g-kip848");
+    let consume = |n: usize| -> Vec<String> {
+        let out = run_ok(
+            Command::new(bin("kafka-console-consumer")).args([
+                "--bootstrap-server",
+                &proxy(),
+                "--topic",
+                &topic,
+                "--group",
+                &group,
+                "--max-messages",
+                &n.to_string(),
+                "--timeout-ms",
+                "60000",
+                "--consumer-property",
+                "auto.offset.reset=earliest",
+                "--consumer-property",
+                "group.protocol=consumer",
+            ]),
+            Duration::from_secs(120),
+        );
+        out.lines().map(str::to_string).collect()
+    };
+    let first = consume(want.len() / 2);
+    let second = consume(want.len() - first.len());
+    assert_exactly_once(&first, &second, &want, "java KIP-848 consumer");
+}
