@@ -50,6 +50,8 @@ CONSUL_RUN_DIR="$RUN_DIR/consul"
 
 broker_port()     { echo $((BROKER_PORT_BASE + $1)); }
 controller_port() { echo $((CONTROLLER_PORT_BASE + $1)); }
+# SSL listener of node n (upstream TLS tests): 19392, 19393, 19394.
+ssl_port()        { echo $((19391 + $1)); }
 broker_addr()     { echo "127.0.0.1:$(broker_port "$1")"; }
 node_dir()        { echo "$RUN_DIR/kafka-$1"; }
 node_pidfile()    { echo "$RUN_DIR/kafka-$1.pid"; }

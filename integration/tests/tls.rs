@@ -140,3 +140,86 @@ fn tls_clients_round_trip_and_plaintext_is_refused() {
         "TLS handshake failure not counted"
     );
 }
+
+/// TLS towards Kafka: a shardgate instance whose upstream is the brokers' SSL listeners
+/// (127.0.0.1:1939n, certificate written by the testbed) serves plaintext clients.
+/// Ports: 127.0.0.1:29094 (clients), 127.0.0.1:29102 (admin).
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn upstream_tls_to_the_brokers_ssl_listeners() {
+    let dir = cache().join("run").join("tls-upstream-test");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = cache().join("run/tls/ca.pem");
+    assert!(ca.is_file(), "the testbed did not write {}", ca.display());
+    let ssl: Vec<String> = (1..=brokers())
+        .map(|n| format!("\"127.0.0.1:{}\"", 19391 + n))
+        .collect();
+    let config = format!(
+        "[listener]\nbind = \"127.0.0.1:29094\"\n[upstream]\nbootstrap = [{}]\n[upstream.tls]\nca = \"{}\"\n[admin]\nbind = \"127.0.0.1:29102\"\n[store]\npath = \"{}\"\n",
+        ssl.join(", "),
+        ca.display(),
+        dir.join("data").display()
+    );
+    let path = dir.join("upstream-tls.toml");
+    std::fs::write(&path, config).unwrap();
+    let bin = std::env::var("SHARDGATE_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| repo().join("target/debug/shardgate"));
+    let log = std::fs::File::create(dir.join("shardgate.log")).unwrap();
+    let _sg = Instance(
+        Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    eventually(
+        "upstream-TLS instance ready",
+        Duration::from_secs(30),
+        || {
+            shardgate::admin::http_request("http://127.0.0.1:29102", "GET", "/readyz", None)
+                .is_ok_and(|(c, _)| c == 200)
+        },
+    );
+    let topic = unique("tls-up");
+    let input = dir.join("in.txt");
+    std::fs::write(
+        &input,
+        (0..100).map(|i| format!("k{i}:v{i}\n")).collect::<String>(),
+    )
+    .unwrap();
+    run_ok(
+        Command::new("kcat")
+            .args([
+                "-P",
+                "-b",
+                "127.0.0.1:29094",
+                "-t",
+                &topic,
+                "-K",
+                ":",
+                "-X",
+                "acks=all",
+                "-l",
+            ])
+            .arg(&input),
+        Duration::from_secs(60),
+    );
+    let out = run_ok(
+        Command::new("kcat").args([
+            "-C",
+            "-b",
+            "127.0.0.1:29094",
+            "-t",
+            &topic,
+            "-e",
+            "-q",
+            "-f",
+            "%s\n",
+        ]),
+        Duration::from_secs(60),
+    );
+    assert_eq!(out.lines().count(), 100, "{out}");
+}
