@@ -9,7 +9,7 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -33,18 +33,7 @@ fn admin_addr(n: i32) -> String {
     format!("http://127.0.0.1:{}", 29290 + n)
 }
 
-struct Instance {
-    child: Child,
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(n: i32, cluster: &str) -> Instance {
+fn start(n: i32, cluster: &str) -> Shardgate {
     let bootstrap: Vec<String> = kafka().split(',').map(|b| format!("\"{b}\"")).collect();
     let config = format!(
         r#"
@@ -78,30 +67,12 @@ cluster = "{cluster}"
         admin = admin_addr(n).trim_start_matches("http://"),
         consul = consul_addr(),
     );
-    let dir = cache().join("run");
-    let path = dir.join(format!("consul-test-{n}.toml"));
-    std::fs::write(&path, config).unwrap();
-    let log = std::fs::File::create(dir.join(format!("consul-test-{n}.log"))).unwrap();
-    let bin = std::env::var("SHARDGATE_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| repo().join("target/debug/shardgate"));
-    let child = Command::new(bin)
-        .args(["run", "--config", path.to_str().unwrap()])
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let inst = Instance { child };
-    eventually(
-        &format!("instance {n} ready"),
-        Duration::from_secs(60),
-        || {
-            shardgate::admin::http_request(&admin_addr(n), "GET", "/readyz", None)
-                .is_ok_and(|(c, _)| c == 200)
-        },
-    );
-    inst
+    start_shardgate(
+        &cache().join("run"),
+        &format!("consul-test-{n}"),
+        &config,
+        &admin_addr(n),
+    )
 }
 
 fn call(n: i32, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {

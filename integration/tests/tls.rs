@@ -4,18 +4,10 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-
-struct Instance(Child);
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 const ADMIN: &str = "http://127.0.0.1:29101";
 
@@ -54,24 +46,7 @@ fn tls_clients_round_trip_and_plaintext_is_refused() {
         bootstrap.join(", "),
         dir.join("data").display()
     );
-    let path = dir.join("tls.toml");
-    std::fs::write(&path, config).unwrap();
-    let bin = std::env::var("SHARDGATE_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| repo().join("target/debug/shardgate"));
-    let log = std::fs::File::create(dir.join("shardgate.log")).unwrap();
-    let _sg = Instance(
-        Command::new(bin)
-            .args(["run", "--config"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    eventually("TLS instance ready", Duration::from_secs(30), || {
-        shardgate::admin::http_request(ADMIN, "GET", "/readyz", None).is_ok_and(|(c, _)| c == 200)
-    });
+    let _sg = start_shardgate(&dir, "tls", &config, ADMIN);
 
     // confluent-kafka (its wheel bundles librdkafka with OpenSSL; Debian's kcat has no TLS)
     // and kafka-python (Python's ssl module), both over TLS.
@@ -160,29 +135,7 @@ fn upstream_tls_to_the_brokers_ssl_listeners() {
         ca.display(),
         dir.join("data").display()
     );
-    let path = dir.join("upstream-tls.toml");
-    std::fs::write(&path, config).unwrap();
-    let bin = std::env::var("SHARDGATE_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| repo().join("target/debug/shardgate"));
-    let log = std::fs::File::create(dir.join("shardgate.log")).unwrap();
-    let _sg = Instance(
-        Command::new(bin)
-            .args(["run", "--config"])
-            .arg(&path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    eventually(
-        "upstream-TLS instance ready",
-        Duration::from_secs(30),
-        || {
-            shardgate::admin::http_request("http://127.0.0.1:29102", "GET", "/readyz", None)
-                .is_ok_and(|(c, _)| c == 200)
-        },
-    );
+    let _sg = start_shardgate(&dir, "upstream-tls", &config, "http://127.0.0.1:29102");
     let topic = unique("tls-up");
     let input = dir.join("in.txt");
     std::fs::write(

@@ -183,3 +183,44 @@ pub fn create_topic(topic: &str, partitions: i32) {
 }
 
 pub const CODECS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
+
+/// A shardgate process started by a test (beside the testbed's), killed when dropped.
+pub struct Shardgate(std::process::Child);
+
+impl Drop for Shardgate {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Writes `config` to `dir/<name>.toml`, starts shardgate with it (log in `dir/<name>.log`) and
+/// waits until `admin_url/readyz` answers 200.
+pub fn start_shardgate(
+    dir: &std::path::Path,
+    name: &str,
+    config: &str,
+    admin_url: &str,
+) -> Shardgate {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let bin = std::env::var("SHARDGATE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo().join("target/debug/shardgate"));
+    let child = Command::new(bin)
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let sg = Shardgate(child);
+    eventually(&format!("{name} ready"), Duration::from_secs(60), || {
+        shardgate::admin::http_request(admin_url, "GET", "/readyz", None)
+            .is_ok_and(|(c, _)| c == 200)
+    });
+    sg
+}
