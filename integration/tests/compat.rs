@@ -182,8 +182,6 @@ fn kcat_consume(topic: &str, group: &str, n: usize) -> Vec<String> {
             "-q",
             "-X",
             "auto.offset.reset=earliest",
-            "-X",
-            "enable.auto.offset.store=true",
         ]),
         Duration::from_secs(90),
     );
@@ -478,22 +476,24 @@ fn java_produce(topic: &str, codec: &str) {
     }
 }
 
-fn java_consume(topic: &str, group: &str, n: usize) -> Vec<String> {
+fn java_consume(topic: &str, group: &str, n: usize, extra: &[&str]) -> Vec<String> {
     let out = run_ok(
-        Command::new(bin("kafka-console-consumer")).args([
-            "--bootstrap-server",
-            &proxy(),
-            "--topic",
-            topic,
-            "--group",
-            group,
-            "--max-messages",
-            &n.to_string(),
-            "--timeout-ms",
-            "60000",
-            "--consumer-property",
-            "auto.offset.reset=earliest",
-        ]),
+        Command::new(bin("kafka-console-consumer"))
+            .args([
+                "--bootstrap-server",
+                &proxy(),
+                "--topic",
+                topic,
+                "--group",
+                group,
+                "--max-messages",
+                &n.to_string(),
+                "--timeout-ms",
+                "60000",
+                "--consumer-property",
+                "auto.offset.reset=earliest",
+            ])
+            .args(extra.iter().flat_map(|p| ["--consumer-property", p])),
         Duration::from_secs(120),
     );
     out.lines().map(str::to_string).collect()
@@ -511,9 +511,9 @@ fn java_console_tools_round_trip_every_codec_with_default_idempotence() {
     let group = unique("g-java");
     // The console consumer commits on close (auto-commit), so the second run resumes.
     let half = want.len() / 2;
-    let first = java_consume(&topic, &group, half);
+    let first = java_consume(&topic, &group, half, &[]);
     assert_eq!(first.len(), half);
-    let second = java_consume(&topic, &group, want.len() - half);
+    let second = java_consume(&topic, &group, want.len() - half, &[]);
     assert_exactly_once(&first, &second, &want, "java console");
     // Describe and delete through the Java admin client.
     let d = run_ok(
@@ -595,28 +595,7 @@ fn java_consumer_with_the_kip_848_group_protocol_resumes_from_its_commits() {
     kcat_produce(&topic, "none");
     let want = expected(&["none"]);
     let group = unique("g-kip848");
-    let consume = |n: usize| -> Vec<String> {
-        let out = run_ok(
-            Command::new(bin("kafka-console-consumer")).args([
-                "--bootstrap-server",
-                &proxy(),
-                "--topic",
-                &topic,
-                "--group",
-                &group,
-                "--max-messages",
-                &n.to_string(),
-                "--timeout-ms",
-                "60000",
-                "--consumer-property",
-                "auto.offset.reset=earliest",
-                "--consumer-property",
-                "group.protocol=consumer",
-            ]),
-            Duration::from_secs(120),
-        );
-        out.lines().map(str::to_string).collect()
-    };
+    let consume = |n: usize| java_consume(&topic, &group, n, &["group.protocol=consumer"]);
     let first = consume(want.len() / 2);
     let second = consume(want.len() - first.len());
     assert_exactly_once(&first, &second, &want, "java KIP-848 consumer");

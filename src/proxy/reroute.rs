@@ -128,11 +128,12 @@ pub fn reroute(
             part.memory_key = Some(key);
         }
         let mut part_targets: BTreeMap<i32, usize> = BTreeMap::new();
-        for (info, records) in &batches {
+        // Records are moved, not cloned, into their target's batch.
+        for (info, records) in batches {
             // Records without any routing field or key stick to one shard per batch.
             let spread = &m.active()[(registry.next_spread() % m.active().len() as u64) as usize];
             for r in records {
-                let shard = match route_hash(&m.config.route_by, r) {
+                let shard = match route_hash(&m.config.route_by, &r) {
                     Some(h) => {
                         sampled.push(h);
                         m.route(h)
@@ -150,7 +151,7 @@ pub fn reroute(
                     .entry(shard.partition)
                     .or_insert_with(|| (info.clone(), Vec::new()))
                     .1
-                    .push(r.clone());
+                    .push(r);
             }
         }
         part.targets = part_targets.keys().copied().collect();
