@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,8 +27,26 @@ fn testbed(args: &[&str]) {
 #[ignore = "needs the 3-broker testbed: integration/run-tests"]
 async fn killing_a_broker_mid_produce_loses_no_acknowledged_record() {
     assert_eq!(brokers(), 3, "this test needs the 3-broker testbed");
-    let topic = unique("failover");
-    create_topic(&topic, 6);
+    // A plain topic (client batches pass through) and a managed one (shardgate's own
+    // idempotent producer writes them).
+    let plain = unique("failover");
+    create_topic(&plain, 6);
+    let managed = unique("failover-managed");
+    let (code, body) = shardgate::admin::http_request(
+        &admin(),
+        "POST",
+        "/api/v1/topics",
+        Some(
+            &serde_json::json!({
+                "name": managed, "route_by": ["key"], "initial_shards": 4, "pool": 8,
+                "replication_factor": rf(), "autoscale": {"enabled": false}
+            })
+            .to_string(),
+        ),
+    )
+    .unwrap();
+    assert_eq!(code, 201, "{body}");
+    let topics = [plain.clone(), managed.clone()];
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", proxy())
         .set("acks", "all")
@@ -43,32 +61,33 @@ async fn killing_a_broker_mid_produce_loses_no_acknowledged_record() {
     let acked = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
     let failed = Arc::new(std::sync::Mutex::new(Vec::new()));
     let prod = {
-        let (stop, acked, failed, topic) =
-            (stop.clone(), acked.clone(), failed.clone(), topic.clone());
+        let (stop, acked, failed, topics) =
+            (stop.clone(), acked.clone(), failed.clone(), topics.clone());
         tokio::spawn(async move {
             let mut i = 0u64;
             let mut inflight = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                let p = producer.clone();
-                let t = topic.clone();
-                let (acked, failed) = (acked.clone(), failed.clone());
-                inflight.push(tokio::spawn(async move {
-                    let v = format!("r-{i}");
-                    match p
-                        .send(
-                            FutureRecord::to(&t)
-                                .key(&format!("k-{}", i % 100))
-                                .payload(&v),
-                            Duration::from_secs(120),
-                        )
-                        .await
-                    {
-                        Ok(_) => {
-                            acked.lock().unwrap().insert(v);
+                for t in topics.clone() {
+                    let p = producer.clone();
+                    let (acked, failed) = (acked.clone(), failed.clone());
+                    inflight.push(tokio::spawn(async move {
+                        // Value "<key>:<sequence of that key>".
+                        let key = format!("k-{}", i % 100);
+                        let v = format!("{key}:{:09}", i / 100);
+                        match p
+                            .send(
+                                FutureRecord::to(&t).key(&key).payload(&v),
+                                Duration::from_secs(120),
+                            )
+                            .await
+                        {
+                            Ok(_) => {
+                                acked.lock().unwrap().insert((t, v));
+                            }
+                            Err((e, _)) => failed.lock().unwrap().push(format!("{t} {v}: {e}")),
                         }
-                        Err((e, _)) => failed.lock().unwrap().push(format!("{v}: {e}")),
-                    }
-                }));
+                    }));
+                }
                 i += 1;
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
@@ -94,7 +113,7 @@ async fn killing_a_broker_mid_produce_loses_no_acknowledged_record() {
     let acked = acked.lock().unwrap().clone();
     let failed = failed.lock().unwrap().clone();
     assert!(
-        before_kill > 100,
+        before_kill > 200,
         "produced only {before_kill} records before the kill"
     );
     assert!(
@@ -106,31 +125,108 @@ async fn killing_a_broker_mid_produce_loses_no_acknowledged_record() {
         "producing stalled while broker 2 was down ({before_kill} -> {during})"
     );
     eprintln!(
-        "acked {} records ({} before the kill, {} failed deliveries)",
+        "acked {} records over both topics ({} before the kill, {} failed deliveries)",
         acked.len(),
         before_kill,
         failed.len()
     );
 
-    // Every acknowledged record can be read back through shardgate.
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", proxy())
-        .set("group.id", unique("g-failover"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&topic]).unwrap();
-    let mut seen = BTreeSet::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline && !acked.is_subset(&seen) {
-        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
-            seen.insert(String::from_utf8_lossy(m.payload().unwrap()).into_owned());
+    for topic in &topics {
+        let want: BTreeSet<String> = acked
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, v)| v.clone())
+            .collect();
+        // Every acknowledged record can be read back through shardgate, once, and each
+        // key's sequence only goes up (one consumer, no rebalance: nothing is re-delivered).
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", proxy())
+            .set("group.id", unique("g-failover"))
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        consumer.subscribe(&[topic]).unwrap();
+        let mut seen = BTreeSet::new();
+        let mut duplicates = Vec::new();
+        let mut backwards = Vec::new();
+        let mut last: HashMap<String, String> = HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline && !want.is_subset(&seen) {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(500)) {
+                let v = String::from_utf8_lossy(m.payload().unwrap()).into_owned();
+                let (key, seq) = v.split_once(':').unwrap();
+                if let Some(prev) = last.insert(key.to_string(), seq.to_string())
+                    && prev.as_str() >= seq
+                {
+                    backwards.push(format!("{key}: {seq} after {prev}"));
+                }
+                if !seen.insert(v.clone()) {
+                    duplicates.push(v);
+                }
+            }
+        }
+        let lost: Vec<_> = want.difference(&seen).take(10).collect();
+        assert!(
+            lost.is_empty(),
+            "{topic}: {} acknowledged records lost, e.g. {lost:?}",
+            want.difference(&seen).count()
+        );
+        assert!(
+            duplicates.is_empty(),
+            "{topic}: {} records written twice, e.g. {:?}",
+            duplicates.len(),
+            &duplicates[..duplicates.len().min(10)]
+        );
+        assert!(
+            backwards.is_empty(),
+            "{topic}: {} key sequences went backwards, e.g. {:?}",
+            backwards.len(),
+            &backwards[..backwards.len().min(10)]
+        );
+        eprintln!(
+            "{topic}: {} records read back, none lost, none twice, no key out of order",
+            seen.len()
+        );
+    }
+
+    // The managed topic's batches were written by shardgate's own idempotent producer:
+    // Kafka's log dump shows a producer id and sequences on them.
+    let dirs: Vec<_> = std::fs::read_dir(cache().join("run/kafka-1/data"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(&format!("{managed}-"))
+        })
+        .collect();
+    let mut batches = 0;
+    for dir in dirs {
+        let log = dir.join("00000000000000000000.log");
+        if std::fs::metadata(&log).map_or(true, |m| m.len() == 0) {
+            continue;
+        }
+        let out = run_ok(
+            Command::new(bin("kafka-dump-log")).args(["--files", log.to_str().unwrap()]),
+            Duration::from_secs(60),
+        );
+        for line in out.lines().filter(|l| l.contains("baseSequence:")) {
+            let field = |name: &str| -> i64 {
+                line.split(name)
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("no {name} in {line}"))
+            };
+            assert!(
+                field("producerId: ") >= 0 && field("baseSequence: ") >= 0,
+                "a managed batch without producer id or sequence: {line}"
+            );
+            batches += 1;
         }
     }
-    let lost: Vec<_> = acked.difference(&seen).take(10).collect();
-    assert!(
-        lost.is_empty(),
-        "{} acknowledged records lost, e.g. {lost:?}",
-        acked.difference(&seen).count()
-    );
+    assert!(batches > 0, "no batch of {managed} found in broker 1's log");
+    eprintln!("{batches} managed batches in broker 1's log, all with producer id and sequence");
 }

@@ -15,6 +15,7 @@ pub mod produce;
 pub mod reroute;
 pub mod server;
 pub mod signals;
+pub mod writer;
 
 use std::sync::Arc;
 
@@ -68,6 +69,8 @@ pub struct Ctx {
     pub controller: Arc<crate::shards::controller::Controller>,
     /// Client producers' recent batches on managed topics, to answer retries from memory.
     pub producers: reroute::ProducerMemory,
+    /// shardgate's own idempotent producer for managed topics.
+    pub writer: Arc<writer::ShardWriter>,
     /// Set once stored maps are loaded: until then managed topics are unknown, so produce
     /// requests to them must wait rather than pass through unrouted.
     pub shards_loaded: std::sync::atomic::AtomicBool,
@@ -79,6 +82,7 @@ impl Ctx {
         pool: Arc<Pool>,
         store: Arc<dyn crate::store::ShardStore>,
     ) -> Self {
+        let pool_for_writer = pool.clone();
         Self {
             cluster: cluster::VirtualCluster::new(settings.node_id, settings.instances.clone()),
             settings,
@@ -89,6 +93,7 @@ impl Ctx {
             groups: Default::default(),
             controller: Arc::new(crate::shards::controller::Controller::new(store)),
             producers: Default::default(),
+            writer: writer::ShardWriter::new(pool_for_writer),
             shards_loaded: Default::default(),
         }
     }

@@ -14,7 +14,8 @@ use kafka_protocol::protocol::StrBytes;
 use uuid::Uuid;
 
 use super::connection::ClientConn;
-use super::reroute::{ClientPart, reroute};
+use super::reroute::{ClientPart, MemoryKey, Remembered, reroute};
+use super::writer::{ClientStream, Job, WriteError, Written};
 use super::{Ctx, HandlerError, Reply};
 use crate::protocol::{RequestFrame, codes, decode_response, encode_request, encode_response};
 use crate::shards::registry::InflightGuard;
@@ -41,9 +42,7 @@ pub struct PendingProduce {
     /// Partitions answered without going upstream: (code, message).
     local_errors: BTreeMap<(TopicRef, i32), (i16, Option<String>)>,
     /// Managed topics: what became of each client partition, keyed like `order`.
-    managed: BTreeMap<(TopicRef, i32), ClientPart>,
-    /// Managed topics: target partitions that could not be sent upstream.
-    target_errors: BTreeMap<(TopicRef, i32), i16>,
+    managed: BTreeMap<(TopicRef, i32), ManagedPart>,
     /// Keeps the map epochs these records were routed under "in flight" for the seal protocol.
     _routed: Vec<InflightGuard>,
 }
@@ -91,7 +90,6 @@ pub async fn send(
     let mut order = Vec::new();
     let mut local_errors = BTreeMap::new();
     let mut managed = BTreeMap::new();
-    let mut target_errors = BTreeMap::new();
     let mut routed = Vec::new();
     let loaded = ctx.shards_loaded.load(std::sync::atomic::Ordering::Acquire);
     let mut by_broker: BTreeMap<i32, (ProduceRequest, Vec<(TopicRef, i32)>)> = BTreeMap::new();
@@ -128,36 +126,49 @@ pub async fn send(
                 metrics::counter!("shardgate_shard_records_in_total", &labels).increment(*records);
                 metrics::counter!("shardgate_shard_bytes_in_total", &labels).increment(*bytes);
             }
-            for part in r.parts {
+            let deadline = write_deadline(body.timeout_ms);
+            for mut part in r.parts {
                 order.push((tref.clone(), part.index));
-                managed.insert((tref.clone(), part.index), part);
-            }
-            for (target, records) in r.targets {
-                let Some(broker) = topo.leader(&m.config.name, target) else {
-                    target_errors.insert((tref.clone(), target), codes::NOT_LEADER_OR_FOLLOWER);
-                    continue;
-                };
-                let (sub, parts) = by_broker.entry(broker).or_insert_with(|| {
-                    let mut r = body.clone();
-                    r.topic_data.clear();
-                    (r, Vec::new())
-                });
-                let pd = kafka_protocol::messages::produce_request::PartitionProduceData::default()
-                    .with_index(target)
-                    .with_records(Some(records));
-                match sub
-                    .topic_data
-                    .iter_mut()
-                    .find(|x| x.name == t.name && x.topic_id == t.topic_id)
-                {
-                    Some(x) => x.partition_data.push(pd),
-                    None => {
-                        let mut x = t.clone();
-                        x.partition_data = vec![pd];
-                        sub.topic_data.push(x);
-                    }
+                let mut jobs = Vec::new();
+                if let Some(key) = &part.memory_key {
+                    ctx.producers
+                        .remember(key.clone(), Remembered::InFlight(deadline));
                 }
-                parts.push((tref.clone(), target));
+                for w in std::mem::take(&mut part.writes) {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let client = part.memory_key.as_ref().map(|k| {
+                        (
+                            ClientStream {
+                                producer_id: k.producer_id,
+                                producer_epoch: k.producer_epoch,
+                                topic: k.topic.clone(),
+                                partition: k.partition,
+                            },
+                            k.base_sequence,
+                        )
+                    });
+                    ctx.writer.submit(
+                        &m.config.name,
+                        w.target,
+                        Job {
+                            info: w.info,
+                            records: w.records,
+                            acks: body.acks,
+                            deadline,
+                            client,
+                            reply: tx,
+                        },
+                    );
+                    jobs.push((w.target, w.indices, rx));
+                }
+                managed.insert(
+                    (tref.clone(), part.index),
+                    ManagedPart {
+                        topic: m.config.name.clone(),
+                        part,
+                        jobs,
+                    },
+                );
             }
             continue;
         }
@@ -228,7 +239,6 @@ pub async fn send(
         subs,
         local_errors,
         managed,
-        target_errors,
         _routed: routed,
     })
 }
@@ -323,10 +333,11 @@ impl PendingProduce {
                 error_answer(idx, code).with_error_message(message.map(StrBytes::from_string)),
             );
         }
-        stale |= !self.target_errors.is_empty();
-        for (key, code) in self.target_errors {
-            let idx = key.1;
-            answers.insert(key, error_answer(idx, code));
+        // Managed parts: every job is awaited, even for acks=0, so the routed epoch stays in
+        // flight until the records are written (seal protocol).
+        let mut managed_answers = BTreeMap::new();
+        for (key, mp) in self.managed {
+            managed_answers.insert(key, managed_answer(ctx, mp).await);
         }
         if stale {
             ctx.topology().request_refresh();
@@ -339,8 +350,8 @@ impl PendingProduce {
             let key = (tref.clone(), index);
             let answer = if let Some(a) = local.remove(&key) {
                 a
-            } else if let Some(part) = self.managed.get(&key) {
-                managed_answer(ctx, part, &tref, &answers)
+            } else if let Some(a) = managed_answers.remove(&key) {
+                a
             } else {
                 answers
                     .remove(&key)
@@ -369,14 +380,27 @@ impl PendingProduce {
     }
 }
 
-/// The answer for one client partition of a managed topic, from the answers of the upstream
-/// partitions its records went to.
-fn managed_answer(
-    ctx: &Ctx,
-    part: &ClientPart,
-    tref: &TopicRef,
-    answers: &BTreeMap<(TopicRef, i32), PartitionProduceResponse>,
-) -> PartitionProduceResponse {
+/// A client partition of a managed topic and the writer jobs carrying its records.
+struct ManagedPart {
+    topic: String,
+    part: ClientPart,
+    /// (target partition, record positions, answer).
+    jobs: Vec<(i32, Vec<u32>, JobAnswer)>,
+}
+
+type JobAnswer = tokio::sync::oneshot::Receiver<Result<Written, WriteError>>;
+
+/// How long the writer may retry a batch: clearly less than the client's own timeout, so the
+/// client does not retry a batch shardgate is still writing.
+fn write_deadline(timeout_ms: i32) -> std::time::Instant {
+    let t = timeout_ms.clamp(1_000, 300_000) as u64;
+    std::time::Instant::now() + Duration::from_millis(t - (t / 5).max(500))
+}
+
+/// The answer for one client partition of a managed topic, from the answers of the writer
+/// jobs its records went to.
+async fn managed_answer(ctx: &Ctx, mp: ManagedPart) -> PartitionProduceResponse {
+    let ManagedPart { topic, part, jobs } = mp;
     let base = PartitionProduceResponse::default()
         .with_index(part.index)
         .with_base_offset(-1)
@@ -394,20 +418,64 @@ fn managed_answer(
         metrics::counter!("shardgate_produce_retries_answered_total").increment(1);
         return base.with_base_offset(offset);
     }
-    let mut offset = -1;
-    for t in &part.targets {
-        match answers.get(&(tref.clone(), *t)) {
-            Some(a) if a.error_code == codes::NONE => {
-                if part.sole_writer {
-                    offset = a.base_offset;
+    if part.written_before.is_some() {
+        metrics::counter!("shardgate_produce_partial_retries_total").increment(1);
+    }
+    let single = jobs.len() == 1 && part.written_before.is_none();
+    let mut written = part
+        .written_before
+        .clone()
+        .unwrap_or_else(|| vec![false; part.record_count as usize]);
+    let mut first_error: Option<WriteError> = None;
+    let mut answer = base.clone();
+    for (target, indices, rx) in jobs {
+        let result = rx.await.unwrap_or_else(|_| {
+            Err(WriteError {
+                code: codes::NOT_LEADER_OR_FOLLOWER,
+                message: Some("writer lane stopped".into()),
+            })
+        });
+        match result {
+            Ok(w) => {
+                for i in indices {
+                    if let Some(slot) = written.get_mut(i as usize) {
+                        *slot = true;
+                    }
+                }
+                ctx.signals.notify(&topic, target);
+                if single {
+                    answer = answer
+                        .with_base_offset(w.base_offset)
+                        .with_log_append_time_ms(w.log_append_time_ms)
+                        .with_log_start_offset(w.log_start_offset);
                 }
             }
-            Some(a) => return base.with_error_code(a.error_code),
-            None => return base.with_error_code(codes::UNKNOWN_SERVER_ERROR),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
         }
     }
-    if let Some(key) = &part.memory_key {
-        ctx.producers.remember(key.clone(), offset);
+    if let Some(key) = part.memory_key.clone() {
+        remember_outcome(ctx, key, &first_error, &answer, written);
     }
-    base.with_base_offset(offset)
+    match first_error {
+        None => answer,
+        Some(e) => base
+            .with_error_code(e.code)
+            .with_error_message(e.message.map(StrBytes::from_string)),
+    }
+}
+
+fn remember_outcome(
+    ctx: &Ctx,
+    key: MemoryKey,
+    error: &Option<WriteError>,
+    answer: &PartitionProduceResponse,
+    written: Vec<bool>,
+) {
+    let what = match error {
+        None => Remembered::Done(answer.base_offset),
+        Some(_) => Remembered::Partial(written),
+    };
+    ctx.producers.remember(key, what);
 }

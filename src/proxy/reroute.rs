@@ -5,42 +5,48 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
+use std::time::Instant;
 
-use bytes::Bytes;
 use kafka_protocol::messages::produce_request::PartitionProduceData;
 
-use crate::protocol::records::{
-    BatchInfo, Record, RecordsError, decode_batches_limited, encode_batch,
-};
+use crate::protocol::records::{BatchInfo, Record, RecordsError, decode_batches_limited};
 use crate::shards::registry::{Managed, Registry};
 use crate::shards::routing::route_hash;
 
 pub const CORRUPT_MESSAGE: i16 = 2;
 pub const INVALID_RECORD: i16 = 87;
+const REQUEST_TIMED_OUT: i16 = crate::protocol::codes::REQUEST_TIMED_OUT;
+
+/// Records of one client partition bound for one upstream partition.
+pub struct Write {
+    pub target: i32,
+    /// The client batch's compression and timestamp type.
+    pub info: BatchInfo,
+    pub records: Vec<Record>,
+    /// Positions of these records in the client's partition data (for partial retries).
+    pub indices: Vec<u32>,
+}
 
 /// What became of one partition entry of the client's request.
-#[derive(Debug, Clone)]
 pub struct ClientPart {
     pub index: i32,
-    /// Upstream partitions its records went to.
-    pub targets: Vec<i32>,
+    /// Upstream writes of its records, one per target partition.
+    pub writes: Vec<Write>,
     /// Refused before going upstream: (error code, message).
     pub refused: Option<(i16, String)>,
     /// Already written: answered from memory (base offset).
     pub remembered: Option<i64>,
-    /// Key under which a successful write is remembered.
+    /// Key under which the outcome is remembered (idempotent clients).
     pub memory_key: Option<MemoryKey>,
-    /// Whether its records alone make up one target's batch (then the upstream base offset is
-    /// this batch's base offset; otherwise the answer is -1, as for a batch spread over
-    /// partitions).
-    pub sole_writer: bool,
+    /// Records in the client's partition data.
+    pub record_count: u32,
+    /// Records an earlier attempt of this batch already wrote (skipped now).
+    pub written_before: Option<Vec<bool>>,
 }
 
 /// The rerouted form of one topic of a produce request.
 pub struct Rerouted {
     pub parts: Vec<ClientPart>,
-    /// Target partition → concatenated record batches.
-    pub targets: BTreeMap<i32, Bytes>,
     pub records_per_shard: BTreeMap<u32, (u64, u64)>,
 }
 
@@ -53,18 +59,17 @@ pub fn reroute(
     max_decompressed: usize,
 ) -> Rerouted {
     let mut parts = Vec::with_capacity(data.len());
-    let mut targets: BTreeMap<i32, (BatchInfo, Vec<Record>)> = BTreeMap::new();
-    let mut writers: BTreeMap<i32, usize> = BTreeMap::new();
     let mut per_shard: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
     let mut sampled = Vec::new();
     for pd in data {
         let mut part = ClientPart {
             index: pd.index,
-            targets: vec![],
+            writes: vec![],
             refused: None,
             remembered: None,
             memory_key: None,
-            sole_writer: false,
+            record_count: 0,
+            written_before: None,
         };
         if transactional {
             part.refused = Some((
@@ -109,6 +114,7 @@ pub fn reroute(
             parts.push(part);
             continue;
         }
+        part.record_count = batches.iter().map(|(_, r)| r.len() as u32).sum();
         if let Some((info, _)) = batches.first()
             && info.producer_id >= 0
             && info.base_sequence >= 0
@@ -120,19 +126,43 @@ pub fn reroute(
                 partition: pd.index,
                 base_sequence: info.base_sequence,
             };
-            if let Some(offset) = memory.get(&key) {
-                part.remembered = Some(offset);
-                parts.push(part);
-                continue;
+            match memory.get(&key) {
+                Some(Remembered::Done(offset)) => {
+                    part.remembered = Some(offset);
+                    parts.push(part);
+                    continue;
+                }
+                Some(Remembered::Partial(written))
+                    if written.len() == part.record_count as usize =>
+                {
+                    part.written_before = Some(written);
+                }
+                Some(Remembered::InFlight(until)) if Instant::now() < until => {
+                    // The client gave up waiting before shardgate did: writing the retry now
+                    // would duplicate whatever the first attempt writes.
+                    part.refused = Some((
+                        REQUEST_TIMED_OUT,
+                        "an earlier attempt of this batch is still being written".into(),
+                    ));
+                    parts.push(part);
+                    continue;
+                }
+                _ => {}
             }
             part.memory_key = Some(key);
         }
-        let mut part_targets: BTreeMap<i32, usize> = BTreeMap::new();
+        let mut writes: BTreeMap<i32, Write> = BTreeMap::new();
+        let mut index = 0u32;
         // Records are moved, not cloned, into their target's batch.
         for (info, records) in batches {
             // Records without any routing field or key stick to one shard per batch.
             let spread = &m.active()[(registry.next_spread() % m.active().len() as u64) as usize];
             for r in records {
+                let i = index;
+                index += 1;
+                if part.written_before.as_ref().is_some_and(|w| w[i as usize]) {
+                    continue;
+                }
                 let shard = match route_hash(&m.config.route_by, &r) {
                     Some(h) => {
                         sampled.push(h);
@@ -144,52 +174,24 @@ pub fn reroute(
                 e.0 += 1;
                 e.1 += r.value.as_ref().map_or(0, |v| v.len() as u64)
                     + r.key.as_ref().map_or(0, |k| k.len() as u64);
-                *part_targets.entry(shard.partition).or_default() += 1;
                 // Kafka accepts one batch per partition in a produce request, so every
                 // record bound for a target joins one batch (with the first batch's codec).
-                targets
-                    .entry(shard.partition)
-                    .or_insert_with(|| (info.clone(), Vec::new()))
-                    .1
-                    .push(r);
+                let w = writes.entry(shard.partition).or_insert_with(|| Write {
+                    target: shard.partition,
+                    info: info.clone(),
+                    records: Vec::new(),
+                    indices: Vec::new(),
+                });
+                w.records.push(r);
+                w.indices.push(i);
             }
         }
-        part.targets = part_targets.keys().copied().collect();
-        for t in &part.targets {
-            *writers.entry(*t).or_default() += 1;
-        }
+        part.writes = writes.into_values().collect();
         parts.push(part);
     }
-    for p in &mut parts {
-        p.sole_writer = p.targets.len() == 1 && writers.get(&p.targets[0]) == Some(&1);
-    }
     registry.sample(&m.config.name, &sampled);
-    let mut encoded = BTreeMap::new();
-    for (t, (info, records)) in targets {
-        let out = BatchInfo {
-            producer_id: -1,
-            producer_epoch: -1,
-            base_sequence: -1,
-            partition_leader_epoch: -1,
-            ..info
-        };
-        let refs: Vec<&Record> = records.iter().collect();
-        match encode_batch(&refs, &out) {
-            Ok(b) => {
-                encoded.insert(t, b);
-            }
-            Err(e) => {
-                // Encoding records we just decoded fails only on a codec error: refuse the
-                // client partitions that had records for this target.
-                for p in parts.iter_mut().filter(|p| p.targets.contains(&t)) {
-                    p.refused = Some((CORRUPT_MESSAGE, format!("cannot re-encode records: {e}")));
-                }
-            }
-        }
-    }
     Rerouted {
         parts,
-        targets: encoded,
         records_per_shard: per_shard,
     }
 }
@@ -210,11 +212,22 @@ pub struct MemoryKey {
     pub base_sequence: i32,
 }
 
+/// What an earlier attempt of a client batch achieved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Remembered {
+    /// Every record written; the answer's base offset.
+    Done(i64),
+    /// Some records written (by position in the batch); a retry writes only the others.
+    Partial(Vec<bool>),
+    /// Being written, at the latest until then.
+    InFlight(Instant),
+}
+
 /// The last batches idempotent client producers wrote to managed topics, so that a retry of a
-/// batch already written is answered from here instead of being written twice. Bounded: the
-/// oldest entries go first (a producer retries only its last few in-flight batches).
+/// batch already written (wholly or in part) does not write it twice. Bounded: the oldest
+/// entries go first (a producer retries only its last few in-flight batches).
 pub struct ProducerMemory {
-    inner: Mutex<(HashMap<MemoryKey, i64>, VecDeque<MemoryKey>)>,
+    inner: Mutex<(HashMap<MemoryKey, Remembered>, VecDeque<MemoryKey>)>,
     capacity: usize,
 }
 
@@ -228,19 +241,19 @@ impl Default for ProducerMemory {
 }
 
 impl ProducerMemory {
-    pub fn get(&self, key: &MemoryKey) -> Option<i64> {
+    pub fn get(&self, key: &MemoryKey) -> Option<Remembered> {
         self.inner
             .lock()
             .expect("producer memory")
             .0
             .get(key)
-            .copied()
+            .cloned()
     }
 
-    pub fn remember(&self, key: MemoryKey, base_offset: i64) {
+    pub fn remember(&self, key: MemoryKey, what: Remembered) {
         let mut g = self.inner.lock().expect("producer memory");
         let (map, order) = &mut *g;
-        if map.insert(key.clone(), base_offset).is_none() {
+        if map.insert(key.clone(), what).is_none() {
             order.push_back(key);
             while order.len() > self.capacity {
                 if let Some(old) = order.pop_front() {

@@ -1,0 +1,614 @@
+//! shardgate's own idempotent producer for managed topics. Records of one client batch can
+//! land on several partitions, so the client's producer id and sequences cannot be forwarded;
+//! instead every upstream partition of a managed topic has one writer lane that owns a
+//! producer id and sequence of its own.
+//!
+//! A lane keeps one batch in flight: it takes every job queued behind it (up to a byte
+//! budget) into the next batch, so a hot partition writes bigger batches instead of more of
+//! them. With one batch in flight a retry after a lost response or a leader change carries the
+//! same sequence, and the broker answers a batch it already has as a duplicate instead of
+//! writing it twice. Jobs enter a lane synchronously, in the order the client's produce lane
+//! routed them, so per-partition order is the order of arrival.
+//!
+//! Emulating the broker for client producers: when a lane gives up on a batch of an
+//! idempotent client (its records may or may not be written), later batches of that client
+//! producer for that lane are refused with OUT_OF_ORDER_SEQUENCE until the client retries the
+//! failed one, as a broker would do with a sequence gap. Otherwise a retried batch would land
+//! behind batches sent after it and break per-key order.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use kafka_protocol::messages::{
+    ApiKey, InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse,
+    TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::protocol::codes;
+use crate::protocol::records::{BatchInfo, Record, encode_batch};
+use crate::upstream::UpstreamError;
+use crate::upstream::pool::Pool;
+
+/// Produce v9: flexible, topics by name; every Kafka since 2.4 takes it.
+const PRODUCE_VERSION: i16 = 9;
+const INIT_PRODUCER_ID_VERSION: i16 = 3;
+/// A lane stops adding queued jobs to a batch past this many record bytes (well under the
+/// broker's default 1 MiB message.max.bytes).
+const COALESCE_BYTES: usize = 512 * 1024;
+
+const OUT_OF_ORDER_SEQUENCE: i16 = 45;
+const DUPLICATE_SEQUENCE: i16 = 46;
+const INVALID_PRODUCER_EPOCH: i16 = 47;
+const INVALID_PRODUCER_ID_MAPPING: i16 = 49;
+const UNKNOWN_PRODUCER_ID: i16 = 59;
+const NOT_ENOUGH_REPLICAS: i16 = 19;
+const NOT_ENOUGH_REPLICAS_AFTER_APPEND: i16 = 20;
+const NETWORK_EXCEPTION: i16 = 13;
+const KAFKA_STORAGE_ERROR: i16 = 56;
+const COORDINATOR_LOAD_IN_PROGRESS: i16 = 14;
+
+/// The client producer stream a job belongs to (idempotent clients only).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientStream {
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub topic: String,
+    pub partition: i32,
+}
+
+/// Records of one client partition bound for one upstream partition.
+pub struct Job {
+    /// Compression and timestamp type of the client's batch.
+    pub info: BatchInfo,
+    pub records: Vec<Record>,
+    pub acks: i16,
+    pub deadline: Instant,
+    /// Set for idempotent clients: (stream, base sequence of the client's batch).
+    pub client: Option<(ClientStream, i32)>,
+    pub reply: oneshot::Sender<Result<Written, WriteError>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Written {
+    /// Offset of this job's first record.
+    pub base_offset: i64,
+    pub log_append_time_ms: i64,
+    pub log_start_offset: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct WriteError {
+    pub code: i16,
+    pub message: Option<String>,
+}
+
+type Lane = mpsc::UnboundedSender<Job>;
+
+pub struct ShardWriter {
+    pool: Arc<Pool>,
+    lanes: Mutex<HashMap<(String, i32), Lane>>,
+    /// The producer id lanes start with; replaced when a lane needs a fresh one.
+    producer: Mutex<Option<(i64, i16)>>,
+    pins: AtomicU64,
+}
+
+impl ShardWriter {
+    pub fn new(pool: Arc<Pool>) -> Arc<Self> {
+        Arc::new(Self {
+            pool,
+            lanes: Mutex::new(HashMap::new()),
+            producer: Mutex::new(None),
+            pins: AtomicU64::new(1 << 40),
+        })
+    }
+
+    /// Queues a job on the lane of (topic, partition). Synchronous, so jobs keep the order of
+    /// the calls.
+    pub fn submit(self: &Arc<Self>, topic: &str, partition: i32, job: Job) {
+        let mut lanes = self.lanes.lock().expect("writer lanes");
+        let key = (topic.to_string(), partition);
+        let tx = lanes.entry(key.clone()).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let pin = self.pins.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(run_lane(self.clone(), key.0.clone(), key.1, pin, rx));
+            tx
+        });
+        if let Err(mpsc::error::SendError(job)) = tx.send(job) {
+            // Only if the lane task died (a panic): answer, and start a new lane next time.
+            lanes.remove(&key);
+            let _ = job.reply.send(Err(WriteError {
+                code: codes::NOT_LEADER_OR_FOLLOWER,
+                message: Some("writer lane restarted".into()),
+            }));
+        }
+    }
+
+    /// The shared producer id, or a new one if the caller's lane cannot use `not`.
+    async fn producer_id(&self, not: Option<(i64, i16)>) -> Result<(i64, i16), WriteError> {
+        if let Some(p) = *self.producer.lock().expect("writer producer")
+            && Some(p) != not
+        {
+            return Ok(p);
+        }
+        let topo = self.pool.topology.load();
+        let broker = topo
+            .any_broker(self.pins.fetch_add(1, Ordering::Relaxed))
+            .ok_or(WriteError {
+                code: codes::LEADER_NOT_AVAILABLE,
+                message: Some("no upstream broker known".into()),
+            })?;
+        let req = InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_transaction_timeout_ms(60_000)
+            .with_producer_id((-1).into())
+            .with_producer_epoch(-1);
+        let resp: InitProducerIdResponse = self
+            .pool
+            .call(
+                broker,
+                0,
+                ApiKey::InitProducerId,
+                INIT_PRODUCER_ID_VERSION,
+                None,
+                &req,
+            )
+            .await
+            .map_err(upstream_error)?;
+        if resp.error_code != codes::NONE {
+            return Err(WriteError {
+                code: resp.error_code,
+                message: Some(format!(
+                    "InitProducerId for shardgate's own producer failed with error {}",
+                    resp.error_code
+                )),
+            });
+        }
+        let p = (resp.producer_id.0, resp.producer_epoch);
+        tracing::info!(
+            producer_id = p.0,
+            epoch = p.1,
+            "upstream idempotent producer id"
+        );
+        metrics::counter!("shardgate_writer_producer_ids_total").increment(1);
+        *self.producer.lock().expect("writer producer") = Some(p);
+        Ok(p)
+    }
+}
+
+fn upstream_error(e: UpstreamError) -> WriteError {
+    WriteError {
+        code: match e {
+            UpstreamError::Timeout { .. } => codes::REQUEST_TIMED_OUT,
+            _ => NETWORK_EXCEPTION,
+        },
+        message: Some(e.to_string()),
+    }
+}
+
+struct LaneState {
+    topic: String,
+    partition: i32,
+    pin: u64,
+    producer: Option<(i64, i16)>,
+    /// The producer id this lane gave up on (so it is not handed back).
+    dropped: Option<(i64, i16)>,
+    next_seq: i32,
+    /// Client streams with a batch this lane gave up on: (stream → its base sequence).
+    gaps: HashMap<ClientStream, i32>,
+}
+
+async fn run_lane(
+    w: Arc<ShardWriter>,
+    topic: String,
+    partition: i32,
+    pin: u64,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+) {
+    let mut st = LaneState {
+        topic,
+        partition,
+        pin,
+        producer: None,
+        dropped: None,
+        next_seq: 0,
+        gaps: HashMap::new(),
+    };
+    let mut carry: Option<Job> = None;
+    loop {
+        let first = match carry.take() {
+            Some(j) => j,
+            None => match rx.recv().await {
+                Some(j) => j,
+                None => return,
+            },
+        };
+        let mut jobs = Vec::new();
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            if let Some(refusal) = gap_refusal(&st, &job) {
+                let _ = job.reply.send(Err(refusal));
+            } else if jobs.first().is_some_and(|f: &Job| !coalescable(f, &job)) {
+                carry = Some(job);
+                break;
+            } else {
+                bytes += job_bytes(&job);
+                jobs.push(job);
+            }
+            if bytes < COALESCE_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        if jobs.is_empty() {
+            continue;
+        }
+        match write(&w, &mut st, &jobs).await {
+            Ok(written) => {
+                let mut offset = 0i64;
+                for job in jobs {
+                    if let Some((stream, seq)) = &job.client
+                        && st.gaps.get(stream).is_some_and(|g| g == seq)
+                    {
+                        st.gaps.remove(stream);
+                    }
+                    let n = job.records.len() as i64;
+                    let _ = job.reply.send(Ok(Written {
+                        base_offset: if written.base_offset >= 0 {
+                            written.base_offset + offset
+                        } else {
+                            -1
+                        },
+                        ..written
+                    }));
+                    offset += n;
+                }
+            }
+            Err(Failure::Refused(_)) if jobs.len() > 1 => {
+                // One job may be what the broker refuses (too large, invalid): write each
+                // alone so the others still get through.
+                for job in jobs {
+                    let single = [job];
+                    let result = write(&w, &mut st, &single).await;
+                    let [job] = single;
+                    finish_single(&mut st, job, result);
+                }
+            }
+            Err(f) => {
+                let e = f.error();
+                for job in jobs {
+                    fail(&mut st, job, &f, e.clone());
+                }
+            }
+        }
+    }
+}
+
+fn finish_single(st: &mut LaneState, job: Job, result: Result<Written, Failure>) {
+    match result {
+        Ok(written) => {
+            if let Some((stream, seq)) = &job.client
+                && st.gaps.get(stream).is_some_and(|g| g == seq)
+            {
+                st.gaps.remove(stream);
+            }
+            let _ = job.reply.send(Ok(written));
+        }
+        Err(f) => {
+            let e = f.error();
+            fail(st, job, &f, e)
+        }
+    }
+}
+
+fn fail(st: &mut LaneState, job: Job, f: &Failure, e: WriteError) {
+    if matches!(f, Failure::GaveUp(_))
+        && let Some((stream, seq)) = &job.client
+    {
+        st.gaps.entry(stream.clone()).or_insert(*seq);
+    }
+    let _ = job.reply.send(Err(e));
+}
+
+/// A later batch of a client stream with an unresolved failed batch in this lane.
+fn gap_refusal(st: &LaneState, job: &Job) -> Option<WriteError> {
+    let (stream, seq) = job.client.as_ref()?;
+    let gap = st.gaps.get(stream)?;
+    // Sequences wrap at i32::MAX; "later" is within half the space ahead.
+    let ahead = (*seq as i64 - *gap as i64).rem_euclid(i32::MAX as i64 + 1);
+    (ahead > 0 && ahead < (1 << 30)).then(|| {
+        metrics::counter!("shardgate_writer_sequence_gaps_total").increment(1);
+        WriteError {
+            code: OUT_OF_ORDER_SEQUENCE,
+            message: Some(format!(
+                "an earlier batch (sequence {gap}) of this producer was not written; retry it first"
+            )),
+        }
+    })
+}
+
+fn coalescable(a: &Job, b: &Job) -> bool {
+    a.info.attributes == b.info.attributes
+}
+
+fn job_bytes(j: &Job) -> usize {
+    j.records
+        .iter()
+        .map(|r| {
+            r.key.as_ref().map_or(0, |k| k.len())
+                + r.value.as_ref().map_or(0, |v| v.len())
+                + r.headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.as_ref().map_or(0, |v| v.len()))
+                    .sum::<usize>()
+                + 16
+        })
+        .sum()
+}
+
+enum Failure {
+    /// The broker refused the batch; it was not written.
+    Refused(WriteError),
+    /// Retries ran out; the batch may have been written.
+    GaveUp(WriteError),
+}
+
+impl Failure {
+    fn error(&self) -> WriteError {
+        match self {
+            Failure::Refused(e) => e.clone(),
+            Failure::GaveUp(error) => error.clone(),
+        }
+    }
+}
+
+/// Writes `jobs` as one batch, retrying with the same producer id and sequence until the
+/// latest deadline of the jobs.
+async fn write(w: &ShardWriter, st: &mut LaneState, jobs: &[Job]) -> Result<Written, Failure> {
+    let acks = if jobs.iter().any(|j| j.acks == -1) {
+        -1
+    } else {
+        1
+    };
+    let deadline = jobs
+        .iter()
+        .map(|j| j.deadline)
+        .max()
+        .unwrap_or_else(Instant::now);
+    let records: Vec<&Record> = jobs.iter().flat_map(|j| j.records.iter()).collect();
+    let count = records.len() as i32;
+    let mut encoded: Option<((i64, i16, i32), bytes::Bytes)> = None;
+    let mut uncertain = false;
+    let mut backoff = Duration::from_millis(20);
+    let mut last = WriteError {
+        code: codes::REQUEST_TIMED_OUT,
+        message: None,
+    };
+    let give_up = |st: &mut LaneState, uncertain: bool, error: WriteError| {
+        if uncertain {
+            // The batch may be written under this sequence; a new producer id lets the next
+            // batch start clean instead of failing with OUT_OF_ORDER_SEQUENCE.
+            st.dropped = st.producer.take();
+            metrics::counter!("shardgate_writer_indeterminate_total").increment(1);
+        }
+        tracing::warn!(topic = %st.topic, partition = st.partition, code = error.code, message = ?error.message, uncertain, "managed produce gave up");
+        Failure::GaveUp(error)
+    };
+    loop {
+        if Instant::now() >= deadline {
+            return Err(give_up(st, uncertain, last));
+        }
+        let (pid, epoch) = match st.producer {
+            Some(p) => p,
+            None => match w.producer_id(st.dropped).await {
+                Ok(p) => {
+                    st.producer = Some(p);
+                    st.next_seq = 0;
+                    p
+                }
+                Err(e) => {
+                    last = e;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let ident = (pid, epoch, st.next_seq);
+        let batch = match &encoded {
+            Some((i, b)) if *i == ident => b.clone(),
+            _ => {
+                let info = BatchInfo {
+                    producer_id: pid,
+                    producer_epoch: epoch,
+                    base_sequence: st.next_seq,
+                    partition_leader_epoch: -1,
+                    ..jobs[0].info.clone()
+                };
+                match encode_batch(&records, &info) {
+                    Ok(b) => {
+                        encoded = Some((ident, b.clone()));
+                        b
+                    }
+                    Err(e) => {
+                        return Err(Failure::Refused(WriteError {
+                            code: super::reroute::CORRUPT_MESSAGE,
+                            message: Some(format!("cannot re-encode records: {e}")),
+                        }));
+                    }
+                }
+            }
+        };
+        let topo = w.pool.topology.load();
+        let Some(leader) = topo.leader(&st.topic, st.partition) else {
+            last = WriteError {
+                code: codes::NOT_LEADER_OR_FOLLOWER,
+                message: None,
+            };
+            w.pool
+                .topology
+                .refresh_after(topo.version, Duration::from_secs(1))
+                .await;
+            continue;
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let req = ProduceRequest::default()
+            .with_acks(acks)
+            .with_timeout_ms(remaining.as_millis().clamp(1, 30_000) as i32)
+            .with_topic_data(vec![
+                TopicProduceData::default()
+                    .with_name(TopicName(StrBytes::from_string(st.topic.clone())))
+                    .with_partition_data(vec![
+                        PartitionProduceData::default()
+                            .with_index(st.partition)
+                            .with_records(Some(batch)),
+                    ]),
+            ]);
+        let result: Result<ProduceResponse, _> = w
+            .pool
+            .call(leader, st.pin, ApiKey::Produce, PRODUCE_VERSION, None, &req)
+            .await;
+        let p = match result {
+            Ok(resp) => resp
+                .responses
+                .into_iter()
+                .flat_map(|t| t.partition_responses)
+                .find(|p| p.index == st.partition),
+            Err(e) => {
+                uncertain = true;
+                last = upstream_error(e);
+                None
+            }
+        };
+        if let Some(p) = p {
+            crate::telemetry::upstream_code(ApiKey::Produce, p.error_code);
+            match p.error_code {
+                codes::NONE | DUPLICATE_SEQUENCE => {
+                    if p.error_code == DUPLICATE_SEQUENCE {
+                        metrics::counter!("shardgate_writer_duplicates_avoided_total").increment(1);
+                    }
+                    st.next_seq = next_sequence(st.next_seq, count);
+                    return Ok(Written {
+                        base_offset: p.base_offset,
+                        log_append_time_ms: p.log_append_time_ms,
+                        log_start_offset: p.log_start_offset,
+                    });
+                }
+                OUT_OF_ORDER_SEQUENCE
+                | UNKNOWN_PRODUCER_ID
+                | INVALID_PRODUCER_EPOCH
+                | INVALID_PRODUCER_ID_MAPPING => {
+                    // The broker lost or rejects our producer state; the batch was not
+                    // written, so a fresh producer id and sequence 0 are safe.
+                    tracing::info!(topic = %st.topic, partition = st.partition, code = p.error_code, "upstream producer state reset");
+                    metrics::counter!("shardgate_writer_producer_resets_total").increment(1);
+                    st.dropped = st.producer.take();
+                    continue;
+                }
+                c if codes::stale_leader(c)
+                    || matches!(
+                        c,
+                        codes::REQUEST_TIMED_OUT
+                            | NOT_ENOUGH_REPLICAS
+                            | NOT_ENOUGH_REPLICAS_AFTER_APPEND
+                            | NETWORK_EXCEPTION
+                            | KAFKA_STORAGE_ERROR
+                            | COORDINATOR_LOAD_IN_PROGRESS
+                    ) =>
+                {
+                    uncertain |= matches!(
+                        c,
+                        codes::REQUEST_TIMED_OUT | NOT_ENOUGH_REPLICAS_AFTER_APPEND
+                    );
+                    last = WriteError {
+                        code: c,
+                        message: p.error_message.map(|m| m.to_string()),
+                    };
+                }
+                c => {
+                    return Err(Failure::Refused(WriteError {
+                        code: c,
+                        message: p.error_message.map(|m| m.to_string()).or_else(|| {
+                            (!p.record_errors.is_empty())
+                                .then(|| format!("upstream refused records: {:?}", p.record_errors))
+                        }),
+                    }));
+                }
+            }
+        }
+        w.pool.topology.request_refresh();
+        let sleep = backoff.min(deadline.saturating_duration_since(Instant::now()));
+        tokio::time::sleep(sleep).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
+fn next_sequence(seq: i32, count: i32) -> i32 {
+    // Kafka wraps sequences from i32::MAX to 0.
+    ((seq as i64 + count as i64) % (i32::MAX as i64 + 1)) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequences_wrap_like_kafka() {
+        assert_eq!(next_sequence(5, 3), 8);
+        assert_eq!(next_sequence(i32::MAX, 1), 0);
+        assert_eq!(next_sequence(i32::MAX - 1, 3), 1);
+    }
+
+    #[test]
+    fn later_batches_of_a_failed_stream_are_refused() {
+        let stream = ClientStream {
+            producer_id: 7,
+            producer_epoch: 0,
+            topic: "t".into(),
+            partition: 0,
+        };
+        let mut st = LaneState {
+            topic: "t".into(),
+            partition: 0,
+            pin: 0,
+            producer: None,
+            dropped: None,
+            next_seq: 0,
+            gaps: HashMap::new(),
+        };
+        st.gaps.insert(stream.clone(), 10);
+        let job = |seq: i32, s: &ClientStream| {
+            let (tx, _rx) = oneshot::channel();
+            Job {
+                info: BatchInfo {
+                    attributes: 0,
+                    producer_id: 7,
+                    producer_epoch: 0,
+                    base_sequence: seq,
+                    partition_leader_epoch: -1,
+                    records: 1,
+                },
+                records: vec![],
+                acks: -1,
+                deadline: Instant::now(),
+                client: Some((s.clone(), seq)),
+                reply: tx,
+            }
+        };
+        // The failed batch itself and earlier ones pass; later ones wait for it.
+        assert!(gap_refusal(&st, &job(10, &stream)).is_none());
+        assert!(gap_refusal(&st, &job(9, &stream)).is_none());
+        assert_eq!(gap_refusal(&st, &job(15, &stream)).unwrap().code, 45);
+        let other = ClientStream {
+            producer_id: 8,
+            ..stream.clone()
+        };
+        assert!(gap_refusal(&st, &job(15, &other)).is_none());
+        st.gaps.insert(stream.clone(), i32::MAX - 1);
+        assert_eq!(gap_refusal(&st, &job(3, &stream)).unwrap().code, 45);
+    }
+}
