@@ -610,3 +610,137 @@ fn bad_admin_input_gets_a_clear_error_and_changes_nothing() {
     let (_, after) = admin_get(&format!("/api/v1/topics/{topic}/shards"));
     assert_eq!(after, before, "a refused request changed the map");
 }
+
+/// The autoscaler's other two triggers: stored bytes/s (a few large records, far below the
+/// records threshold) and a consumer group whose lag keeps growing (a slow consumer at a rate
+/// below both rate thresholds). Each topic must split for its own reason.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the testbed: integration/run-tests"]
+async fn autoscaler_splits_on_bytes_rate_and_on_growing_consumer_lag() {
+    let bytes_topic = unique("auto-bytes");
+    let lag_topic = unique("auto-lag");
+    for (topic, bytes, lag) in [(&bytes_topic, 200_000.0, 0), (&lag_topic, 1e12, 300)] {
+        let (code, body) = admin_post(
+            "/api/v1/topics",
+            &json!({
+                "name": topic, "route_by": ["key"], "initial_shards": 1, "pool": 4,
+                "replication_factor": rf(),
+                "autoscale": {
+                    "split_records_per_sec": 1e9, "split_bytes_per_sec": bytes,
+                    "split_lag_records": lag, "sustain_secs": 3, "sample_interval_ms": 1000,
+                    "split_cooldown_secs": 3, "cold_secs": 600, "max_shards": 2
+                }
+            }),
+        );
+        assert_eq!(code, 201, "{body}");
+    }
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", proxy())
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    // ~1 MB/s in 20 KB records (50 records/s) and 200 small records/s.
+    let load = {
+        let (producer, stop, bytes_topic, lag_topic) = (
+            producer.clone(),
+            stop.clone(),
+            bytes_topic.clone(),
+            lag_topic.clone(),
+        );
+        tokio::spawn(async move {
+            let big = "x".repeat(20_000);
+            let small = "v".to_string();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let key = format!("k-{}", i % 500);
+                let mut sends = Vec::new();
+                if i.is_multiple_of(4) {
+                    sends.push(producer.send(
+                        FutureRecord::to(&bytes_topic).key(&key).payload(&big),
+                        Duration::from_secs(30),
+                    ));
+                }
+                sends.push(producer.send(
+                    FutureRecord::to(&lag_topic).key(&key).payload(&small),
+                    Duration::from_secs(30),
+                ));
+                for r in futures::future::join_all(sends).await {
+                    r.map_err(|(e, _)| e).unwrap();
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    // A live group that consumes ~20 records/s and commits what it read.
+    let slow = {
+        let (stop, lag_topic) = (stop.clone(), lag_topic.clone());
+        std::thread::spawn(move || {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", proxy())
+                .set("group.id", unique("g-slow"))
+                .set("auto.offset.reset", "earliest")
+                .set("auto.commit.interval.ms", "500")
+                .create()
+                .unwrap();
+            c.subscribe(&[&lag_topic]).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                let _ = c.poll(Duration::from_millis(50));
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let split_for = |topic: &str, reason: &str| {
+        metric(
+            "shardgate_shard_splits_total",
+            &[
+                &format!("topic=\"{topic}\""),
+                &format!("reason=\"{reason}\""),
+            ],
+        )
+    };
+    let started = Instant::now();
+    let outcome = tokio::task::spawn_blocking({
+        let (bytes_topic, lag_topic) = (bytes_topic.clone(), lag_topic.clone());
+        move || {
+            let limit = Duration::from_secs(90);
+            while started.elapsed() < limit {
+                if split_for(&bytes_topic, "bytes_rate") >= 1.0
+                    && split_for(&lag_topic, "consumer_lag") >= 1.0
+                {
+                    return Ok(started.elapsed());
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(format!(
+                "bytes split: {}, lag split: {}; bytes/s gauge {}, lag gauge {}",
+                split_for(&bytes_topic, "bytes_rate"),
+                split_for(&lag_topic, "consumer_lag"),
+                metric(
+                    "shardgate_shard_bytes_per_second",
+                    &[&format!("topic=\"{bytes_topic}\"")]
+                ),
+                metric(
+                    "shardgate_shard_consumer_lag",
+                    &[&format!("topic=\"{lag_topic}\"")]
+                ),
+            ))
+        }
+    })
+    .await
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    slow.join().unwrap();
+    let took = outcome.unwrap_or_else(|e| panic!("autoscaler did not split as expected: {e}"));
+    // Neither topic split for a reason it was not loaded with.
+    assert_eq!(split_for(&bytes_topic, "records_rate"), 0.0);
+    assert_eq!(split_for(&lag_topic, "records_rate"), 0.0);
+    assert_eq!(split_for(&lag_topic, "bytes_rate"), 0.0);
+    for topic in [&bytes_topic, &lag_topic] {
+        let (_, map) = admin_get(&format!("/api/v1/topics/{topic}/shards"));
+        assert_eq!(active(&map).len(), 2, "{topic}: {map}");
+    }
+    eprintln!("both splits within {:.1} s", took.as_secs_f64());
+}

@@ -12,6 +12,7 @@ pub mod gates;
 pub mod map;
 pub mod registry;
 pub mod routing;
+pub mod sampler;
 
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +46,10 @@ pub struct AutoscaleConfig {
     /// Split a shard whose rate stays above either threshold for `sustain_secs`.
     pub split_records_per_sec: f64,
     pub split_bytes_per_sec: f64,
+    /// Also split a shard whose consumer lag (end offset minus a live group's committed
+    /// offset) rose at every sample for `sustain_secs` and exceeds this many records; 0 turns
+    /// the lag trigger off. Merging needs both shards' lag below `merge_fraction` of it.
+    pub split_lag_records: u64,
     /// Merge two adjacent shards when both stay below this fraction of the split thresholds
     /// for `cold_secs` (at most 0.25, so a merged shard is not immediately hot).
     pub merge_fraction: f64,
@@ -71,6 +76,7 @@ impl Default for AutoscaleConfig {
             enabled: true,
             split_records_per_sec: 5_000.0,
             split_bytes_per_sec: 5.0 * 1024.0 * 1024.0,
+            split_lag_records: 50_000,
             merge_fraction: 0.2,
             sustain_secs: 8,
             cold_secs: 60,
