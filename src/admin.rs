@@ -141,7 +141,8 @@ async fn list_topics(State(s): State<AdminState>) -> Response {
             json!({
                 "name": m.config.name,
                 "route_by": m.config.route_by,
-                "pool": m.config.pool,
+                "pool": m.map.pool,
+                "max_pool": m.config.max_pool,
                 "epoch": m.map.epoch,
                 "active_shards": m.active().len(),
                 "gates": m.map.gates.len(),

@@ -744,3 +744,109 @@ async fn autoscaler_splits_on_bytes_rate_and_on_growing_consumer_lag() {
     }
     eprintln!("both splits within {:.1} s", took.as_secs_f64());
 }
+
+/// A split with every pool partition in use adds partitions (up to `max_pool`) instead of
+/// failing, and a consumer subscribed before the growth is nudged to see the new partition
+/// long before its 5-minute metadata refresh.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the testbed: integration/run-tests"]
+async fn an_exhausted_pool_grows_and_consumers_follow() {
+    let topic = unique("grow");
+    let (code, body) = admin_post(
+        "/api/v1/topics",
+        &json!({"name": topic, "initial_shards": 1, "pool": 2, "max_pool": 4,
+                "replication_factor": rf(), "autoscale": {"enabled": false}}),
+    );
+    assert_eq!(code, 201, "{body}");
+    let seen = Arc::new(Mutex::new(BTreeSet::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let (seen, stop, topic) = (seen.clone(), stop.clone(), topic.clone());
+        std::thread::spawn(move || {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", proxy())
+                .set("group.id", unique("g-grow"))
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .unwrap();
+            c.subscribe(&[&topic]).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                    seen.lock()
+                        .unwrap()
+                        .insert(String::from_utf8_lossy(m.payload().unwrap()).into_owned());
+                }
+            }
+        })
+    };
+    produce_keys(&topic, 200, 0).await;
+    let wait_for = {
+        let seen = seen.clone();
+        move |n: usize| {
+            let seen = seen.clone();
+            eventually(
+                &format!("{n} records consumed"),
+                Duration::from_secs(60),
+                move || seen.lock().unwrap().len() >= n,
+            )
+        }
+    };
+    tokio::task::spawn_blocking({
+        let wait_for = wait_for.clone();
+        move || wait_for(200)
+    })
+    .await
+    .unwrap();
+    // Split twice: the second split finds both pool partitions active.
+    for _ in 0..2 {
+        let (_, map) = admin_get(&format!("/api/v1/topics/{topic}/shards"));
+        let widest = active(&map)
+            .into_iter()
+            .max_by_key(|s| {
+                s["end"].as_str().unwrap().parse::<u128>().unwrap()
+                    - s["start"].as_str().unwrap().parse::<u128>().unwrap()
+            })
+            .unwrap();
+        let (code, body) = admin_post(
+            &format!("/api/v1/topics/{topic}/shards/{}/split", widest["id"]),
+            &json!({}),
+        );
+        assert_eq!(code, 200, "{body}");
+    }
+    let (_, map) = admin_get(&format!("/api/v1/topics/{topic}/shards"));
+    assert_eq!(map["pool"], 3, "{map}");
+    assert_eq!(active(&map).len(), 3, "{map}");
+    assert!(
+        active(&map).iter().any(|s| s["partition"] == 2),
+        "no shard on the added partition: {map}"
+    );
+    assert_eq!(
+        metric(
+            "shardgate_pool_grown_total",
+            &[&format!("topic=\"{topic}\"")]
+        ),
+        1.0
+    );
+    produce_keys(&topic, 200, 1).await;
+    let started = Instant::now();
+    tokio::task::spawn_blocking(move || wait_for(400))
+        .await
+        .unwrap();
+    eprintln!(
+        "all records of the grown pool consumed {:.1} s after producing",
+        started.elapsed().as_secs_f64()
+    );
+    stop.store(true, Ordering::Relaxed);
+    consumer.join().unwrap();
+    assert!(
+        metric(
+            "shardgate_pool_nudges_total",
+            &[&format!("topic=\"{topic}\"")]
+        ) >= 1.0
+    );
+    let parts = key_partitions(&topic);
+    assert!(
+        parts.values().any(|p| *p == 2),
+        "no key on partition 2: {parts:?}"
+    );
+}

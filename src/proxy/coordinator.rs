@@ -393,9 +393,45 @@ pub async fn forward_to_coordinator(
         && let [group] = keys.as_slice()
     {
         observe_group(ctx, client, req, group, &resp);
+        if let Some(reply) = nudge_member(ctx, req, group, &resp) {
+            return Ok(reply);
+        }
     }
     Ok(Reply::Frame(reframe_response(&resp, req.correlation_id())))
 }
+
+/// After a managed topic's pool grew, each member of a classic group consuming it is told once
+/// (Heartbeat → REBALANCE_IN_PROGRESS) to rejoin: some clients (librdkafka) re-read partition
+/// counts for their group only when they join, so without this they would not consume the new
+/// partitions until their periodic metadata refresh. KIP-848 groups need nothing: the broker
+/// sees the new partitions itself.
+fn nudge_member(ctx: &Ctx, req: &RequestFrame, group: &str, resp: &Bytes) -> Option<Reply> {
+    if req.api_key != ApiKey::Heartbeat {
+        return None;
+    }
+    let grown = ctx.shards.recently_grown();
+    if grown.is_empty() {
+        return None;
+    }
+    let body = req.decode_body::<HeartbeatRequest>().ok()?;
+    let answer: HeartbeatResponse =
+        decode_response(req.api_key, req.api_version, resp.clone()).ok()?;
+    if answer.error_code != codes::NONE {
+        return None;
+    }
+    let consumed = ctx.groups.topics_of(group);
+    let topic = grown.into_iter().find(|t| {
+        consumed.contains(t)
+            && ctx
+                .shards
+                .nudge_once(t, format!("member {group} {}", body.member_id.as_str()))
+    })?;
+    metrics::counter!("shardgate_pool_nudges_total", "topic" => topic.clone()).increment(1);
+    tracing::info!(group, member = %body.member_id.as_str(), topic, "asking a group member to rejoin: the topic's pool grew");
+    typed_reply(req, &answer.with_error_code(REBALANCE_IN_PROGRESS)).ok()
+}
+
+const REBALANCE_IN_PROGRESS: i16 = 27;
 
 /// How long the coordinator may hold a request before answering, for requests that wait for
 /// a rebalance: JoinGroup (up to its rebalance timeout) and SyncGroup (until the leader's

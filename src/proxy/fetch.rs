@@ -246,6 +246,15 @@ async fn fetch_once(
                             };
                             if let Some(name) = name {
                                 apply_gate(ctx, who, client.id, &name, &mut p);
+                                if ctx.shards.nudge(&name, client.id) {
+                                    // The pool grew: a retriable error makes the client
+                                    // refresh metadata and see the new partitions (it
+                                    // fetches this offset again, nothing is skipped).
+                                    p.error_code = codes::NOT_LEADER_OR_FOLLOWER;
+                                    p.records = None;
+                                    errors = true;
+                                    metrics::counter!("shardgate_pool_nudges_total", "topic" => name.to_string()).increment(1);
+                                }
                             }
                         }
                         bytes += p.records.as_ref().map_or(0, |r| r.len());

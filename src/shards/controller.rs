@@ -18,11 +18,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::{
-    ApiKey, BrokerId, CreateTopicsRequest, CreateTopicsResponse, ListOffsetsRequest,
-    ListOffsetsResponse, TopicName,
+    ApiKey, BrokerId, CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest,
+    CreateTopicsResponse, ListOffsetsRequest, ListOffsetsResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 
@@ -338,25 +339,89 @@ impl Controller {
             }
         }
         // Wait until every partition has a leader, so the first produce routes.
+        self.wait_for_leaders(ctx, &cfg.name, cfg.pool).await
+    }
+
+    async fn wait_for_leaders(
+        &self,
+        ctx: &Ctx,
+        topic: &str,
+        partitions: i32,
+    ) -> Result<(), ControlError> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let t = ctx.topology().load();
-            if let Some(info) = t.topics.get(cfg.name.as_bytes())
-                && info.partitions.len() as i32 >= cfg.pool
+            if let Some(info) = t.topics.get(topic.as_bytes())
+                && info.partitions.len() as i32 >= partitions
                 && info.partitions.iter().all(|p| p.leader >= 0)
             {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(ControlError::Kafka(format!(
-                    "topic {} has no leaders after 30 s",
-                    cfg.name
+                    "topic {topic} has no leaders for {partitions} partitions after 30 s"
                 )));
             }
             ctx.topology()
                 .refresh_after(t.version, Duration::from_millis(500))
                 .await;
         }
+    }
+
+    /// Adds partitions to an exhausted pool: half the pool again (at least one), at most
+    /// `max_pool`. No key moves; clients learn the new partition count from their next
+    /// metadata refresh, which fetches of the topic nudge (see `Registry::nudge`).
+    async fn grow_pool(
+        &self,
+        ctx: &Ctx,
+        config: &TopicConfig,
+        map: &ShardMap,
+    ) -> Result<ShardMap, ControlError> {
+        let topic = &config.name;
+        let target = (map.pool + (map.pool / 2).max(1)).min(config.max_pool);
+        let have = self.partition_count(ctx, topic).await?.unwrap_or(0);
+        if have < target {
+            let broker = ctx
+                .topology()
+                .load()
+                .any_broker(0)
+                .ok_or(UpstreamError::NoBroker)?;
+            let req = CreatePartitionsRequest::default()
+                .with_timeout_ms(30_000)
+                .with_topics(vec![
+                    CreatePartitionsTopic::default()
+                        .with_name(TopicName(StrBytes::from_string(topic.clone())))
+                        .with_count(target)
+                        .with_assignments(None),
+                ]);
+            let resp: CreatePartitionsResponse = ctx
+                .pool
+                .call(broker, 0, ApiKey::CreatePartitions, 2, None, &req)
+                .await?;
+            for r in &resp.results {
+                // 37 INVALID_PARTITIONS: somebody else (an interrupted earlier growth) already
+                // added them; the count check below decides.
+                if r.error_code != 0 && r.error_code != 37 {
+                    return Err(ControlError::Kafka(format!(
+                        "CreatePartitions {topic} to {target}: error {} {}",
+                        r.error_code,
+                        r.error_message.as_deref().unwrap_or("")
+                    )));
+                }
+            }
+        }
+        self.wait_for_leaders(ctx, topic, target).await?;
+        let next = map.grow(target);
+        self.commit(ctx, config, &next, map.epoch).await?;
+        metrics::counter!("shardgate_pool_grown_total", "topic" => topic.clone()).increment(1);
+        tracing::info!(
+            topic = %topic,
+            from = map.pool,
+            to = target,
+            epoch = next.epoch,
+            "partition pool exhausted; partitions added"
+        );
+        Ok(next)
     }
 
     /// Latest offsets of `partitions` of `topic`, retrying retriable errors (a fresh topic's
@@ -508,6 +573,15 @@ impl Controller {
         let at = match at {
             Some(a) => a,
             None => weighted_median(&mut ctx.shards.samples_in(topic, s.start, s.end), &s),
+        };
+        let map = match self.place(ctx, &map) {
+            Err(ControlError::Map(MapError::PoolExhausted(_))) if config.max_pool > map.pool => {
+                self.grow_pool(ctx, &config, &map).await?
+            }
+            other => {
+                other?;
+                map
+            }
         };
         let to = self.place(ctx, &map)?;
         let mut next = map.split(shard, at, to)?;
@@ -899,7 +973,7 @@ impl Controller {
         if let Some((id, measure, value, limit, held)) = hot
             && since_change >= Duration::from_secs(a.split_cooldown_secs)
             && (active.len() as u32) < config.max_shards()
-            && !map.idle_partitions().is_empty()
+            && (!map.idle_partitions().is_empty() || config.max_pool > map.pool)
         {
             let s = map.shard(id)?.clone();
             let samples = ctx.shards.samples_in(topic, s.start, s.end);

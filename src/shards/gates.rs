@@ -182,6 +182,18 @@ impl GroupTracker {
             .collect()
     }
 
+    /// Managed topics `group` has positions on.
+    pub fn topics_of(&self, group: &str) -> Vec<String> {
+        let g = self.groups.lock().expect("groups lock");
+        let mut topics: Vec<String> = g
+            .get(group)
+            .map(|p| p.keys().map(|(t, _)| t.clone()).collect())
+            .unwrap_or_default();
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+
     /// Groups that have positions on `topic` (those a gate must wait for before removal).
     pub fn groups_on(&self, topic: &str) -> Vec<String> {
         let g = self.groups.lock().expect("groups lock");

@@ -235,6 +235,14 @@ impl ShardMap {
         Ok(next)
     }
 
+    /// The same map over a larger pool (partitions were added upstream). No key moves.
+    pub fn grow(&self, pool: i32) -> ShardMap {
+        let mut next = self.clone();
+        next.pool = self.pool.max(pool);
+        next.epoch += 1;
+        next
+    }
+
     /// Merges adjacent active shards `a` and `b` onto the partition of the lower one; the
     /// upper one's keys move there behind a gate after its partition.
     pub fn merge(&self, a: u32, b: u32) -> Result<ShardMap, MapError> {

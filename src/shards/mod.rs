@@ -32,6 +32,11 @@ pub struct TopicConfig {
     /// changes the partition count clients see.
     #[serde(default = "default_pool")]
     pub pool: i32,
+    /// When every pool partition is in use (active or still draining behind a gate), a split
+    /// adds partitions (CreatePartitions) up to this many and nudges clients to refresh
+    /// metadata; 0 keeps the pool fixed (the split is refused instead).
+    #[serde(default)]
+    pub max_pool: i32,
     /// Replication factor when shardgate creates the upstream topic (-1: broker default).
     #[serde(default = "default_replication")]
     pub replication_factor: i16,
@@ -147,12 +152,26 @@ impl TopicConfig {
                 "use at least 1 and at most the pool size",
             );
         }
+        if self.max_pool != 0 && (self.max_pool < self.pool || self.max_pool > 10_000) {
+            return bad(
+                "max_pool",
+                format!(
+                    "{} is below pool ({}) or above 10000",
+                    self.max_pool, self.pool
+                ),
+                "use 0 (fixed pool) or a value in pool..=10000",
+            );
+        }
         let a = &self.autoscale;
-        if a.max_shards != 0 && a.max_shards as i64 > self.pool as i64 {
+        if a.max_shards != 0 && a.max_shards as i64 > self.pool.max(self.max_pool) as i64 {
             return bad(
                 "autoscale.max_shards",
-                format!("{} exceeds the pool ({})", a.max_shards, self.pool),
-                "raise pool or lower max_shards",
+                format!(
+                    "{} exceeds the largest pool ({})",
+                    a.max_shards,
+                    self.pool.max(self.max_pool)
+                ),
+                "raise pool (or max_pool) or lower max_shards",
             );
         }
         if a.min_shards == 0 || (a.max_shards != 0 && a.min_shards > a.max_shards) {
@@ -195,7 +214,7 @@ impl TopicConfig {
 
     pub fn max_shards(&self) -> u32 {
         if self.autoscale.max_shards == 0 {
-            self.pool as u32
+            self.pool.max(self.max_pool) as u32
         } else {
             self.autoscale.max_shards
         }

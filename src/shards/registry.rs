@@ -4,9 +4,10 @@
 //! produce requests are still in flight per map epoch (the seal protocol waits for those of the
 //! old epoch), and a sample of recent routing hashes per topic (for split points and hot keys).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
@@ -53,7 +54,14 @@ pub struct Registry {
     inflight: Arc<Mutex<HashMap<(String, u64), usize>>>,
     samples: Mutex<HashMap<String, VecDeque<u64>>>,
     spread: AtomicU64,
+    /// Topics whose pool grew recently: (new pool, when), and the client connections already
+    /// nudged to refresh metadata for that growth.
+    grown: Mutex<HashMap<String, (i32, Instant)>>,
+    nudged: Mutex<HashSet<(String, String, i32)>>,
 }
+
+/// How long after a pool growth fetches of the topic nudge clients to refresh metadata.
+pub const NUDGE_WINDOW: Duration = Duration::from_secs(120);
 
 /// Counts a produce request as in flight under one map epoch until dropped.
 pub struct InflightGuard {
@@ -97,10 +105,53 @@ impl Registry {
         {
             return false;
         }
+        if let Some(m) = cur.get(&config.name)
+            && map.pool > m.map.pool
+        {
+            self.grown
+                .lock()
+                .expect("grown")
+                .insert(config.name.clone(), (map.pool, Instant::now()));
+            self.nudged
+                .lock()
+                .expect("nudged")
+                .retain(|(_, t, _)| *t != config.name);
+        }
         let mut next = (**cur).clone();
         next.insert(config.name.clone(), Arc::new(Managed::new(config, map)));
         self.topics.store(Arc::new(next));
         true
+    }
+
+    /// Whether connection `conn` should be told to refresh its metadata of `topic` (its pool
+    /// grew and this connection was not told yet). Once per connection and growth.
+    pub fn nudge(&self, topic: &str, conn: u64) -> bool {
+        self.nudge_once(topic, format!("conn {conn}"))
+    }
+
+    /// Topics whose pool grew within the nudge window.
+    pub fn recently_grown(&self) -> Vec<String> {
+        self.grown
+            .lock()
+            .expect("grown")
+            .iter()
+            .filter(|(_, (_, when))| when.elapsed() <= NUDGE_WINDOW)
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+
+    /// Once per `who` (a connection, a group member) and growth of `topic`'s pool.
+    pub fn nudge_once(&self, topic: &str, who: String) -> bool {
+        let Some((pool, when)) = self.grown.lock().expect("grown").get(topic).copied() else {
+            return false;
+        };
+        if when.elapsed() > NUDGE_WINDOW {
+            return false;
+        }
+        self.nudged
+            .lock()
+            .expect("nudged")
+            .insert((who, topic.to_string(), pool))
     }
 
     pub fn enter(&self, topic: &str, epoch: u64) -> InflightGuard {
