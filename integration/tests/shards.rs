@@ -850,3 +850,85 @@ async fn an_exhausted_pool_grows_and_consumers_follow() {
         "no key on partition 2: {parts:?}"
     );
 }
+
+/// A group that never commits is not held at a gate forever: after `gate_fallback_secs` its
+/// fetch positions count, and each key's records still arrive in order.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the testbed: integration/run-tests"]
+async fn a_group_that_never_commits_passes_gates_after_the_fallback() {
+    let topic = unique("nocommit");
+    let (code, body) = admin_post(
+        "/api/v1/topics",
+        &json!({"name": topic, "initial_shards": 1, "pool": 4, "replication_factor": rf(),
+                "autoscale": {"enabled": false, "gate_fallback_secs": 3}}),
+    );
+    assert_eq!(code, 201, "{body}");
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let (order, stop, topic) = (order.clone(), stop.clone(), topic.clone());
+        std::thread::spawn(move || {
+            let c: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", proxy())
+                .set("group.id", unique("g-nocommit"))
+                .set("enable.auto.commit", "false")
+                .set("auto.offset.reset", "earliest")
+                .create()
+                .unwrap();
+            c.subscribe(&[&topic]).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                    order
+                        .lock()
+                        .unwrap()
+                        .push(String::from_utf8_lossy(m.payload().unwrap()).into_owned());
+                }
+            }
+        })
+    };
+    let count = |n: usize| {
+        let order = order.clone();
+        move || order.lock().unwrap().len() >= n
+    };
+    produce_keys(&topic, 200, 0).await;
+    let c = count(200);
+    tokio::task::spawn_blocking(move || eventually("round 0 consumed", Duration::from_secs(60), c))
+        .await
+        .unwrap();
+    let (code, body) = admin_post(
+        &format!("/api/v1/topics/{topic}/shards/0/split"),
+        &json!({}),
+    );
+    assert_eq!(code, 200, "{body}");
+    produce_keys(&topic, 200, 1).await;
+    let started = Instant::now();
+    let c = count(400);
+    tokio::task::spawn_blocking(move || eventually("round 1 consumed", Duration::from_secs(60), c))
+        .await
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    consumer.join().unwrap();
+    eprintln!(
+        "round 1 consumed {:.1} s after producing",
+        started.elapsed().as_secs_f64()
+    );
+    // Per key: round 0 before round 1, each once.
+    let order = order.lock().unwrap().clone();
+    let mut last: HashMap<String, usize> = HashMap::new();
+    for v in &order {
+        let (key, round) = v.split_once(':').unwrap();
+        let round: usize = round.parse().unwrap();
+        let prev = last.insert(key.to_string(), round);
+        assert_eq!(
+            prev.map_or(0, |p| p + 1),
+            round,
+            "{key}: round {round} after {prev:?}"
+        );
+    }
+    assert!(
+        metric(
+            "shardgate_gate_fallback_opens_total",
+            &[&format!("topic=\"{topic}\"")]
+        ) >= 1.0
+    );
+}

@@ -360,12 +360,16 @@ fn apply_gate(ctx: &Ctx, who: &Consumer, conn: u64, topic: &str, p: &mut Partiti
     let Some(m) = ctx.shards.get(topic) else {
         return;
     };
+    let fallback = match m.config.autoscale.gate_fallback_secs {
+        0 => None,
+        s => Some(std::time::Duration::from_secs(s)),
+    };
     let Some(from) = m
         .map
         .gates
         .iter()
         .filter(|g| g.partition == p.partition_index)
-        .filter(|g| !ctx.groups.gate_open(who, conn, topic, g))
+        .filter(|g| !ctx.groups.gate_open(who, conn, topic, g, fallback))
         .map(|g| g.from_offset.unwrap_or(0))
         .min()
     else {

@@ -12,11 +12,17 @@
 //! (several groups behind one address and client id) every linked group must have drained: the
 //! conservative answer never breaks order, it only delays. A connection linked to no group is
 //! judged by its own fetch positions.
+//!
+//! Groups advance by their commits. A group that does not commit (manual commits that never
+//! come, `enable.auto.commit=false` readers) would wait forever, so after a gate has held a
+//! group for the topic's `gate_fallback_secs`, the fetch positions of the connections linked
+//! to that group alone count too: weaker (a client may have prefetched records it has not
+//! processed yet), but bounded in time instead of a stall.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -31,6 +37,8 @@ pub struct GroupTracker {
     /// from offset o means everything before o was delivered).
     groups: Mutex<HashMap<String, Positions>>,
     conns: Mutex<HashMap<u64, Positions>>,
+    /// Per group: fetch positions of connections linked to that group alone.
+    group_fetched: Mutex<HashMap<String, Positions>>,
     /// When a group was first held at a gate, for the wait-time metric.
     held_since: Mutex<HashMap<(String, String, i32), Instant>>,
 }
@@ -88,13 +96,34 @@ impl GroupTracker {
         );
     }
 
-    /// A fetch from `offset` on `conn`. It counts for the connection only: clients prefetch
-    /// (librdkafka reads ahead on every partition), so a fetch position says what the client
-    /// library has received, not what the application has consumed. Groups advance by their
-    /// commits alone.
-    pub fn fetched(&self, _who: &Consumer, conn: u64, topic: &str, partition: i32, offset: i64) {
-        let mut m = self.conns.lock().expect("conns lock");
-        Self::bump(m.entry(conn).or_default(), topic, partition, offset);
+    /// A fetch from `offset` on `conn`. It counts for the connection, and for a group only
+    /// through the fallback: clients prefetch (librdkafka reads ahead on every partition), so a
+    /// fetch position says what the client library has received, not what the application has
+    /// consumed.
+    pub fn fetched(&self, who: &Consumer, conn: u64, topic: &str, partition: i32, offset: i64) {
+        {
+            let mut m = self.conns.lock().expect("conns lock");
+            Self::bump(m.entry(conn).or_default(), topic, partition, offset);
+        }
+        if let Consumer::Groups(g) = who
+            && let [group] = g.as_slice()
+        {
+            let mut m = self.group_fetched.lock().expect("group fetched lock");
+            Self::bump(
+                m.entry(group.clone()).or_default(),
+                topic,
+                partition,
+                offset,
+            );
+        }
+    }
+
+    fn group_fetch_position(&self, group: &str, topic: &str, partition: i32) -> i64 {
+        let m = self.group_fetched.lock().expect("group fetched lock");
+        m.get(group)
+            .and_then(|p| p.get(&(topic.to_string(), partition)))
+            .copied()
+            .unwrap_or(-1)
     }
 
     pub fn forget_connection(&self, conn: u64) {
@@ -140,19 +169,51 @@ impl GroupTracker {
     }
 
     /// Whether `who` (fetching on `conn`) may see records at and after the gate's
-    /// `from_offset`.
-    pub fn gate_open(&self, who: &Consumer, conn: u64, topic: &str, gate: &Gate) -> bool {
-        if gate.from_offset.is_none() {
+    /// `from_offset`. `fallback`: after how long a held group is judged by its fetch positions
+    /// too (None: never).
+    pub fn gate_open(
+        &self,
+        who: &Consumer,
+        conn: u64,
+        topic: &str,
+        gate: &Gate,
+        fallback: Option<Duration>,
+    ) -> bool {
+        if gate.from_offset.is_none() || gate.after.iter().any(|p| p.seal_offset.is_none()) {
             return false;
         }
-        let open = gate.after.iter().all(|parent| match parent.seal_offset {
-            None => false,
-            Some(seal) => self
-                .positions(who, conn, topic, parent.partition)
-                .iter()
-                .all(|p| *p >= seal),
-        });
+        let passed = |positions: &dyn Fn(i32) -> Vec<i64>| {
+            gate.after.iter().all(|parent| {
+                let seal = parent.seal_offset.unwrap_or(i64::MAX);
+                positions(parent.partition).iter().all(|p| *p >= seal)
+            })
+        };
+        let mut open = passed(&|partition| self.positions(who, conn, topic, partition));
         let key = (who.label(), topic.to_string(), gate.partition);
+        if !open
+            && let (Some(after), Consumer::Groups(groups)) = (fallback, who)
+            && self
+                .held_since
+                .lock()
+                .expect("held lock")
+                .get(&key)
+                .is_some_and(|since| since.elapsed() >= after)
+        {
+            open = passed(&|partition| {
+                groups
+                    .iter()
+                    .map(|g| {
+                        self.group_position(g, topic, partition)
+                            .unwrap_or(-1)
+                            .max(self.group_fetch_position(g, topic, partition))
+                    })
+                    .collect()
+            });
+            if open {
+                metrics::counter!("shardgate_gate_fallback_opens_total", "topic" => topic.to_string())
+                    .increment(1);
+            }
+        }
         let mut held = self.held_since.lock().expect("held lock");
         if open {
             if let Some(since) = held.remove(&key) {
@@ -207,7 +268,7 @@ impl GroupTracker {
     pub fn all_groups_passed(&self, topic: &str, gate: &Gate) -> bool {
         self.groups_on(topic)
             .into_iter()
-            .all(|g| self.gate_open(&Consumer::Groups(vec![g]), u64::MAX, topic, gate))
+            .all(|g| self.gate_open(&Consumer::Groups(vec![g]), u64::MAX, topic, gate, None))
     }
 }
 
@@ -268,31 +329,62 @@ mod tests {
         let who = t.consumer(ip, "c1", 9);
         assert_eq!(who, Consumer::Groups(vec!["g1".into()]));
         assert!(
-            !t.gate_open(&who, 9, "t", &gate(None)),
+            !t.gate_open(&who, 9, "t", &gate(None), None),
             "closed until sealed"
         );
-        assert!(!t.gate_open(&who, 9, "t", &gate(Some(50))));
+        assert!(!t.gate_open(&who, 9, "t", &gate(Some(50)), None));
         t.fetched(&who, 9, "t", 0, 70);
         assert!(
-            !t.gate_open(&who, 9, "t", &gate(Some(50))),
+            !t.gate_open(&who, 9, "t", &gate(Some(50)), None),
             "a fetch position is not consumption (clients prefetch)"
         );
         t.committed("g1", "t", 0, 49);
-        assert!(!t.gate_open(&who, 9, "t", &gate(Some(50))));
+        assert!(!t.gate_open(&who, 9, "t", &gate(Some(50)), None));
         t.committed("g1", "t", 0, 50);
-        assert!(t.gate_open(&who, 9, "t", &gate(Some(50))));
+        assert!(t.gate_open(&who, 9, "t", &gate(Some(50)), None));
         // A second group behind the same client id that also consumes the topic: the link
         // is ambiguous, so both must have drained.
         t.link(ip, "c1", "g2");
         let both = t.consumer(ip, "c1", 9);
         assert!(
-            t.gate_open(&both, 9, "t", &gate(Some(50))),
+            t.gate_open(&both, 9, "t", &gate(Some(50)), None),
             "g2 is not known on t"
         );
         t.committed("g2", "t", 0, 10);
-        assert!(!t.gate_open(&both, 9, "t", &gate(Some(50))));
+        assert!(!t.gate_open(&both, 9, "t", &gate(Some(50)), None));
         t.committed("g2", "t", 0, 55);
-        assert!(t.gate_open(&both, 9, "t", &gate(Some(50))));
+        assert!(t.gate_open(&both, 9, "t", &gate(Some(50)), None));
+    }
+
+    #[test]
+    fn a_group_that_never_commits_is_judged_by_its_fetches_after_the_fallback() {
+        let t = GroupTracker::default();
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        t.link(ip, "c1", "g1");
+        let who = t.consumer(ip, "c1", 9);
+        t.fetched(&who, 9, "t", 0, 70);
+        let now = Some(Duration::ZERO);
+        let later = Some(Duration::from_secs(3600));
+        assert!(
+            !t.gate_open(&who, 9, "t", &gate(Some(50)), now),
+            "the first hold starts the clock"
+        );
+        assert!(
+            !t.gate_open(&who, 9, "t", &gate(Some(50)), later),
+            "before the fallback time only commits count"
+        );
+        assert!(t.gate_open(&who, 9, "t", &gate(Some(50)), now));
+        assert!(
+            !t.gate_open(&who, 9, "t", &gate(Some(50)), None),
+            "no fallback configured"
+        );
+        // Fetches of a connection linked to two groups count for neither.
+        t.link(ip, "c2", "g2");
+        t.link(ip, "c2", "g3");
+        let both = t.consumer(ip, "c2", 10);
+        t.fetched(&both, 10, "t", 0, 70);
+        assert!(!t.gate_open(&both, 10, "t", &gate(Some(50)), now));
+        assert!(!t.gate_open(&both, 10, "t", &gate(Some(50)), now));
     }
 
     #[test]
@@ -301,9 +393,9 @@ mod tests {
         let who = t.consumer(IpAddr::V4(Ipv4Addr::LOCALHOST), "solo", 3);
         assert_eq!(who, Consumer::Connection(3));
         t.fetched(&who, 3, "t", 0, 60);
-        assert!(t.gate_open(&who, 3, "t", &gate(Some(50))));
+        assert!(t.gate_open(&who, 3, "t", &gate(Some(50)), None));
         assert!(
-            !t.gate_open(&who, 4, "t", &gate(Some(50))),
+            !t.gate_open(&who, 4, "t", &gate(Some(50)), None),
             "another connection"
         );
     }

@@ -73,6 +73,9 @@ pub struct AutoscaleConfig {
     /// old; until then a group that appears later and reads from before the seal still gets
     /// per-key order.
     pub gate_retention_secs: u64,
+    /// A group held this long at a gate by its commits is judged by its fetch positions too
+    /// (for groups that do not commit); 0: commits only.
+    pub gate_fallback_secs: u64,
 }
 
 impl Default for AutoscaleConfig {
@@ -92,6 +95,7 @@ impl Default for AutoscaleConfig {
             hot_key_fraction: 0.25,
             sample_interval_ms: 2_000,
             gate_retention_secs: 3_600,
+            gate_fallback_secs: 30,
         }
     }
 }
