@@ -932,3 +932,99 @@ async fn a_group_that_never_commits_passes_gates_after_the_fallback() {
         ) >= 1.0
     );
 }
+
+/// Active shards piled onto one broker (forced here with Kafka's own reassignment and
+/// election tools) are spread again by the leader: replica order changed and a preferred
+/// election per move.
+#[test]
+#[ignore = "needs the 3-broker testbed: integration/run-tests"]
+fn active_shards_piled_on_one_broker_are_spread_by_leader_moves() {
+    assert_eq!(brokers(), 3, "this test needs the 3-broker testbed");
+    let topic = unique("spread");
+    let (code, body) = admin_post(
+        "/api/v1/topics",
+        &json!({"name": topic, "initial_shards": 3, "pool": 6, "replication_factor": 3,
+                "autoscale": {"split_records_per_sec": 1e9, "balance_interval_secs": 2}}),
+    );
+    assert_eq!(code, 201, "{body}");
+    let leaders = || -> Vec<i32> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka())
+            .create()
+            .unwrap();
+        let md = c
+            .fetch_metadata(Some(&topic), Duration::from_secs(10))
+            .unwrap();
+        let mut parts: Vec<(i32, i32)> = md.topics()[0]
+            .partitions()
+            .iter()
+            .map(|p| (p.id(), p.leader()))
+            .collect();
+        parts.sort();
+        parts.iter().take(3).map(|(_, l)| *l).collect()
+    };
+    let moves_before = metric(
+        "shardgate_leader_moves_total",
+        &[&format!("topic=\"{topic}\"")],
+    );
+    // Broker 1 first in the replicas of partitions 0-2 (the active shards), then elect.
+    let dir = std::env::temp_dir();
+    let plan = dir.join(format!("{topic}-reassign.json"));
+    let elect = dir.join(format!("{topic}-elect.json"));
+    std::fs::write(
+        &plan,
+        json!({"version": 1, "partitions": (0..3).map(|p| json!({"topic": topic, "partition": p, "replicas": [1, 2, 3]})).collect::<Vec<_>>()}).to_string(),
+    )
+    .unwrap();
+    std::fs::write(
+        &elect,
+        json!({"partitions": (0..3).map(|p| json!({"topic": topic, "partition": p})).collect::<Vec<_>>()}).to_string(),
+    )
+    .unwrap();
+    run_ok(
+        Command::new(bin("kafka-reassign-partitions")).args([
+            "--bootstrap-server",
+            &kafka(),
+            "--reassignment-json-file",
+            plan.to_str().unwrap(),
+            "--execute",
+        ]),
+        Duration::from_secs(60),
+    );
+    run_ok(
+        Command::new(bin("kafka-leader-election")).args([
+            "--bootstrap-server",
+            &kafka(),
+            "--election-type",
+            "PREFERRED",
+            "--path-to-json-file",
+            elect.to_str().unwrap(),
+        ]),
+        Duration::from_secs(60),
+    );
+    eprintln!(
+        "leaders of the active partitions after forcing: {:?}",
+        leaders()
+    );
+    let started = Instant::now();
+    eventually(
+        "active shards on three brokers",
+        Duration::from_secs(60),
+        || {
+            let mut l = leaders();
+            l.sort();
+            l.dedup();
+            l.len() == 3
+        },
+    );
+    let moves = metric(
+        "shardgate_leader_moves_total",
+        &[&format!("topic=\"{topic}\"")],
+    ) - moves_before;
+    assert!(moves >= 2.0, "{moves} leader moves");
+    eprintln!(
+        "spread again after {:.1} s with {moves} moves: {:?}",
+        started.elapsed().as_secs_f64(),
+        leaders()
+    );
+}

@@ -458,6 +458,42 @@ fn parked_for(req: &RequestFrame) -> Option<std::time::Duration> {
     }
 }
 
+/// Placement wants to know which member consumes which managed partition: a classic consumer
+/// group's SyncGroup answer carries the member's assignment (consumer protocol).
+fn observe_assignment(ctx: &Ctx, req: &RequestFrame, group: &str, resp: &Bytes) {
+    let (Ok(body), Ok(answer)) = (
+        req.decode_body::<SyncGroupRequest>(),
+        decode_response::<SyncGroupResponse>(req.api_key, req.api_version, resp.clone()),
+    ) else {
+        return;
+    };
+    if answer.error_code != codes::NONE
+        || answer
+            .protocol_type
+            .as_ref()
+            .is_some_and(|t| t.as_str() != "consumer")
+    {
+        return;
+    }
+    let mut buf = answer.assignment.clone();
+    if buf.len() < 2 {
+        ctx.groups.assigned(group, body.member_id.as_str(), vec![]);
+        return;
+    }
+    let version = i16::from_be_bytes([buf[0], buf[1]]);
+    bytes::Buf::advance(&mut buf, 2);
+    let Ok(a) = ConsumerProtocolAssignment::decode(&mut buf, version.clamp(0, 3)) else {
+        return;
+    };
+    let parts = a
+        .assigned_partitions
+        .iter()
+        .filter(|t| ctx.shards.is_managed(t.topic.0.as_str()))
+        .flat_map(|t| t.partitions.iter().map(|p| (t.topic.0.to_string(), *p)))
+        .collect();
+    ctx.groups.assigned(group, body.member_id.as_str(), parts);
+}
+
 /// Links the client to the consumer group it speaks for and records committed offsets of
 /// managed topics: the ordering gates need both.
 fn observe_group(ctx: &Ctx, client: &ClientConn, req: &RequestFrame, group: &str, resp: &Bytes) {
@@ -474,6 +510,10 @@ fn observe_group(ctx: &Ctx, client: &ClientConn, req: &RequestFrame, group: &str
     }
     let client_id = req.header.client_id.as_deref().unwrap_or("");
     ctx.groups.link(client.peer.ip(), client_id, group);
+    if req.api_key == ApiKey::SyncGroup {
+        observe_assignment(ctx, req, group, resp);
+        return;
+    }
     if req.api_key != ApiKey::OffsetCommit {
         return;
     }

@@ -18,15 +18,21 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kafka_protocol::messages::alter_partition_reassignments_request::{
+    ReassignablePartition, ReassignableTopic,
+};
 use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
 use kafka_protocol::messages::create_topics_request::CreatableTopic;
+use kafka_protocol::messages::elect_leaders_request::TopicPartitions;
 use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
 use kafka_protocol::messages::{
-    ApiKey, BrokerId, CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest,
-    CreateTopicsResponse, ListOffsetsRequest, ListOffsetsResponse, TopicName,
+    AlterPartitionReassignmentsRequest, AlterPartitionReassignmentsResponse, ApiKey, BrokerId,
+    CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest, CreateTopicsResponse,
+    ElectLeadersRequest, ElectLeadersResponse, ListOffsetsRequest, ListOffsetsResponse, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 
+use super::placement::{self, PartitionView};
 use super::registry::{hottest, weighted_median};
 use super::sampler;
 use super::{HASH_END, MapError, ShardMap, TopicConfig};
@@ -529,27 +535,149 @@ impl Controller {
         Ok(())
     }
 
-    /// The idle partition for a new shard: the one whose upstream leader carries the fewest
-    /// active shards of this topic.
-    fn place(&self, ctx: &Ctx, map: &ShardMap) -> Result<i32, ControlError> {
+    /// What placement sees of the topic's pool partitions: leaders and in-sync replicas from
+    /// the topology, consumer load from the groups' assignments.
+    fn partition_views(&self, ctx: &Ctx, map: &ShardMap) -> HashMap<i32, PartitionView> {
         let topo = ctx.topology().load();
-        let mut load: HashMap<i32, usize> = HashMap::new();
-        for s in map.active() {
-            if let Some(l) = topo.leader(&map.topic, s.partition) {
-                *load.entry(l).or_default() += 1;
-            }
-        }
-        map.idle_partitions()
-            .into_iter()
-            .min_by_key(|p| {
+        let active: Vec<i32> = map.active().iter().map(|s| s.partition).collect();
+        let consumers = ctx.groups.consumer_loads(&map.topic, &active);
+        let info = topo.topics.get(map.topic.as_bytes());
+        (0..map.pool)
+            .map(|p| {
+                let pi = info.and_then(|t| t.partitions.get(p as usize));
                 (
-                    topo.leader(&map.topic, *p)
-                        .map(|l| load.get(&l).copied().unwrap_or(0))
-                        .unwrap_or(usize::MAX),
-                    *p,
+                    p,
+                    PartitionView {
+                        leader: pi.map(|i| i.leader).filter(|l| *l >= 0),
+                        isr: pi.map(|i| i.isr.clone()).unwrap_or_default(),
+                        consumer_load: consumers.get(&p).copied().unwrap_or(0),
+                    },
                 )
             })
-            .ok_or(ControlError::Map(MapError::PoolExhausted(map.pool)))
+            .collect()
+    }
+
+    /// The idle partition for a new shard: the one whose upstream leader and whose consumer
+    /// carry the fewest active shards of this topic.
+    fn place(&self, ctx: &Ctx, map: &ShardMap) -> Result<i32, ControlError> {
+        let active: Vec<i32> = map.active().iter().map(|s| s.partition).collect();
+        placement::pick_idle(
+            &map.idle_partitions(),
+            &active,
+            &self.partition_views(ctx, map),
+        )
+        .ok_or(ControlError::Map(MapError::PoolExhausted(map.pool)))
+    }
+
+    /// Moves the leadership of one active shard partition off the busiest broker when active
+    /// shards pile up there: its replicas are reordered (AlterPartitionReassignments, same
+    /// replica set, so no data moves) to make an in-sync replica on a less loaded broker the
+    /// preferred leader, then a preferred election runs (ElectLeaders).
+    pub async fn balance_leaders(
+        &self,
+        ctx: &Ctx,
+        topic: &str,
+    ) -> Result<Option<String>, ControlError> {
+        let (_, map) = self.current(ctx, topic)?;
+        let active: Vec<i32> = map.active().iter().map(|s| s.partition).collect();
+        let view = self.partition_views(ctx, &map);
+        let topo = ctx.topology().load();
+        let brokers: Vec<i32> = topo.brokers.keys().copied().collect();
+        let Some((partition, to)) = placement::leader_move(&active, &view, &brokers) else {
+            return Ok(None);
+        };
+        let Some(info) = topo
+            .topics
+            .get(topic.as_bytes())
+            .and_then(|t| t.partitions.get(partition as usize))
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        let mut replicas = info.replicas.clone();
+        replicas.retain(|b| *b != to);
+        replicas.insert(0, to);
+        let broker = topo.any_broker(0).ok_or(UpstreamError::NoBroker)?;
+        let name = TopicName(StrBytes::from_string(topic.to_string()));
+        let req = AlterPartitionReassignmentsRequest::default()
+            .with_timeout_ms(30_000)
+            .with_topics(vec![
+                ReassignableTopic::default()
+                    .with_name(name.clone())
+                    .with_partitions(vec![
+                        ReassignablePartition::default()
+                            .with_partition_index(partition)
+                            .with_replicas(Some(replicas.iter().map(|b| BrokerId(*b)).collect())),
+                    ]),
+            ]);
+        let resp: AlterPartitionReassignmentsResponse = ctx
+            .pool
+            .call(
+                broker,
+                0,
+                ApiKey::AlterPartitionReassignments,
+                0,
+                None,
+                &req,
+            )
+            .await?;
+        let code = resp
+            .responses
+            .iter()
+            .flat_map(|t| &t.partitions)
+            .map(|p| p.error_code)
+            .find(|c| *c != 0)
+            .unwrap_or(resp.error_code);
+        if code != 0 {
+            return Err(ControlError::Kafka(format!(
+                "AlterPartitionReassignments {topic}/{partition} to {replicas:?}: error {code}"
+            )));
+        }
+        // The preferred election needs the controller to have the new order; it is applied at
+        // once for a reorder, but the broker may still answer "not available" for a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let req = ElectLeadersRequest::default()
+                .with_election_type(0)
+                .with_timeout_ms(10_000)
+                .with_topic_partitions(Some(vec![
+                    TopicPartitions::default()
+                        .with_topic(name.clone())
+                        .with_partitions(vec![partition]),
+                ]));
+            let resp: ElectLeadersResponse = ctx
+                .pool
+                .call(broker, 0, ApiKey::ElectLeaders, 2, None, &req)
+                .await?;
+            // 84 ELECTION_NOT_NEEDED: the preferred replica leads already.
+            let code = resp
+                .replica_election_results
+                .iter()
+                .flat_map(|r| &r.partition_result)
+                .map(|p| p.error_code)
+                .find(|c| *c != 0 && *c != 84)
+                .unwrap_or(if resp.error_code == 84 {
+                    0
+                } else {
+                    resp.error_code
+                });
+            if code == 0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(ControlError::Kafka(format!(
+                    "ElectLeaders {topic}/{partition}: error {code}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        ctx.topology().request_refresh();
+        metrics::counter!("shardgate_leader_moves_total", "topic" => topic.to_string())
+            .increment(1);
+        Ok(Some(format!(
+            "partition {partition}: leader {} -> {to} (active shards of the topic per broker were uneven)",
+            info.leader
+        )))
     }
 
     pub async fn split(
@@ -722,6 +850,7 @@ impl Controller {
     pub async fn run(self: Arc<Self>, ctx: Arc<Ctx>) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut last_sample: HashMap<String, Instant> = HashMap::new();
+        let mut last_balance: HashMap<String, Instant> = HashMap::new();
         let mut last_check = Instant::now();
         loop {
             tick.tick().await;
@@ -745,6 +874,21 @@ impl Controller {
                 }
                 if let Err(e) = self.retire_gates(&ctx, &topic).await {
                     tracing::warn!(topic, error = %e, "gate cleanup failed");
+                }
+                let balance = m.config.autoscale.balance_interval_secs;
+                if balance > 0
+                    && last_balance
+                        .get(&topic)
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(balance))
+                {
+                    last_balance.insert(topic.clone(), Instant::now());
+                    match self.balance_leaders(&ctx, &topic).await {
+                        Ok(Some(detail)) => {
+                            tracing::info!(topic, reason = "leader_balance", %detail, "placement acted")
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(topic, error = %e, "leader balancing failed"),
+                    }
                 }
                 let every = Duration::from_millis(m.config.autoscale.sample_interval_ms);
                 if last_sample.get(&topic).is_none_or(|t| t.elapsed() >= every) {

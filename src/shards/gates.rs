@@ -29,6 +29,8 @@ use bytes::Bytes;
 use super::map::Gate;
 
 type Positions = HashMap<(String, i32), i64>;
+/// (topic, partition) pairs assigned to one group member.
+type Assigned = Vec<(String, i32)>;
 
 #[derive(Default)]
 pub struct GroupTracker {
@@ -39,6 +41,9 @@ pub struct GroupTracker {
     conns: Mutex<HashMap<u64, Positions>>,
     /// Per group: fetch positions of connections linked to that group alone.
     group_fetched: Mutex<HashMap<String, Positions>>,
+    /// Per (group, member): the partitions its SyncGroup answer assigned it (classic groups
+    /// with the consumer protocol), for placement.
+    assignments: Mutex<HashMap<(String, String), Assigned>>,
     /// When a group was first held at a gate, for the wait-time metric.
     held_since: Mutex<HashMap<(String, String, i32), Instant>>,
 }
@@ -241,6 +246,37 @@ impl GroupTracker {
                 )
             })
             .collect()
+    }
+
+    /// Records what a SyncGroup answer assigned to a member (replacing its last assignment).
+    pub fn assigned(&self, group: &str, member: &str, partitions: Vec<(String, i32)>) {
+        let mut a = self.assignments.lock().expect("assignments lock");
+        let key = (group.to_string(), member.to_string());
+        if partitions.is_empty() {
+            a.remove(&key);
+        } else {
+            a.insert(key, partitions);
+        }
+    }
+
+    /// For each partition of `topic` some member is assigned: how many of the `active`
+    /// partitions that member holds (the largest over groups).
+    pub fn consumer_loads(&self, topic: &str, active: &[i32]) -> HashMap<i32, usize> {
+        let a = self.assignments.lock().expect("assignments lock");
+        let mut out: HashMap<i32, usize> = HashMap::new();
+        for parts in a.values() {
+            let mine: Vec<i32> = parts
+                .iter()
+                .filter(|(t, _)| t == topic)
+                .map(|(_, p)| *p)
+                .collect();
+            let load = mine.iter().filter(|p| active.contains(p)).count();
+            for p in mine {
+                let e = out.entry(p).or_insert(0);
+                *e = (*e).max(load);
+            }
+        }
+        out
     }
 
     /// Managed topics `group` has positions on.

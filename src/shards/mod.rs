@@ -10,6 +10,7 @@
 pub mod controller;
 pub mod gates;
 pub mod map;
+pub mod placement;
 pub mod registry;
 pub mod routing;
 pub mod sampler;
@@ -76,6 +77,9 @@ pub struct AutoscaleConfig {
     /// A group held this long at a gate by its commits is judged by its fetch positions too
     /// (for groups that do not commit); 0: commits only.
     pub gate_fallback_secs: u64,
+    /// How often the leader checks that active shards spread over the upstream brokers and
+    /// moves one partition's leadership when they do not; 0: never.
+    pub balance_interval_secs: u64,
 }
 
 impl Default for AutoscaleConfig {
@@ -96,6 +100,7 @@ impl Default for AutoscaleConfig {
             sample_interval_ms: 2_000,
             gate_retention_secs: 3_600,
             gate_fallback_secs: 30,
+            balance_interval_secs: 30,
         }
     }
 }

@@ -22,6 +22,9 @@ use crate::config::HostPort;
 pub struct PartitionInfo {
     pub leader: i32,
     pub leader_epoch: i32,
+    /// Replica broker ids, preferred leader first.
+    pub replicas: Vec<i32>,
+    pub isr: Vec<i32>,
 }
 
 #[derive(Debug, Clone)]
@@ -147,7 +150,9 @@ impl TopologyHandle {
             let mut parts = vec![
                 PartitionInfo {
                     leader: -1,
-                    leader_epoch: -1
+                    leader_epoch: -1,
+                    replicas: vec![],
+                    isr: vec![],
                 };
                 n
             ];
@@ -156,6 +161,8 @@ impl TopologyHandle {
                     parts[p.partition_index as usize] = PartitionInfo {
                         leader: p.leader_id.0,
                         leader_epoch: p.leader_epoch,
+                        replicas: p.replica_nodes.iter().map(|b| b.0).collect(),
+                        isr: p.isr_nodes.iter().map(|b| b.0).collect(),
                     };
                 }
             }
