@@ -758,45 +758,9 @@ async fn an_exhausted_pool_grows_and_consumers_follow() {
                 "replication_factor": rf(), "autoscale": {"enabled": false}}),
     );
     assert_eq!(code, 201, "{body}");
-    let seen = Arc::new(Mutex::new(BTreeSet::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let consumer = {
-        let (seen, stop, topic) = (seen.clone(), stop.clone(), topic.clone());
-        std::thread::spawn(move || {
-            let c: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", proxy())
-                .set("group.id", unique("g-grow"))
-                .set("auto.offset.reset", "earliest")
-                .create()
-                .unwrap();
-            c.subscribe(&[&topic]).unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
-                    seen.lock()
-                        .unwrap()
-                        .insert(String::from_utf8_lossy(m.payload().unwrap()).into_owned());
-                }
-            }
-        })
-    };
+    let consumer = BackgroundConsumer::start(&topic, "g-grow", &[]);
     produce_keys(&topic, 200, 0).await;
-    let wait_for = {
-        let seen = seen.clone();
-        move |n: usize| {
-            let seen = seen.clone();
-            eventually(
-                &format!("{n} records consumed"),
-                Duration::from_secs(60),
-                move || seen.lock().unwrap().len() >= n,
-            )
-        }
-    };
-    tokio::task::spawn_blocking({
-        let wait_for = wait_for.clone();
-        move || wait_for(200)
-    })
-    .await
-    .unwrap();
+    consumer.wait_for(200).await;
     // Split twice: the second split finds both pool partitions active.
     for _ in 0..2 {
         let (_, map) = admin_get(&format!("/api/v1/topics/{topic}/shards"));
@@ -829,26 +793,27 @@ async fn an_exhausted_pool_grows_and_consumers_follow() {
     );
     produce_keys(&topic, 200, 1).await;
     let started = Instant::now();
-    tokio::task::spawn_blocking(move || wait_for(400))
-        .await
-        .unwrap();
+    consumer.wait_for(400).await;
     eprintln!(
         "all records of the grown pool consumed {:.1} s after producing",
         started.elapsed().as_secs_f64()
     );
-    stop.store(true, Ordering::Relaxed);
-    consumer.join().unwrap();
+    consumer.stop();
     assert!(
         metric(
             "shardgate_pool_nudges_total",
             &[&format!("topic=\"{topic}\"")]
         ) >= 1.0
     );
-    let parts = key_partitions(&topic);
-    assert!(
-        parts.values().any(|p| *p == 2),
-        "no key on partition 2: {parts:?}"
-    );
+    // Round 1 wrote to the added partition (read from Kafka directly).
+    let direct: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let (_, high) = direct
+        .fetch_watermarks(&topic, 2, Duration::from_secs(10))
+        .unwrap();
+    assert!(high > 0, "nothing on the added partition 2");
 }
 
 /// A group that never commits is not held at a gate forever: after `gate_fallback_secs` its
@@ -863,38 +828,10 @@ async fn a_group_that_never_commits_passes_gates_after_the_fallback() {
                 "autoscale": {"enabled": false, "gate_fallback_secs": 3}}),
     );
     assert_eq!(code, 201, "{body}");
-    let order = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let consumer = {
-        let (order, stop, topic) = (order.clone(), stop.clone(), topic.clone());
-        std::thread::spawn(move || {
-            let c: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", proxy())
-                .set("group.id", unique("g-nocommit"))
-                .set("enable.auto.commit", "false")
-                .set("auto.offset.reset", "earliest")
-                .create()
-                .unwrap();
-            c.subscribe(&[&topic]).unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
-                    order
-                        .lock()
-                        .unwrap()
-                        .push(String::from_utf8_lossy(m.payload().unwrap()).into_owned());
-                }
-            }
-        })
-    };
-    let count = |n: usize| {
-        let order = order.clone();
-        move || order.lock().unwrap().len() >= n
-    };
+    let consumer =
+        BackgroundConsumer::start(&topic, "g-nocommit", &[("enable.auto.commit", "false")]);
     produce_keys(&topic, 200, 0).await;
-    let c = count(200);
-    tokio::task::spawn_blocking(move || eventually("round 0 consumed", Duration::from_secs(60), c))
-        .await
-        .unwrap();
+    consumer.wait_for(200).await;
     let (code, body) = admin_post(
         &format!("/api/v1/topics/{topic}/shards/0/split"),
         &json!({}),
@@ -902,18 +839,13 @@ async fn a_group_that_never_commits_passes_gates_after_the_fallback() {
     assert_eq!(code, 200, "{body}");
     produce_keys(&topic, 200, 1).await;
     let started = Instant::now();
-    let c = count(400);
-    tokio::task::spawn_blocking(move || eventually("round 1 consumed", Duration::from_secs(60), c))
-        .await
-        .unwrap();
-    stop.store(true, Ordering::Relaxed);
-    consumer.join().unwrap();
+    consumer.wait_for(400).await;
+    let order = consumer.stop();
     eprintln!(
         "round 1 consumed {:.1} s after producing",
         started.elapsed().as_secs_f64()
     );
     // Per key: round 0 before round 1, each once.
-    let order = order.lock().unwrap().clone();
     let mut last: HashMap<String, usize> = HashMap::new();
     for v in &order {
         let (key, round) = v.split_once(':').unwrap();
@@ -1027,4 +959,60 @@ fn active_shards_piled_on_one_broker_are_spread_by_leader_moves() {
         started.elapsed().as_secs_f64(),
         leaders()
     );
+}
+
+/// A group consumer on its own thread collecting payloads in arrival order.
+struct BackgroundConsumer {
+    seen: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl BackgroundConsumer {
+    fn start(topic: &str, group_prefix: &str, extra: &[(&str, &str)]) -> Self {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", proxy())
+            .set("group.id", unique(group_prefix))
+            .set("auto.offset.reset", "earliest");
+        for (k, v) in extra {
+            cfg.set(*k, *v);
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (seen, stop, topic) = (seen.clone(), stop.clone(), topic.to_string());
+            std::thread::spawn(move || {
+                let c: BaseConsumer = cfg.create().unwrap();
+                c.subscribe(&[&topic]).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                        seen.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(m.payload().unwrap()).into_owned());
+                    }
+                }
+            })
+        };
+        Self { seen, stop, thread }
+    }
+
+    /// Waits (up to 60 s) until `n` distinct payloads arrived.
+    async fn wait_for(&self, n: usize) {
+        let seen = self.seen.clone();
+        tokio::task::spawn_blocking(move || {
+            eventually(
+                &format!("{n} records consumed"),
+                Duration::from_secs(60),
+                || seen.lock().unwrap().iter().collect::<BTreeSet<_>>().len() >= n,
+            )
+        })
+        .await
+        .unwrap();
+    }
+
+    fn stop(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap();
+        self.seen.lock().unwrap().clone()
+    }
 }

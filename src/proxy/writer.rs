@@ -3,12 +3,13 @@
 //! instead every upstream partition of a managed topic has one writer lane that owns a
 //! producer id and sequence of its own.
 //!
-//! A lane keeps one batch in flight: it takes every job queued behind it (up to a byte
-//! budget) into the next batch, so a hot partition writes bigger batches instead of more of
-//! them. With one batch in flight a retry after a lost response or a leader change carries the
-//! same sequence, and the broker answers a batch it already has as a duplicate instead of
-//! writing it twice. Jobs enter a lane synchronously, in the order the client's produce lane
-//! routed them, so per-partition order is the order of arrival.
+//! A lane keeps up to `DEPTH` batches in flight on one upstream connection, in sequence order;
+//! when the window is full, the jobs queued behind it (up to a byte budget) form the next
+//! batch, so a hot partition writes bigger batches instead of more of them. When a batch fails
+//! (lost answer, leader change), the lane lets the window settle and retries the failed
+//! batches in order with their own sequences: the broker answers one it already has as a
+//! duplicate instead of writing it twice. Jobs enter a lane synchronously, in the order the
+//! client's produce lane routed them, so per-partition order is the order of arrival.
 //!
 //! Emulating the broker for client producers: when a lane gives up on a batch of an
 //! idempotent client (its records may or may not be written), later batches of that client
@@ -16,7 +17,7 @@
 //! failed one, as a broker would do with a sequence gap. Otherwise a retried batch would land
 //! behind batches sent after it and break per-key order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -29,8 +30,8 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::StrBytes;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::protocol::codes;
 use crate::protocol::records::{BatchInfo, Record, encode_batch};
+use crate::protocol::{codes, decode_response, encode_request};
 use crate::upstream::UpstreamError;
 use crate::upstream::pool::Pool;
 
@@ -40,6 +41,9 @@ const INIT_PRODUCER_ID_VERSION: i16 = 3;
 /// A lane stops adding queued jobs to a batch past this many record bytes (well under the
 /// broker's default 1 MiB message.max.bytes).
 const COALESCE_BYTES: usize = 512 * 1024;
+/// Batches a lane keeps in flight (a broker remembers the last five per producer and
+/// partition for duplicate detection).
+const DEPTH: usize = 4;
 
 const OUT_OF_ORDER_SEQUENCE: i16 = 45;
 const DUPLICATE_SEQUENCE: i16 = 46;
@@ -219,72 +223,314 @@ async fn run_lane(
         gaps: HashMap::new(),
     };
     let mut carry: Option<Job> = None;
+    let mut inflight: VecDeque<Sent> = VecDeque::new();
+    let mut closed = false;
     loop {
-        let first = match carry.take() {
-            Some(j) => j,
-            None => match rx.recv().await {
-                Some(j) => j,
-                None => return,
-            },
-        };
-        let mut jobs = Vec::new();
-        let mut bytes = 0;
-        let mut next = Some(first);
-        while let Some(job) = next.take() {
-            if let Some(refusal) = gap_refusal(&st, &job) {
-                let _ = job.reply.send(Err(refusal));
-            } else if jobs.first().is_some_and(|f: &Job| !coalescable(f, &job)) {
-                carry = Some(job);
-                break;
-            } else {
-                bytes += job_bytes(&job);
-                jobs.push(job);
+        if closed && carry.is_none() {
+            recover(&w, &mut st, None, &mut inflight).await;
+            return;
+        }
+        let can_send = inflight.len() < DEPTH;
+        tokio::select! {
+            biased;
+            answer = async { (&mut inflight.front_mut().expect("a batch in flight").answer).await },
+                if !inflight.is_empty() =>
+            {
+                let sent = inflight.pop_front().expect("a batch in flight");
+                match answer {
+                    Ok(Ok(written)) => reply_written(&mut st, sent.jobs, written),
+                    _ => recover(&w, &mut st, Some(sent), &mut inflight).await,
+                }
             }
-            if bytes < COALESCE_BYTES {
-                next = rx.try_recv().ok();
+            first = next_job(&mut carry, &mut rx), if can_send => {
+                let Some(first) = first else {
+                    closed = true;
+                    continue;
+                };
+                let jobs = take_batch(&st, first, &mut rx, &mut carry);
+                if !jobs.is_empty() {
+                    send(&w, &mut st, jobs, &mut inflight).await;
+                }
             }
         }
-        if jobs.is_empty() {
+    }
+}
+
+async fn next_job(carry: &mut Option<Job>, rx: &mut mpsc::UnboundedReceiver<Job>) -> Option<Job> {
+    match carry.take() {
+        Some(j) => Some(j),
+        None => rx.recv().await,
+    }
+}
+
+/// `first` and whatever is queued behind it, up to the byte budget, that can share a batch.
+fn take_batch(
+    st: &LaneState,
+    first: Job,
+    rx: &mut mpsc::UnboundedReceiver<Job>,
+    carry: &mut Option<Job>,
+) -> Vec<Job> {
+    let mut jobs = Vec::new();
+    let mut bytes = 0;
+    let mut next = Some(first);
+    while let Some(job) = next.take() {
+        if let Some(refusal) = gap_refusal(st, &job) {
+            let _ = job.reply.send(Err(refusal));
+        } else if jobs.first().is_some_and(|f: &Job| !coalescable(f, &job)) {
+            *carry = Some(job);
+            break;
+        } else {
+            bytes += job_bytes(&job);
+            jobs.push(job);
+        }
+        if bytes < COALESCE_BYTES {
+            next = rx.try_recv().ok();
+        }
+    }
+    jobs
+}
+
+/// A batch sent upstream and not answered yet.
+struct Sent {
+    jobs: Vec<Job>,
+    producer: (i64, i16),
+    seq: i32,
+    answer: tokio::task::JoinHandle<Result<Written, WriteError>>,
+}
+
+/// The fast path: encode with the next sequence and queue on the leader's connection without
+/// waiting (up to DEPTH batches in flight; a broker keeps the last five per producer, so a
+/// retry within the window is recognised as a duplicate). Without a producer id or a leader
+/// the batch goes the slow way, after the window has settled.
+async fn send(
+    w: &Arc<ShardWriter>,
+    st: &mut LaneState,
+    jobs: Vec<Job>,
+    inflight: &mut VecDeque<Sent>,
+) {
+    let leader = w.pool.topology.load().leader(&st.topic, st.partition);
+    let (Some(producer), Some(leader)) = (st.producer, leader) else {
+        recover(w, st, None, inflight).await;
+        write_now(w, st, jobs).await;
+        return;
+    };
+    let count: i32 = jobs.iter().map(|j| j.records.len() as i32).sum();
+    let records: Vec<&Record> = jobs.iter().flat_map(|j| j.records.iter()).collect();
+    let info = BatchInfo {
+        producer_id: producer.0,
+        producer_epoch: producer.1,
+        base_sequence: st.next_seq,
+        partition_leader_epoch: -1,
+        ..jobs[0].info.clone()
+    };
+    let deadline = jobs
+        .iter()
+        .map(|j| j.deadline)
+        .max()
+        .unwrap_or_else(Instant::now);
+    let frame = encode_batch(&records, &info)
+        .map_err(|e| e.to_string())
+        .and_then(|batch| {
+            let req = produce_request(st, &jobs, deadline, batch);
+            encode_request(ApiKey::Produce, PRODUCE_VERSION, None, &req).map_err(|e| e.to_string())
+        });
+    drop(records);
+    let frame = match frame {
+        Ok(f) => f,
+        Err(e) => {
+            let err = WriteError {
+                code: super::reroute::CORRUPT_MESSAGE,
+                message: Some(format!("cannot re-encode records: {e}")),
+            };
+            for job in jobs {
+                fail(st, job, &Failure::Refused(err.clone()), err.clone());
+            }
+            return;
+        }
+    };
+    match w
+        .pool
+        .send_raw(leader, st.pin, ApiKey::Produce, frame, true)
+        .await
+    {
+        Ok(pending) => {
+            let seq = st.next_seq;
+            st.next_seq = next_sequence(seq, count);
+            let partition = st.partition;
+            let answer = tokio::spawn(async move { parse_answer(pending.wait().await, partition) });
+            inflight.push_back(Sent {
+                jobs,
+                producer,
+                seq,
+                answer,
+            });
+        }
+        Err(_) => {
+            recover(w, st, None, inflight).await;
+            write_now(w, st, jobs).await;
+        }
+    }
+}
+
+fn produce_request(
+    st: &LaneState,
+    jobs: &[Job],
+    deadline: Instant,
+    batch: bytes::Bytes,
+) -> ProduceRequest {
+    let acks = if jobs.iter().any(|j| j.acks == -1) {
+        -1
+    } else {
+        1
+    };
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    ProduceRequest::default()
+        .with_acks(acks)
+        .with_timeout_ms(remaining.as_millis().clamp(1, 30_000) as i32)
+        .with_topic_data(vec![
+            TopicProduceData::default()
+                .with_name(TopicName(StrBytes::from_string(st.topic.clone())))
+                .with_partition_data(vec![
+                    PartitionProduceData::default()
+                        .with_index(st.partition)
+                        .with_records(Some(batch)),
+                ]),
+        ])
+}
+
+fn parse_answer(
+    result: Result<Option<bytes::Bytes>, UpstreamError>,
+    partition: i32,
+) -> Result<Written, WriteError> {
+    let raw = result.map_err(upstream_error)?.ok_or(WriteError {
+        code: NETWORK_EXCEPTION,
+        message: Some("no answer".into()),
+    })?;
+    let resp: ProduceResponse =
+        decode_response(ApiKey::Produce, PRODUCE_VERSION, raw).map_err(|e| WriteError {
+            code: NETWORK_EXCEPTION,
+            message: Some(e.to_string()),
+        })?;
+    let p = resp
+        .responses
+        .into_iter()
+        .flat_map(|t| t.partition_responses)
+        .find(|p| p.index == partition)
+        .ok_or(WriteError {
+            code: NETWORK_EXCEPTION,
+            message: Some("answer without the partition".into()),
+        })?;
+    crate::telemetry::upstream_code(ApiKey::Produce, p.error_code);
+    match p.error_code {
+        codes::NONE | DUPLICATE_SEQUENCE => Ok(Written {
+            base_offset: p.base_offset,
+            log_append_time_ms: p.log_append_time_ms,
+            log_start_offset: p.log_start_offset,
+        }),
+        code => Err(WriteError {
+            code,
+            message: p.error_message.map(|m| m.to_string()),
+        }),
+    }
+}
+
+/// Settles the window after a failure (or before a slow-path write): waits for every batch
+/// still in flight, then retries the failed ones in sequence order with their own sequences
+/// (`write`). A batch answered after an earlier one failed was written, so the earlier one
+/// was too and its retry is answered as a duplicate. Once a retry gives up, the failed
+/// batches after it are not written either (that would put them before it): they fail, and
+/// their client streams get a gap.
+async fn recover(
+    w: &Arc<ShardWriter>,
+    st: &mut LaneState,
+    failed_first: Option<Sent>,
+    inflight: &mut VecDeque<Sent>,
+) {
+    let mut failed: Vec<Sent> = failed_first.into_iter().collect();
+    while let Some(mut s) = inflight.pop_front() {
+        match (&mut s.answer).await {
+            Ok(Ok(written)) => reply_written(st, s.jobs, written),
+            _ => failed.push(s),
+        }
+    }
+    if failed.is_empty() {
+        return;
+    }
+    metrics::counter!("shardgate_writer_recoveries_total").increment(1);
+    let window_end = st.next_seq;
+    let window_producer = st.producer;
+    let mut gave_up: Option<WriteError> = None;
+    for f in failed {
+        if let Some(e) = &gave_up {
+            for job in f.jobs {
+                fail(st, job, &Failure::GaveUp(e.clone()), e.clone());
+            }
             continue;
         }
-        match write(&w, &mut st, &jobs).await {
-            Ok(written) => {
-                let mut offset = 0i64;
-                for job in jobs {
-                    if let Some((stream, seq)) = &job.client
-                        && st.gaps.get(stream).is_some_and(|g| g == seq)
-                    {
-                        st.gaps.remove(stream);
-                    }
-                    let n = job.records.len() as i64;
-                    let _ = job.reply.send(Ok(Written {
-                        base_offset: if written.base_offset >= 0 {
-                            written.base_offset + offset
-                        } else {
-                            -1
-                        },
-                        ..written
-                    }));
-                    offset += n;
-                }
-            }
-            Err(Failure::Refused(_)) if jobs.len() > 1 => {
-                // One job may be what the broker refuses (too large, invalid): write each
-                // alone so the others still get through.
-                for job in jobs {
-                    let single = [job];
-                    let result = write(&w, &mut st, &single).await;
-                    let [job] = single;
-                    finish_single(&mut st, job, result);
-                }
-            }
-            Err(f) => {
-                let e = f.error();
-                for job in jobs {
-                    fail(&mut st, job, &f, e.clone());
-                }
-            }
+        if st.producer == Some(f.producer) {
+            st.next_seq = f.seq;
         }
+        if let Some(e) = write_now(w, st, f.jobs).await {
+            gave_up = Some(e);
+        }
+    }
+    if gave_up.is_none() && st.producer == window_producer {
+        st.next_seq = window_end;
+    }
+}
+
+/// Writes `jobs` as one batch with retries (`write`) and answers them; returns the error if
+/// the lane gave up on them.
+async fn write_now(w: &Arc<ShardWriter>, st: &mut LaneState, jobs: Vec<Job>) -> Option<WriteError> {
+    match write(w, st, &jobs).await {
+        Ok(written) => {
+            reply_written(st, jobs, written);
+            None
+        }
+        Err(Failure::Refused(_)) if jobs.len() > 1 => {
+            // One job may be what the broker refuses (too large, invalid): write each
+            // alone so the others still get through.
+            let mut gave_up = None;
+            for job in jobs {
+                let single = [job];
+                let result = write(w, st, &single).await;
+                let [job] = single;
+                if let Err(Failure::GaveUp(e)) = &result {
+                    gave_up = Some(e.clone());
+                }
+                finish_single(st, job, result);
+            }
+            gave_up
+        }
+        Err(f) => {
+            let e = f.error();
+            for job in jobs {
+                fail(st, job, &f, e.clone());
+            }
+            matches!(f, Failure::GaveUp(_)).then_some(e)
+        }
+    }
+}
+
+/// Answers the jobs of a written batch, each with the offset of its first record.
+fn reply_written(st: &mut LaneState, jobs: Vec<Job>, written: Written) {
+    let mut offset = 0i64;
+    for job in jobs {
+        if let Some((stream, seq)) = &job.client
+            && st.gaps.get(stream).is_some_and(|g| g == seq)
+        {
+            st.gaps.remove(stream);
+        }
+        let n = job.records.len() as i64;
+        let _ = job.reply.send(Ok(Written {
+            base_offset: if written.base_offset >= 0 {
+                written.base_offset + offset
+            } else {
+                -1
+            },
+            ..written
+        }));
+        offset += n;
     }
 }
 
@@ -369,11 +615,6 @@ impl Failure {
 /// Writes `jobs` as one batch, retrying with the same producer id and sequence until the
 /// latest deadline of the jobs.
 async fn write(w: &ShardWriter, st: &mut LaneState, jobs: &[Job]) -> Result<Written, Failure> {
-    let acks = if jobs.iter().any(|j| j.acks == -1) {
-        -1
-    } else {
-        1
-    };
     let deadline = jobs
         .iter()
         .map(|j| j.deadline)
@@ -455,19 +696,7 @@ async fn write(w: &ShardWriter, st: &mut LaneState, jobs: &[Job]) -> Result<Writ
                 .await;
             continue;
         };
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let req = ProduceRequest::default()
-            .with_acks(acks)
-            .with_timeout_ms(remaining.as_millis().clamp(1, 30_000) as i32)
-            .with_topic_data(vec![
-                TopicProduceData::default()
-                    .with_name(TopicName(StrBytes::from_string(st.topic.clone())))
-                    .with_partition_data(vec![
-                        PartitionProduceData::default()
-                            .with_index(st.partition)
-                            .with_records(Some(batch)),
-                    ]),
-            ]);
+        let req = produce_request(st, jobs, deadline, batch);
         let result: Result<ProduceResponse, _> = w
             .pool
             .call(leader, st.pin, ApiKey::Produce, PRODUCE_VERSION, None, &req)

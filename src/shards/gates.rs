@@ -111,7 +111,7 @@ impl GroupTracker {
             Self::bump(m.entry(conn).or_default(), topic, partition, offset);
         }
         if let Consumer::Groups(g) = who
-            && let [group] = g.as_slice()
+            && let [group] = self.narrow(g, topic, partition).as_slice()
         {
             let mut m = self.group_fetched.lock().expect("group fetched lock");
             Self::bump(
@@ -120,6 +120,37 @@ impl GroupTracker {
                 partition,
                 offset,
             );
+        }
+    }
+
+    fn group_fetched_topic(&self, group: &str, topic: &str) -> bool {
+        let m = self.group_fetched.lock().expect("group fetched lock");
+        m.get(group)
+            .is_some_and(|p| p.keys().any(|(t, _)| t == topic))
+    }
+
+    /// The candidate groups of a fetch that could own `(topic, partition)`: a group whose
+    /// members' assignments are known (classic groups, from SyncGroup) and none holds it is
+    /// not the owner. Groups with unknown assignments stay (conservative).
+    fn narrow(&self, groups: &[String], topic: &str, partition: i32) -> Vec<String> {
+        if groups.len() < 2 {
+            return groups.to_vec();
+        }
+        let a = self.assignments.lock().expect("assignments lock");
+        let kept: Vec<String> = groups
+            .iter()
+            .filter(|g| {
+                let mut members = a.iter().filter(|((group, _), _)| group == *g).peekable();
+                members.peek().is_none()
+                    || members
+                        .any(|(_, parts)| parts.iter().any(|(t, p)| t == topic && *p == partition))
+            })
+            .cloned()
+            .collect();
+        if kept.is_empty() {
+            groups.to_vec()
+        } else {
+            kept
         }
     }
 
@@ -187,6 +218,14 @@ impl GroupTracker {
         if gate.from_offset.is_none() || gate.after.iter().any(|p| p.seal_offset.is_none()) {
             return false;
         }
+        let narrowed;
+        let who = match who {
+            Consumer::Groups(groups) => {
+                narrowed = Consumer::Groups(self.narrow(groups, topic, gate.partition));
+                &narrowed
+            }
+            other => other,
+        };
         let passed = |positions: &dyn Fn(i32) -> Vec<i64>| {
             gate.after.iter().all(|parent| {
                 let seal = parent.seal_offset.unwrap_or(i64::MAX);
@@ -204,16 +243,26 @@ impl GroupTracker {
                 .get(&key)
                 .is_some_and(|since| since.elapsed() >= after)
         {
-            open = passed(&|partition| {
-                groups
-                    .iter()
-                    .map(|g| {
-                        self.group_position(g, topic, partition)
-                            .unwrap_or(-1)
-                            .max(self.group_fetch_position(g, topic, partition))
-                    })
-                    .collect()
-            });
+            // Groups with nothing known on the topic (no commits, no fetches of their own)
+            // are other consumers sharing the client id; if none is left, stay closed.
+            let on_topic: Vec<&String> = groups
+                .iter()
+                .filter(|g| {
+                    self.group_position(g, topic, gate.partition).is_some()
+                        || self.group_fetched_topic(g, topic)
+                })
+                .collect();
+            open = !on_topic.is_empty()
+                && passed(&|partition| {
+                    on_topic
+                        .iter()
+                        .map(|g| {
+                            self.group_position(g, topic, partition)
+                                .unwrap_or(-1)
+                                .max(self.group_fetch_position(g, topic, partition))
+                        })
+                        .collect()
+                });
             if open {
                 metrics::counter!("shardgate_gate_fallback_opens_total", "topic" => topic.to_string())
                     .increment(1);
@@ -251,12 +300,8 @@ impl GroupTracker {
     /// Records what a SyncGroup answer assigned to a member (replacing its last assignment).
     pub fn assigned(&self, group: &str, member: &str, partitions: Vec<(String, i32)>) {
         let mut a = self.assignments.lock().expect("assignments lock");
-        let key = (group.to_string(), member.to_string());
-        if partitions.is_empty() {
-            a.remove(&key);
-        } else {
-            a.insert(key, partitions);
-        }
+        // Kept even when empty: "this member holds nothing managed" is knowledge too.
+        a.insert((group.to_string(), member.to_string()), partitions);
     }
 
     /// For each partition of `topic` some member is assigned: how many of the `active`
@@ -421,6 +466,29 @@ mod tests {
         t.fetched(&both, 10, "t", 0, 70);
         assert!(!t.gate_open(&both, 10, "t", &gate(Some(50)), now));
         assert!(!t.gate_open(&both, 10, "t", &gate(Some(50)), now));
+    }
+
+    #[test]
+    fn known_assignments_narrow_an_ambiguous_link() {
+        let t = GroupTracker::default();
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        t.link(ip, "rdkafka", "g1");
+        t.link(ip, "rdkafka", "g2");
+        let who = t.consumer(ip, "rdkafka", 9);
+        t.committed("g1", "t", 0, 60);
+        t.committed("g2", "t", 0, 10);
+        assert!(
+            !t.gate_open(&who, 9, "t", &gate(Some(50)), None),
+            "both groups could own the fetch"
+        );
+        // g2's member holds partition 4, not the gated 5: it does not own this fetch.
+        t.assigned("g1", "m1", vec![("t".into(), 5), ("t".into(), 0)]);
+        t.assigned("g2", "m2", vec![("t".into(), 4)]);
+        assert!(t.gate_open(&who, 9, "t", &gate(Some(50)), None));
+        // A fetch of partition 0 by the ambiguous connection is g1's own (only g1 holds 0).
+        t.fetched(&who, 9, "t", 0, 70);
+        assert_eq!(t.group_fetch_position("g1", "t", 0), 70);
+        assert_eq!(t.group_fetch_position("g2", "t", 0), -1);
     }
 
     #[test]
