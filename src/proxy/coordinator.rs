@@ -477,7 +477,8 @@ fn observe_assignment(ctx: &Ctx, req: &RequestFrame, group: &str, resp: &Bytes) 
     }
     let mut buf = answer.assignment.clone();
     if buf.len() < 2 {
-        ctx.groups.assigned(group, body.member_id.as_str(), vec![]);
+        ctx.groups
+            .assigned(group, body.generation_id, body.member_id.as_str(), vec![]);
         return;
     }
     let version = i16::from_be_bytes([buf[0], buf[1]]);
@@ -491,7 +492,8 @@ fn observe_assignment(ctx: &Ctx, req: &RequestFrame, group: &str, resp: &Bytes) 
         .filter(|t| ctx.shards.is_managed(t.topic.0.as_str()))
         .flat_map(|t| t.partitions.iter().map(|p| (t.topic.0.to_string(), *p)))
         .collect();
-    ctx.groups.assigned(group, body.member_id.as_str(), parts);
+    ctx.groups
+        .assigned(group, body.generation_id, body.member_id.as_str(), parts);
 }
 
 /// Links the client to the consumer group it speaks for and records committed offsets of

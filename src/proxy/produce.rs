@@ -132,7 +132,12 @@ pub async fn send(
                 let mut jobs = Vec::new();
                 if let Some(key) = &part.memory_key {
                     ctx.producers
-                        .remember(key.clone(), Remembered::InFlight(deadline));
+                        // Replaced by the outcome when the jobs answer; the margin only
+                        // guards against an answer that never comes.
+                        .remember(
+                            key.clone(),
+                            Remembered::InFlight(deadline + Duration::from_secs(60)),
+                        );
                 }
                 for w in std::mem::take(&mut part.writes) {
                     let (tx, rx) = tokio::sync::oneshot::channel();

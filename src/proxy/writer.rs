@@ -44,6 +44,10 @@ const COALESCE_BYTES: usize = 512 * 1024;
 /// Batches a lane keeps in flight (a broker remembers the last five per producer and
 /// partition for duplicate detection).
 const DEPTH: usize = 4;
+/// How long a lane refuses a client stream's later batches after giving up on one of its
+/// batches: long enough for the client to retry it, bounded in case the retry goes to another
+/// lane (the keys moved in a split) or never comes (the client bumped its epoch).
+const GAP_TTL: Duration = Duration::from_secs(60);
 
 const OUT_OF_ORDER_SEQUENCE: i16 = 45;
 const DUPLICATE_SEQUENCE: i16 = 46;
@@ -96,6 +100,9 @@ type Lane = mpsc::UnboundedSender<Job>;
 pub struct ShardWriter {
     pool: Arc<Pool>,
     lanes: Mutex<HashMap<(String, i32), Lane>>,
+    /// Lanes whose task died: their successor must not reuse the shared producer id, whose
+    /// sequences on that partition are unknown to it.
+    restarted: Mutex<std::collections::HashSet<(String, i32)>>,
     /// The producer id lanes start with; replaced when a lane needs a fresh one.
     producer: Mutex<Option<(i64, i16)>>,
     pins: AtomicU64,
@@ -106,6 +113,7 @@ impl ShardWriter {
         Arc::new(Self {
             pool,
             lanes: Mutex::new(HashMap::new()),
+            restarted: Mutex::new(Default::default()),
             producer: Mutex::new(None),
             pins: AtomicU64::new(1 << 40),
         })
@@ -119,12 +127,21 @@ impl ShardWriter {
         let tx = lanes.entry(key.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             let pin = self.pins.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(run_lane(self.clone(), key.0.clone(), key.1, pin, rx));
+            let fresh = self
+                .restarted
+                .lock()
+                .expect("writer restarted")
+                .remove(&key);
+            tokio::spawn(run_lane(self.clone(), key.0.clone(), key.1, pin, fresh, rx));
             tx
         });
         if let Err(mpsc::error::SendError(job)) = tx.send(job) {
             // Only if the lane task died (a panic): answer, and start a new lane next time.
             lanes.remove(&key);
+            self.restarted
+                .lock()
+                .expect("writer restarted")
+                .insert(key.clone());
             let _ = job.reply.send(Err(WriteError {
                 code: codes::NOT_LEADER_OR_FOLLOWER,
                 message: Some("writer lane restarted".into()),
@@ -203,7 +220,8 @@ struct LaneState {
     dropped: Option<(i64, i16)>,
     next_seq: i32,
     /// Client streams with a batch this lane gave up on: (stream → its base sequence).
-    gaps: HashMap<ClientStream, i32>,
+    /// (stream → base sequence of its failed batch, since when); forgotten after GAP_TTL.
+    gaps: HashMap<ClientStream, (i32, Instant)>,
 }
 
 async fn run_lane(
@@ -211,14 +229,16 @@ async fn run_lane(
     topic: String,
     partition: i32,
     pin: u64,
+    fresh_producer: bool,
     mut rx: mpsc::UnboundedReceiver<Job>,
 ) {
+    let shared = *w.producer.lock().expect("writer producer");
     let mut st = LaneState {
         topic,
         partition,
         pin,
         producer: None,
-        dropped: None,
+        dropped: if fresh_producer { shared } else { None },
         next_seq: 0,
         gaps: HashMap::new(),
     };
@@ -247,7 +267,7 @@ async fn run_lane(
                     closed = true;
                     continue;
                 };
-                let jobs = take_batch(&st, first, &mut rx, &mut carry);
+                let jobs = take_batch(&mut st, first, &mut rx, &mut carry);
                 if !jobs.is_empty() {
                     send(&w, &mut st, jobs, &mut inflight).await;
                 }
@@ -265,7 +285,7 @@ async fn next_job(carry: &mut Option<Job>, rx: &mut mpsc::UnboundedReceiver<Job>
 
 /// `first` and whatever is queued behind it, up to the byte budget, that can share a batch.
 fn take_batch(
-    st: &LaneState,
+    st: &mut LaneState,
     first: Job,
     rx: &mut mpsc::UnboundedReceiver<Job>,
     carry: &mut Option<Job>,
@@ -276,6 +296,14 @@ fn take_batch(
     while let Some(job) = next.take() {
         if let Some(refusal) = gap_refusal(st, &job) {
             let _ = job.reply.send(Err(refusal));
+        } else if Instant::now() >= job.deadline {
+            // Queued past its deadline (the lane was recovering): not written, and later
+            // batches of its client stream must wait for the retry.
+            let e = WriteError {
+                code: codes::REQUEST_TIMED_OUT,
+                message: Some("not written: queued past the request timeout".into()),
+            };
+            fail(st, job, &Failure::GaveUp(e.clone()), e);
         } else if jobs.first().is_some_and(|f: &Job| !coalescable(f, &job)) {
             *carry = Some(job);
             break;
@@ -449,7 +477,25 @@ async fn recover(
     let mut failed: Vec<Sent> = failed_first.into_iter().collect();
     while let Some(mut s) = inflight.pop_front() {
         match (&mut s.answer).await {
-            Ok(Ok(written)) => reply_written(st, s.jobs, written),
+            Ok(Ok(written)) => {
+                // The broker took this sequence, so it had every earlier one of the same
+                // producer id: the failed batches before it were written (answer lost).
+                let (before, rest): (Vec<Sent>, Vec<Sent>) =
+                    failed.into_iter().partition(|f| f.producer == s.producer);
+                failed = rest;
+                for f in before {
+                    reply_written(
+                        st,
+                        f.jobs,
+                        Written {
+                            base_offset: -1,
+                            log_append_time_ms: -1,
+                            log_start_offset: -1,
+                        },
+                    );
+                }
+                reply_written(st, s.jobs, written)
+            }
             _ => failed.push(s),
         }
     }
@@ -474,8 +520,17 @@ async fn recover(
             gave_up = Some(e);
         }
     }
-    if gave_up.is_none() && st.producer == window_producer {
-        st.next_seq = window_end;
+    match gave_up {
+        // The first attempt of a batch given up here went out in the window, where its
+        // outcome may be unknown (a lost answer): reusing its sequences for other records
+        // could be answered as a duplicate of it. A fresh producer id rules that out.
+        Some(_) if st.producer.is_some() => {
+            st.dropped = st.producer.take();
+            metrics::counter!("shardgate_writer_producer_resets_total").increment(1);
+        }
+        Some(_) => {}
+        None if st.producer == window_producer => st.next_seq = window_end,
+        None => {}
     }
 }
 
@@ -490,8 +545,13 @@ async fn write_now(w: &Arc<ShardWriter>, st: &mut LaneState, jobs: Vec<Job>) -> 
         Err(Failure::Refused(_)) if jobs.len() > 1 => {
             // One job may be what the broker refuses (too large, invalid): write each
             // alone so the others still get through.
-            let mut gave_up = None;
+            let mut gave_up: Option<WriteError> = None;
             for job in jobs {
+                if let Some(e) = &gave_up {
+                    // Writing later jobs now would put them before the one given up.
+                    fail(st, job, &Failure::GaveUp(e.clone()), e.clone());
+                    continue;
+                }
                 let single = [job];
                 let result = write(w, st, &single).await;
                 let [job] = single;
@@ -517,7 +577,7 @@ fn reply_written(st: &mut LaneState, jobs: Vec<Job>, written: Written) {
     let mut offset = 0i64;
     for job in jobs {
         if let Some((stream, seq)) = &job.client
-            && st.gaps.get(stream).is_some_and(|g| g == seq)
+            && st.gaps.get(stream).is_some_and(|g| g.0 == *seq)
         {
             st.gaps.remove(stream);
         }
@@ -538,7 +598,7 @@ fn finish_single(st: &mut LaneState, job: Job, result: Result<Written, Failure>)
     match result {
         Ok(written) => {
             if let Some((stream, seq)) = &job.client
-                && st.gaps.get(stream).is_some_and(|g| g == seq)
+                && st.gaps.get(stream).is_some_and(|g| g.0 == *seq)
             {
                 st.gaps.remove(stream);
             }
@@ -555,7 +615,10 @@ fn fail(st: &mut LaneState, job: Job, f: &Failure, e: WriteError) {
     if matches!(f, Failure::GaveUp(_))
         && let Some((stream, seq)) = &job.client
     {
-        st.gaps.entry(stream.clone()).or_insert(*seq);
+        st.gaps.retain(|_, (_, since)| since.elapsed() < GAP_TTL);
+        st.gaps
+            .entry(stream.clone())
+            .or_insert((*seq, Instant::now()));
     }
     let _ = job.reply.send(Err(e));
 }
@@ -563,7 +626,10 @@ fn fail(st: &mut LaneState, job: Job, f: &Failure, e: WriteError) {
 /// A later batch of a client stream with an unresolved failed batch in this lane.
 fn gap_refusal(st: &LaneState, job: &Job) -> Option<WriteError> {
     let (stream, seq) = job.client.as_ref()?;
-    let gap = st.gaps.get(stream)?;
+    let (gap, since) = st.gaps.get(stream)?;
+    if since.elapsed() >= GAP_TTL {
+        return None;
+    }
     // Sequences wrap at i32::MAX; "later" is within half the space ahead.
     let ahead = (*seq as i64 - *gap as i64).rem_euclid(i32::MAX as i64 + 1);
     (ahead > 0 && ahead < (1 << 30)).then(|| {
@@ -809,7 +875,7 @@ mod tests {
             next_seq: 0,
             gaps: HashMap::new(),
         };
-        st.gaps.insert(stream.clone(), 10);
+        st.gaps.insert(stream.clone(), (10, Instant::now()));
         let job = |seq: i32, s: &ClientStream| {
             let (tx, _rx) = oneshot::channel();
             Job {
@@ -837,7 +903,8 @@ mod tests {
             ..stream.clone()
         };
         assert!(gap_refusal(&st, &job(15, &other)).is_none());
-        st.gaps.insert(stream.clone(), i32::MAX - 1);
+        st.gaps
+            .insert(stream.clone(), (i32::MAX - 1, Instant::now()));
         assert_eq!(gap_refusal(&st, &job(3, &stream)).unwrap().code, 45);
     }
 }

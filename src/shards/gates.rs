@@ -29,8 +29,12 @@ use bytes::Bytes;
 use super::map::Gate;
 
 type Positions = HashMap<(String, i32), i64>;
+/// (who, topic, gated partition, the gate's creation epoch).
+type HoldKey = (String, String, i32, u64);
 /// (topic, partition) pairs assigned to one group member.
 type Assigned = Vec<(String, i32)>;
+/// A group's generation and its members' assignments in it.
+type GroupAssignment = (i32, HashMap<String, Assigned>);
 
 #[derive(Default)]
 pub struct GroupTracker {
@@ -43,9 +47,11 @@ pub struct GroupTracker {
     group_fetched: Mutex<HashMap<String, Positions>>,
     /// Per (group, member): the partitions its SyncGroup answer assigned it (classic groups
     /// with the consumer protocol), for placement.
-    assignments: Mutex<HashMap<(String, String), Assigned>>,
-    /// When a group was first held at a gate, for the wait-time metric.
-    held_since: Mutex<HashMap<(String, String, i32), Instant>>,
+    /// group → (generation, member → assignment); a newer generation replaces the members.
+    assignments: Mutex<HashMap<String, GroupAssignment>>,
+    /// When a group was first held at a gate (for the wait-time metric and the fallback), and
+    /// whether the fallback has let it through (it then stays open: positions only grow).
+    held_since: Mutex<HashMap<HoldKey, (Instant, bool)>>,
 }
 
 /// Who is fetching: the groups linked to the connection, or the connection itself.
@@ -140,10 +146,12 @@ impl GroupTracker {
         let kept: Vec<String> = groups
             .iter()
             .filter(|g| {
-                let mut members = a.iter().filter(|((group, _), _)| group == *g).peekable();
-                members.peek().is_none()
-                    || members
-                        .any(|(_, parts)| parts.iter().any(|(t, p)| t == topic && *p == partition))
+                a.get(*g).is_none_or(|(_, members)| {
+                    members.is_empty()
+                        || members
+                            .values()
+                            .any(|parts| parts.iter().any(|(t, p)| t == topic && *p == partition))
+                })
             })
             .cloned()
             .collect();
@@ -233,7 +241,12 @@ impl GroupTracker {
             })
         };
         let mut open = passed(&|partition| self.positions(who, conn, topic, partition));
-        let key = (who.label(), topic.to_string(), gate.partition);
+        let key = (
+            who.label(),
+            topic.to_string(),
+            gate.partition,
+            gate.created_epoch,
+        );
         if !open
             && let (Some(after), Consumer::Groups(groups)) = (fallback, who)
             && self
@@ -241,7 +254,7 @@ impl GroupTracker {
                 .lock()
                 .expect("held lock")
                 .get(&key)
-                .is_some_and(|since| since.elapsed() >= after)
+                .is_some_and(|(since, through)| *through || since.elapsed() >= after)
         {
             // Groups with nothing known on the topic (no commits, no fetches of their own)
             // are other consumers sharing the client id; if none is left, stay closed.
@@ -264,18 +277,31 @@ impl GroupTracker {
                         .collect()
                 });
             if open {
-                metrics::counter!("shardgate_gate_fallback_opens_total", "topic" => topic.to_string())
-                    .increment(1);
+                // The hold entry stays, so later fetches are judged by the fallback too
+                // instead of starting a new hold.
+                let mut held = self.held_since.lock().expect("held lock");
+                if let Some((_, counted)) = held.get_mut(&key)
+                    && !*counted
+                {
+                    *counted = true;
+                    metrics::counter!("shardgate_gate_fallback_opens_total", "topic" => topic.to_string())
+                        .increment(1);
+                }
+                return true;
             }
         }
         let mut held = self.held_since.lock().expect("held lock");
         if open {
-            if let Some(since) = held.remove(&key) {
+            if let Some((since, _)) = held.remove(&key) {
                 metrics::histogram!("shardgate_gate_wait_seconds", "topic" => topic.to_string())
                     .record(since.elapsed().as_secs_f64());
             }
         } else {
-            held.entry(key).or_insert_with(Instant::now);
+            if held.len() > 100_000 {
+                // Holds of retired gates and gone consumers: forget the old ones.
+                held.retain(|_, (since, _)| since.elapsed() < Duration::from_secs(3600));
+            }
+            held.entry(key).or_insert_with(|| (Instant::now(), false));
         }
         open
     }
@@ -297,11 +323,26 @@ impl GroupTracker {
             .collect()
     }
 
-    /// Records what a SyncGroup answer assigned to a member (replacing its last assignment).
-    pub fn assigned(&self, group: &str, member: &str, partitions: Vec<(String, i32)>) {
+    /// Records what a SyncGroup answer of `generation` assigned to a member. Members of older
+    /// generations are forgotten, so a rebalance never leaves stale owners behind.
+    pub fn assigned(
+        &self,
+        group: &str,
+        generation: i32,
+        member: &str,
+        partitions: Vec<(String, i32)>,
+    ) {
         let mut a = self.assignments.lock().expect("assignments lock");
-        // Kept even when empty: "this member holds nothing managed" is knowledge too.
-        a.insert((group.to_string(), member.to_string()), partitions);
+        let entry = a
+            .entry(group.to_string())
+            .or_insert_with(|| (generation, HashMap::new()));
+        if generation > entry.0 {
+            *entry = (generation, HashMap::new());
+        }
+        if generation == entry.0 {
+            // Kept even when empty: "this member holds nothing managed" is knowledge too.
+            entry.1.insert(member.to_string(), partitions);
+        }
     }
 
     /// For each partition of `topic` some member is assigned: how many of the `active`
@@ -309,7 +350,7 @@ impl GroupTracker {
     pub fn consumer_loads(&self, topic: &str, active: &[i32]) -> HashMap<i32, usize> {
         let a = self.assignments.lock().expect("assignments lock");
         let mut out: HashMap<i32, usize> = HashMap::new();
-        for parts in a.values() {
+        for parts in a.values().flat_map(|(_, members)| members.values()) {
             let mine: Vec<i32> = parts
                 .iter()
                 .filter(|(t, _)| t == topic)
@@ -456,7 +497,11 @@ mod tests {
         );
         assert!(t.gate_open(&who, 9, "t", &gate(Some(50)), now));
         assert!(
-            !t.gate_open(&who, 9, "t", &gate(Some(50)), None),
+            t.gate_open(&who, 9, "t", &gate(Some(50)), later),
+            "once let through by the fallback it stays open"
+        );
+        assert!(
+            !t.gate_open(&who, 9, "t", &gate(Some(51)), None),
             "no fallback configured"
         );
         // Fetches of a connection linked to two groups count for neither.
@@ -482,8 +527,11 @@ mod tests {
             "both groups could own the fetch"
         );
         // g2's member holds partition 4, not the gated 5: it does not own this fetch.
-        t.assigned("g1", "m1", vec![("t".into(), 5), ("t".into(), 0)]);
-        t.assigned("g2", "m2", vec![("t".into(), 4)]);
+        t.assigned("g2", 1, "m2", vec![("t".into(), 5)]);
+        t.assigned("g1", 1, "m1", vec![("t".into(), 5), ("t".into(), 0)]);
+        // A rebalance moved 5 away from g2's member: the old generation is forgotten.
+        t.assigned("g2", 2, "m3", vec![("t".into(), 4)]);
+        t.assigned("g2", 1, "m2", vec![("t".into(), 5)]);
         assert!(t.gate_open(&who, 9, "t", &gate(Some(50)), None));
         // A fetch of partition 0 by the ambiguous connection is g1's own (only g1 holds 0).
         t.fetched(&who, 9, "t", 0, 70);
