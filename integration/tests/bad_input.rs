@@ -20,30 +20,6 @@ fn connect() -> TcpStream {
     s
 }
 
-fn frame(api: ApiKey, version: i16, correlation_id: i32, body: &impl Encodable) -> Vec<u8> {
-    let header = RequestHeader::default()
-        .with_request_api_key(api as i16)
-        .with_request_api_version(version)
-        .with_correlation_id(correlation_id)
-        .with_client_id(Some(StrBytes::from_static_str("bad-input-test")));
-    let mut buf = BytesMut::new();
-    header
-        .encode(&mut buf, api.request_header_version(version))
-        .unwrap();
-    body.encode(&mut buf, version).unwrap();
-    let mut out = (buf.len() as u32).to_be_bytes().to_vec();
-    out.extend_from_slice(&buf);
-    out
-}
-
-fn read_frame(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut len = [0u8; 4];
-    s.read_exact(&mut len)?;
-    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
-    s.read_exact(&mut body)?;
-    Ok(body)
-}
-
 /// The peer closed the connection (EOF or reset) within the read timeout.
 fn closed(s: &mut TcpStream) -> bool {
     let mut b = [0u8; 1024];

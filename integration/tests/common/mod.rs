@@ -224,3 +224,37 @@ pub fn start_shardgate(
     });
     sg
 }
+
+/// A request frame (length prefix included) with client id "bad-input-test".
+pub fn frame(
+    api: kafka_protocol::messages::ApiKey,
+    version: i16,
+    correlation_id: i32,
+    body: &impl kafka_protocol::protocol::Encodable,
+) -> Vec<u8> {
+    use kafka_protocol::protocol::Encodable as _;
+    let header = kafka_protocol::messages::RequestHeader::default()
+        .with_request_api_key(api as i16)
+        .with_request_api_version(version)
+        .with_correlation_id(correlation_id)
+        .with_client_id(Some(kafka_protocol::protocol::StrBytes::from_static_str(
+            "bad-input-test",
+        )));
+    let mut buf = bytes::BytesMut::new();
+    header
+        .encode(&mut buf, api.request_header_version(version))
+        .unwrap();
+    body.encode(&mut buf, version).unwrap();
+    let mut out = (buf.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&buf);
+    out
+}
+
+/// Reads one response frame (without its length prefix).
+pub fn read_frame(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut body)?;
+    Ok(body)
+}
