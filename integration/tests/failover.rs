@@ -32,19 +32,13 @@ async fn killing_a_broker_mid_produce_loses_no_acknowledged_record() {
     let plain = unique("failover");
     create_topic(&plain, 6);
     let managed = unique("failover-managed");
-    let (code, body) = shardgate::admin::http_request(
-        &admin(),
-        "POST",
+    let (code, body) = admin_post(
         "/api/v1/topics",
-        Some(
-            &serde_json::json!({
-                "name": managed, "route_by": ["key"], "initial_shards": 4, "pool": 8,
-                "replication_factor": rf(), "autoscale": {"enabled": false}
-            })
-            .to_string(),
-        ),
-    )
-    .unwrap();
+        &serde_json::json!({
+            "name": managed, "route_by": ["key"], "initial_shards": 4, "pool": 8,
+            "replication_factor": rf(), "autoscale": {"enabled": false}
+        }),
+    );
     assert_eq!(code, 201, "{body}");
     let topics = [plain.clone(), managed.clone()];
     let producer: FutureProducer = ClientConfig::new()

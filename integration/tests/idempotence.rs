@@ -10,7 +10,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::*;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
-use kafka_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, ResponseHeader, TopicName};
+use kafka_protocol::messages::{
+    ApiKey, ProduceRequest, ProduceResponse, ResponseHeader, TopicName,
+};
 use kafka_protocol::protocol::{Decodable, StrBytes};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -62,8 +64,13 @@ fn produce(s: &mut TcpStream, topic: &str, correlation_id: i32, records: Bytes) 
                         .with_records(Some(records)),
                 ]),
         ]);
-    s.write_all(&frame(ApiKey::Produce, PRODUCE_VERSION, correlation_id, &req))
-        .unwrap();
+    s.write_all(&frame(
+        ApiKey::Produce,
+        PRODUCE_VERSION,
+        correlation_id,
+        &req,
+    ))
+    .unwrap();
     let mut buf = Bytes::from(read_frame(s).unwrap());
     let header = ResponseHeader::decode(
         &mut buf,
@@ -95,17 +102,11 @@ fn stored(topic: &str, partitions: i32) -> i64 {
 #[ignore = "needs the testbed: integration/run-tests"]
 fn a_retried_batch_is_answered_from_memory_and_written_once() {
     let topic = unique("idem");
-    let (code, body) = shardgate::admin::http_request(
-        &admin(),
-        "POST",
+    let (code, body) = admin_post(
         "/api/v1/topics",
-        Some(
-            &json!({"name": topic, "route_by": ["key"], "initial_shards": 3, "pool": 4,
-                    "replication_factor": rf(), "autoscale": {"enabled": false}})
-            .to_string(),
-        ),
-    )
-    .unwrap();
+        &json!({"name": topic, "route_by": ["key"], "initial_shards": 3, "pool": 4,
+                "replication_factor": rf(), "autoscale": {"enabled": false}}),
+    );
     assert_eq!(code, 201, "{body}");
     let mut s = TcpStream::connect(proxy()).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();

@@ -21,23 +21,6 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 
-fn admin_post(path: &str, body: &Value) -> (u16, Value) {
-    let (code, text) =
-        shardgate::admin::http_request(&admin(), "POST", path, Some(&body.to_string())).unwrap();
-    (
-        code,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
-fn admin_get(path: &str) -> (u16, Value) {
-    let (code, text) = shardgate::admin::http_request(&admin(), "GET", path, None).unwrap();
-    (
-        code,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
 fn active(map: &Value) -> Vec<Value> {
     let mut v: Vec<Value> = map["shards"]
         .as_array()

@@ -258,3 +258,22 @@ pub fn read_frame(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     s.read_exact(&mut body)?;
     Ok(body)
 }
+
+/// POST to shardgate's admin API: (status, JSON body or the text as a JSON string).
+pub fn admin_post(path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let (code, text) =
+        shardgate::admin::http_request(&admin(), "POST", path, Some(&body.to_string())).unwrap();
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+/// GET from shardgate's admin API.
+pub fn admin_get(path: &str) -> (u16, serde_json::Value) {
+    let (code, text) = shardgate::admin::http_request(&admin(), "GET", path, None).unwrap();
+    (
+        code,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
