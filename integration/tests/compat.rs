@@ -600,3 +600,86 @@ fn java_consumer_with_the_kip_848_group_protocol_resumes_from_its_commits() {
     let second = consume(want.len() - first.len());
     assert_exactly_once(&first, &second, &want, "java KIP-848 consumer");
 }
+
+/// Kafka's config tool against the virtual cluster: a virtual broker's configuration is a real
+/// broker's, without its addresses; changing one virtual broker's config is refused with a
+/// message; topic configs pass through both ways.
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn java_config_tool_sees_virtual_brokers_and_topics() {
+    let configs = |args: &[&str]| {
+        run(
+            Command::new(bin("kafka-configs"))
+                .args(["--bootstrap-server", &proxy()])
+                .args(args),
+            Duration::from_secs(60),
+        )
+    };
+    let out = configs(&[
+        "--describe",
+        "--entity-type",
+        "brokers",
+        "--entity-name",
+        "0",
+        "--all",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("All configs for broker 0 are:"), "{stdout}");
+    assert!(stdout.contains("num.partitions="), "{stdout}");
+    let listeners = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("advertised.listeners="))
+        .unwrap_or_else(|| panic!("no advertised.listeners in {stdout}"));
+    assert!(
+        listeners.contains(&proxy()) && !listeners.contains(":1909"),
+        "a real broker's address leaked: {listeners}"
+    );
+
+    let out = configs(&[
+        "--alter",
+        "--entity-type",
+        "brokers",
+        "--entity-name",
+        "0",
+        "--add-config",
+        "log.cleaner.threads=2",
+    ]);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("is a shardgate instance"), "{all}");
+
+    let topic = unique("compat-configs");
+    create_topic(&topic, 1);
+    let out = configs(&[
+        "--alter",
+        "--entity-type",
+        "topics",
+        "--entity-name",
+        &topic,
+        "--add-config",
+        "retention.ms=3600000",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = configs(&[
+        "--describe",
+        "--entity-type",
+        "topics",
+        "--entity-name",
+        &topic,
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("retention.ms=3600000"), "{stdout}");
+}

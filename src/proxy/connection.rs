@@ -171,7 +171,12 @@ async fn run(ctx: &Ctx, client: &ClientConn, req: RequestFrame, started: Instant
         Some(Route::GroupCoordinator) | Some(Route::TxnCoordinator) => {
             super::coordinator::forward_to_coordinator(ctx, client, &req).await
         }
-        Some(Route::AnyBroker) => super::coordinator::forward_to_any(ctx, client, &req).await,
+        Some(Route::AnyBroker) => match api {
+            ApiKey::DescribeConfigs | ApiKey::AlterConfigs | ApiKey::IncrementalAlterConfigs => {
+                super::configs::handle(ctx, client, &req).await
+            }
+            _ => super::coordinator::forward_to_any(ctx, client, &req).await,
+        },
         Some(Route::AllBrokers) => super::coordinator::list_groups(ctx, client, &req).await,
         None => Ok(Reply::Close("unroutable api".into())),
     };

@@ -7,6 +7,7 @@
 
 pub mod api_versions;
 pub mod cluster;
+pub mod configs;
 pub mod connection;
 pub mod coordinator;
 pub mod fetch;
