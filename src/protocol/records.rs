@@ -318,29 +318,53 @@ fn put_opt(b: &mut BytesMut, v: &Option<Bytes>) {
     }
 }
 
+fn opt_len(v: &Option<Bytes>) -> usize {
+    match v {
+        None => varint_len(-1),
+        Some(v) => varint_len(v.len() as i64) + v.len(),
+    }
+}
+
+/// Encoded size of a record (without its own length prefix).
+fn record_len(r: &Record, ts_delta: i64, offset_delta: i64) -> usize {
+    1 + varint_len(ts_delta)
+        + varint_len(offset_delta)
+        + opt_len(&r.key)
+        + opt_len(&r.value)
+        + varint_len(r.headers.len() as i64)
+        + r.headers
+            .iter()
+            .map(|(k, v)| varint_len(k.len() as i64) + k.len() + opt_len(v))
+            .sum::<usize>()
+}
+
 /// Encodes `records` as one v2 batch. `info` gives attributes (compression, timestamp type;
 /// the transactional bit is cleared), producer id/epoch and base sequence for the new batch.
 pub fn encode_batch(records: &[&Record], info: &BatchInfo) -> Result<Bytes, RecordsError> {
     let compression = info.compression()?;
     let base_ts = records.iter().map(|r| r.timestamp).min().unwrap_or(-1);
     let max_ts = records.iter().map(|r| r.timestamp).max().unwrap_or(-1);
-    let mut body = BytesMut::new();
-    for (i, r) in records.iter().enumerate() {
-        let mut rec = BytesMut::new();
-        rec.put_i8(r.attributes);
-        put_varint(&mut rec, r.timestamp - base_ts);
-        put_varint(&mut rec, i as i64);
-        put_opt(&mut rec, &r.key);
-        put_opt(&mut rec, &r.value);
-        put_varint(&mut rec, r.headers.len() as i64);
+    // Each record is written once, straight into the batch body: its length prefix is
+    // computed first instead of encoding it into a buffer of its own.
+    let lens: Vec<usize> = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| record_len(r, r.timestamp - base_ts, i as i64))
+        .collect();
+    let mut body = BytesMut::with_capacity(lens.iter().map(|l| l + varint_len(*l as i64)).sum());
+    for ((i, r), len) in records.iter().enumerate().zip(lens) {
+        put_varint(&mut body, len as i64);
+        body.put_i8(r.attributes);
+        put_varint(&mut body, r.timestamp - base_ts);
+        put_varint(&mut body, i as i64);
+        put_opt(&mut body, &r.key);
+        put_opt(&mut body, &r.value);
+        put_varint(&mut body, r.headers.len() as i64);
         for (k, v) in &r.headers {
-            put_varint(&mut rec, k.len() as i64);
-            rec.put_slice(k);
-            put_opt(&mut rec, v);
+            put_varint(&mut body, k.len() as i64);
+            body.put_slice(k);
+            put_opt(&mut body, v);
         }
-        body.reserve(rec.len() + varint_len(rec.len() as i64));
-        put_varint(&mut body, rec.len() as i64);
-        body.put_slice(&rec);
     }
     let mut compressed = BytesMut::new();
     let err = |e: anyhow::Error| RecordsError::Compression(e.to_string());

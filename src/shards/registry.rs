@@ -57,6 +57,9 @@ pub struct Registry {
     /// Topics whose pool grew recently: (new pool, when), and the client connections already
     /// nudged to refresh metadata for that growth.
     grown: Mutex<HashMap<String, (i32, Instant)>>,
+    /// Wall-clock ms of the latest growth (0: none), so the fetch path can skip the nudge
+    /// bookkeeping without a lock or an allocation.
+    last_growth_ms: AtomicU64,
     nudged: Mutex<HashSet<(String, String, i32)>>,
 }
 
@@ -112,6 +115,8 @@ impl Registry {
                 .lock()
                 .expect("grown")
                 .insert(config.name.clone(), (map.pool, Instant::now()));
+            self.last_growth_ms
+                .store(now_ms().max(1), Ordering::Relaxed);
             self.nudged
                 .lock()
                 .expect("nudged")
@@ -126,11 +131,19 @@ impl Registry {
     /// Whether connection `conn` should be told to refresh its metadata of `topic` (its pool
     /// grew and this connection was not told yet). Once per connection and growth.
     pub fn nudge(&self, topic: &str, conn: u64) -> bool {
-        self.nudge_once(topic, format!("conn {conn}"))
+        self.any_recent_growth() && self.nudge_once(topic, format!("conn {conn}"))
+    }
+
+    fn any_recent_growth(&self) -> bool {
+        let last = self.last_growth_ms.load(Ordering::Relaxed);
+        last != 0 && now_ms().saturating_sub(last) <= NUDGE_WINDOW.as_millis() as u64
     }
 
     /// Topics whose pool grew within the nudge window.
     pub fn recently_grown(&self) -> Vec<String> {
+        if !self.any_recent_growth() {
+            return vec![];
+        }
         self.grown
             .lock()
             .expect("grown")
@@ -241,6 +254,12 @@ pub fn hottest(samples: &[u64]) -> Option<(u64, f64)> {
         .into_iter()
         .max_by_key(|(_, n)| *n)
         .map(|(h, n)| (h, n as f64 / samples.len() as f64))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]
