@@ -105,6 +105,9 @@ pub struct ShardWriter {
     restarted: Mutex<std::collections::HashSet<(String, i32)>>,
     /// The producer id lanes start with; replaced when a lane needs a fresh one.
     producer: Mutex<Option<(i64, i16)>>,
+    /// One InitProducerId at a time, so lanes starting together share one id. Held across
+    /// the call on purpose: a cold path (start-up and producer resets).
+    acquiring: tokio::sync::Mutex<()>,
     pins: AtomicU64,
 }
 
@@ -115,6 +118,7 @@ impl ShardWriter {
             lanes: Mutex::new(HashMap::new()),
             restarted: Mutex::new(Default::default()),
             producer: Mutex::new(None),
+            acquiring: tokio::sync::Mutex::new(()),
             pins: AtomicU64::new(1 << 40),
         })
     }
@@ -151,6 +155,8 @@ impl ShardWriter {
 
     /// The shared producer id, or a new one if the caller's lane cannot use `not`.
     async fn producer_id(&self, not: Option<(i64, i16)>) -> Result<(i64, i16), WriteError> {
+        let _one_at_a_time = self.acquiring.lock().await;
+        // Another lane may have fetched one while this one waited.
         if let Some(p) = *self.producer.lock().expect("writer producer")
             && Some(p) != not
         {
