@@ -15,9 +15,10 @@ use kafka_protocol::messages::{
     AlterConfigsRequest, AlterConfigsResponse, ApiKey, DescribeConfigsRequest,
     DescribeConfigsResponse, IncrementalAlterConfigsRequest, IncrementalAlterConfigsResponse,
 };
-use kafka_protocol::protocol::StrBytes;
+use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 
 use super::connection::ClientConn;
+use super::coordinator::{any_broker, call_typed};
 use super::{Ctx, HandlerError, Reply};
 use crate::protocol::{RequestFrame, codes, encode_response};
 use crate::upstream::UpstreamError;
@@ -39,8 +40,8 @@ pub async fn handle(
 ) -> Result<Reply, HandlerError> {
     match req.api_key {
         ApiKey::DescribeConfigs => describe(ctx, client, req).await,
-        ApiKey::AlterConfigs => alter(ctx, client, req).await,
-        _ => incremental_alter(ctx, client, req).await,
+        ApiKey::AlterConfigs => alter::<AlterConfigsRequest>(ctx, client, req).await,
+        _ => alter::<IncrementalAlterConfigsRequest>(ctx, client, req).await,
     }
 }
 
@@ -100,19 +101,9 @@ async fn describe(
         // Unknown virtual ids are answered here, as a broker would for another id.
         let broker = match target {
             Some(b) => b,
-            None => topo.any_broker(client.id).ok_or(UpstreamError::NoBroker)?,
+            None => any_broker(ctx, client)?,
         };
-        let resp: DescribeConfigsResponse = ctx
-            .pool
-            .call(
-                broker,
-                client.pin(),
-                req.api_key,
-                req.api_version,
-                req.header.client_id.clone(),
-                &sub,
-            )
-            .await?;
+        let resp: DescribeConfigsResponse = call_typed(ctx, client, broker, req, &sub).await?;
         throttle = throttle.max(resp.throttle_time_ms);
         for ((i, asked), mut result) in group.into_iter().zip(resp.results) {
             if target.is_some() {
@@ -184,105 +175,87 @@ fn refusal(name: &str) -> String {
     )
 }
 
-async fn alter(ctx: &Ctx, client: &ClientConn, req: &RequestFrame) -> Result<Reply, HandlerError> {
-    let body: AlterConfigsRequest = req.decode_body()?;
-    let named = |r: &kafka_protocol::messages::alter_configs_request::AlterConfigsResource| {
-        names_a_broker(r.resource_type, &r.resource_name)
-    };
-    if !body.resources.iter().any(named) {
-        return super::coordinator::forward_to_any(ctx, client, req).await;
-    }
-    let mut sub = body.clone();
-    sub.resources.retain(|r| !named(r));
-    let mut forwarded = if sub.resources.is_empty() {
-        AlterConfigsResponse::default()
-    } else {
-        call_any::<_, AlterConfigsResponse>(ctx, client, req, &sub).await?
-    };
-    let mut rest = std::mem::take(&mut forwarded.responses).into_iter();
-    forwarded.responses = body
-        .resources
-        .iter()
-        .map(|r| {
-            if named(r) {
-                kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse::default()
+/// AlterConfigs and IncrementalAlterConfigs differ only in their types: named brokers are
+/// answered here, everything else is forwarded, answers merged in the client's order.
+trait BrokerAlter: Encodable + Decodable + HeaderVersion + Clone {
+    type Resource;
+    type Response: Decodable + Encodable + Default;
+    type Answer: Default;
+    fn resources(&mut self) -> &mut Vec<Self::Resource>;
+    fn named(r: &Self::Resource) -> bool;
+    fn refuse(r: &Self::Resource) -> Self::Answer;
+    fn answers(resp: &mut Self::Response) -> &mut Vec<Self::Answer>;
+}
+
+macro_rules! broker_alter {
+    ($req:ty, $resource:ty, $resp:ty, $answer:ty) => {
+        impl BrokerAlter for $req {
+            type Resource = $resource;
+            type Response = $resp;
+            type Answer = $answer;
+            fn resources(&mut self) -> &mut Vec<$resource> {
+                &mut self.resources
+            }
+            fn named(r: &$resource) -> bool {
+                names_a_broker(r.resource_type, &r.resource_name)
+            }
+            fn refuse(r: &$resource) -> $answer {
+                <$answer>::default()
                     .with_error_code(codes::INVALID_REQUEST)
                     .with_error_message(Some(StrBytes::from_string(refusal(&r.resource_name))))
                     .with_resource_type(r.resource_type)
                     .with_resource_name(r.resource_name.clone())
-            } else {
-                rest.next().unwrap_or_default()
             }
-        })
-        .collect();
-    reply(req, &forwarded)
+            fn answers(resp: &mut $resp) -> &mut Vec<$answer> {
+                &mut resp.responses
+            }
+        }
+    };
 }
 
-async fn incremental_alter(
+broker_alter!(
+    AlterConfigsRequest,
+    kafka_protocol::messages::alter_configs_request::AlterConfigsResource,
+    AlterConfigsResponse,
+    kafka_protocol::messages::alter_configs_response::AlterConfigsResourceResponse
+);
+broker_alter!(
+    IncrementalAlterConfigsRequest,
+    kafka_protocol::messages::incremental_alter_configs_request::AlterConfigsResource,
+    IncrementalAlterConfigsResponse,
+    IncrementalAnswer
+);
+
+async fn alter<A: BrokerAlter>(
     ctx: &Ctx,
     client: &ClientConn,
     req: &RequestFrame,
 ) -> Result<Reply, HandlerError> {
-    let body: IncrementalAlterConfigsRequest = req.decode_body()?;
-    let named =
-        |r: &kafka_protocol::messages::incremental_alter_configs_request::AlterConfigsResource| {
-            names_a_broker(r.resource_type, &r.resource_name)
-        };
-    if !body.resources.iter().any(named) {
+    let mut body: A = req.decode_body()?;
+    if !body.resources().iter().any(A::named) {
         return super::coordinator::forward_to_any(ctx, client, req).await;
     }
     let mut sub = body.clone();
-    sub.resources.retain(|r| !named(r));
-    let mut forwarded = if sub.resources.is_empty() {
-        IncrementalAlterConfigsResponse::default()
+    sub.resources().retain(|r| !A::named(r));
+    let mut forwarded = if sub.resources().is_empty() {
+        A::Response::default()
     } else {
-        call_any::<_, IncrementalAlterConfigsResponse>(ctx, client, req, &sub).await?
+        let broker = any_broker(ctx, client)?;
+        call_typed::<A, A::Response>(ctx, client, broker, req, &sub).await?
     };
-    let mut rest = std::mem::take(&mut forwarded.responses).into_iter();
-    forwarded.responses = body
-        .resources
+    let mut rest = std::mem::take(A::answers(&mut forwarded)).into_iter();
+    *A::answers(&mut forwarded) = body
+        .resources()
         .iter()
         .map(|r| {
-            if named(r) {
-                IncrementalAnswer::default()
-                    .with_error_code(codes::INVALID_REQUEST)
-                    .with_error_message(Some(StrBytes::from_string(refusal(&r.resource_name))))
-                    .with_resource_type(r.resource_type)
-                    .with_resource_name(r.resource_name.clone())
+            if A::named(r) {
+                A::refuse(r)
             } else {
                 rest.next().unwrap_or_default()
             }
         })
         .collect();
     reply(req, &forwarded)
-}
-
-async fn call_any<Req, Resp>(
-    ctx: &Ctx,
-    client: &ClientConn,
-    req: &RequestFrame,
-    body: &Req,
-) -> Result<Resp, HandlerError>
-where
-    Req: kafka_protocol::protocol::Encodable + kafka_protocol::protocol::HeaderVersion,
-    Resp: kafka_protocol::protocol::Decodable,
-{
-    let broker = ctx
-        .topology()
-        .load()
-        .any_broker(client.id)
-        .ok_or(UpstreamError::NoBroker)?;
-    Ok(ctx
-        .pool
-        .call(
-            broker,
-            client.pin(),
-            req.api_key,
-            req.api_version,
-            req.header.client_id.clone(),
-            body,
-        )
-        .await?)
 }
 
 #[cfg(test)]

@@ -49,7 +49,7 @@ impl CoordinatorCache {
     }
 }
 
-fn any_broker(ctx: &Ctx, client: &ClientConn) -> Result<i32, UpstreamError> {
+pub(super) fn any_broker(ctx: &Ctx, client: &ClientConn) -> Result<i32, UpstreamError> {
     let topo = ctx.topology().load();
     if topo.brokers.contains_key(&topo.controller_id) && client.id.is_multiple_of(2) {
         return Ok(topo.controller_id);
@@ -67,7 +67,7 @@ fn typed_reply<T: Encodable>(req: &RequestFrame, resp: &T) -> Result<Reply, Hand
 }
 
 /// Forwards a typed request at the client's version and decodes the typed response.
-async fn call_typed<Req, Resp>(
+pub(super) async fn call_typed<Req, Resp>(
     ctx: &Ctx,
     client: &ClientConn,
     broker: i32,
