@@ -18,9 +18,9 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 
 use super::connection::ClientConn;
-use super::coordinator::{any_broker, call_typed};
+use super::coordinator::{any_broker, call_typed, typed_reply};
 use super::{Ctx, HandlerError, Reply};
-use crate::protocol::{RequestFrame, codes, encode_response};
+use crate::protocol::{RequestFrame, codes};
 use crate::upstream::UpstreamError;
 
 /// Resources with their position in the client's request.
@@ -43,18 +43,6 @@ pub async fn handle(
         ApiKey::AlterConfigs => alter::<AlterConfigsRequest>(ctx, client, req).await,
         _ => alter::<IncrementalAlterConfigsRequest>(ctx, client, req).await,
     }
-}
-
-fn reply<T: kafka_protocol::protocol::Encodable>(
-    req: &RequestFrame,
-    resp: &T,
-) -> Result<Reply, HandlerError> {
-    Ok(Reply::Frame(encode_response(
-        req.api_key,
-        req.api_version,
-        req.correlation_id(),
-        resp,
-    )?))
 }
 
 async fn describe(
@@ -144,7 +132,7 @@ async fn describe(
                 })
                 .collect(),
         );
-    reply(req, &resp)
+    typed_reply(req, &resp)
 }
 
 /// The representative broker's own addresses would point clients past shardgate: its
@@ -255,7 +243,7 @@ async fn alter<A: BrokerAlter>(
             }
         })
         .collect();
-    reply(req, &forwarded)
+    typed_reply(req, &forwarded)
 }
 
 #[cfg(test)]

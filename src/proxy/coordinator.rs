@@ -57,7 +57,10 @@ pub(super) fn any_broker(ctx: &Ctx, client: &ClientConn) -> Result<i32, Upstream
     topo.any_broker(client.id).ok_or(UpstreamError::NoBroker)
 }
 
-fn typed_reply<T: Encodable>(req: &RequestFrame, resp: &T) -> Result<Reply, HandlerError> {
+pub(super) fn typed_reply<T: Encodable>(
+    req: &RequestFrame,
+    resp: &T,
+) -> Result<Reply, HandlerError> {
     Ok(Reply::Frame(encode_response(
         req.api_key,
         req.api_version,

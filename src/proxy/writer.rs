@@ -349,33 +349,16 @@ async fn send(
         return;
     };
     let count: i32 = jobs.iter().map(|j| j.records.len() as i32).sum();
-    let records: Vec<&Record> = jobs.iter().flat_map(|j| j.records.iter()).collect();
-    let info = BatchInfo {
-        producer_id: producer.0,
-        producer_epoch: producer.1,
-        base_sequence: st.next_seq,
-        partition_leader_epoch: -1,
-        ..jobs[0].info.clone()
-    };
-    let deadline = jobs
-        .iter()
-        .map(|j| j.deadline)
-        .max()
-        .unwrap_or_else(Instant::now);
-    let frame = encode_batch(&records, &info)
-        .map_err(|e| e.to_string())
-        .and_then(|batch| {
-            let req = produce_request(st, &jobs, deadline, batch);
-            encode_request(ApiKey::Produce, PRODUCE_VERSION, None, &req).map_err(|e| e.to_string())
-        });
-    drop(records);
+    let frame = encode_jobs(&jobs, producer, st.next_seq).and_then(|batch| {
+        let req = produce_request(st, &jobs, jobs_deadline(&jobs), batch);
+        encode_request(ApiKey::Produce, PRODUCE_VERSION, None, &req).map_err(|e| WriteError {
+            code: super::reroute::CORRUPT_MESSAGE,
+            message: Some(e.to_string()),
+        })
+    });
     let frame = match frame {
         Ok(f) => f,
-        Err(e) => {
-            let err = WriteError {
-                code: super::reroute::CORRUPT_MESSAGE,
-                message: Some(format!("cannot re-encode records: {e}")),
-            };
+        Err(err) => {
             for job in jobs {
                 fail(st, job, &Failure::Refused(err.clone()), err.clone());
             }
@@ -404,6 +387,31 @@ async fn send(
             write_now(w, st, jobs).await;
         }
     }
+}
+
+/// The jobs' records as one batch of `producer` starting at sequence `seq`, with the first
+/// job's codec and timestamp type.
+fn encode_jobs(jobs: &[Job], producer: (i64, i16), seq: i32) -> Result<bytes::Bytes, WriteError> {
+    let records: Vec<&Record> = jobs.iter().flat_map(|j| j.records.iter()).collect();
+    let info = BatchInfo {
+        producer_id: producer.0,
+        producer_epoch: producer.1,
+        base_sequence: seq,
+        partition_leader_epoch: -1,
+        ..jobs[0].info.clone()
+    };
+    encode_batch(&records, &info).map_err(|e| WriteError {
+        code: super::reroute::CORRUPT_MESSAGE,
+        message: Some(format!("cannot re-encode records: {e}")),
+    })
+}
+
+/// The latest deadline of the jobs: a batch is retried while any of them may still wait.
+fn jobs_deadline(jobs: &[Job]) -> Instant {
+    jobs.iter()
+        .map(|j| j.deadline)
+        .max()
+        .unwrap_or_else(Instant::now)
 }
 
 fn produce_request(
@@ -687,13 +695,8 @@ impl Failure {
 /// Writes `jobs` as one batch, retrying with the same producer id and sequence until the
 /// latest deadline of the jobs.
 async fn write(w: &ShardWriter, st: &mut LaneState, jobs: &[Job]) -> Result<Written, Failure> {
-    let deadline = jobs
-        .iter()
-        .map(|j| j.deadline)
-        .max()
-        .unwrap_or_else(Instant::now);
-    let records: Vec<&Record> = jobs.iter().flat_map(|j| j.records.iter()).collect();
-    let count = records.len() as i32;
+    let deadline = jobs_deadline(jobs);
+    let count: i32 = jobs.iter().map(|j| j.records.len() as i32).sum();
     let mut encoded: Option<((i64, i16, i32), bytes::Bytes)> = None;
     let mut uncertain = false;
     let mut backoff = Duration::from_millis(20);
@@ -735,25 +738,9 @@ async fn write(w: &ShardWriter, st: &mut LaneState, jobs: &[Job]) -> Result<Writ
         let batch = match &encoded {
             Some((i, b)) if *i == ident => b.clone(),
             _ => {
-                let info = BatchInfo {
-                    producer_id: pid,
-                    producer_epoch: epoch,
-                    base_sequence: st.next_seq,
-                    partition_leader_epoch: -1,
-                    ..jobs[0].info.clone()
-                };
-                match encode_batch(&records, &info) {
-                    Ok(b) => {
-                        encoded = Some((ident, b.clone()));
-                        b
-                    }
-                    Err(e) => {
-                        return Err(Failure::Refused(WriteError {
-                            code: super::reroute::CORRUPT_MESSAGE,
-                            message: Some(format!("cannot re-encode records: {e}")),
-                        }));
-                    }
-                }
+                let b = encode_jobs(jobs, (pid, epoch), st.next_seq).map_err(Failure::Refused)?;
+                encoded = Some((ident, b.clone()));
+                b
             }
         };
         let topo = w.pool.topology.load();
