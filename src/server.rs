@@ -9,7 +9,8 @@ use tokio::sync::watch;
 use crate::config::Settings;
 use crate::proxy::Ctx;
 use crate::upstream::pool::Pool;
-use crate::upstream::topology::{TopologyHandle, run_refresher};
+use crate::upstream::refresh::run_refresher;
+use crate::upstream::topology::TopologyHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

@@ -6,8 +6,6 @@ use std::time::Duration;
 use kafka_protocol::messages::ApiKey;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use crate::upstream::UpstreamError;
-
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
     let buckets = [
         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -131,7 +129,7 @@ pub fn upstream_request(
     api: ApiKey,
     broker: i32,
     elapsed: Duration,
-    error: Option<&UpstreamError>,
+    error_kind: Option<&'static str>,
 ) {
     let name = api_label(api);
     metrics::histogram!(
@@ -140,8 +138,8 @@ pub fn upstream_request(
         "broker" => broker.to_string()
     )
     .record(elapsed.as_secs_f64());
-    if let Some(e) = error {
-        metrics::counter!("shardgate_upstream_errors_total", "kind" => e.kind()).increment(1);
+    if let Some(kind) = error_kind {
+        metrics::counter!("shardgate_upstream_errors_total", "kind" => kind).increment(1);
     }
 }
 
@@ -158,11 +156,11 @@ pub fn upstream_code(api: ApiKey, code: i16) {
 }
 
 /// A request answered with an error because upstream could not be reached.
-pub fn request_upstream_failure(api: ApiKey, e: &UpstreamError) {
+pub fn request_upstream_failure(api: ApiKey, kind: &'static str) {
     metrics::counter!(
         "shardgate_request_errors_total",
         "api" => api_label(api),
-        "kind" => e.kind()
+        "kind" => kind
     )
     .increment(1);
 }

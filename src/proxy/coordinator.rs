@@ -380,7 +380,7 @@ pub async fn forward_to_coordinator(
             return match coordinator_unavailable(req, &keys)? {
                 Some(reply) => {
                     tracing::warn!(api = ?req.api_key, broker, error = %e, "coordinator unreachable; answering COORDINATOR_NOT_AVAILABLE");
-                    telemetry::request_upstream_failure(req.api_key, &e);
+                    telemetry::request_upstream_failure(req.api_key, e.kind());
                     Ok(reply)
                 }
                 None => Err(e.into()),
@@ -431,10 +431,8 @@ fn nudge_member(ctx: &Ctx, req: &RequestFrame, group: &str, resp: &Bytes) -> Opt
     })?;
     metrics::counter!("shardgate_pool_nudges_total", "topic" => topic.clone()).increment(1);
     tracing::info!(group, member = %body.member_id.as_str(), topic, "asking a group member to rejoin: the topic's pool grew");
-    typed_reply(req, &answer.with_error_code(REBALANCE_IN_PROGRESS)).ok()
+    typed_reply(req, &answer.with_error_code(codes::REBALANCE_IN_PROGRESS)).ok()
 }
-
-const REBALANCE_IN_PROGRESS: i16 = 27;
 
 /// How long the coordinator may hold a request before answering, for requests that wait for
 /// a rebalance: JoinGroup (up to its rebalance timeout) and SyncGroup (until the leader's

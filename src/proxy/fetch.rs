@@ -25,8 +25,6 @@ use crate::shards::gates::{Consumer, records_before};
 use crate::telemetry;
 use crate::upstream::topology::Topology;
 
-const FETCH_SESSION_ID_NOT_FOUND: i16 = 70;
-
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 struct TopicRef {
     name: StrBytes,
@@ -41,7 +39,7 @@ pub async fn handle(
     let body: FetchRequest = req.decode_body()?;
     if body.session_id != 0 {
         // We never hand out sessions, so an incremental fetch cannot be ours.
-        let resp = FetchResponse::default().with_error_code(FETCH_SESSION_ID_NOT_FOUND);
+        let resp = FetchResponse::default().with_error_code(codes::FETCH_SESSION_ID_NOT_FOUND);
         return Ok(Reply::Frame(encode_response(
             ApiKey::Fetch,
             req.api_version,

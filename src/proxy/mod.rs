@@ -13,10 +13,8 @@ pub mod coordinator;
 pub mod fetch;
 pub mod partitioned;
 pub mod produce;
-pub mod reroute;
 pub mod server;
 pub mod signals;
-pub mod writer;
 
 use std::sync::Arc;
 
@@ -64,14 +62,12 @@ pub struct Ctx {
     pub coordinators: coordinator::CoordinatorCache,
     pub signals: signals::PartitionSignals,
     /// Shard maps of managed topics, as this instance routes them.
-    pub shards: crate::shards::registry::Registry,
+    pub shards: Arc<crate::shards::registry::Registry>,
     /// Consumer groups seen on the wire and how far they consumed (for ordering gates).
     pub groups: crate::shards::gates::GroupTracker,
     pub controller: Arc<crate::shards::controller::Controller>,
-    /// Client producers' recent batches on managed topics, to answer retries from memory.
-    pub producers: reroute::ProducerMemory,
-    /// shardgate's own idempotent producer for managed topics.
-    pub writer: Arc<writer::ShardWriter>,
+    /// Produce to managed topics: rerouting, shardgate's own writer, client retry memory.
+    pub managed: crate::shards::produce::ManagedProduce,
     /// Set once stored maps are loaded: until then managed topics are unknown, so produce
     /// requests to them must wait rather than pass through unrouted.
     pub shards_loaded: std::sync::atomic::AtomicBool,
@@ -83,18 +79,21 @@ impl Ctx {
         pool: Arc<Pool>,
         store: Arc<dyn crate::store::ShardStore>,
     ) -> Self {
-        let pool_for_writer = pool.clone();
+        let shards: Arc<crate::shards::registry::Registry> = Default::default();
         Self {
+            managed: crate::shards::produce::ManagedProduce::new(
+                shards.clone(),
+                pool.clone(),
+                settings.raw.limits.max_decompressed_batch_bytes,
+            ),
             cluster: cluster::VirtualCluster::new(settings.node_id, settings.instances.clone()),
             settings,
             pool,
             coordinators: coordinator::CoordinatorCache::default(),
             signals: signals::PartitionSignals::new(256),
-            shards: Default::default(),
+            shards,
             groups: Default::default(),
             controller: Arc::new(crate::shards::controller::Controller::new(store)),
-            producers: Default::default(),
-            writer: writer::ShardWriter::new(pool_for_writer),
             shards_loaded: Default::default(),
         }
     }

@@ -1,6 +1,7 @@
-//! The produce path for unmanaged topics: split the request by upstream partition leader,
-//! queue the parts on the client's pinned upstream connections in arrival order, then merge
-//! the answers. Record batches are never decoded: they stay slices of the client's frame.
+//! The produce path: unmanaged topics are split by upstream partition leader and queued on
+//! the client's pinned upstream connections in arrival order, record batches never decoded
+//! (slices of the client's frame); managed topics go to `shards::produce`. Answers are merged
+//! in the client's order.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,10 +15,9 @@ use kafka_protocol::protocol::StrBytes;
 use uuid::Uuid;
 
 use super::connection::ClientConn;
-use super::reroute::{ClientPart, MemoryKey, Remembered, reroute};
-use super::writer::{ClientStream, Job, WriteError, Written};
 use super::{Ctx, HandlerError, Reply};
 use crate::protocol::{RequestFrame, codes, decode_response, encode_request, encode_response};
+use crate::shards::produce::ManagedPart;
 use crate::shards::registry::InflightGuard;
 use crate::telemetry;
 use crate::upstream::pool::PendingReply;
@@ -110,70 +110,15 @@ pub async fn send(
         }
         if let Some(m) = name.as_ref().and_then(|n| ctx.shards.get(n)) {
             routed.push(ctx.shards.enter(&m.config.name, m.map.epoch));
-            let r = reroute(
-                &ctx.shards,
+            for mp in ctx.managed.route(
                 &m,
                 &t.partition_data,
-                &ctx.producers,
+                body.acks,
+                body.timeout_ms,
                 body.transactional_id.is_some(),
-                ctx.settings.raw.limits.max_decompressed_batch_bytes,
-            );
-            for (shard, (records, bytes)) in &r.records_per_shard {
-                let labels = [
-                    ("topic", m.config.name.clone()),
-                    ("shard", shard.to_string()),
-                ];
-                metrics::counter!("shardgate_shard_records_in_total", &labels).increment(*records);
-                metrics::counter!("shardgate_shard_bytes_in_total", &labels).increment(*bytes);
-            }
-            let deadline = write_deadline(body.timeout_ms);
-            for mut part in r.parts {
-                order.push((tref.clone(), part.index));
-                let mut jobs = Vec::new();
-                if let Some(key) = &part.memory_key {
-                    ctx.producers
-                        // Replaced by the outcome when the jobs answer; the margin only
-                        // guards against an answer that never comes.
-                        .remember(
-                            key.clone(),
-                            Remembered::InFlight(deadline + Duration::from_secs(60)),
-                        );
-                }
-                for w in std::mem::take(&mut part.writes) {
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    let client = part.memory_key.as_ref().map(|k| {
-                        (
-                            ClientStream {
-                                producer_id: k.producer_id,
-                                producer_epoch: k.producer_epoch,
-                                topic: k.topic.clone(),
-                                partition: k.partition,
-                            },
-                            k.base_sequence,
-                        )
-                    });
-                    ctx.writer.submit(
-                        &m.config.name,
-                        w.target,
-                        Job {
-                            info: w.info,
-                            records: w.records,
-                            acks: body.acks,
-                            deadline,
-                            client,
-                            reply: tx,
-                        },
-                    );
-                    jobs.push((w.target, w.indices, rx));
-                }
-                managed.insert(
-                    (tref.clone(), part.index),
-                    ManagedPart {
-                        topic: m.config.name.clone(),
-                        part,
-                        jobs,
-                    },
-                );
+            ) {
+                order.push((tref.clone(), mp.index()));
+                managed.insert((tref.clone(), mp.index()), mp);
             }
             continue;
         }
@@ -342,7 +287,11 @@ impl PendingProduce {
         // flight until the records are written (seal protocol).
         let mut managed_answers = BTreeMap::new();
         for (key, mp) in self.managed {
-            managed_answers.insert(key, managed_answer(ctx, mp).await);
+            let answer = ctx
+                .managed
+                .answer(mp, |topic, partition| ctx.signals.notify(topic, partition))
+                .await;
+            managed_answers.insert(key, answer);
         }
         if stale {
             ctx.topology().request_refresh();
@@ -383,104 +332,4 @@ impl PendingProduce {
             &resp,
         )?))
     }
-}
-
-/// A client partition of a managed topic and the writer jobs carrying its records.
-struct ManagedPart {
-    topic: String,
-    part: ClientPart,
-    /// (target partition, record positions, answer).
-    jobs: Vec<(i32, Vec<u32>, JobAnswer)>,
-}
-
-type JobAnswer = tokio::sync::oneshot::Receiver<Result<Written, WriteError>>;
-
-/// How long the writer may retry a batch: clearly less than the client's own timeout, so the
-/// client does not retry a batch shardgate is still writing.
-fn write_deadline(timeout_ms: i32) -> std::time::Instant {
-    let t = timeout_ms.clamp(1_000, 300_000) as u64;
-    std::time::Instant::now() + Duration::from_millis(t - (t / 5).max(500))
-}
-
-/// The answer for one client partition of a managed topic, from the answers of the writer
-/// jobs its records went to.
-async fn managed_answer(ctx: &Ctx, mp: ManagedPart) -> PartitionProduceResponse {
-    let ManagedPart { topic, part, jobs } = mp;
-    let base = PartitionProduceResponse::default()
-        .with_index(part.index)
-        .with_base_offset(-1)
-        .with_log_append_time_ms(-1)
-        .with_log_start_offset(-1);
-    if let Some((code, message)) = &part.refused {
-        tracing::warn!(partition = part.index, code, %message, "produce to a managed topic refused");
-        metrics::counter!("shardgate_produce_refused_total", "code" => code.to_string())
-            .increment(1);
-        return base
-            .with_error_code(*code)
-            .with_error_message(Some(StrBytes::from_string(message.clone())));
-    }
-    if let Some(offset) = part.remembered {
-        metrics::counter!("shardgate_produce_retries_answered_total").increment(1);
-        return base.with_base_offset(offset);
-    }
-    if part.written_before.is_some() {
-        metrics::counter!("shardgate_produce_partial_retries_total").increment(1);
-    }
-    let single = jobs.len() == 1 && part.written_before.is_none();
-    let mut written = part
-        .written_before
-        .clone()
-        .unwrap_or_else(|| vec![false; part.record_count as usize]);
-    let mut first_error: Option<WriteError> = None;
-    let mut answer = base.clone();
-    for (target, indices, rx) in jobs {
-        let result = rx.await.unwrap_or_else(|_| {
-            Err(WriteError {
-                code: codes::NOT_LEADER_OR_FOLLOWER,
-                message: Some("writer lane stopped".into()),
-            })
-        });
-        match result {
-            Ok(w) => {
-                for i in indices {
-                    if let Some(slot) = written.get_mut(i as usize) {
-                        *slot = true;
-                    }
-                }
-                ctx.signals.notify(&topic, target);
-                if single {
-                    answer = answer
-                        .with_base_offset(w.base_offset)
-                        .with_log_append_time_ms(w.log_append_time_ms)
-                        .with_log_start_offset(w.log_start_offset);
-                }
-            }
-            Err(e) => {
-                first_error.get_or_insert(e);
-            }
-        }
-    }
-    if let Some(key) = part.memory_key.clone() {
-        remember_outcome(ctx, key, &first_error, &answer, written);
-    }
-    match first_error {
-        None => answer,
-        Some(e) => base
-            .with_error_code(e.code)
-            .with_error_message(e.message.map(StrBytes::from_string)),
-    }
-}
-
-fn remember_outcome(
-    ctx: &Ctx,
-    key: MemoryKey,
-    error: &Option<WriteError>,
-    answer: &PartitionProduceResponse,
-    written: Vec<bool>,
-) {
-    let what = match error {
-        None => Remembered::Done(answer.base_offset),
-        Some(_) => Remembered::Partial(written),
-    };
-    ctx.producers.remember(key, what);
 }

@@ -35,9 +35,10 @@ use kafka_protocol::protocol::StrBytes;
 use super::placement::{self, PartitionView};
 use super::registry::{hottest, weighted_median};
 use super::sampler;
+use super::stored::{StoredTopic, TopicStore};
 use super::{HASH_END, MapError, ShardMap, TopicConfig};
 use crate::proxy::Ctx;
-use crate::store::{InstanceInfo, ShardStore, StoreError, StoredTopic};
+use crate::store::{InstanceInfo, ShardStore, StoreError};
 use crate::upstream::UpstreamError;
 
 #[derive(Debug, thiserror::Error)]
@@ -168,7 +169,7 @@ impl Controller {
             async move {
                 let mut index = 0;
                 loop {
-                    match this.store.watch(index).await {
+                    match this.store.watch_topics(index).await {
                         Ok((i, topics)) => {
                             index = i;
                             for t in topics {
@@ -247,7 +248,7 @@ impl Controller {
     /// Loads every stored map into the registry and adds topics declared in the config that
     /// the store does not know yet.
     pub async fn load(&self, ctx: &Ctx) -> Result<(), ControlError> {
-        for t in self.store.load_all().await? {
+        for t in self.store.load_topics().await? {
             tracing::info!(topic = %t.config.name, epoch = t.map.epoch, shards = t.map.active().len(), "loaded shard map");
             ctx.shards.install(t.config, t.map);
         }
@@ -298,7 +299,7 @@ impl Controller {
             config: cfg.clone(),
             map: map.clone(),
         };
-        self.store.put(&stored, None).await?;
+        self.store.put_topic(&stored, None).await?;
         ctx.shards.install(cfg, map.clone());
         Ok(map)
     }
@@ -523,7 +524,7 @@ impl Controller {
         expected: u64,
     ) -> Result<(), ControlError> {
         self.store
-            .put(
+            .put_topic(
                 &StoredTopic {
                     config: config.clone(),
                     map: map.clone(),
@@ -908,7 +909,7 @@ impl Controller {
     /// A store that lost maps (a Consul agent restarted without its data) is refilled from the
     /// maps the instances still route by, so check-and-set writes can go on.
     async fn republish(&self, ctx: &Ctx) {
-        let stored = match self.store.load_all().await {
+        let stored = match self.store.load_topics().await {
             Ok(s) => s,
             Err(_) => return,
         };
@@ -921,7 +922,7 @@ impl Controller {
                 config: m.config.clone(),
                 map: m.map.clone(),
             };
-            match self.store.put(&t, None).await {
+            match self.store.put_topic(&t, None).await {
                 Ok(()) => {
                     tracing::warn!(topic = %m.config.name, epoch = m.map.epoch, "shard store had lost the map; republished it")
                 }

@@ -1,53 +1,10 @@
 //! Which hash a record routes by: `route_by` is an ordered list of `key`, `header:NAME` and
 //! `json:/pointer` fields; their values are joined and hashed with xxh3-64 (fixed per topic).
 
-use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::Xxh3;
 
+use crate::config::RouteField;
 use crate::protocol::records::Record;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum RouteField {
-    Key,
-    Header(String),
-    Json(String),
-}
-
-impl TryFrom<String> for RouteField {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        if s == "key" {
-            Ok(RouteField::Key)
-        } else if let Some(h) = s.strip_prefix("header:") {
-            if h.is_empty() {
-                return Err("`header:` needs a header name, e.g. \"header:user\"".into());
-            }
-            Ok(RouteField::Header(h.to_string()))
-        } else if let Some(p) = s.strip_prefix("json:") {
-            if !p.starts_with('/') {
-                return Err(format!(
-                    "`{s}`: a JSON pointer starts with '/', e.g. \"json:/user/id\""
-                ));
-            }
-            Ok(RouteField::Json(p.to_string()))
-        } else {
-            Err(format!(
-                "unknown routing field `{s}`; use \"key\", \"header:NAME\" or \"json:/pointer\""
-            ))
-        }
-    }
-}
-
-impl From<RouteField> for String {
-    fn from(f: RouteField) -> String {
-        match f {
-            RouteField::Key => "key".into(),
-            RouteField::Header(h) => format!("header:{h}"),
-            RouteField::Json(p) => format!("json:{p}"),
-        }
-    }
-}
 
 fn field_value(field: &RouteField, r: &Record) -> Option<Vec<u8>> {
     match field {

@@ -1,7 +1,7 @@
 //! The Consul store, for several shardgate instances forming one virtual cluster.
 //!
-//! Keys (under `shardgate/<cluster>/`): `topics/<topic>` (config + map JSON, written with
-//! check-and-set on ModifyIndex), `instances/<node id>` (address and applied epochs, acquired by
+//! Keys (under `shardgate/<cluster>/`): `topics/<topic>` (a versioned document: config + map
+//! JSON, written with check-and-set on ModifyIndex), `instances/<node id>` (address and applied epochs, acquired by
 //! the instance's session so it disappears when the instance does), `leader` (a lock acquired by
 //! the leader's session). Blocking queries on `topics/` carry new maps to every instance.
 //!
@@ -21,7 +21,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rs_consul::{ConsistencyMode, Consul, ConsulError, CreateOrUpdateKeyRequest, ReadKeyRequest};
 
-use super::{InstanceInfo, ShardStore, StoreError, StoredTopic};
+use super::{Document, InstanceInfo, ShardStore, StoreError};
 use crate::config::StoreConfig;
 
 /// Session TTL: an instance that stops renewing is gone from the registry (and loses the
@@ -160,23 +160,23 @@ impl ConsulStore {
     fn parse_topics(
         &self,
         entries: Vec<rs_consul::ReadKeyResponse>,
-    ) -> Result<Vec<StoredTopic>, StoreError> {
+    ) -> Result<Vec<Document>, StoreError> {
         let mut out = Vec::new();
         for e in entries {
             let Some(v) = e.value else { continue };
-            let t: StoredTopic = serde_json::from_str(&v).map_err(|err| StoreError::Corrupt {
-                topic: e.key.clone(),
+            let t: Document = serde_json::from_str(&v).map_err(|err| StoreError::Corrupt {
+                key: e.key.clone(),
                 message: err.to_string(),
             })?;
             out.push(t);
         }
-        out.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+        out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
     }
 }
 
 impl ShardStore for ConsulStore {
-    fn load_all(&self) -> BoxFuture<'_, Result<Vec<StoredTopic>, StoreError>> {
+    fn load_all(&self) -> BoxFuture<'_, Result<Vec<Document>, StoreError>> {
         async move {
             let (_, entries) = self
                 .read(&self.key("topics/"), true, None, Duration::ZERO)
@@ -188,24 +188,24 @@ impl ShardStore for ConsulStore {
 
     fn put<'a>(
         &'a self,
-        topic: &'a StoredTopic,
+        doc: &'a Document,
         expected: Option<u64>,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         async move {
-            let key = self.key(&format!("topics/{}", topic.config.name));
+            let key = self.key(&format!("topics/{}", doc.key));
             let (_, entries) = self.read(&key, false, None, Duration::ZERO).await?;
             let current = entries.into_iter().next();
             let found = match &current {
                 Some(e) => e
                     .value
                     .as_deref()
-                    .and_then(|v| serde_json::from_str::<StoredTopic>(v).ok())
-                    .map(|t| t.map.epoch),
+                    .and_then(|v| serde_json::from_str::<Document>(v).ok())
+                    .map(|d| d.version),
                 None => None,
             };
             if found != expected {
                 return Err(StoreError::Conflict {
-                    topic: topic.config.name.clone(),
+                    key: doc.key.clone(),
                     expected,
                     found,
                 });
@@ -213,8 +213,8 @@ impl ShardStore for ConsulStore {
             // Check-and-set on the ModifyIndex we read (0: create only if absent), so a
             // concurrent writer between our read and write makes this write fail.
             let cas = current.map(|e| e.modify_index).unwrap_or(0);
-            let value = serde_json::to_vec(topic).map_err(|e| StoreError::Corrupt {
-                topic: topic.config.name.clone(),
+            let value = serde_json::to_vec(doc).map_err(|e| StoreError::Corrupt {
+                key: doc.key.clone(),
                 message: e.to_string(),
             })?;
             let req = CreateOrUpdateKeyRequest {
@@ -229,7 +229,7 @@ impl ShardStore for ConsulStore {
                     .map_err(unavailable)?;
             if !ok {
                 return Err(StoreError::Conflict {
-                    topic: topic.config.name.clone(),
+                    key: doc.key.clone(),
                     expected,
                     found: None,
                 });
@@ -243,7 +243,7 @@ impl ShardStore for ConsulStore {
         format!("consul at {} under {}/", self.addr, self.prefix)
     }
 
-    fn watch(&self, index: u64) -> BoxFuture<'_, Result<(u64, Vec<StoredTopic>), StoreError>> {
+    fn watch(&self, index: u64) -> BoxFuture<'_, Result<(u64, Vec<Document>), StoreError>> {
         async move {
             let (new_index, entries) = self
                 .read(

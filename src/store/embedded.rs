@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
-use super::{ShardStore, StoreError, StoredTopic};
+use super::{Document, ShardStore, StoreError};
 
 pub struct EmbeddedStore {
     dir: PathBuf,
@@ -28,16 +28,16 @@ impl EmbeddedStore {
         })
     }
 
-    fn file(dir: &Path, topic: &str) -> PathBuf {
-        dir.join("topics").join(format!("{topic}.json"))
+    fn file(dir: &Path, key: &str) -> PathBuf {
+        dir.join("topics").join(format!("{key}.json"))
     }
 
-    fn read(path: &Path, topic: &str) -> Result<Option<StoredTopic>, StoreError> {
+    fn read(path: &Path, key: &str) -> Result<Option<Document>, StoreError> {
         match std::fs::read(path) {
             Ok(data) => serde_json::from_slice(&data)
                 .map(Some)
                 .map_err(|e| StoreError::Corrupt {
-                    topic: topic.to_string(),
+                    key: key.to_string(),
                     message: e.to_string(),
                 }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -65,7 +65,7 @@ impl EmbeddedStore {
 }
 
 impl ShardStore for EmbeddedStore {
-    fn load_all(&self) -> BoxFuture<'_, Result<Vec<StoredTopic>, StoreError>> {
+    fn load_all(&self) -> BoxFuture<'_, Result<Vec<Document>, StoreError>> {
         let dir = self.dir.clone();
         async move {
             tokio::task::spawn_blocking(move || {
@@ -75,13 +75,13 @@ impl ShardStore for EmbeddedStore {
                 for entry in rd {
                     let entry = entry.map_err(|e| StoreError::Unavailable(e.to_string()))?;
                     let name = entry.file_name().to_string_lossy().to_string();
-                    if let Some(topic) = name.strip_suffix(".json")
-                        && let Some(t) = Self::read(&entry.path(), topic)?
+                    if let Some(key) = name.strip_suffix(".json")
+                        && let Some(t) = Self::read(&entry.path(), key)?
                     {
                         out.push(t);
                     }
                 }
-                out.sort_by(|a, b| a.config.name.cmp(&b.config.name));
+                out.sort_by(|a, b| a.key.cmp(&b.key));
                 Ok(out)
             })
             .await
@@ -92,27 +92,26 @@ impl ShardStore for EmbeddedStore {
 
     fn put<'a>(
         &'a self,
-        topic: &'a StoredTopic,
+        doc: &'a Document,
         expected: Option<u64>,
     ) -> BoxFuture<'a, Result<(), StoreError>> {
         let dir = self.dir.clone();
         let lock = self.lock.clone();
-        let topic = topic.clone();
+        let doc = doc.clone();
         async move {
             tokio::task::spawn_blocking(move || {
                 let _g = lock.lock().expect("store lock");
-                let name = topic.config.name.clone();
-                let path = Self::file(&dir, &name);
-                let found = Self::read(&path, &name)?.map(|t| t.map.epoch);
+                let path = Self::file(&dir, &doc.key);
+                let found = Self::read(&path, &doc.key)?.map(|d| d.version);
                 if found != expected {
                     return Err(StoreError::Conflict {
-                        topic: name,
+                        key: doc.key,
                         expected,
                         found,
                     });
                 }
-                let data = serde_json::to_vec_pretty(&topic).map_err(|e| StoreError::Corrupt {
-                    topic: name.clone(),
+                let data = serde_json::to_vec_pretty(&doc).map_err(|e| StoreError::Corrupt {
+                    key: doc.key.clone(),
                     message: e.to_string(),
                 })?;
                 Self::write_atomic(&path, &data)
@@ -132,29 +131,27 @@ impl ShardStore for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shards::{ShardMap, TopicConfig};
 
-    fn topic(name: &str) -> StoredTopic {
-        let config: TopicConfig = toml::from_str(&format!("name = \"{name}\"\npool = 8")).unwrap();
-        StoredTopic {
-            map: ShardMap::initial(name, 4, 8).unwrap(),
-            config,
+    fn doc(key: &str, version: u64) -> Document {
+        Document {
+            key: key.to_string(),
+            version,
+            value: serde_json::json!({ "shards": version }),
         }
     }
 
     #[tokio::test]
-    async fn writes_are_check_and_set_on_the_epoch_and_survive_reopening() {
+    async fn writes_are_check_and_set_on_the_version_and_survive_reopening() {
         let dir = std::env::temp_dir().join(format!("sg-store-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let store = EmbeddedStore::open(&dir).unwrap();
-        let t = topic("orders");
+        let t = doc("orders", 0);
         store.put(&t, None).await.unwrap();
         assert!(matches!(
             store.put(&t, None).await,
             Err(StoreError::Conflict { .. })
         ));
-        let mut t2 = t.clone();
-        t2.map = t.map.split(0, 1, 5).unwrap();
+        let t2 = doc("orders", 1);
         assert!(matches!(
             store.put(&t2, Some(7)).await,
             Err(StoreError::Conflict { .. })

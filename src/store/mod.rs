@@ -1,6 +1,7 @@
 //! Where shard maps live: the `ShardStore` trait with an embedded file store (one instance, the
-//! default) and Consul (several instances). Writes are check-and-set on the map's epoch, so two
-//! writers can never interleave a split and a merge.
+//! default) and Consul (several instances). The store keeps versioned JSON documents by key and
+//! knows nothing of what they mean (`shards::stored` turns maps into documents); writes are
+//! check-and-set on the version, so two writers can never interleave a split and a merge.
 
 pub mod consul;
 pub mod embedded;
@@ -12,29 +13,28 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
-use crate::shards::{ShardMap, TopicConfig};
-
-/// One managed topic as stored: its configuration and its current map.
+/// One stored document (one managed topic's configuration and map).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StoredTopic {
-    pub config: TopicConfig,
-    pub map: ShardMap,
+pub struct Document {
+    /// Name within the store's namespace (a topic name).
+    pub key: String,
+    /// The writer's version of the value (a map epoch); `put` is check-and-set on it.
+    pub version: u64,
+    pub value: serde_json::Value,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("shard store unreachable: {0}")]
     Unavailable(String),
-    #[error(
-        "topic {topic} changed concurrently (expected epoch {expected:?}, found {found:?}); retry"
-    )]
+    #[error("{key} changed concurrently (expected version {expected:?}, found {found:?}); retry")]
     Conflict {
-        topic: String,
+        key: String,
         expected: Option<u64>,
         found: Option<u64>,
     },
-    #[error("stored map of {topic} is corrupt: {message}")]
-    Corrupt { topic: String, message: String },
+    #[error("stored document {key} is corrupt: {message}")]
+    Corrupt { key: String, message: String },
 }
 
 /// One shardgate instance as registered in the store.
@@ -51,19 +51,19 @@ pub struct InstanceInfo {
 }
 
 pub trait ShardStore: Send + Sync {
-    /// Every stored topic.
-    fn load_all(&self) -> BoxFuture<'_, Result<Vec<StoredTopic>, StoreError>>;
-    /// Writes `topic` if the stored epoch is `expected` (`None`: the topic must not exist yet).
+    /// Every stored document, sorted by key.
+    fn load_all(&self) -> BoxFuture<'_, Result<Vec<Document>, StoreError>>;
+    /// Writes `doc` if the stored version is `expected` (`None`: the key must not exist yet).
     fn put<'a>(
         &'a self,
-        topic: &'a StoredTopic,
+        doc: &'a Document,
         expected: Option<u64>,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     fn describe(&self) -> String;
 
-    /// Waits (bounded) until the stored topics change after `index`, then returns the new
-    /// index and every topic. The embedded store has no other writer, so it only times out.
-    fn watch(&self, index: u64) -> BoxFuture<'_, Result<(u64, Vec<StoredTopic>), StoreError>> {
+    /// Waits (bounded) until the stored documents change after `index`, then returns the new
+    /// index and every document. The embedded store has no other writer, so it only times out.
+    fn watch(&self, index: u64) -> BoxFuture<'_, Result<(u64, Vec<Document>), StoreError>> {
         async move {
             tokio::time::sleep(Duration::from_secs(30)).await;
             Ok((index, self.load_all().await?))

@@ -16,15 +16,16 @@ use super::UpstreamError;
 use crate::config::HostPort;
 use crate::protocol::frame::FrameReader;
 
-pub type Reply = Result<Bytes, UpstreamError>;
+/// What a caller of one upstream request gets back: the response frame or why not.
+pub type Answer = Result<Bytes, UpstreamError>;
 
 struct Outgoing {
     /// Request frame without length prefix; its correlation id field is overwritten.
     frame: Bytes,
-    reply: Option<oneshot::Sender<Reply>>,
+    reply: Option<oneshot::Sender<Answer>>,
 }
 
-type Pending = Arc<Mutex<HashMap<i32, oneshot::Sender<Reply>>>>;
+type Pending = Arc<Mutex<HashMap<i32, oneshot::Sender<Answer>>>>;
 
 pub struct UpstreamConn {
     pub broker: i32,
@@ -105,7 +106,7 @@ impl UpstreamConn {
         &self,
         frame: Bytes,
         expect_response: bool,
-    ) -> Result<Option<oneshot::Receiver<Reply>>, UpstreamError> {
+    ) -> Result<Option<oneshot::Receiver<Answer>>, UpstreamError> {
         let (reply, rx) = if expect_response {
             let (t, r) = oneshot::channel();
             (Some(t), Some(r))

@@ -1,8 +1,9 @@
 //! Everything that talks to the real Kafka cluster: multiplexed connections, the shared pool,
-//! and the topology snapshot (brokers, partition leaders, topic ids).
+//! the topology snapshot (brokers, partition leaders, topic ids) and its refresher.
 
 pub mod connection;
 pub mod pool;
+pub mod refresh;
 pub mod topology;
 
 use crate::protocol::ProtocolError;

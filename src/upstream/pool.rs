@@ -268,7 +268,7 @@ impl Pool {
 pub struct PendingReply {
     broker: i32,
     api: ApiKey,
-    rx: Option<tokio::sync::oneshot::Receiver<super::connection::Reply>>,
+    rx: Option<tokio::sync::oneshot::Receiver<super::connection::Answer>>,
     timeout: Duration,
     started: Instant,
 }
@@ -295,7 +295,7 @@ impl PendingReply {
             self.api,
             broker,
             self.started.elapsed(),
-            result.as_ref().err(),
+            result.as_ref().err().map(UpstreamError::kind),
         );
         result.map(Some)
     }

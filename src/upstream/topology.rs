@@ -1,22 +1,19 @@
 //! One snapshot of the upstream cluster (brokers, partition leaders, topic ids, API versions),
 //! swapped atomically. Every connection reads the same snapshot; errors that mean "stale
-//! leader" ask the refresher for a new one.
+//! leader" ask the refresher (`refresh.rs`) for a new one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse,
-};
+use kafka_protocol::messages::{ApiVersionsResponse, MetadataResponse};
 use kafka_protocol::protocol::{StrBytes, VersionRange};
 use tokio::sync::{Notify, watch};
 use uuid::Uuid;
 
-use super::UpstreamError;
-use super::pool::{Pool, bootstrap_id};
 use crate::config::HostPort;
+use crate::protocol::codes::UNKNOWN_TOPIC_OR_PARTITION;
 
 #[derive(Debug, Clone)]
 pub struct PartitionInfo {
@@ -63,7 +60,7 @@ impl Topology {
         self.topic_names.get(id)
     }
 
-    /// A broker to send requests that any broker can serve, preferring the controller.
+    /// A broker for requests that any broker can serve, picked by `salt` so callers spread.
     pub fn any_broker(&self, salt: u64) -> Option<i32> {
         if self.brokers.is_empty() {
             return None;
@@ -96,6 +93,11 @@ impl TopologyHandle {
 
     pub fn load(&self) -> Arc<Topology> {
         self.current.load_full()
+    }
+
+    /// Resolves when someone asked for a refresh (the refresher waits on it).
+    pub async fn refresh_requested(&self) {
+        self.refresh_wanted.notified().await
     }
 
     /// Asks for a refresh without waiting for it.
@@ -135,7 +137,7 @@ impl TopologyHandle {
         for t in &resp.topics {
             let Some(name) = &t.name else { continue };
             if t.error_code != 0 {
-                if t.error_code == crate::protocol::codes::UNKNOWN_TOPIC_OR_PARTITION {
+                if t.error_code == UNKNOWN_TOPIC_OR_PARTITION {
                     topics.remove(&name.0);
                 }
                 continue;
@@ -198,7 +200,7 @@ impl TopologyHandle {
         self.version_tx.send_replace(version);
     }
 
-    fn set_api_versions(&self, resp: &ApiVersionsResponse) {
+    pub(super) fn set_api_versions(&self, resp: &ApiVersionsResponse) {
         let old = self.load();
         let api_versions = resp
             .api_keys
@@ -226,84 +228,5 @@ impl TopologyHandle {
             refreshed_at: old.refreshed_at,
         }));
         self.version_tx.send_replace(version);
-    }
-}
-
-/// The Metadata version shardgate uses for its own refreshes.
-fn metadata_version(t: &Topology) -> i16 {
-    t.api_versions
-        .get(&(ApiKey::Metadata as i16))
-        .map(|r| r.max.min(12))
-        .unwrap_or(9)
-}
-
-/// Refreshes the whole topology from some reachable broker: known brokers first, then the
-/// bootstrap list, so a cluster whose brokers all changed address is still found.
-pub async fn refresh_once(pool: &Pool) -> Result<(), UpstreamError> {
-    let topo = pool.topology.load();
-    let mut candidates: Vec<i32> = topo.brokers.keys().copied().collect();
-    candidates.extend((0..pool.bootstrap_len()).map(bootstrap_id));
-    let mut last_err = UpstreamError::NoBroker;
-    for broker in candidates {
-        if topo.api_versions.is_empty() {
-            let req = ApiVersionsRequest::default()
-                .with_client_software_name(StrBytes::from_static_str("shardgate"))
-                .with_client_software_version(StrBytes::from_static_str(env!("CARGO_PKG_VERSION")));
-            match pool
-                .call::<_, ApiVersionsResponse>(broker, 0, ApiKey::ApiVersions, 3, None, &req)
-                .await
-            {
-                Ok(resp) if resp.error_code == 0 => pool.topology.set_api_versions(&resp),
-                Ok(resp) => {
-                    last_err =
-                        UpstreamError::Protocol(format!("ApiVersions error {}", resp.error_code));
-                    continue;
-                }
-                Err(e) => {
-                    last_err = e;
-                    continue;
-                }
-            }
-        }
-        let version = metadata_version(&pool.topology.load());
-        let req = MetadataRequest::default()
-            .with_topics(None)
-            .with_allow_auto_topic_creation(false);
-        match pool
-            .call::<_, MetadataResponse>(broker, 0, ApiKey::Metadata, version, None, &req)
-            .await
-        {
-            Ok(resp) => {
-                pool.topology.absorb(&resp, true);
-                return Ok(());
-            }
-            Err(e) => last_err = e,
-        }
-    }
-    Err(last_err)
-}
-
-/// Background task: refreshes on request (coalescing bursts) and periodically.
-pub async fn run_refresher(pool: Arc<Pool>, every: Duration) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match refresh_once(&pool).await {
-            Ok(()) => {
-                backoff = Duration::from_millis(100);
-                metrics::counter!("shardgate_topology_refreshes_total", "result" => "ok")
-                    .increment(1);
-                tokio::select! {
-                    _ = pool.topology.refresh_wanted.notified() => {}
-                    _ = tokio::time::sleep(every) => {}
-                }
-            }
-            Err(e) => {
-                metrics::counter!("shardgate_topology_refreshes_total", "result" => "error")
-                    .increment(1);
-                tracing::warn!(error = %e, retry_ms = backoff.as_millis() as u64, "topology refresh failed");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
     }
 }

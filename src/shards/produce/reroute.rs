@@ -3,19 +3,16 @@
 //! re-encoded per target partition with the client's compression codec; keys, values,
 //! timestamps and every header (duplicates included, in order) are kept.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::Mutex;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use kafka_protocol::messages::produce_request::PartitionProduceData;
 
+use super::memory::{MemoryKey, ProducerMemory, Remembered};
+use crate::protocol::codes::{CORRUPT_MESSAGE, INVALID_RECORD, REQUEST_TIMED_OUT};
 use crate::protocol::records::{BatchInfo, Record, RecordsError, decode_batches_limited};
 use crate::shards::registry::{Managed, Registry};
 use crate::shards::routing::route_hash;
-
-pub const CORRUPT_MESSAGE: i16 = 2;
-pub const INVALID_RECORD: i16 = 87;
-const REQUEST_TIMED_OUT: i16 = crate::protocol::codes::REQUEST_TIMED_OUT;
 
 /// Records of one client partition bound for one upstream partition.
 pub struct Write {
@@ -200,66 +197,5 @@ fn refusal_code(e: &RecordsError) -> i16 {
     match e {
         RecordsError::Magic(_) => crate::protocol::codes::UNSUPPORTED_VERSION,
         _ => CORRUPT_MESSAGE,
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct MemoryKey {
-    pub producer_id: i64,
-    pub producer_epoch: i16,
-    pub topic: String,
-    pub partition: i32,
-    pub base_sequence: i32,
-}
-
-/// What an earlier attempt of a client batch achieved.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Remembered {
-    /// Every record written; the answer's base offset.
-    Done(i64),
-    /// Some records written (by position in the batch); a retry writes only the others.
-    Partial(Vec<bool>),
-    /// Being written, at the latest until then.
-    InFlight(Instant),
-}
-
-/// The last batches idempotent client producers wrote to managed topics, so that a retry of a
-/// batch already written (wholly or in part) does not write it twice. Bounded: the oldest
-/// entries go first (a producer retries only its last few in-flight batches).
-pub struct ProducerMemory {
-    inner: Mutex<(HashMap<MemoryKey, Remembered>, VecDeque<MemoryKey>)>,
-    capacity: usize,
-}
-
-impl Default for ProducerMemory {
-    fn default() -> Self {
-        Self {
-            inner: Mutex::new((HashMap::new(), VecDeque::new())),
-            capacity: 100_000,
-        }
-    }
-}
-
-impl ProducerMemory {
-    pub fn get(&self, key: &MemoryKey) -> Option<Remembered> {
-        self.inner
-            .lock()
-            .expect("producer memory")
-            .0
-            .get(key)
-            .cloned()
-    }
-
-    pub fn remember(&self, key: MemoryKey, what: Remembered) {
-        let mut g = self.inner.lock().expect("producer memory");
-        let (map, order) = &mut *g;
-        if map.insert(key.clone(), what).is_none() {
-            order.push_back(key);
-            while order.len() > self.capacity {
-                if let Some(old) = order.pop_front() {
-                    map.remove(&old);
-                }
-            }
-        }
     }
 }

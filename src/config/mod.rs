@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod topic;
+pub use topic::{AutoscaleConfig, RouteField, TopicConfig};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -49,7 +52,7 @@ pub struct Config {
     pub store: StoreConfig,
     /// Managed topics declared in the file (more can be added through the admin API).
     #[serde(default)]
-    pub topics: Vec<crate::shards::TopicConfig>,
+    pub topics: Vec<TopicConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

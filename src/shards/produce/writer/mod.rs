@@ -1,0 +1,201 @@
+//! shardgate's own idempotent producer for managed topics. Records of one client batch can
+//! land on several partitions, so the client's producer id and sequences cannot be forwarded;
+//! instead every upstream partition of a managed topic has one writer lane that owns a
+//! producer id and sequence of its own.
+//!
+//! A lane keeps up to `DEPTH` batches in flight on one upstream connection, in sequence order;
+//! when the window is full, the jobs queued behind it (up to a byte budget) form the next
+//! batch, so a hot partition writes bigger batches instead of more of them. When a batch fails
+//! (lost answer, leader change), the lane lets the window settle and retries the failed
+//! batches in order with their own sequences: the broker answers one it already has as a
+//! duplicate instead of writing it twice. Jobs enter a lane synchronously, in the order the
+//! client's produce lane routed them, so per-partition order is the order of arrival.
+//!
+//! Emulating the broker for client producers: when a lane gives up on a batch of an
+//! idempotent client (its records may or may not be written), later batches of that client
+//! producer for that lane are refused with OUT_OF_ORDER_SEQUENCE until the client retries the
+//! failed one, as a broker would do with a sequence gap. Otherwise a retried batch would land
+//! behind batches sent after it and break per-key order.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kafka_protocol::messages::{ApiKey, InitProducerIdRequest, InitProducerIdResponse};
+use tokio::sync::{mpsc, oneshot};
+
+mod lane;
+mod request;
+
+use lane::*;
+use request::*;
+
+use crate::protocol::codes::{
+    self, COORDINATOR_LOAD_IN_PROGRESS, DUPLICATE_SEQUENCE, INVALID_PRODUCER_EPOCH,
+    INVALID_PRODUCER_ID_MAPPING, KAFKA_STORAGE_ERROR, NETWORK_EXCEPTION, NOT_ENOUGH_REPLICAS,
+    NOT_ENOUGH_REPLICAS_AFTER_APPEND, OUT_OF_ORDER_SEQUENCE, UNKNOWN_PRODUCER_ID,
+};
+use crate::protocol::records::{BatchInfo, Record};
+use crate::upstream::pool::Pool;
+
+/// Produce v9: flexible, topics by name; every Kafka since 2.4 takes it.
+const PRODUCE_VERSION: i16 = 9;
+const INIT_PRODUCER_ID_VERSION: i16 = 3;
+/// A lane stops adding queued jobs to a batch past this many record bytes (well under the
+/// broker's default 1 MiB message.max.bytes).
+const COALESCE_BYTES: usize = 512 * 1024;
+/// Batches a lane keeps in flight (a broker remembers the last five per producer and
+/// partition for duplicate detection).
+const DEPTH: usize = 4;
+/// How long a lane refuses a client stream's later batches after giving up on one of its
+/// batches: long enough for the client to retry it, bounded in case the retry goes to another
+/// lane (the keys moved in a split) or never comes (the client bumped its epoch).
+const GAP_TTL: Duration = Duration::from_secs(60);
+
+/// The client producer stream a job belongs to (idempotent clients only).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientStream {
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub topic: String,
+    pub partition: i32,
+}
+
+/// Records of one client partition bound for one upstream partition.
+pub struct Job {
+    /// Compression and timestamp type of the client's batch.
+    pub info: BatchInfo,
+    pub records: Vec<Record>,
+    pub acks: i16,
+    pub deadline: Instant,
+    /// Set for idempotent clients: (stream, base sequence of the client's batch).
+    pub client: Option<(ClientStream, i32)>,
+    pub reply: oneshot::Sender<Result<Written, WriteError>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Written {
+    /// Offset of this job's first record.
+    pub base_offset: i64,
+    pub log_append_time_ms: i64,
+    pub log_start_offset: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct WriteError {
+    pub code: i16,
+    pub message: Option<String>,
+}
+
+type Lane = mpsc::UnboundedSender<Job>;
+
+pub struct ShardWriter {
+    pool: Arc<Pool>,
+    lanes: Mutex<HashMap<(String, i32), Lane>>,
+    /// Lanes whose task died: their successor must not reuse the shared producer id, whose
+    /// sequences on that partition are unknown to it.
+    restarted: Mutex<std::collections::HashSet<(String, i32)>>,
+    /// The producer id lanes start with; replaced when a lane needs a fresh one.
+    producer: Mutex<Option<(i64, i16)>>,
+    /// One InitProducerId at a time, so lanes starting together share one id. Held across
+    /// the call on purpose: a cold path (start-up and producer resets).
+    acquiring: tokio::sync::Mutex<()>,
+    pins: AtomicU64,
+}
+
+impl ShardWriter {
+    pub fn new(pool: Arc<Pool>) -> Arc<Self> {
+        Arc::new(Self {
+            pool,
+            lanes: Mutex::new(HashMap::new()),
+            restarted: Mutex::new(Default::default()),
+            producer: Mutex::new(None),
+            acquiring: tokio::sync::Mutex::new(()),
+            pins: AtomicU64::new(1 << 40),
+        })
+    }
+
+    /// Queues a job on the lane of (topic, partition). Synchronous, so jobs keep the order of
+    /// the calls.
+    pub fn submit(self: &Arc<Self>, topic: &str, partition: i32, job: Job) {
+        let mut lanes = self.lanes.lock().expect("writer lanes");
+        let key = (topic.to_string(), partition);
+        let tx = lanes.entry(key.clone()).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let pin = self.pins.fetch_add(1, Ordering::Relaxed);
+            let fresh = self
+                .restarted
+                .lock()
+                .expect("writer restarted")
+                .remove(&key);
+            tokio::spawn(run_lane(self.clone(), key.0.clone(), key.1, pin, fresh, rx));
+            tx
+        });
+        if let Err(mpsc::error::SendError(job)) = tx.send(job) {
+            // Only if the lane task died (a panic): answer, and start a new lane next time.
+            lanes.remove(&key);
+            self.restarted
+                .lock()
+                .expect("writer restarted")
+                .insert(key.clone());
+            let _ = job.reply.send(Err(WriteError {
+                code: codes::NOT_LEADER_OR_FOLLOWER,
+                message: Some("writer lane restarted".into()),
+            }));
+        }
+    }
+
+    /// The shared producer id, or a new one if the caller's lane cannot use `not`.
+    async fn producer_id(&self, not: Option<(i64, i16)>) -> Result<(i64, i16), WriteError> {
+        let _one_at_a_time = self.acquiring.lock().await;
+        // Another lane may have fetched one while this one waited.
+        if let Some(p) = *self.producer.lock().expect("writer producer")
+            && Some(p) != not
+        {
+            return Ok(p);
+        }
+        let topo = self.pool.topology.load();
+        let broker = topo
+            .any_broker(self.pins.fetch_add(1, Ordering::Relaxed))
+            .ok_or(WriteError {
+                code: codes::LEADER_NOT_AVAILABLE,
+                message: Some("no upstream broker known".into()),
+            })?;
+        let req = InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_transaction_timeout_ms(60_000)
+            .with_producer_id((-1).into())
+            .with_producer_epoch(-1);
+        let resp: InitProducerIdResponse = self
+            .pool
+            .call(
+                broker,
+                0,
+                ApiKey::InitProducerId,
+                INIT_PRODUCER_ID_VERSION,
+                None,
+                &req,
+            )
+            .await
+            .map_err(upstream_error)?;
+        if resp.error_code != codes::NONE {
+            return Err(WriteError {
+                code: resp.error_code,
+                message: Some(format!(
+                    "InitProducerId for shardgate's own producer failed with error {}",
+                    resp.error_code
+                )),
+            });
+        }
+        let p = (resp.producer_id.0, resp.producer_epoch);
+        tracing::info!(
+            producer_id = p.0,
+            epoch = p.1,
+            "upstream idempotent producer id"
+        );
+        metrics::counter!("shardgate_writer_producer_ids_total").increment(1);
+        *self.producer.lock().expect("writer producer") = Some(p);
+        Ok(p)
+    }
+}
