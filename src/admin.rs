@@ -12,19 +12,27 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::shards::controller::ControlError;
-use crate::shards::{HASH_END, ShardMap, TopicConfig};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::proxy::Ctx;
+use crate::config::{Settings, TopicConfig};
+use crate::shards::controller::{ControlError, Controller};
+use crate::shards::gates::GroupTracker;
+use crate::shards::registry::Registry;
+use crate::shards::{HASH_END, ShardMap};
+use crate::upstream::topology::TopologyHandle;
 
+/// What the admin API reads and drives.
 #[derive(Clone)]
-struct AdminState {
-    ctx: Arc<Ctx>,
-    prometheus: PrometheusHandle,
+pub struct AdminState {
+    pub settings: Settings,
+    pub topology: Arc<TopologyHandle>,
+    pub shards: Arc<Registry>,
+    pub groups: Arc<GroupTracker>,
+    pub controller: Arc<Controller>,
+    pub prometheus: PrometheusHandle,
 }
 
-pub fn router(ctx: Arc<Ctx>, prometheus: PrometheusHandle) -> Router {
+pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -34,23 +42,19 @@ pub fn router(ctx: Arc<Ctx>, prometheus: PrometheusHandle) -> Router {
         .route("/api/v1/topics/{topic}/shards/{id}/split", post(split))
         .route("/api/v1/topics/{topic}/merge", post(merge))
         .route("/api/v1/consumers", get(consumers))
-        .with_state(AdminState { ctx, prometheus })
+        .with_state(state)
 }
 
 /// Ready when a full upstream topology refresh succeeded recently.
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
-    if !s
-        .ctx
-        .shards_loaded
-        .load(std::sync::atomic::Ordering::Acquire)
-    {
+    if !s.shards.loaded() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: shard maps not loaded yet\n".to_string(),
         );
     }
-    let topo = s.ctx.topology().load();
-    let fresh_for = Duration::from_millis(s.ctx.settings.raw.upstream.metadata_refresh_ms * 3);
+    let topo = s.topology.load();
+    let fresh_for = Duration::from_millis(s.settings.raw.upstream.metadata_refresh_ms * 3);
     match topo.refreshed_at {
         Some(t) if t.elapsed() <= fresh_for && !topo.brokers.is_empty() => (
             StatusCode::OK,
@@ -99,11 +103,11 @@ async fn forward_to_leader(
     path: String,
     body: String,
 ) -> Option<Response> {
-    if s.ctx.controller.is_leader() {
+    if s.controller.is_leader() {
         return None;
     }
-    let leader = match s.ctx.controller.store.leader().await {
-        Ok(Some(l)) if l.node_id != s.ctx.settings.node_id => l,
+    let leader = match s.controller.store.leader().await {
+        Ok(Some(l)) if l.node_id != s.settings.node_id => l,
         Ok(_) => {
             return Some(error(
                 503,
@@ -133,7 +137,6 @@ async fn forward_to_leader(
 
 async fn list_topics(State(s): State<AdminState>) -> Response {
     let topics: Vec<_> = s
-        .ctx
         .shards
         .all()
         .iter()
@@ -165,14 +168,14 @@ async fn create_topic(
     if let Some(r) = forward_to_leader(&s, "POST", "/api/v1/topics".into(), text).await {
         return r;
     }
-    match s.ctx.controller.create_topic(&s.ctx, cfg).await {
+    match s.controller.create_topic(cfg).await {
         Ok(map) => (StatusCode::CREATED, Json(map_json(&map))).into_response(),
         Err(e) => control_error(e),
     }
 }
 
 async fn get_shards(State(s): State<AdminState>, Path(topic): Path<String>) -> Response {
-    match s.ctx.shards.get(&topic) {
+    match s.shards.get(&topic) {
         Some(m) => Json(map_json(&m.map)).into_response(),
         None => error(404, format!("topic {topic} is not managed")),
     }
@@ -214,7 +217,7 @@ async fn split(
     if let Some(r) = forward_to_leader(&s, "POST", path, text).await {
         return r;
     }
-    match s.ctx.controller.split(&s.ctx, &topic, id, at, "api").await {
+    match s.controller.split(&topic, id, at, "api").await {
         Ok(map) => Json(map_json(&map)).into_response(),
         Err(e) => control_error(e),
     }
@@ -250,9 +253,8 @@ async fn merge(
         return r;
     }
     match s
-        .ctx
         .controller
-        .merge(&s.ctx, &topic, body.shards[0], body.shards[1], "api")
+        .merge(&topic, body.shards[0], body.shards[1], "api")
         .await
     {
         Ok(map) => Json(map_json(&map)).into_response(),
@@ -262,7 +264,6 @@ async fn merge(
 
 async fn consumers(State(s): State<AdminState>) -> Response {
     let topics: Vec<String> = s
-        .ctx
         .shards
         .all()
         .iter()
@@ -270,9 +271,9 @@ async fn consumers(State(s): State<AdminState>) -> Response {
         .collect();
     let groups: serde_json::Map<String, serde_json::Value> = topics
         .iter()
-        .map(|t| (t.clone(), json!(s.ctx.groups.groups_on(t))))
+        .map(|t| (t.clone(), json!(s.groups.groups_on(t))))
         .collect();
-    Json(json!({ "groups_by_topic": groups, "committed": s.ctx.groups.snapshot() })).into_response()
+    Json(json!({ "groups_by_topic": groups, "committed": s.groups.snapshot() })).into_response()
 }
 
 /// A minimal blocking HTTP/1.1 client for the CLI (`shardgate shards ...`): one request, one

@@ -7,12 +7,15 @@
 
 pub mod admin;
 pub mod alloc;
+pub mod app;
 pub mod config;
 pub mod protocol;
 pub mod proxy;
-pub mod server;
 pub mod shards;
 pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+
+#[cfg(test)]
+mod layering;

@@ -90,7 +90,7 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
-        let running = match shardgate::server::start(settings).await {
+        let running = match shardgate::app::start(settings).await {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("shardgate: {e}");

@@ -194,6 +194,14 @@ pub fn reframe_response(upstream: &[u8], client_correlation_id: i32) -> Bytes {
     buf.freeze()
 }
 
+/// A topic as a client named it in a request: by name (older versions) or by id (Produce and
+/// Fetch v13+); the other field is empty or nil.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TopicRef {
+    pub name: kafka_protocol::protocol::StrBytes,
+    pub id: uuid::Uuid,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,7 +18,7 @@ use kafka_protocol::messages::{
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 
 use super::connection::ClientConn;
-use super::coordinator::{any_broker, call_typed, typed_reply};
+use super::forward::{any_broker, call_typed, typed_reply};
 use super::{Ctx, HandlerError, Reply};
 use crate::protocol::{RequestFrame, codes};
 use crate::upstream::UpstreamError;
@@ -56,7 +56,7 @@ async fn describe(
         .iter()
         .any(|r| names_a_broker(r.resource_type, &r.resource_name))
     {
-        return super::coordinator::forward_to_any(ctx, client, req).await;
+        return super::admin_apis::forward_to_any(ctx, client, req).await;
     }
     let topo = ctx.topology().load();
     let real = *topo.brokers.keys().next().ok_or(UpstreamError::NoBroker)?;
@@ -221,7 +221,7 @@ async fn alter<A: BrokerAlter>(
 ) -> Result<Reply, HandlerError> {
     let mut body: A = req.decode_body()?;
     if !body.resources().iter().any(A::named) {
-        return super::coordinator::forward_to_any(ctx, client, req).await;
+        return super::admin_apis::forward_to_any(ctx, client, req).await;
     }
     let mut sub = body.clone();
     sub.resources().retain(|r| !A::named(r));

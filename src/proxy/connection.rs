@@ -162,7 +162,7 @@ async fn run(ctx: &Ctx, client: &ClientConn, req: RequestFrame, started: Instant
     let route = versions::lookup(api as i16).map(|s| s.route);
     let result = match route {
         Some(Route::Local) => super::api_versions::handle(ctx, &req),
-        Some(Route::ClusterView) => super::coordinator::cluster_view(ctx, client, &req).await,
+        Some(Route::ClusterView) => super::metadata::cluster_view(ctx, client, &req).await,
         Some(Route::PartitionLeaders) => match api {
             ApiKey::Fetch => super::fetch::handle(ctx, client, &req).await,
             ApiKey::Produce => super::produce::handle(ctx, client, req.clone()).await,
@@ -175,9 +175,9 @@ async fn run(ctx: &Ctx, client: &ClientConn, req: RequestFrame, started: Instant
             ApiKey::DescribeConfigs | ApiKey::AlterConfigs | ApiKey::IncrementalAlterConfigs => {
                 super::configs::handle(ctx, client, &req).await
             }
-            _ => super::coordinator::forward_to_any(ctx, client, &req).await,
+            _ => super::admin_apis::forward_to_any(ctx, client, &req).await,
         },
-        Some(Route::AllBrokers) => super::coordinator::list_groups(ctx, client, &req).await,
+        Some(Route::AllBrokers) => super::admin_apis::list_groups(ctx, client, &req).await,
         None => Ok(Reply::Close("unroutable api".into())),
     };
     finish(client, api, started, result)

@@ -1,23 +1,22 @@
-//! Requests that are not split by partition: the cluster view (Metadata, FindCoordinator,
-//! DescribeCluster), group and transaction APIs forwarded as bytes to the real coordinator,
-//! controller-bound admin APIs, and ListGroups fanned out to every broker.
+//! Group and transaction APIs: find the real coordinator of each key (cached, forgotten when it
+//! moves), forward the client's bytes to it, and answer COORDINATOR_NOT_AVAILABLE in the API's
+//! own shape when it cannot be reached.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use bytes::Bytes;
 use kafka_protocol::messages::*;
-use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+use kafka_protocol::protocol::StrBytes;
 
 use super::connection::ClientConn;
+use super::forward::{any_broker, typed_reply};
 use super::{Ctx, HandlerError, Reply};
-use crate::protocol::{
-    RequestFrame, codes, decode_response, encode_request, encode_response, reframe_response,
-};
+use crate::protocol::{RequestFrame, codes, decode_response, reframe_response};
 use crate::telemetry;
-use crate::upstream::UpstreamError;
 
 pub const GROUP: i8 = 0;
+
 pub const TXN: i8 = 1;
 
 /// Real coordinators by (key type, key), learned from FindCoordinator upstream and forgotten
@@ -28,121 +27,24 @@ pub struct CoordinatorCache {
 }
 
 impl CoordinatorCache {
-    fn get(&self, key_type: i8, key: &str) -> Option<i32> {
+    pub(super) fn get(&self, key_type: i8, key: &str) -> Option<i32> {
         self.map
             .lock()
             .expect("coordinator cache")
             .get(&(key_type, key.to_string()))
             .copied()
     }
-    fn put(&self, key_type: i8, key: &str, broker: i32) {
+    pub(super) fn put(&self, key_type: i8, key: &str, broker: i32) {
         self.map
             .lock()
             .expect("coordinator cache")
             .insert((key_type, key.to_string()), broker);
     }
-    fn forget(&self, key_type: i8, key: &str) {
+    pub(super) fn forget(&self, key_type: i8, key: &str) {
         self.map
             .lock()
             .expect("coordinator cache")
             .remove(&(key_type, key.to_string()));
-    }
-}
-
-pub(super) fn any_broker(ctx: &Ctx, client: &ClientConn) -> Result<i32, UpstreamError> {
-    let topo = ctx.topology().load();
-    if topo.brokers.contains_key(&topo.controller_id) && client.id.is_multiple_of(2) {
-        return Ok(topo.controller_id);
-    }
-    topo.any_broker(client.id).ok_or(UpstreamError::NoBroker)
-}
-
-pub(super) fn typed_reply<T: Encodable>(
-    req: &RequestFrame,
-    resp: &T,
-) -> Result<Reply, HandlerError> {
-    Ok(Reply::Frame(encode_response(
-        req.api_key,
-        req.api_version,
-        req.correlation_id(),
-        resp,
-    )?))
-}
-
-/// Forwards a typed request at the client's version and decodes the typed response.
-pub(super) async fn call_typed<Req, Resp>(
-    ctx: &Ctx,
-    client: &ClientConn,
-    broker: i32,
-    req: &RequestFrame,
-    body: &Req,
-) -> Result<Resp, HandlerError>
-where
-    Req: Encodable + HeaderVersion,
-    Resp: Decodable,
-{
-    Ok(ctx
-        .pool
-        .call(
-            broker,
-            client.pin(),
-            req.api_key,
-            req.api_version,
-            req.header.client_id.clone(),
-            body,
-        )
-        .await?)
-}
-
-pub async fn cluster_view(
-    ctx: &Ctx,
-    client: &ClientConn,
-    req: &RequestFrame,
-) -> Result<Reply, HandlerError> {
-    let broker = any_broker(ctx, client)?;
-    match req.api_key {
-        ApiKey::Metadata => {
-            let body: MetadataRequest = req.decode_body()?;
-            let all = body.topics.is_none()
-                || (req.api_version == 0 && body.topics.as_ref().is_some_and(|t| t.is_empty()));
-            let mut resp: MetadataResponse = call_typed(ctx, client, broker, req, &body).await?;
-            ctx.topology().absorb(&resp, all);
-            ctx.cluster.rewrite_metadata(&mut resp);
-            typed_reply(req, &resp)
-        }
-        ApiKey::FindCoordinator => {
-            let body: FindCoordinatorRequest = req.decode_body()?;
-            let mut resp: FindCoordinatorResponse =
-                call_typed(ctx, client, broker, req, &body).await?;
-            if resp.coordinators.is_empty() {
-                if resp.error_code == 0 {
-                    ctx.coordinators
-                        .put(body.key_type, &body.key, resp.node_id.0);
-                }
-            } else {
-                for c in &resp.coordinators {
-                    if c.error_code == 0 {
-                        ctx.coordinators.put(body.key_type, &c.key, c.node_id.0);
-                    }
-                }
-            }
-            ctx.cluster
-                .rewrite_find_coordinator(&mut resp, body.key_type, &body.key);
-            typed_reply(req, &resp)
-        }
-        ApiKey::DescribeCluster => {
-            let body: DescribeClusterRequest = req.decode_body()?;
-            let mut resp: DescribeClusterResponse =
-                call_typed(ctx, client, broker, req, &body).await?;
-            ctx.cluster.rewrite_describe_cluster(&mut resp);
-            typed_reply(req, &resp)
-        }
-        other => Err(HandlerError::Protocol(
-            crate::protocol::ProtocolError::Decode {
-                what: format!("{other:?}"),
-                message: "not a cluster-view API".into(),
-            },
-        )),
     }
 }
 
@@ -353,9 +255,9 @@ pub async fn forward_to_coordinator(
     let broker = match targets.len() {
         0 => any_broker(ctx, client)?,
         1 => *targets.keys().next().expect("one target"),
-        _ => return split_by_coordinator(ctx, client, req, targets).await,
+        _ => return super::multi_group::split_by_coordinator(ctx, client, req, targets).await,
     };
-    let sent = match parked_for(req) {
+    let sent = match super::sockets::parked_for(req) {
         // Requests the coordinator may hold until a rebalance completes get a connection of
         // their own (as each Kafka consumer has its own coordinator connection).
         Some(timeout) => {
@@ -395,306 +297,12 @@ pub async fn forward_to_coordinator(
     if key_type == GROUP
         && let [group] = keys.as_slice()
     {
-        observe_group(ctx, client, req, group, &resp);
-        if let Some(reply) = nudge_member(ctx, req, group, &resp) {
+        super::observe::observe_group(ctx, client, req, group, &resp);
+        if let Some(reply) = super::observe::nudge_member(ctx, req, group, &resp) {
             return Ok(reply);
         }
     }
     Ok(Reply::Frame(reframe_response(&resp, req.correlation_id())))
-}
-
-/// After a managed topic's pool grew, each member of a classic group consuming it is told once
-/// (Heartbeat → REBALANCE_IN_PROGRESS) to rejoin: some clients (librdkafka) re-read partition
-/// counts for their group only when they join, so without this they would not consume the new
-/// partitions until their periodic metadata refresh. KIP-848 groups need nothing: the broker
-/// sees the new partitions itself.
-fn nudge_member(ctx: &Ctx, req: &RequestFrame, group: &str, resp: &Bytes) -> Option<Reply> {
-    if req.api_key != ApiKey::Heartbeat {
-        return None;
-    }
-    let grown = ctx.shards.recently_grown();
-    if grown.is_empty() {
-        return None;
-    }
-    let body = req.decode_body::<HeartbeatRequest>().ok()?;
-    let answer: HeartbeatResponse =
-        decode_response(req.api_key, req.api_version, resp.clone()).ok()?;
-    if answer.error_code != codes::NONE {
-        return None;
-    }
-    let consumed = ctx.groups.topics_of(group);
-    let topic = grown.into_iter().find(|t| {
-        consumed.contains(t)
-            && ctx
-                .shards
-                .nudge_once(t, format!("member {group} {}", body.member_id.as_str()))
-    })?;
-    metrics::counter!("shardgate_pool_nudges_total", "topic" => topic.clone()).increment(1);
-    tracing::info!(group, member = %body.member_id.as_str(), topic, "asking a group member to rejoin: the topic's pool grew");
-    typed_reply(req, &answer.with_error_code(codes::REBALANCE_IN_PROGRESS)).ok()
-}
-
-/// How long the coordinator may hold a request before answering, for requests that wait for
-/// a rebalance: JoinGroup (up to its rebalance timeout) and SyncGroup (until the leader's
-/// assignment arrives, bounded by the same timeout).
-fn parked_for(req: &RequestFrame) -> Option<std::time::Duration> {
-    let margin = std::time::Duration::from_secs(15);
-    match req.api_key {
-        ApiKey::JoinGroup => {
-            let rebalance_ms = req
-                .decode_body::<JoinGroupRequest>()
-                .map(|b| {
-                    if b.rebalance_timeout_ms > 0 {
-                        b.rebalance_timeout_ms
-                    } else {
-                        b.session_timeout_ms
-                    }
-                })
-                .unwrap_or(300_000)
-                .max(0) as u64;
-            Some(std::time::Duration::from_millis(rebalance_ms) + margin)
-        }
-        ApiKey::SyncGroup => Some(std::time::Duration::from_secs(300) + margin),
-        _ => None,
-    }
-}
-
-/// Placement wants to know which member consumes which managed partition: a classic consumer
-/// group's SyncGroup answer carries the member's assignment (consumer protocol).
-fn observe_assignment(ctx: &Ctx, req: &RequestFrame, group: &str, resp: &Bytes) {
-    let (Ok(body), Ok(answer)) = (
-        req.decode_body::<SyncGroupRequest>(),
-        decode_response::<SyncGroupResponse>(req.api_key, req.api_version, resp.clone()),
-    ) else {
-        return;
-    };
-    if answer.error_code != codes::NONE
-        || answer
-            .protocol_type
-            .as_ref()
-            .is_some_and(|t| t.as_str() != "consumer")
-    {
-        return;
-    }
-    let mut buf = answer.assignment.clone();
-    if buf.len() < 2 {
-        ctx.groups
-            .assigned(group, body.generation_id, body.member_id.as_str(), vec![]);
-        return;
-    }
-    let version = i16::from_be_bytes([buf[0], buf[1]]);
-    bytes::Buf::advance(&mut buf, 2);
-    let Ok(a) = ConsumerProtocolAssignment::decode(&mut buf, version.clamp(0, 3)) else {
-        return;
-    };
-    let parts = a
-        .assigned_partitions
-        .iter()
-        .filter(|t| ctx.shards.is_managed(t.topic.0.as_str()))
-        .flat_map(|t| t.partitions.iter().map(|p| (t.topic.0.to_string(), *p)))
-        .collect();
-    ctx.groups
-        .assigned(group, body.generation_id, body.member_id.as_str(), parts);
-}
-
-/// Links the client to the consumer group it speaks for and records committed offsets of
-/// managed topics: the ordering gates need both.
-fn observe_group(ctx: &Ctx, client: &ClientConn, req: &RequestFrame, group: &str, resp: &Bytes) {
-    if !matches!(
-        req.api_key,
-        ApiKey::JoinGroup
-            | ApiKey::SyncGroup
-            | ApiKey::Heartbeat
-            | ApiKey::OffsetCommit
-            | ApiKey::OffsetFetch
-            | ApiKey::ConsumerGroupHeartbeat
-    ) {
-        return;
-    }
-    let client_id = req.header.client_id.as_deref().unwrap_or("");
-    ctx.groups.link(client.peer.ip(), client_id, group);
-    if req.api_key == ApiKey::SyncGroup {
-        observe_assignment(ctx, req, group, resp);
-        return;
-    }
-    if req.api_key != ApiKey::OffsetCommit {
-        return;
-    }
-    let (Ok(body), Ok(answer)) = (
-        req.decode_body::<OffsetCommitRequest>(),
-        decode_response::<OffsetCommitResponse>(req.api_key, req.api_version, resp.clone()),
-    ) else {
-        return;
-    };
-    let topo = ctx.topology().load();
-    for t in &body.topics {
-        let name = if t.topic_id.is_nil() {
-            t.name.0.clone()
-        } else {
-            match topo.topic_name(&t.topic_id) {
-                Some(n) => n.clone(),
-                None => continue,
-            }
-        };
-        if !ctx.shards.is_managed(&name) {
-            continue;
-        }
-        let accepted = |partition: i32| {
-            answer.topics.iter().any(|rt| {
-                (rt.name.0 == t.name.0 && rt.topic_id == t.topic_id)
-                    && rt
-                        .partitions
-                        .iter()
-                        .any(|p| p.partition_index == partition && p.error_code == 0)
-            })
-        };
-        for p in &t.partitions {
-            if accepted(p.partition_index) {
-                ctx.groups
-                    .committed(group, &name, p.partition_index, p.committed_offset);
-            }
-        }
-    }
-}
-
-/// Multi-group requests whose groups live on different coordinators (admin clients batch them
-/// because every group's coordinator looks like the same shardgate node).
-async fn split_by_coordinator(
-    ctx: &Ctx,
-    client: &ClientConn,
-    req: &RequestFrame,
-    targets: BTreeMap<i32, Vec<String>>,
-) -> Result<Reply, HandlerError> {
-    let gid = |s: &String| GroupId(StrBytes::from_string(s.clone()));
-    match req.api_key {
-        ApiKey::DescribeGroups => {
-            let body: DescribeGroupsRequest = req.decode_body()?;
-            let mut merged = DescribeGroupsResponse::default();
-            for (broker, groups) in targets {
-                let mut sub = body.clone();
-                sub.groups = groups.iter().map(gid).collect();
-                let r: DescribeGroupsResponse = call_typed(ctx, client, broker, req, &sub).await?;
-                merged.throttle_time_ms = merged.throttle_time_ms.max(r.throttle_time_ms);
-                merged.groups.extend(r.groups);
-            }
-            typed_reply(req, &merged)
-        }
-        ApiKey::DeleteGroups => {
-            let body: DeleteGroupsRequest = req.decode_body()?;
-            let mut merged = DeleteGroupsResponse::default();
-            for (broker, groups) in targets {
-                let mut sub = body.clone();
-                sub.groups_names = groups.iter().map(gid).collect();
-                let r: DeleteGroupsResponse = call_typed(ctx, client, broker, req, &sub).await?;
-                merged.throttle_time_ms = merged.throttle_time_ms.max(r.throttle_time_ms);
-                merged.results.extend(r.results);
-            }
-            typed_reply(req, &merged)
-        }
-        ApiKey::ConsumerGroupDescribe => {
-            let body: ConsumerGroupDescribeRequest = req.decode_body()?;
-            let mut merged = ConsumerGroupDescribeResponse::default();
-            for (broker, groups) in targets {
-                let mut sub = body.clone();
-                sub.group_ids = groups.iter().map(gid).collect();
-                let r: ConsumerGroupDescribeResponse =
-                    call_typed(ctx, client, broker, req, &sub).await?;
-                merged.throttle_time_ms = merged.throttle_time_ms.max(r.throttle_time_ms);
-                merged.groups.extend(r.groups);
-            }
-            typed_reply(req, &merged)
-        }
-        ApiKey::OffsetFetch => {
-            let body: OffsetFetchRequest = req.decode_body()?;
-            let mut merged = OffsetFetchResponse::default();
-            for (broker, groups) in targets {
-                let mut sub = body.clone();
-                sub.groups
-                    .retain(|g| groups.iter().any(|k| g.group_id.as_str() == k.as_str()));
-                let r: OffsetFetchResponse = call_typed(ctx, client, broker, req, &sub).await?;
-                merged.throttle_time_ms = merged.throttle_time_ms.max(r.throttle_time_ms);
-                merged.groups.extend(r.groups);
-            }
-            typed_reply(req, &merged)
-        }
-        other => Err(HandlerError::Protocol(
-            crate::protocol::ProtocolError::Decode {
-                what: format!("{other:?}"),
-                message: "request names several coordinator keys but cannot be split".into(),
-            },
-        )),
-    }
-}
-
-/// Admin APIs any broker serves (KRaft brokers forward controller-bound requests).
-pub async fn forward_to_any(
-    ctx: &Ctx,
-    client: &ClientConn,
-    req: &RequestFrame,
-) -> Result<Reply, HandlerError> {
-    let broker = any_broker(ctx, client)?;
-    let resp = ctx
-        .pool
-        .call_raw(broker, client.pin(), req.api_key, req.frame.clone())
-        .await?;
-    if matches!(
-        req.api_key,
-        ApiKey::CreateTopics | ApiKey::DeleteTopics | ApiKey::CreatePartitions
-    ) {
-        // Leaders of new partitions must be known before clients produce to them.
-        ctx.topology().request_refresh();
-    }
-    Ok(Reply::Frame(reframe_response(&resp, req.correlation_id())))
-}
-
-/// ListGroups: each broker knows only the groups it coordinates.
-pub async fn list_groups(
-    ctx: &Ctx,
-    client: &ClientConn,
-    req: &RequestFrame,
-) -> Result<Reply, HandlerError> {
-    let body: ListGroupsRequest = req.decode_body()?;
-    let brokers: Vec<i32> = ctx.topology().load().brokers.keys().copied().collect();
-    if brokers.is_empty() {
-        return Err(UpstreamError::NoBroker.into());
-    }
-    let frame = encode_request(
-        req.api_key,
-        req.api_version,
-        req.header.client_id.clone(),
-        &body,
-    )?;
-    let calls = brokers.iter().map(|b| {
-        let frame = frame.clone();
-        async move {
-            let raw = ctx
-                .pool
-                .call_raw(*b, client.pin(), req.api_key, frame)
-                .await?;
-            Ok::<ListGroupsResponse, HandlerError>(decode_response(
-                req.api_key,
-                req.api_version,
-                raw,
-            )?)
-        }
-    });
-    let mut merged = ListGroupsResponse::default();
-    for r in futures::future::join_all(calls).await {
-        match r {
-            Ok(r) => {
-                merged.throttle_time_ms = merged.throttle_time_ms.max(r.throttle_time_ms);
-                if merged.error_code == 0 {
-                    merged.error_code = r.error_code;
-                }
-                merged.groups.extend(r.groups);
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "ListGroups: a broker did not answer");
-                merged.error_code = codes::COORDINATOR_NOT_AVAILABLE;
-            }
-        }
-    }
-    typed_reply(req, &merged)
 }
 
 /// A COORDINATOR_NOT_AVAILABLE answer in the API's own shape, for APIs with a top-level or

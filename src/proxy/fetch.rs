@@ -15,21 +15,15 @@ use kafka_protocol::messages::fetch_response::{
     FetchableTopicResponse, LeaderIdAndEpoch, PartitionData,
 };
 use kafka_protocol::messages::{ApiKey, BrokerId, FetchRequest, FetchResponse, TopicName};
-use kafka_protocol::protocol::StrBytes;
-use uuid::Uuid;
 
 use super::connection::ClientConn;
 use super::{Ctx, HandlerError, Reply};
-use crate::protocol::{RequestFrame, codes, decode_response, encode_request, encode_response};
+use crate::protocol::{
+    RequestFrame, TopicRef, codes, decode_response, encode_request, encode_response,
+};
 use crate::shards::gates::{Consumer, records_before};
 use crate::telemetry;
 use crate::upstream::topology::Topology;
-
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-struct TopicRef {
-    name: StrBytes,
-    id: Uuid,
-}
 
 pub async fn handle(
     ctx: &Ctx,

@@ -5,16 +5,22 @@
 //! - `produce`, `fetch`, `partitioned`: requests split by upstream partition leader.
 //! - `coordinator`: group/transaction APIs forwarded to the real coordinator, admin APIs.
 
+pub mod admin_apis;
 pub mod api_versions;
 pub mod cluster;
 pub mod configs;
 pub mod connection;
 pub mod coordinator;
 pub mod fetch;
+pub mod forward;
+pub mod metadata;
+pub mod multi_group;
+pub mod observe;
 pub mod partitioned;
 pub mod produce;
 pub mod server;
 pub mod signals;
+pub mod sockets;
 
 use std::sync::Arc;
 
@@ -22,6 +28,9 @@ use bytes::Bytes;
 
 use crate::config::Settings;
 use crate::protocol::ProtocolError;
+use crate::shards::gates::GroupTracker;
+use crate::shards::produce::ManagedProduce;
+use crate::shards::registry::Registry;
 use crate::upstream::UpstreamError;
 use crate::upstream::pool::Pool;
 use crate::upstream::topology::TopologyHandle;
@@ -62,26 +71,22 @@ pub struct Ctx {
     pub coordinators: coordinator::CoordinatorCache,
     pub signals: signals::PartitionSignals,
     /// Shard maps of managed topics, as this instance routes them.
-    pub shards: Arc<crate::shards::registry::Registry>,
+    pub shards: Arc<Registry>,
     /// Consumer groups seen on the wire and how far they consumed (for ordering gates).
-    pub groups: crate::shards::gates::GroupTracker,
-    pub controller: Arc<crate::shards::controller::Controller>,
+    pub groups: Arc<GroupTracker>,
     /// Produce to managed topics: rerouting, shardgate's own writer, client retry memory.
-    pub managed: crate::shards::produce::ManagedProduce,
-    /// Set once stored maps are loaded: until then managed topics are unknown, so produce
-    /// requests to them must wait rather than pass through unrouted.
-    pub shards_loaded: std::sync::atomic::AtomicBool,
+    pub managed: ManagedProduce,
 }
 
 impl Ctx {
     pub fn new(
         settings: Settings,
         pool: Arc<Pool>,
-        store: Arc<dyn crate::store::ShardStore>,
+        shards: Arc<Registry>,
+        groups: Arc<GroupTracker>,
     ) -> Self {
-        let shards: Arc<crate::shards::registry::Registry> = Default::default();
         Self {
-            managed: crate::shards::produce::ManagedProduce::new(
+            managed: ManagedProduce::new(
                 shards.clone(),
                 pool.clone(),
                 settings.raw.limits.max_decompressed_batch_bytes,
@@ -92,9 +97,7 @@ impl Ctx {
             coordinators: coordinator::CoordinatorCache::default(),
             signals: signals::PartitionSignals::new(256),
             shards,
-            groups: Default::default(),
-            controller: Arc::new(crate::shards::controller::Controller::new(store)),
-            shards_loaded: Default::default(),
+            groups,
         }
     }
 

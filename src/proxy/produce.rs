@@ -12,22 +12,16 @@ use kafka_protocol::messages::produce_response::{
 };
 use kafka_protocol::messages::{ApiKey, ProduceRequest, ProduceResponse, TopicName};
 use kafka_protocol::protocol::StrBytes;
-use uuid::Uuid;
 
 use super::connection::ClientConn;
 use super::{Ctx, HandlerError, Reply};
-use crate::protocol::{RequestFrame, codes, decode_response, encode_request, encode_response};
+use crate::protocol::{
+    RequestFrame, TopicRef, codes, decode_response, encode_request, encode_response,
+};
 use crate::shards::produce::ManagedPart;
 use crate::shards::registry::InflightGuard;
 use crate::telemetry;
 use crate::upstream::pool::PendingReply;
-
-/// A topic as the client named it: by name (v3-12) or by id (v13+).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-struct TopicRef {
-    name: StrBytes,
-    id: Uuid,
-}
 
 /// One upstream part of a produce: its partitions and the queued request.
 type SubProduce = (Vec<(TopicRef, i32)>, Result<PendingReply, HandlerError>);
@@ -91,7 +85,7 @@ pub async fn send(
     let mut local_errors = BTreeMap::new();
     let mut managed = BTreeMap::new();
     let mut routed = Vec::new();
-    let loaded = ctx.shards_loaded.load(std::sync::atomic::Ordering::Acquire);
+    let loaded = ctx.shards.loaded();
     let mut by_broker: BTreeMap<i32, (ProduceRequest, Vec<(TopicRef, i32)>)> = BTreeMap::new();
     for t in &body.topic_data {
         let name = resolve(&topo, t);

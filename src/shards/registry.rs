@@ -61,6 +61,9 @@ pub struct Registry {
     /// bookkeeping without a lock or an allocation.
     last_growth_ms: AtomicU64,
     nudged: Mutex<HashSet<(String, String, i32)>>,
+    /// Set once the stored maps are loaded: until then managed topics are unknown, so produce
+    /// requests to them must wait rather than pass through unrouted.
+    loaded: std::sync::atomic::AtomicBool,
 }
 
 /// How long after a pool growth fetches of the topic nudge clients to refresh metadata.
@@ -85,6 +88,15 @@ impl Drop for InflightGuard {
 }
 
 impl Registry {
+    /// Whether the stored maps are loaded (before that, no topic is known to be managed).
+    pub fn loaded(&self) -> bool {
+        self.loaded.load(Ordering::Acquire)
+    }
+
+    pub fn mark_loaded(&self) {
+        self.loaded.store(true, Ordering::Release);
+    }
+
     pub fn get(&self, topic: &str) -> Option<Arc<Managed>> {
         self.topics.load().get(topic).cloned()
     }

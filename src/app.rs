@@ -1,4 +1,6 @@
-//! Wiring of one shardgate process: topology refresher, client listener, admin HTTP.
+//! The composition root: builds the long-lived parts of one shardgate process (upstream pool
+//! and topology refresher, shard registry and group tracker, shard controller, proxy context,
+//! admin HTTP) and hands each only the handles it needs. Nothing else constructs them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +10,9 @@ use tokio::sync::watch;
 
 use crate::config::Settings;
 use crate::proxy::Ctx;
+use crate::shards::controller::{Controller, Handles};
+use crate::shards::gates::GroupTracker;
+use crate::shards::registry::Registry;
 use crate::upstream::pool::Pool;
 use crate::upstream::refresh::run_refresher;
 use crate::upstream::topology::TopologyHandle;
@@ -30,6 +35,7 @@ pub enum StartError {
 
 pub struct Running {
     pub ctx: Arc<Ctx>,
+    pub controller: Arc<Controller>,
     pub client_addr: std::net::SocketAddr,
     pub admin_addr: std::net::SocketAddr,
     shutdown: watch::Sender<bool>,
@@ -55,7 +61,23 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         )?),
     };
     tracing::info!(store = %store.describe(), "shard store");
-    let ctx = Arc::new(Ctx::new(settings.clone(), pool.clone(), store));
+    let shards = Arc::new(Registry::default());
+    let groups = Arc::new(GroupTracker::default());
+    let controller = Arc::new(Controller::new(
+        store,
+        Handles {
+            settings: settings.clone(),
+            pool: pool.clone(),
+            shards: shards.clone(),
+            groups: groups.clone(),
+        },
+    ));
+    let ctx = Arc::new(Ctx::new(
+        settings.clone(),
+        pool.clone(),
+        shards.clone(),
+        groups.clone(),
+    ));
 
     let listener = TcpListener::bind(settings.bind)
         .await
@@ -97,11 +119,11 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     // Shard maps: load what the store has, create topics the config declares, then run the
     // controller. Upstream may not be reachable yet: keep retrying in the background.
     {
-        let ctx = ctx.clone();
+        let (controller, shards) = (controller.clone(), shards.clone());
         tasks.push(tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
             loop {
-                match ctx.controller.load(&ctx).await {
+                match controller.load().await {
                     Ok(()) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "loading shard maps failed; retrying");
@@ -110,15 +132,28 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
                     }
                 }
             }
-            ctx.shards_loaded
-                .store(true, std::sync::atomic::Ordering::Release);
-            tokio::join!(
-                ctx.controller.clone().follow_store(ctx.clone()),
-                ctx.controller.clone().run(ctx.clone())
-            );
+            shards.mark_loaded();
+            tokio::join!(controller.clone().follow_store(), controller.clone().run());
         }));
     }
-    let router = crate::admin::router(ctx.clone(), prometheus);
+    // The virtual cluster follows the store's registry of live instances.
+    {
+        let (mut members, ctx) = (controller.members(), ctx.clone());
+        tasks.push(tokio::spawn(async move {
+            while members.changed().await.is_ok() {
+                let live = members.borrow_and_update().clone();
+                ctx.cluster.set_live(live);
+            }
+        }));
+    }
+    let router = crate::admin::router(crate::admin::AdminState {
+        settings: settings.clone(),
+        topology: pool.topology.clone(),
+        shards,
+        groups,
+        controller: controller.clone(),
+        prometheus,
+    });
     let mut admin_shutdown = shutdown_rx;
     tasks.push(tokio::spawn(async move {
         let r = axum::serve(admin, router)
@@ -133,6 +168,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     tracing::info!(%client_addr, %admin_addr, advertised = %settings.advertised, "shardgate listening");
     Ok(Running {
         ctx,
+        controller,
         client_addr,
         admin_addr,
         shutdown,

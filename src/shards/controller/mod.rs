@@ -1,0 +1,177 @@
+//! The shard controller: creates managed topics, executes splits and merges with the seal
+//! protocol, removes gates every group has passed, and runs the autoscaler. One instance is the
+//! leader (with the embedded store: always this one). Every decision is logged with its
+//! reason and counted.
+//!
+//! Split of shard S=[a,b) on partition p at m, onto idle partition q:
+//! 1. read q's end offset `from` (q is idle, so nothing lands there until step 3);
+//! 2. write epoch e+1 to the store (check-and-set on e): [a,m) stays on p, [m,b) → q, and a
+//!    gate (q, from, after p with seal unknown);
+//! 3. install it: new produce requests route by e+1;
+//! 4. wait until no produce request routed under an older epoch is in flight;
+//! 5. read p's end offset as the seal offset and write it into the gate (epoch e+2).
+//!
+//! Consumers of q get records from `from` on only once their group consumed p up to the seal.
+//! A merge works the same way with the lower shard's partition reused.
+
+use std::collections::{BTreeMap, HashMap};
+mod autoscale;
+mod balance;
+mod change;
+mod follow;
+mod leader;
+mod offsets;
+mod topics;
+
+pub use autoscale::Decision;
+use autoscale::ShardStats;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kafka_protocol::messages::alter_partition_reassignments_request::{
+    ReassignablePartition, ReassignableTopic,
+};
+use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+use kafka_protocol::messages::create_topics_request::CreatableTopic;
+use kafka_protocol::messages::elect_leaders_request::TopicPartitions;
+use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+use kafka_protocol::messages::{
+    AlterPartitionReassignmentsRequest, AlterPartitionReassignmentsResponse, ApiKey, BrokerId,
+    CreatePartitionsRequest, CreatePartitionsResponse, CreateTopicsRequest, CreateTopicsResponse,
+    ElectLeadersRequest, ElectLeadersResponse, ListOffsetsRequest, ListOffsetsResponse, TopicName,
+};
+use kafka_protocol::protocol::StrBytes;
+
+use super::gates::GroupTracker;
+use super::placement::{self, PartitionView};
+use super::registry::Registry;
+use super::registry::{hottest, weighted_median};
+use super::sampler;
+use super::stored::{StoredTopic, TopicStore};
+use super::{HASH_END, MapError, ShardMap, TopicConfig};
+use crate::config::{HostPort, Settings};
+use crate::store::{InstanceInfo, ShardStore, StoreError};
+use crate::upstream::UpstreamError;
+use crate::upstream::pool::Pool;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("topic {0} is not managed")]
+    UnknownTopic(String),
+    #[error("topic {0} is already managed")]
+    AlreadyManaged(String),
+    #[error("invalid topic config `{field}`: {problem}; {fix}")]
+    BadConfig {
+        field: String,
+        problem: String,
+        fix: String,
+    },
+    #[error(transparent)]
+    Map(#[from] MapError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("upstream refused: {0}")]
+    Kafka(String),
+    #[error("the shard count would leave [{min}, {max}]")]
+    Bounds { min: u32, max: u32 },
+}
+
+impl ControlError {
+    /// HTTP status for the admin API.
+    pub fn status(&self) -> u16 {
+        match self {
+            ControlError::UnknownTopic(_) => 404,
+            ControlError::AlreadyManaged(_) | ControlError::Store(StoreError::Conflict { .. }) => {
+                409
+            }
+            ControlError::BadConfig { .. } | ControlError::Map(_) | ControlError::Bounds { .. } => {
+                400
+            }
+            ControlError::Store(_) | ControlError::Upstream(_) | ControlError::Kafka(_) => 503,
+        }
+    }
+}
+
+/// What the controller works with, handed over by the composition root (`app`).
+pub struct Handles {
+    pub settings: Settings,
+    pub pool: Arc<Pool>,
+    pub shards: Arc<Registry>,
+    pub groups: Arc<GroupTracker>,
+}
+
+pub struct Controller {
+    pub store: Arc<dyn ShardStore>,
+    settings: Settings,
+    pool: Arc<Pool>,
+    shards: Arc<Registry>,
+    groups: Arc<GroupTracker>,
+    /// Live instances of the virtual cluster (node id, advertised address), from the store's
+    /// registry; the proxy's cluster view follows it.
+    members: tokio::sync::watch::Sender<Vec<(i32, HostPort)>>,
+    /// One map change at a time (admin requests and the autoscaler); held across the seal
+    /// protocol's awaits on purpose: it guards a multi-step change, not a hot path.
+    ops: tokio::sync::Mutex<()>,
+    stats: Mutex<HashMap<(String, i32), ShardStats>>,
+    cooldown: Mutex<HashMap<String, Instant>>,
+    /// Whether this instance holds the leader lock (always, with the embedded store).
+    leader: std::sync::atomic::AtomicBool,
+}
+
+impl Controller {
+    pub fn new(store: Arc<dyn ShardStore>, h: Handles) -> Self {
+        let leader = std::sync::atomic::AtomicBool::new(!store.elects());
+        Self {
+            store,
+            settings: h.settings,
+            pool: h.pool,
+            shards: h.shards,
+            groups: h.groups,
+            members: tokio::sync::watch::channel(Vec::new()).0,
+            ops: tokio::sync::Mutex::new(()),
+            stats: Mutex::new(HashMap::new()),
+            cooldown: Mutex::new(HashMap::new()),
+            leader,
+        }
+    }
+
+    /// The live instances as the store's registry shows them (empty until first read, and
+    /// always with the embedded store).
+    pub fn members(&self) -> tokio::sync::watch::Receiver<Vec<(i32, HostPort)>> {
+        self.members.subscribe()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub(super) fn current(&self, topic: &str) -> Result<(TopicConfig, ShardMap), ControlError> {
+        let m = self
+            .shards
+            .get(topic)
+            .ok_or_else(|| ControlError::UnknownTopic(topic.to_string()))?;
+        Ok((m.config.clone(), m.map.clone()))
+    }
+
+    pub(super) async fn commit(
+        &self,
+        config: &TopicConfig,
+        map: &ShardMap,
+        expected: u64,
+    ) -> Result<(), ControlError> {
+        self.store
+            .put_topic(
+                &StoredTopic {
+                    config: config.clone(),
+                    map: map.clone(),
+                },
+                Some(expected),
+            )
+            .await?;
+        self.shards.install(config.clone(), map.clone());
+        Ok(())
+    }
+}
