@@ -1,9 +1,13 @@
-//! shardgate: a Kafka wire-protocol proxy.
+//! shardgate: a Kafka wire-protocol proxy with elastic shards.
 //!
-//! - `protocol`: framing, headers, the supported-version table.
-//! - `proxy`: the client side (connections and one module per request path).
+//! Layers, lowest first (`layering.rs` checks them; docs/ARCHITECTURE.md has the module map):
+//! - `protocol`, `telemetry`, `alloc`, `tls`: wire format, metrics, allocation guard, TLS.
+//! - `config`: the validated configuration, managed topics' config included.
+//! - `store`: versioned documents (shard maps), instance registry, leader lock.
 //! - `upstream`: connections to the real cluster and its topology.
-//! - `admin`, `telemetry`: HTTP endpoints and metrics.
+//! - `shards`: shard maps, routing, gates, the controller, managed-topic produce.
+//! - `proxy`: the client side (connections and one module per request path).
+//! - `admin`: admin HTTP; `app`: the composition root that wires all of it.
 
 pub mod admin;
 pub mod alloc;

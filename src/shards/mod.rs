@@ -6,6 +6,9 @@
 //! - `registry`: the maps this instance routes with, swapped atomically.
 //! - `controller`: executes splits and merges (seal protocol) and runs the autoscaler.
 //! - `gates`: which records of a gated partition a consumer group may see yet.
+//! - `produce`: produce to managed topics (rerouting, shardgate's idempotent writer lanes).
+//! - `placement`, `sampler`: where a split goes; the autoscaler's measurements.
+//! - `stored`: a topic's config and map as one store document.
 
 pub mod controller;
 pub mod gates;
