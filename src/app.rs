@@ -12,6 +12,7 @@ use crate::config::Settings;
 use crate::proxy::Ctx;
 use crate::shards::controller::{Controller, Handles};
 use crate::shards::gates::GroupTracker;
+use crate::shards::produce::ManagedProduce;
 use crate::shards::registry::Registry;
 use crate::upstream::pool::Pool;
 use crate::upstream::refresh::run_refresher;
@@ -63,6 +64,11 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     tracing::info!(store = %store.describe(), "shard store");
     let shards = Arc::new(Registry::default());
     let groups = Arc::new(GroupTracker::default());
+    let managed = Arc::new(ManagedProduce::new(
+        shards.clone(),
+        pool.clone(),
+        settings.raw.limits.max_decompressed_batch_bytes,
+    ));
     let controller = Arc::new(Controller::new(
         store,
         Handles {
@@ -70,6 +76,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             pool: pool.clone(),
             shards: shards.clone(),
             groups: groups.clone(),
+            managed: managed.clone(),
         },
     ));
     let ctx = Arc::new(Ctx::new(
@@ -77,6 +84,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         pool.clone(),
         shards.clone(),
         groups.clone(),
+        managed,
     ));
 
     let listener = TcpListener::bind(settings.bind)
@@ -136,6 +144,12 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             tokio::join!(controller.clone().follow_store(), controller.clone().run());
         }));
     }
+    // Kafka's view of consumer groups for the ordering gates (read while fetches are held).
+    tasks.push(tokio::spawn(crate::shards::group_state::run(
+        pool.clone(),
+        shards.clone(),
+        groups.clone(),
+    )));
     // The virtual cluster follows the store's registry of live instances.
     {
         let (mut members, ctx) = (controller.members(), ctx.clone());

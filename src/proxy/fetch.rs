@@ -43,6 +43,11 @@ pub async fn handle(
     }
     let started = Instant::now();
     let deadline = started + Duration::from_millis(body.max_wait_ms.max(0) as u64);
+    // Until the stored maps are loaded a managed topic looks like a plain one: its gates would
+    // not apply. Wait (within the client's max wait); still unloaded, answer retriable errors.
+    if !ctx.shards.loaded() {
+        ctx.shards.wait_loaded(deadline - started).await;
+    }
     let min_bytes = body.min_bytes.max(1) as usize;
     let poll_max = Duration::from_millis(ctx.settings.raw.limits.fetch_poll_max_ms);
     let mut poll = Duration::from_millis(5).min(poll_max);
@@ -156,9 +161,11 @@ async fn fetch_once(
             id: t.topic_id,
         };
         for p in &t.partitions {
-            let Some(broker) = name.as_ref().and_then(|n| topo.leader(n, p.partition)) else {
+            let leader = name.as_ref().and_then(|n| topo.leader(n, p.partition));
+            let Some(broker) = leader.filter(|_| ctx.shards.loaded()) else {
                 errors = true;
                 let code = match &name {
+                    _ if !ctx.shards.loaded() => codes::NOT_LEADER_OR_FOLLOWER,
                     None if by_id => codes::UNKNOWN_TOPIC_ID,
                     Some(n) if topo.topics.contains_key(n) => codes::NOT_LEADER_OR_FOLLOWER,
                     _ => codes::UNKNOWN_TOPIC_OR_PARTITION,

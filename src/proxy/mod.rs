@@ -75,7 +75,7 @@ pub struct Ctx {
     /// Consumer groups seen on the wire and how far they consumed (for ordering gates).
     pub groups: Arc<GroupTracker>,
     /// Produce to managed topics: rerouting, shardgate's own writer, client retry memory.
-    pub managed: ManagedProduce,
+    pub managed: Arc<ManagedProduce>,
 }
 
 impl Ctx {
@@ -84,13 +84,10 @@ impl Ctx {
         pool: Arc<Pool>,
         shards: Arc<Registry>,
         groups: Arc<GroupTracker>,
+        managed: Arc<ManagedProduce>,
     ) -> Self {
         Self {
-            managed: ManagedProduce::new(
-                shards.clone(),
-                pool.clone(),
-                settings.raw.limits.max_decompressed_batch_bytes,
-            ),
+            managed,
             cluster: cluster::VirtualCluster::new(settings.node_id, settings.instances.clone()),
             settings,
             pool,

@@ -19,7 +19,6 @@ use crate::protocol::{
     RequestFrame, TopicRef, codes, decode_response, encode_request, encode_response,
 };
 use crate::shards::produce::ManagedPart;
-use crate::shards::registry::InflightGuard;
 use crate::telemetry;
 use crate::upstream::pool::PendingReply;
 
@@ -37,8 +36,6 @@ pub struct PendingProduce {
     local_errors: BTreeMap<(TopicRef, i32), (i16, Option<String>)>,
     /// Managed topics: what became of each client partition, keyed like `order`.
     managed: BTreeMap<(TopicRef, i32), ManagedPart>,
-    /// Keeps the map epochs these records were routed under "in flight" for the seal protocol.
-    _routed: Vec<InflightGuard>,
 }
 
 pub async fn handle(
@@ -84,7 +81,6 @@ pub async fn send(
     let mut order = Vec::new();
     let mut local_errors = BTreeMap::new();
     let mut managed = BTreeMap::new();
-    let mut routed = Vec::new();
     let loaded = ctx.shards.loaded();
     let mut by_broker: BTreeMap<i32, (ProduceRequest, Vec<(TopicRef, i32)>)> = BTreeMap::new();
     for t in &body.topic_data {
@@ -102,9 +98,23 @@ pub async fn send(
             }
             continue;
         }
-        if let Some(m) = name.as_ref().and_then(|n| ctx.shards.get(n)) {
-            routed.push(ctx.shards.enter(&m.config.name, m.map.epoch));
+        if let Some((m, guard)) = name.as_ref().and_then(|n| ctx.shards.enter(n)) {
+            if ctx.shards.fenced() {
+                // The store session may have lapsed: the map may be stale. Retriable.
+                drop(guard);
+                metrics::counter!("shardgate_fenced_produces_total").increment(1);
+                for p in &t.partition_data {
+                    order.push((tref.clone(), p.index));
+                    let message = "shardgate instance fenced: its store session lapsed; retry";
+                    local_errors.insert(
+                        (tref.clone(), p.index),
+                        (codes::NOT_LEADER_OR_FOLLOWER, Some(message.to_string())),
+                    );
+                }
+                continue;
+            }
             for mp in ctx.managed.route(
+                &guard,
                 &m,
                 &t.partition_data,
                 body.acks,
@@ -183,7 +193,6 @@ pub async fn send(
         subs,
         local_errors,
         managed,
-        _routed: routed,
     })
 }
 

@@ -6,12 +6,14 @@
 //! - `registry`: the maps this instance routes with, swapped atomically.
 //! - `controller`: executes splits and merges (seal protocol) and runs the autoscaler.
 //! - `gates`: which records of a gated partition a consumer group may see yet.
+//! - `group_state`: Kafka's view of the groups (owners, commits), the gates' authority.
 //! - `produce`: produce to managed topics (rerouting, shardgate's idempotent writer lanes).
 //! - `placement`, `sampler`: where a split goes; the autoscaler's measurements.
 //! - `stored`: a topic's config and map as one store document.
 
 pub mod controller;
 pub mod gates;
+pub mod group_state;
 pub mod map;
 pub mod placement;
 pub mod produce;

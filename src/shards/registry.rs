@@ -64,15 +64,42 @@ pub struct Registry {
     /// Set once the stored maps are loaded: until then managed topics are unknown, so produce
     /// requests to them must wait rather than pass through unrouted.
     loaded: std::sync::atomic::AtomicBool,
+    loaded_now: tokio::sync::Notify,
+    /// Fencing (stores with sessions, several instances): managed records are written only
+    /// while this instance's store session is surely alive, so an instance that was frozen or
+    /// cut off past its session never writes with a map the others moved on from.
+    fencing: std::sync::atomic::AtomicBool,
+    /// Until when (ms on `monotonic_ms`) the session is surely alive.
+    session_valid_until: AtomicU64,
+}
+
+/// Milliseconds on a monotonic clock that keeps running while the process is stopped
+/// (`kill -STOP`), which is what fencing needs.
+fn monotonic_ms() -> u64 {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
 }
 
 /// How long after a pool growth fetches of the topic nudge clients to refresh metadata.
 pub const NUDGE_WINDOW: Duration = Duration::from_secs(120);
 
-/// Counts a produce request as in flight under one map epoch until dropped.
+/// Counts a produce request as in flight under one map epoch until dropped: shared by the
+/// request and every writer job carrying its records, so it is released only when the last
+/// job's upstream outcome is known (not when a client goes away).
 pub struct InflightGuard {
     counts: Arc<Mutex<HashMap<(String, u64), usize>>>,
     key: (String, u64),
+}
+
+impl InflightGuard {
+    /// A guard no registry counts (unit tests of code that carries one).
+    #[cfg(test)]
+    pub fn untracked() -> Arc<Self> {
+        Arc::new(Self {
+            counts: Default::default(),
+            key: (String::new(), 0),
+        })
+    }
 }
 
 impl Drop for InflightGuard {
@@ -95,6 +122,41 @@ impl Registry {
 
     pub fn mark_loaded(&self) {
         self.loaded.store(true, Ordering::Release);
+        self.loaded_now.notify_waiters();
+    }
+
+    /// Turns fencing on (a store with sessions); fenced until the first `session_valid_until`.
+    pub fn enable_fencing(&self) {
+        self.fencing.store(true, Ordering::Release);
+    }
+
+    /// The store session is surely alive until `until` (and the maps are current).
+    pub fn session_valid_until(&self, until: Instant) {
+        let ms = until
+            .checked_duration_since(Instant::now())
+            .map_or(0, |d| d.as_millis() as u64);
+        self.session_valid_until
+            .store(monotonic_ms() + ms, Ordering::Release);
+    }
+
+    /// Whether managed writes must stop: fencing is on and the session may have lapsed.
+    pub fn fenced(&self) -> bool {
+        self.fencing.load(Ordering::Acquire)
+            && monotonic_ms() >= self.session_valid_until.load(Ordering::Acquire)
+    }
+
+    /// Waits (at most `limit`) until the stored maps are loaded; whether they are.
+    pub async fn wait_loaded(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.loaded_now.notified();
+            if self.loaded() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.loaded();
+            }
+        }
     }
 
     pub fn get(&self, topic: &str) -> Option<Arc<Managed>> {
@@ -111,8 +173,11 @@ impl Registry {
         self.topics.load().contains_key(topic)
     }
 
-    /// Installs a map unless an equal or newer epoch is already installed.
+    /// Installs a map unless an equal or newer epoch is already installed. Under the in-flight
+    /// lock, so a produce entering concurrently either counts under the old epoch before this
+    /// returns or routes by the new map (see `enter`), and concurrent installs never lose one.
     pub fn install(&self, config: TopicConfig, map: ShardMap) -> bool {
+        let _counts = self.inflight.lock().expect("inflight lock");
         let cur = self.topics.load();
         if let Some(m) = cur.get(&config.name)
             && m.map.epoch >= map.epoch
@@ -179,18 +244,22 @@ impl Registry {
             .insert((who, topic.to_string(), pool))
     }
 
-    pub fn enter(&self, topic: &str, epoch: u64) -> InflightGuard {
-        let key = (topic.to_string(), epoch);
-        *self
-            .inflight
-            .lock()
-            .expect("inflight lock")
-            .entry(key.clone())
-            .or_default() += 1;
-        InflightGuard {
-            counts: self.inflight.clone(),
-            key,
-        }
+    /// The current map of `topic` and a guard counting one produce in flight under its epoch,
+    /// taken together under the lock `install` holds: the seal protocol, which waits until no
+    /// produce of an older epoch is in flight after installing a new map, can never miss one
+    /// that read the old map. `None`: not managed.
+    pub fn enter(&self, topic: &str) -> Option<(Arc<Managed>, Arc<InflightGuard>)> {
+        let mut counts = self.inflight.lock().expect("inflight lock");
+        let m = self.topics.load().get(topic).cloned()?;
+        let key = (topic.to_string(), m.map.epoch);
+        *counts.entry(key.clone()).or_default() += 1;
+        Some((
+            m,
+            Arc::new(InflightGuard {
+                counts: self.inflight.clone(),
+                key,
+            }),
+        ))
     }
 
     /// Produce requests of `topic` still in flight under an epoch older than `epoch`.
@@ -297,16 +366,55 @@ mod tests {
     }
 
     #[test]
-    fn inflight_counts_follow_guards() {
+    fn inflight_counts_follow_guards_taken_with_the_current_map() {
         let r = Registry::default();
-        let g1 = r.enter("t", 3);
-        let g2 = r.enter("t", 4);
-        assert_eq!(r.inflight_before("t", 4), 1);
-        assert_eq!(r.inflight_before("t", 5), 2);
+        let cfg: TopicConfig = toml::from_str("name = \"t\"\npool = 8").unwrap();
+        let map = ShardMap::initial("t", 2, 8).unwrap();
+        assert!(r.enter("t").is_none());
+        r.install(cfg.clone(), map.clone());
+        let (m1, g1) = r.enter("t").unwrap();
+        assert_eq!(m1.map.epoch, map.epoch);
+        let job = g1.clone(); // a writer job keeps the request's guard
+        let mut next = map.split(0, 1, 5).unwrap();
+        next.epoch = map.epoch + 1;
+        r.install(cfg, next.clone());
+        let (m2, g2) = r.enter("t").unwrap();
+        assert_eq!(m2.map.epoch, next.epoch);
+        assert_eq!(r.inflight_before("t", next.epoch), 1);
+        assert_eq!(r.inflight_before("t", next.epoch + 1), 2);
         drop(g1);
-        assert_eq!(r.inflight_before("t", 4), 0);
+        assert_eq!(
+            r.inflight_before("t", next.epoch),
+            1,
+            "the job still holds it"
+        );
+        drop(job);
+        assert_eq!(r.inflight_before("t", next.epoch), 0);
         drop(g2);
-        assert_eq!(r.inflight_before("t", 9), 0);
+        assert_eq!(r.inflight_before("t", 99), 0);
+    }
+
+    #[test]
+    fn fencing_holds_until_the_session_is_confirmed_and_returns_when_it_lapses() {
+        let r = Registry::default();
+        assert!(!r.fenced(), "no fencing without a store that has sessions");
+        r.enable_fencing();
+        assert!(r.fenced(), "fenced until the first renewal");
+        r.session_valid_until(Instant::now() + Duration::from_secs(5));
+        assert!(!r.fenced());
+        r.session_valid_until(Instant::now());
+        assert!(r.fenced(), "a lapsed session fences again");
+    }
+
+    #[tokio::test]
+    async fn waiting_for_the_maps_ends_when_they_are_loaded_or_the_wait_runs_out() {
+        let r = Arc::new(Registry::default());
+        assert!(!r.wait_loaded(Duration::from_millis(20)).await);
+        let r2 = r.clone();
+        let waiter = tokio::spawn(async move { r2.wait_loaded(Duration::from_secs(10)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        r.mark_loaded();
+        assert!(waiter.await.unwrap());
     }
 
     #[test]

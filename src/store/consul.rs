@@ -266,6 +266,10 @@ impl ShardStore for ConsulStore {
         true
     }
 
+    fn session_ttl(&self) -> Option<Duration> {
+        Some(SESSION_TTL)
+    }
+
     fn campaign<'a>(&'a self, me: &'a InstanceInfo) -> BoxFuture<'a, Result<bool, StoreError>> {
         async move { self.acquire(&self.key("leader"), me).await }.boxed()
     }

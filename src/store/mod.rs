@@ -48,6 +48,11 @@ pub struct InstanceInfo {
     /// request of an older epoch in flight for (the seal protocol waits for every instance).
     #[serde(default)]
     pub applied: BTreeMap<String, u64>,
+    /// Per managed topic with a seal pending, per parent partition: the end of what this
+    /// instance's writer had acknowledged there, read after it applied the epoch above (so it
+    /// covers every record it wrote under older epochs). The seal offset is at least this.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub acked: BTreeMap<String, BTreeMap<i32, i64>>,
 }
 
 pub trait ShardStore: Send + Sync {
@@ -69,6 +74,12 @@ pub trait ShardStore: Send + Sync {
             Ok((index, self.load_all().await?))
         }
         .boxed()
+    }
+
+    /// How long the store keeps this instance's session after its last renewal; `None`: no
+    /// sessions (one instance). With sessions, managed writes are fenced when renewals stop.
+    fn session_ttl(&self) -> Option<Duration> {
+        None
     }
 
     /// Whether instances elect a leader through this store (else this instance always leads).

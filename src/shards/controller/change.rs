@@ -150,7 +150,9 @@ impl Controller {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        // Every live instance must route by this epoch with nothing older in flight.
+        // Every live instance must route by this epoch with nothing older in flight; what
+        // their writers had acknowledged on the parents then bounds the seal from below.
+        let mut acked: HashMap<i32, i64> = HashMap::new();
         loop {
             match self.store.instances().await? {
                 None => break,
@@ -161,6 +163,12 @@ impl Controller {
                         .map(|i| i.node_id)
                         .collect();
                     if lagging.is_empty() {
+                        for ends in list.iter().filter_map(|i| i.acked.get(&map.topic)) {
+                            for (p, end) in ends {
+                                let e = acked.entry(*p).or_insert(*end);
+                                *e = (*e).max(*end);
+                            }
+                        }
                         break;
                     }
                     if Instant::now() > deadline {
@@ -182,13 +190,24 @@ impl Controller {
                     .map(|a| a.partition)
             })
             .collect();
+        // The high watermark alone is not enough: with acks=1 a record is acknowledged once
+        // the leader has it, before followers do, so acknowledged records of moved keys can
+        // lie above it. The seal is the larger of the two.
         let ends = self.end_offsets(&map.topic, &parents).await?;
         let mut next = map.clone();
         next.epoch += 1;
         for g in &mut next.gates {
             for a in &mut g.after {
                 if a.seal_offset.is_none() {
-                    a.seal_offset = ends.get(&a.partition).copied();
+                    let hw = ends.get(&a.partition).copied();
+                    let local = self.managed.acked_end(&map.topic, a.partition);
+                    let remote = acked.get(&a.partition).copied().unwrap_or(-1);
+                    let seal = hw.map(|hw| hw.max(local).max(remote));
+                    if seal > hw {
+                        metrics::counter!("shardgate_seal_above_high_watermark_total", "topic" => map.topic.clone()).increment(1);
+                        tracing::info!(topic = %map.topic, partition = a.partition, ?hw, ?seal, "seal offset above the high watermark (acknowledged records not yet replicated)");
+                    }
+                    a.seal_offset = seal;
                 }
             }
         }

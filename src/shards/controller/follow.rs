@@ -13,17 +13,41 @@ impl Controller {
         } else {
             admin.ip().to_string()
         };
+        let applied: Vec<_> = self
+            .shards
+            .all()
+            .into_iter()
+            .filter(|m| self.shards.inflight_before(&m.config.name, m.map.epoch) == 0)
+            .collect();
+        // Read after `inflight_before` said no older produce is in flight: the writer records
+        // acknowledgements before answering jobs, so these ends cover all of them.
+        let acked = applied
+            .iter()
+            .filter_map(|m| {
+                let ends: BTreeMap<i32, i64> = m
+                    .map
+                    .sealing()
+                    .flat_map(|g| g.after.iter().filter(|a| a.seal_offset.is_none()))
+                    .map(|a| {
+                        (
+                            a.partition,
+                            self.managed.acked_end(&m.config.name, a.partition),
+                        )
+                    })
+                    .filter(|(_, end)| *end >= 0)
+                    .collect();
+                (!ends.is_empty()).then(|| (m.config.name.clone(), ends))
+            })
+            .collect();
         InstanceInfo {
             node_id: self.settings.node_id,
             advertised: self.settings.advertised.to_string(),
             admin: format!("http://{host}:{}", admin.port()),
-            applied: self
-                .shards
-                .all()
+            applied: applied
                 .iter()
-                .filter(|m| self.shards.inflight_before(&m.config.name, m.map.epoch) == 0)
                 .map(|m| (m.config.name.clone(), m.map.epoch))
                 .collect(),
+            acked,
         }
     }
 
@@ -64,11 +88,16 @@ impl Controller {
                 let me = self.me();
                 // Renew the session (and registry entry) every 3 s, and at once when the
                 // applied epochs change: the seal protocol is waiting for them.
-                if last.as_ref() != Some(&me) || last_sent.elapsed() >= Duration::from_secs(3) {
+                if last.as_ref() != Some(&me)
+                    || last_sent.elapsed() >= Duration::from_secs(3)
+                    || self.shards.fenced()
+                {
+                    let started = Instant::now();
                     match self.store.report(&me).await {
                         Ok(()) => {
                             last = Some(me.clone());
                             last_sent = Instant::now();
+                            self.renewed(started).await;
                         }
                         Err(e) => {
                             metrics::counter!("shardgate_store_errors_total", "op" => "report")
@@ -110,6 +139,33 @@ impl Controller {
             }
         };
         tokio::join!(watcher, reporter);
+    }
+
+    /// The session was renewed by a report that started at `started`: managed writes may go on
+    /// until well before the session could expire. An instance that was fenced (starting, or
+    /// its renewals lapsed, e.g. frozen past the session) re-reads every map first: the others
+    /// may have split or sealed without waiting for it.
+    async fn renewed(&self, started: Instant) {
+        let Some(ttl) = self.store.session_ttl() else {
+            return;
+        };
+        if self.shards.fenced() {
+            match self.store.load_topics().await {
+                Ok(topics) => {
+                    for t in topics {
+                        self.shards.install(t.config, t.map);
+                    }
+                    tracing::info!(
+                        "store session confirmed and maps re-read; managed writes resume"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot re-read the maps; managed writes stay fenced");
+                    return;
+                }
+            }
+        }
+        self.shards.session_valid_until(started + ttl * 3 / 5);
     }
 
     /// A store that lost maps (a Consul agent restarted without its data) is refilled from the

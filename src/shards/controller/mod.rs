@@ -45,6 +45,7 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::gates::GroupTracker;
 use super::placement::{self, PartitionView};
+use super::produce::ManagedProduce;
 use super::registry::Registry;
 use super::registry::{hottest, weighted_median};
 use super::sampler;
@@ -101,6 +102,7 @@ pub struct Handles {
     pub pool: Arc<Pool>,
     pub shards: Arc<Registry>,
     pub groups: Arc<GroupTracker>,
+    pub managed: Arc<ManagedProduce>,
 }
 
 pub struct Controller {
@@ -109,6 +111,7 @@ pub struct Controller {
     pool: Arc<Pool>,
     shards: Arc<Registry>,
     groups: Arc<GroupTracker>,
+    managed: Arc<ManagedProduce>,
     /// Live instances of the virtual cluster (node id, advertised address), from the store's
     /// registry; the proxy's cluster view follows it.
     members: tokio::sync::watch::Sender<Vec<(i32, HostPort)>>,
@@ -124,12 +127,17 @@ pub struct Controller {
 impl Controller {
     pub fn new(store: Arc<dyn ShardStore>, h: Handles) -> Self {
         let leader = std::sync::atomic::AtomicBool::new(!store.elects());
+        if store.session_ttl().is_some() {
+            // Fenced until the first renewal and a fresh read of the maps (follow.rs).
+            h.shards.enable_fencing();
+        }
         Self {
             store,
             settings: h.settings,
             pool: h.pool,
             shards: h.shards,
             groups: h.groups,
+            managed: h.managed,
             members: tokio::sync::watch::channel(Vec::new()).0,
             ops: tokio::sync::Mutex::new(()),
             stats: Mutex::new(HashMap::new()),

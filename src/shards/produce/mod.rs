@@ -19,7 +19,7 @@ use memory::{MemoryKey, ProducerMemory, Remembered};
 use reroute::{ClientPart, reroute};
 use writer::{ClientStream, Job, ShardWriter, WriteError, Written};
 
-use super::registry::{Managed, Registry};
+use super::registry::{InflightGuard, Managed, Registry};
 use crate::protocol::codes;
 use crate::upstream::pool::Pool;
 
@@ -58,17 +58,23 @@ fn write_deadline(timeout_ms: i32) -> Instant {
 impl ManagedProduce {
     pub fn new(registry: Arc<Registry>, pool: Arc<Pool>, max_decompressed: usize) -> Self {
         Self {
+            writer: ShardWriter::new(pool, registry.clone()),
             registry,
             memory: ProducerMemory::default(),
-            writer: ShardWriter::new(pool),
             max_decompressed,
         }
+    }
+
+    /// The end of what this instance's writer had acknowledged on (topic, partition); -1: none.
+    pub fn acked_end(&self, topic: &str, partition: i32) -> i64 {
+        self.writer.acked_end(topic, partition)
     }
 
     /// Routes one topic's partitions of a client produce and queues their records on the
     /// writer lanes. Synchronous, so lanes see records in the order clients' requests arrived.
     pub fn route(
         &self,
+        guard: &Arc<InflightGuard>,
         m: &Managed,
         data: &[PartitionProduceData],
         acks: i16,
@@ -126,6 +132,7 @@ impl ManagedProduce {
                         deadline,
                         client,
                         reply: tx,
+                        _routed: guard.clone(),
                     },
                 );
                 jobs.push((w.target, w.indices, rx));

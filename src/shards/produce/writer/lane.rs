@@ -20,6 +20,18 @@ pub(super) struct LaneState {
     /// Client streams with a batch this lane gave up on: (stream → its base sequence).
     /// (stream → base sequence of its failed batch, since when); forgotten after GAP_TTL.
     pub(super) gaps: HashMap<ClientStream, (i32, Instant)>,
+    /// Shared with `ShardWriter::acked_end`.
+    pub(super) acked: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl LaneState {
+    /// Records that the broker acknowledged `count` records from `base_offset` on.
+    fn acknowledged(&self, base_offset: i64, count: i64) {
+        if base_offset >= 0 {
+            self.acked
+                .fetch_max(base_offset + count, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
 }
 
 pub(super) async fn run_lane(
@@ -31,7 +43,9 @@ pub(super) async fn run_lane(
     mut rx: mpsc::UnboundedReceiver<Job>,
 ) {
     let shared = *w.producer.lock().expect("writer producer");
+    let acked = w.acked_slot(&topic, partition);
     let mut st = LaneState {
+        acked,
         topic,
         partition,
         pin,
@@ -66,7 +80,18 @@ pub(super) async fn run_lane(
                     continue;
                 };
                 let jobs = take_batch(&mut st, first, &mut rx, &mut carry);
-                if !jobs.is_empty() {
+                if !jobs.is_empty() && w.registry.fenced() {
+                    // Queued before the store session lapsed (e.g. a frozen instance): the
+                    // map they were routed by may be stale. Not written; clients retry.
+                    metrics::counter!("shardgate_fenced_batches_total").increment(1);
+                    let e = WriteError {
+                        code: codes::NOT_LEADER_OR_FOLLOWER,
+                        message: Some("shardgate instance fenced: its store session lapsed".into()),
+                    };
+                    for job in jobs {
+                        fail(&mut st, job, &Failure::Refused(e.clone()), e.clone());
+                    }
+                } else if !jobs.is_empty() {
                     send(&w, &mut st, jobs, &mut inflight).await;
                 }
             }
@@ -235,6 +260,8 @@ pub(super) async fn write_now(
 
 /// Answers the jobs of a written batch, each with the offset of its first record.
 pub(super) fn reply_written(st: &mut LaneState, jobs: Vec<Job>, written: Written) {
+    let count: i64 = jobs.iter().map(|j| j.records.len() as i64).sum();
+    st.acknowledged(written.base_offset, count);
     let mut offset = 0i64;
     for job in jobs {
         if let Some((stream, seq)) = &job.client
@@ -258,6 +285,7 @@ pub(super) fn reply_written(st: &mut LaneState, jobs: Vec<Job>, written: Written
 pub(super) fn finish_single(st: &mut LaneState, job: Job, result: Result<Written, Failure>) {
     match result {
         Ok(written) => {
+            st.acknowledged(written.base_offset, job.records.len() as i64);
             if let Some((stream, seq)) = &job.client
                 && st.gaps.get(stream).is_some_and(|g| g.0 == *seq)
             {
@@ -344,6 +372,7 @@ mod tests {
             dropped: None,
             next_seq: 0,
             gaps: HashMap::new(),
+            acked: Default::default(),
         };
         st.gaps.insert(stream.clone(), (10, Instant::now()));
         let job = |seq: i32, s: &ClientStream| {
@@ -362,6 +391,7 @@ mod tests {
                 deadline: Instant::now(),
                 client: Some((s.clone(), seq)),
                 reply: tx,
+                _routed: crate::shards::registry::InflightGuard::untracked(),
             }
         };
         // The failed batch itself and earlier ones pass; later ones wait for it.

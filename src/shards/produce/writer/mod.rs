@@ -18,7 +18,7 @@
 //! behind batches sent after it and break per-key order.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,6 +72,9 @@ pub struct Job {
     /// Set for idempotent clients: (stream, base sequence of the client's batch).
     pub client: Option<(ClientStream, i32)>,
     pub reply: oneshot::Sender<Result<Written, WriteError>>,
+    /// Keeps the map epoch the records were routed under in flight (seal protocol) until the
+    /// lane is done with the job.
+    pub _routed: Arc<crate::shards::registry::InflightGuard>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -92,6 +95,8 @@ type Lane = mpsc::UnboundedSender<Job>;
 
 pub struct ShardWriter {
     pool: Arc<Pool>,
+    /// For the fence: no new batch goes out while the store session may have lapsed.
+    registry: Arc<crate::shards::registry::Registry>,
     lanes: Mutex<HashMap<(String, i32), Lane>>,
     /// Lanes whose task died: their successor must not reuse the shared producer id, whose
     /// sequences on that partition are unknown to it.
@@ -102,18 +107,43 @@ pub struct ShardWriter {
     /// the call on purpose: a cold path (start-up and producer resets).
     acquiring: tokio::sync::Mutex<()>,
     pins: AtomicU64,
+    /// Per lane: the end (last offset + 1) of what the broker acknowledged to it, the seal
+    /// offset's lower bound (with acks=1 it may lie above the high watermark).
+    acked: Mutex<HashMap<(String, i32), Arc<AtomicI64>>>,
 }
 
 impl ShardWriter {
-    pub fn new(pool: Arc<Pool>) -> Arc<Self> {
+    pub fn new(pool: Arc<Pool>, registry: Arc<crate::shards::registry::Registry>) -> Arc<Self> {
         Arc::new(Self {
             pool,
+            registry,
             lanes: Mutex::new(HashMap::new()),
             restarted: Mutex::new(Default::default()),
             producer: Mutex::new(None),
             acquiring: tokio::sync::Mutex::new(()),
             pins: AtomicU64::new(1 << 40),
+            acked: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The end of what this instance's lane of (topic, partition) had acknowledged (-1: none).
+    /// Updated before the jobs are answered, so once no produce of an epoch is in flight, it
+    /// covers every record this instance wrote under that epoch.
+    pub fn acked_end(&self, topic: &str, partition: i32) -> i64 {
+        self.acked
+            .lock()
+            .expect("writer acked")
+            .get(&(topic.to_string(), partition))
+            .map_or(-1, |a| a.load(Ordering::Acquire))
+    }
+
+    fn acked_slot(&self, topic: &str, partition: i32) -> Arc<AtomicI64> {
+        self.acked
+            .lock()
+            .expect("writer acked")
+            .entry((topic.to_string(), partition))
+            .or_insert_with(|| Arc::new(AtomicI64::new(-1)))
+            .clone()
     }
 
     /// Queues a job on the lane of (topic, partition). Synchronous, so jobs keep the order of

@@ -29,6 +29,43 @@ use bytes::Bytes;
 use super::map::Gate;
 
 type Positions = HashMap<(String, i32), i64>;
+
+/// How long a closed gate keeps its topic's group state read from Kafka.
+const WANTED_FOR: Duration = Duration::from_secs(10);
+
+/// One topic's consumer groups as Kafka reports them.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct TopicGroups {
+    /// Partition → live groups with a member assigned it.
+    pub owners: HashMap<i32, Vec<String>>,
+    /// Live groups' committed offsets: (group, partition) → offset.
+    pub committed: HashMap<(String, i32), i64>,
+}
+
+/// Which topics want their group state read: those where a fetch met a closed gate lately.
+#[derive(Default)]
+pub struct Demand {
+    wanted: Mutex<HashMap<String, Instant>>,
+}
+
+impl Demand {
+    pub fn want(&self, topic: &str) {
+        let mut w = self.wanted.lock().expect("demand lock");
+        match w.get_mut(topic) {
+            Some(at) => *at = Instant::now(),
+            None => {
+                w.insert(topic.to_string(), Instant::now());
+            }
+        }
+    }
+
+    pub fn wanted(&self) -> Vec<String> {
+        let mut w = self.wanted.lock().expect("demand lock");
+        w.retain(|_, at| at.elapsed() < WANTED_FOR);
+        w.keys().cloned().collect()
+    }
+}
+
 /// (who, topic, gated partition, the gate's creation epoch).
 type HoldKey = (String, String, i32, u64);
 /// (topic, partition) pairs assigned to one group member.
@@ -52,6 +89,10 @@ pub struct GroupTracker {
     /// When a group was first held at a gate (for the wait-time metric and the fallback), and
     /// whether the fallback has let it through (it then stays open: positions only grow).
     held_since: Mutex<HashMap<HoldKey, (Instant, bool)>>,
+    /// Kafka's view (`group_state`): per (topic, partition), the live groups assigned it.
+    kafka_owners: Mutex<HashMap<(String, i32), Vec<String>>>,
+    /// Topics whose group state a closed gate wants read from Kafka.
+    demand: Demand,
 }
 
 /// Who is fetching: the groups linked to the connection, or the connection itself.
@@ -71,6 +112,41 @@ impl Consumer {
 }
 
 impl GroupTracker {
+    pub fn demand(&self) -> &Demand {
+        &self.demand
+    }
+
+    /// Folds Kafka's view of `topic`'s groups in: their commits advance them as commits seen on
+    /// the wire do (wherever they were made, transactional ones included), and the owners of
+    /// each partition replace what Kafka said before.
+    pub fn absorb_kafka(&self, topic: &str, state: TopicGroups) {
+        {
+            let mut g = self.groups.lock().expect("groups lock");
+            for ((group, partition), offset) in &state.committed {
+                Self::bump(
+                    g.entry(group.clone()).or_default(),
+                    topic,
+                    *partition,
+                    *offset,
+                );
+            }
+        }
+        let mut o = self.kafka_owners.lock().expect("kafka owners lock");
+        o.retain(|(t, _), _| t != topic);
+        for (partition, groups) in state.owners {
+            o.insert((topic.to_string(), partition), groups);
+        }
+    }
+
+    /// The live groups Kafka says have (topic, partition) assigned; `None`: not read.
+    fn kafka_owners(&self, topic: &str, partition: i32) -> Option<Vec<String>> {
+        self.kafka_owners
+            .lock()
+            .expect("kafka owners lock")
+            .get(&(topic.to_string(), partition))
+            .cloned()
+    }
+
     pub fn link(&self, ip: IpAddr, client_id: &str, group: &str) {
         let mut l = self.links.lock().expect("links lock");
         l.entry((ip, client_id.to_string()))
@@ -116,9 +192,12 @@ impl GroupTracker {
             let mut m = self.conns.lock().expect("conns lock");
             Self::bump(m.entry(conn).or_default(), topic, partition, offset);
         }
-        if let Consumer::Groups(g) = who
-            && let [group] = self.narrow(g, topic, partition).as_slice()
-        {
+        let groups = match who {
+            Consumer::Groups(g) => self.narrow(g, topic, partition),
+            // Not linked here (its group traffic may go to another instance): Kafka knows.
+            Consumer::Connection(_) => self.kafka_owners(topic, partition).unwrap_or_default(),
+        };
+        if let [group] = groups.as_slice() {
             let mut m = self.group_fetched.lock().expect("group fetched lock");
             Self::bump(
                 m.entry(group.clone()).or_default(),
@@ -142,9 +221,11 @@ impl GroupTracker {
         if groups.len() < 2 {
             return groups.to_vec();
         }
+        let owners = self.kafka_owners(topic, partition).unwrap_or_default();
         let a = self.assignments.lock().expect("assignments lock");
         let kept: Vec<String> = groups
             .iter()
+            .filter(|g| owners.is_empty() || owners.contains(g))
             .filter(|g| {
                 a.get(*g).is_none_or(|(_, members)| {
                     members.is_empty()
@@ -223,6 +304,22 @@ impl GroupTracker {
         gate: &Gate,
         fallback: Option<Duration>,
     ) -> bool {
+        let open = self.judge(who, conn, topic, gate, fallback);
+        if !open {
+            // A fetch is held: keep Kafka's view of the topic's groups fresh while it lasts.
+            self.demand.want(topic);
+        }
+        open
+    }
+
+    fn judge(
+        &self,
+        who: &Consumer,
+        conn: u64,
+        topic: &str,
+        gate: &Gate,
+        fallback: Option<Duration>,
+    ) -> bool {
         if gate.from_offset.is_none() || gate.after.iter().any(|p| p.seal_offset.is_none()) {
             return false;
         }
@@ -232,7 +329,15 @@ impl GroupTracker {
                 narrowed = Consumer::Groups(self.narrow(groups, topic, gate.partition));
                 &narrowed
             }
-            other => other,
+            // A connection not linked to a group here may belong to one whose coordinator
+            // traffic reaches another instance: the groups Kafka says own the partition judge.
+            Consumer::Connection(_) => match self.kafka_owners(topic, gate.partition) {
+                Some(owners) if !owners.is_empty() => {
+                    narrowed = Consumer::Groups(owners);
+                    &narrowed
+                }
+                _ => who,
+            },
         };
         let passed = |positions: &dyn Fn(i32) -> Vec<i64>| {
             gate.after.iter().all(|parent| {
@@ -390,7 +495,7 @@ impl GroupTracker {
     pub fn all_groups_passed(&self, topic: &str, gate: &Gate) -> bool {
         self.groups_on(topic)
             .into_iter()
-            .all(|g| self.gate_open(&Consumer::Groups(vec![g]), u64::MAX, topic, gate, None))
+            .all(|g| self.judge(&Consumer::Groups(vec![g]), u64::MAX, topic, gate, None))
     }
 }
 
@@ -416,151 +521,4 @@ pub fn records_before(records: &Bytes, from_offset: i64) -> Bytes {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::shards::map::GateParent;
-    use bytes::{BufMut, BytesMut};
-    use std::net::Ipv4Addr;
-
-    fn batch(base: i64, len: usize) -> Vec<u8> {
-        let mut b = BytesMut::new();
-        b.put_i64(base);
-        b.put_i32(len as i32);
-        b.put_slice(&vec![0u8; len]);
-        b.to_vec()
-    }
-
-    fn gate(seal: Option<i64>) -> Gate {
-        Gate {
-            partition: 5,
-            from_offset: Some(100),
-            after: vec![GateParent {
-                partition: 0,
-                seal_offset: seal,
-            }],
-            created_epoch: 1,
-            created_at_ms: 0,
-        }
-    }
-
-    #[test]
-    fn gate_opens_only_after_every_linked_group_passed_the_seal() {
-        let t = GroupTracker::default();
-        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        t.link(ip, "c1", "g1");
-        let who = t.consumer(ip, "c1", 9);
-        assert_eq!(who, Consumer::Groups(vec!["g1".into()]));
-        assert!(
-            !t.gate_open(&who, 9, "t", &gate(None), None),
-            "closed until sealed"
-        );
-        assert!(!t.gate_open(&who, 9, "t", &gate(Some(50)), None));
-        t.fetched(&who, 9, "t", 0, 70);
-        assert!(
-            !t.gate_open(&who, 9, "t", &gate(Some(50)), None),
-            "a fetch position is not consumption (clients prefetch)"
-        );
-        t.committed("g1", "t", 0, 49);
-        assert!(!t.gate_open(&who, 9, "t", &gate(Some(50)), None));
-        t.committed("g1", "t", 0, 50);
-        assert!(t.gate_open(&who, 9, "t", &gate(Some(50)), None));
-        // A second group behind the same client id that also consumes the topic: the link
-        // is ambiguous, so both must have drained.
-        t.link(ip, "c1", "g2");
-        let both = t.consumer(ip, "c1", 9);
-        assert!(
-            t.gate_open(&both, 9, "t", &gate(Some(50)), None),
-            "g2 is not known on t"
-        );
-        t.committed("g2", "t", 0, 10);
-        assert!(!t.gate_open(&both, 9, "t", &gate(Some(50)), None));
-        t.committed("g2", "t", 0, 55);
-        assert!(t.gate_open(&both, 9, "t", &gate(Some(50)), None));
-    }
-
-    #[test]
-    fn a_group_that_never_commits_is_judged_by_its_fetches_after_the_fallback() {
-        let t = GroupTracker::default();
-        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        t.link(ip, "c1", "g1");
-        let who = t.consumer(ip, "c1", 9);
-        t.fetched(&who, 9, "t", 0, 70);
-        let now = Some(Duration::ZERO);
-        let later = Some(Duration::from_secs(3600));
-        assert!(
-            !t.gate_open(&who, 9, "t", &gate(Some(50)), now),
-            "the first hold starts the clock"
-        );
-        assert!(
-            !t.gate_open(&who, 9, "t", &gate(Some(50)), later),
-            "before the fallback time only commits count"
-        );
-        assert!(t.gate_open(&who, 9, "t", &gate(Some(50)), now));
-        assert!(
-            t.gate_open(&who, 9, "t", &gate(Some(50)), later),
-            "once let through by the fallback it stays open"
-        );
-        assert!(
-            !t.gate_open(&who, 9, "t", &gate(Some(51)), None),
-            "no fallback configured"
-        );
-        // Fetches of a connection linked to two groups count for neither.
-        t.link(ip, "c2", "g2");
-        t.link(ip, "c2", "g3");
-        let both = t.consumer(ip, "c2", 10);
-        t.fetched(&both, 10, "t", 0, 70);
-        assert!(!t.gate_open(&both, 10, "t", &gate(Some(50)), now));
-        assert!(!t.gate_open(&both, 10, "t", &gate(Some(50)), now));
-    }
-
-    #[test]
-    fn known_assignments_narrow_an_ambiguous_link() {
-        let t = GroupTracker::default();
-        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        t.link(ip, "rdkafka", "g1");
-        t.link(ip, "rdkafka", "g2");
-        let who = t.consumer(ip, "rdkafka", 9);
-        t.committed("g1", "t", 0, 60);
-        t.committed("g2", "t", 0, 10);
-        assert!(
-            !t.gate_open(&who, 9, "t", &gate(Some(50)), None),
-            "both groups could own the fetch"
-        );
-        // g2's member holds partition 4, not the gated 5: it does not own this fetch.
-        t.assigned("g2", 1, "m2", vec![("t".into(), 5)]);
-        t.assigned("g1", 1, "m1", vec![("t".into(), 5), ("t".into(), 0)]);
-        // A rebalance moved 5 away from g2's member: the old generation is forgotten.
-        t.assigned("g2", 2, "m3", vec![("t".into(), 4)]);
-        t.assigned("g2", 1, "m2", vec![("t".into(), 5)]);
-        assert!(t.gate_open(&who, 9, "t", &gate(Some(50)), None));
-        // A fetch of partition 0 by the ambiguous connection is g1's own (only g1 holds 0).
-        t.fetched(&who, 9, "t", 0, 70);
-        assert_eq!(t.group_fetch_position("g1", "t", 0), 70);
-        assert_eq!(t.group_fetch_position("g2", "t", 0), -1);
-    }
-
-    #[test]
-    fn unlinked_connections_are_judged_by_their_own_fetches() {
-        let t = GroupTracker::default();
-        let who = t.consumer(IpAddr::V4(Ipv4Addr::LOCALHOST), "solo", 3);
-        assert_eq!(who, Consumer::Connection(3));
-        t.fetched(&who, 3, "t", 0, 60);
-        assert!(t.gate_open(&who, 3, "t", &gate(Some(50)), None));
-        assert!(
-            !t.gate_open(&who, 4, "t", &gate(Some(50)), None),
-            "another connection"
-        );
-    }
-
-    #[test]
-    fn records_are_cut_at_the_first_batch_at_or_after_the_gate() {
-        let mut all = batch(90, 20);
-        all.extend(batch(95, 20));
-        all.extend(batch(100, 20));
-        all.extend(batch(120, 20));
-        let b = Bytes::from(all);
-        assert_eq!(records_before(&b, 100).len(), 64);
-        assert_eq!(records_before(&b, 90).len(), 0);
-        assert_eq!(records_before(&b, 1000).len(), b.len());
-    }
-}
+mod tests;
