@@ -49,7 +49,7 @@ struct Instances {
     clients: Vec<String>,
     admins: Vec<String>,
     /// Started by this test (dropped at the end); empty when the testbed's are used.
-    _own: Vec<Shardgate>,
+    own: Vec<Shardgate>,
 }
 
 impl Instances {
@@ -71,6 +71,24 @@ impl Instances {
     fn map(&self, i: usize, topic: &str) -> Option<Value> {
         let (code, map) = self.call(i, "GET", &format!("/api/v1/topics/{topic}/shards"), None);
         (code == 200).then_some(map)
+    }
+
+    /// Process id of instance `i` (0-based): ours, or from the testbed's pid files.
+    fn pid(&self, i: usize) -> i32 {
+        match self.own.get(i) {
+            Some(sg) => sg.pid(),
+            None if i == 0 => Frozen::pid_of("shardgate.pid"),
+            None => Frozen::pid_of(&format!("shardgate-{}.pid", i + 1)),
+        }
+    }
+
+    /// The instance holding the controller leadership (0-based).
+    fn leader(&self) -> Option<usize> {
+        (0..2).find(|i| {
+            self.metrics(*i)
+                .lines()
+                .any(|l| l.starts_with("shardgate_controller_leader 1"))
+        })
     }
 
     fn metrics(&self, i: usize) -> String {
@@ -96,7 +114,7 @@ fn instances() -> Instances {
         return Instances {
             clients,
             admins: vec![admin(), admin2],
-            _own: vec![],
+            own: vec![],
         };
     }
     let cluster = unique("inst");
@@ -147,7 +165,7 @@ cluster = "{cluster}"
     Instances {
         clients: vec![client(1), client(2)],
         admins: vec![admin_url(1), admin_url(2)],
-        _own: own,
+        own,
     }
 }
 
@@ -735,5 +753,199 @@ async fn two_instances_deliver_every_record_in_key_order_across_splits_and_merge
         pct(missing_at_deadline.len()),
         missing_late.len(),
         at_late.as_secs_f64()
+    );
+}
+
+/// Issue 8, fencing: an instance frozen (SIGSTOP) for longer than its store session's TTL while
+/// the leader splits must, once resumed, write nothing with the epoch it had before the freeze.
+/// The leader's seal stops waiting for the frozen instance when its session expires; whatever
+/// the resumed instance then writes with its old map lands on the parent after the seal.
+/// Checked in Kafka: no record of a key the split moved sits on the parent at or after the seal
+/// offset. Producers use acks=all, so a lagging high watermark (seal.rs) plays no part here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the testbed with Consul: integration/run-tests (or testbed up --instances 2)"]
+async fn a_frozen_instance_writes_nothing_with_an_old_epoch() {
+    let inst = instances();
+    eventually("a controller leader", Duration::from_secs(30), || {
+        inst.leader().is_some()
+    });
+    let leader = inst.leader().unwrap();
+    let frozen_i = 1 - leader;
+    let topic = unique("fence");
+    let (code, created) = inst.call(
+        leader,
+        "POST",
+        "/api/v1/topics",
+        Some(json!({"name": topic, "initial_shards": 2, "pool": 8,
+                    "replication_factor": 3, "autoscale": {"enabled": false}})),
+    );
+    assert_eq!(code, 201, "create: {created}");
+    eventually(
+        "both instances have the map",
+        Duration::from_secs(20),
+        || inst.map(0, &topic).is_some() && inst.map(1, &topic).is_some(),
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let producer = {
+        let (stop, acked, topic, bootstrap) =
+            (stop.clone(), acked.clone(), topic.clone(), inst.bootstrap());
+        tokio::spawn(async move {
+            let p: FutureProducer = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("acks", "all")
+                .set("enable.idempotence", "true")
+                .set("linger.ms", "5")
+                .create()
+                .unwrap();
+            let mut seq = vec![0u64; KEYS_PER_PRODUCER];
+            let mut i = 0usize;
+            let mut pending = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                for _ in 0..5 {
+                    let k = i % KEYS_PER_PRODUCER;
+                    let key = format!("f-k{k}");
+                    let value = format!("{key}:{}", seq[k]);
+                    if let Ok(d) = p.send_result(FutureRecord::to(&topic).key(&key).payload(&value))
+                    {
+                        seq[k] += 1;
+                        i += 1;
+                        let acked = acked.clone();
+                        pending.push(tokio::spawn(async move {
+                            if let Ok(Ok(_)) = d.await {
+                                acked.lock().unwrap().push(value);
+                            }
+                        }));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            for h in pending {
+                let _ = h.await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    let before = inst.map(leader, &topic).unwrap();
+    let epoch_before = before["epoch"].as_u64().unwrap();
+    let widest = active(&before).into_iter().max_by_key(width).unwrap();
+    let id = widest["id"].as_u64().unwrap();
+    let parent = widest["partition"].as_i64().unwrap() as i32;
+
+    // Freeze for 25 s: longer than the session TTL (10 s; Consul may take up to twice that).
+    let frozen_at = Instant::now();
+    let frozen = Frozen::stop(inst.pid(frozen_i));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let split_started = Instant::now();
+    let (code, split) = inst.call(
+        leader,
+        "POST",
+        &format!("/api/v1/topics/{topic}/shards/{id}/split"),
+        Some(json!({})),
+    );
+    let split_took = split_started.elapsed();
+    let rest = Duration::from_secs(25).saturating_sub(frozen_at.elapsed());
+    tokio::time::sleep(rest.max(Duration::from_secs(2))).await;
+    drop(frozen);
+    let frozen_for = frozen_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.store(true, Ordering::SeqCst);
+    producer.await.unwrap();
+    assert_eq!(code, 200, "split during the freeze: {split}");
+
+    // The split's gate and its seal (the leader finishes a pending seal in its loop).
+    let mut gate = None;
+    eventually(
+        "the split's gate is sealed",
+        Duration::from_secs(40),
+        || {
+            let map = inst.map(leader, &topic).unwrap();
+            gate = map["gates"].as_array().and_then(|g| {
+                g.iter()
+                    .find(|g| {
+                        g["created_epoch"].as_u64() > Some(epoch_before)
+                            && g["after"][0]["partition"].as_i64() == Some(parent as i64)
+                            && g["after"][0]["seal_offset"].is_i64()
+                    })
+                    .cloned()
+            });
+            gate.is_some()
+        },
+    );
+    let gate = gate.unwrap();
+    let child = gate["partition"].as_i64().unwrap() as i32;
+    let from = gate["from_offset"].as_i64().unwrap();
+    let seal = gate["after"][0]["seal_offset"].as_i64().unwrap();
+
+    let direct: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", format!("{topic}-direct"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut ends = BTreeMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in [parent, child] {
+        ends.insert(
+            p,
+            direct
+                .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .unwrap()
+                .1,
+        );
+        tpl.add_partition_offset(&topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    direct.assign(&tpl).unwrap();
+    let mut records: HashMap<i32, Vec<(i64, String)>> = HashMap::new();
+    let total: i64 = ends.values().sum();
+    let mut read = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while read < total && Instant::now() < deadline {
+        if let Some(Ok(m)) = direct.poll(Duration::from_millis(200)) {
+            read += 1;
+            records.entry(m.partition()).or_default().push((
+                m.offset(),
+                String::from_utf8_lossy(m.payload().unwrap_or_default()).into_owned(),
+            ));
+        }
+    }
+    let key = |v: &str| v.rsplit_once(':').unwrap().0.to_string();
+    let moved: BTreeSet<String> = records
+        .get(&child)
+        .map(|r| {
+            r.iter()
+                .filter(|(o, _)| *o >= from)
+                .map(|(_, v)| key(v))
+                .collect()
+        })
+        .unwrap_or_default();
+    let behind_seal: Vec<&(i64, String)> = records
+        .get(&parent)
+        .map(|r| {
+            r.iter()
+                .filter(|(o, v)| *o >= seal && moved.contains(&key(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "froze instance {} for {:.0}s; split via instance {} took {:.1}s ({code}); acked {}; gate on p{child} from {from} after p{parent} seal {seal} (p{parent} end {:?}); moved keys {}; records of moved keys on p{parent} at/after the seal: {} {:?}",
+        frozen_i + 1,
+        frozen_for.as_secs_f64(),
+        leader + 1,
+        split_took.as_secs_f64(),
+        acked.lock().unwrap().len(),
+        ends.get(&parent),
+        moved.len(),
+        behind_seal.len(),
+        &behind_seal[..behind_seal.len().min(5)]
+    );
+    assert!(
+        behind_seal.is_empty(),
+        "{} records of moved keys landed on the parent p{parent} at or after its seal offset {seal} (first {:?})",
+        behind_seal.len(),
+        behind_seal.first()
     );
 }

@@ -36,33 +36,6 @@ use serde_json::{Value, json};
 const POOL: i32 = 8;
 const KEYS: usize = 200;
 
-/// Sends SIGCONT to a paused broker when dropped (also on a panic), so the shared testbed is
-/// never left with a stopped JVM.
-struct Paused(i32);
-
-impl Paused {
-    fn stop(broker: usize) -> Self {
-        let pidfile = cache().join(format!("run/kafka-{broker}.pid"));
-        let pid: i32 = std::fs::read_to_string(&pidfile)
-            .unwrap_or_else(|e| panic!("{}: {e}", pidfile.display()))
-            .trim()
-            .parse()
-            .unwrap();
-        assert_eq!(
-            unsafe { libc::kill(pid, libc::SIGSTOP) },
-            0,
-            "kill -STOP {pid}"
-        );
-        Paused(pid)
-    }
-}
-
-impl Drop for Paused {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.0, libc::SIGCONT) };
-    }
-}
-
 /// The real (upstream) coordinator of `group`, from the Java tool's `--state` output.
 fn coordinator(group: &str) -> Option<usize> {
     let out = Command::new(bin("kafka-consumer-groups"))
@@ -190,7 +163,7 @@ async fn seal_covers_records_acknowledged_above_the_high_watermark() {
     let coord = coordinator(&group);
     let paused_broker = if coord == Some(3) { 2 } else { 3 };
     eprintln!("group coordinator: broker {coord:?}; pausing follower broker {paused_broker}");
-    let paused = Paused::stop(paused_broker);
+    let paused = Frozen::stop(Frozen::pid_of(&format!("kafka-{paused_broker}.pid")));
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (code, split) = admin_post(
         &format!("/api/v1/topics/{topic}/shards/0/split"),
