@@ -164,14 +164,24 @@ async fn seal_covers_records_acknowledged_above_the_high_watermark() {
     let coord = coordinator(&group);
     let paused_broker = if coord == Some(3) { 2 } else { 3 };
     eprintln!("group coordinator: broker {coord:?}; pausing follower broker {paused_broker}");
+    // Paused for at most ~6 s: below broker.session.timeout.ms (9 s), after which the KRaft
+    // controller would fence the broker and move leaderships, disturbing the tests that follow
+    // in run-tests; and below replica.lag.time.max.ms (30 s), so the follower stays in the ISR
+    // and the high watermark stays behind for the whole pause.
+    let paused_at = Instant::now();
     let paused = Frozen::stop(Frozen::pid_of(&format!("kafka-{paused_broker}.pid")));
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (code, split) = admin_post(
         &format!("/api/v1/topics/{topic}/shards/0/split"),
         &json!({}),
     );
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    let rest = Duration::from_secs(6).saturating_sub(paused_at.elapsed());
+    tokio::time::sleep(rest.max(Duration::from_millis(500))).await;
     drop(paused);
+    eprintln!(
+        "follower paused for {:.1}s",
+        paused_at.elapsed().as_secs_f64()
+    );
     assert_eq!(code, 200, "split: {split}");
     tokio::time::sleep(Duration::from_secs(4)).await;
     produce_stop.store(true, Ordering::SeqCst);
