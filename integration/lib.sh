@@ -38,6 +38,11 @@ BROKER_PORT_BASE=19091
 CONTROLLER_PORT_BASE=19191
 SHARDGATE_ADDR="127.0.0.1:29092"
 SHARDGATE_ADMIN_ADDR="127.0.0.1:29100"
+# The second shardgate instance of `up --instances 2` (node id 2; the first is then node id 1).
+# Not 29093/29101 or 29094/29102: integration/tests/tls.rs starts its own instances there, nor
+# 29191../29291..: integration/tests/consul.rs and instances.rs start theirs there.
+SHARDGATE2_ADDR="127.0.0.1:29095"
+SHARDGATE2_ADMIN_ADDR="127.0.0.1:29103"
 # Consul dev agent: HTTP API 28500, server RPC 28300, Serf LAN/WAN 28301/28302 (TCP+UDP);
 # DNS, gRPC and gRPC-TLS off. Never the defaults 8500/8300/8301/8302/8600/8502/8503,
 # so a Consul the developer runs anyway does not clash with the testbed.
@@ -55,7 +60,12 @@ ssl_port()        { echo $((19391 + $1)); }
 broker_addr()     { echo "127.0.0.1:$(broker_port "$1")"; }
 node_dir()        { echo "$RUN_DIR/kafka-$1"; }
 node_pidfile()    { echo "$RUN_DIR/kafka-$1.pid"; }
-shardgate_pidfile() { echo "$RUN_DIR/shardgate.pid"; }
+# shardgate instance i (1 or 2) of the testbed: instance 1 keeps the historical file names.
+shardgate_pidfile() { if [[ "${1:-1}" == 1 ]]; then echo "$RUN_DIR/shardgate.pid"; else echo "$RUN_DIR/shardgate-$1.pid"; fi; }
+shardgate_logfile() { if [[ "${1:-1}" == 1 ]]; then echo "$RUN_DIR/shardgate.log"; else echo "$RUN_DIR/shardgate-$1.log"; fi; }
+shardgate_config()  { if [[ "${1:-1}" == 1 ]]; then echo "$RUN_DIR/shardgate.toml"; else echo "$RUN_DIR/shardgate-$1.toml"; fi; }
+shardgate_addr()    { if [[ "${1:-1}" == 1 ]]; then echo "$SHARDGATE_ADDR"; else echo "$SHARDGATE2_ADDR"; fi; }
+shardgate_admin_addr() { if [[ "${1:-1}" == 1 ]]; then echo "$SHARDGATE_ADMIN_ADDR"; else echo "$SHARDGATE2_ADMIN_ADDR"; fi; }
 consul_pidfile()  { echo "$CONSUL_RUN_DIR/consul.pid"; }
 
 # Comma separated bootstrap list for n brokers: 127.0.0.1:19092[,127.0.0.1:19093,...]
@@ -109,4 +119,12 @@ state_brokers() {
   else
     echo 0
   fi
+}
+
+# Number of shardgate instances of the running (or last started) testbed: 1 unless it was
+# started with `up --instances 2`.
+state_instances() {
+  local n=""
+  [[ -s "$STATE_FILE" ]] && n="$(sed -n 's/^INSTANCES=//p' "$STATE_FILE")"
+  echo "${n:-1}"
 }

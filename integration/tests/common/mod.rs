@@ -187,6 +187,43 @@ pub const CODECS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
 /// A shardgate process started by a test (beside the testbed's), killed when dropped.
 pub struct Shardgate(std::process::Child);
 
+impl Shardgate {
+    pub fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+}
+
+/// A process stopped with SIGSTOP, continued (SIGCONT) when dropped — also when the test
+/// panics, so a shared testbed is never left with a frozen broker or instance.
+pub struct Frozen(pub i32);
+
+impl Frozen {
+    pub fn stop(pid: i32) -> Self {
+        assert_eq!(
+            unsafe { libc::kill(pid, libc::SIGSTOP) },
+            0,
+            "kill -STOP {pid}"
+        );
+        Frozen(pid)
+    }
+
+    /// The pid in a testbed pid file under $SHARDGATE_CACHE/run (e.g. "kafka-3.pid").
+    pub fn pid_of(file: &str) -> i32 {
+        let path = cache().join("run").join(file);
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
 impl Drop for Shardgate {
     fn drop(&mut self) {
         let _ = self.0.kill();
