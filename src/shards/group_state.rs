@@ -192,7 +192,9 @@ async fn committed(
     if groups.is_empty() {
         return Ok(vec![]);
     }
-    let req = OffsetFetchRequest::default().with_groups(
+    // require_stable: commits of open transactions (TxnOffsetCommit) are waited for and then
+    // counted, never skipped.
+    let req = OffsetFetchRequest::default().with_require_stable(true).with_groups(
         groups
             .iter()
             .map(|g| {
