@@ -300,3 +300,109 @@ async fn seal_covers_records_acknowledged_above_the_high_watermark() {
         &backwards[..backwards.len().min(10)]
     );
 }
+
+/// ListOffsets(latest) as `replica_id` -1 (a consumer) and -2 (Kafka's DEBUGGING_REPLICA_ID),
+/// sent to the partition's leader.
+fn latest_offset(broker: &str, topic: &str, partition: i32, replica_id: i32) -> i64 {
+    use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+    use kafka_protocol::messages::{
+        ApiKey, BrokerId, ListOffsetsRequest, ListOffsetsResponse, ResponseHeader,
+    };
+    use kafka_protocol::protocol::{Decodable, StrBytes};
+    use std::io::Write;
+    let req = ListOffsetsRequest::default()
+        .with_replica_id(BrokerId(replica_id))
+        .with_topics(vec![
+            ListOffsetsTopic::default()
+                .with_name(StrBytes::from_string(topic.to_string()).into())
+                .with_partitions(vec![
+                    ListOffsetsPartition::default()
+                        .with_partition_index(partition)
+                        .with_timestamp(-1),
+                ]),
+        ]);
+    let mut s = std::net::TcpStream::connect(broker).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&frame(ApiKey::ListOffsets, 7, 1, &req))
+        .unwrap();
+    let mut buf = bytes::Bytes::from(read_frame(&mut s).unwrap());
+    ResponseHeader::decode(&mut buf, ApiKey::ListOffsets.response_header_version(7)).unwrap();
+    let resp = ListOffsetsResponse::decode(&mut buf, 7).unwrap();
+    let p = &resp.topics[0].partitions[0];
+    assert_eq!(p.error_code, 0, "ListOffsets error");
+    p.offset
+}
+
+/// What the seal fix can rely on (passes today; a Kafka behaviour, not shardgate's): with a
+/// follower paused and acks=1 records written, ListOffsets(latest) from a consumer
+/// (`replica_id` -1) answers the high watermark, while `replica_id` -2 answers the leader's log
+/// end offset, i.e. the end of everything the leader acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the 3-broker testbed: integration/run-tests"]
+async fn list_offsets_as_debugging_replica_answers_the_log_end_offset() {
+    assert!(brokers() >= 3, "needs 3 brokers (testbed up --brokers 3)");
+    let topic = unique("leo");
+    run_ok(
+        Command::new(bin("kafka-topics")).args([
+            "--bootstrap-server",
+            &kafka(),
+            "--create",
+            "--topic",
+            &topic,
+            "--replica-assignment",
+            "1:2:3",
+        ]),
+        Duration::from_secs(60),
+    );
+    let leader = kafka().split(',').next().unwrap().to_string();
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("acks", "1")
+        .set("enable.idempotence", "false")
+        .create()
+        .unwrap();
+    let send = |n: usize| {
+        let p = p.clone();
+        let topic = topic.clone();
+        async move {
+            let mut ok = 0;
+            for i in 0..n {
+                let v = format!("v{i}");
+                if p.send(
+                    FutureRecord::<(), _>::to(&topic).payload(&v),
+                    Duration::from_secs(10),
+                )
+                .await
+                .is_ok()
+                {
+                    ok += 1;
+                }
+            }
+            ok
+        }
+    };
+    let before = send(100).await;
+    eventually(
+        "the high watermark reaches the log end",
+        Duration::from_secs(20),
+        || latest_offset(&leader, &topic, 0, -1) == before,
+    );
+    let paused = Frozen::stop(Frozen::pid_of("kafka-3.pid"));
+    let during = send(200).await;
+    let hw = latest_offset(&leader, &topic, 0, -1);
+    let leo = latest_offset(&leader, &topic, 0, -2);
+    drop(paused);
+    eprintln!(
+        "acked {} (acks=1), follower paused for the last {during}: replica_id -1 answers {hw}, replica_id -2 answers {leo}",
+        before + during
+    );
+    assert!(
+        hw < before + during,
+        "the high watermark did not lag ({hw})"
+    );
+    assert_eq!(
+        leo,
+        before + during,
+        "replica_id -2 does not answer the log end"
+    );
+}
