@@ -278,3 +278,92 @@ fn client_disconnecting_mid_request_does_not_disturb_others() {
     }
     still_serving();
 }
+
+/// A dead Consul at start: the stored maps cannot be loaded, so this instance cannot tell a
+/// managed topic from a plain one. It must neither write records unrouted nor hand out
+/// records ungated: produce and fetch get retriable errors (fetch after the client's
+/// max_wait), and readiness says why.
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn before_its_maps_are_loaded_an_instance_answers_produce_and_fetch_with_retriable_errors() {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::{FetchRequest, FetchResponse, ProduceRequest, ProduceResponse};
+
+    let topic = unique("unloaded");
+    create_topic(&topic, 1);
+    let bootstrap: Vec<String> = kafka().split(',').map(|b| format!("\"{b}\"")).collect();
+    let (client, admin) = ("127.0.0.1:29196", "127.0.0.1:29296");
+    let config = format!(
+        r#"
+[listener]
+bind = "{client}"
+
+[upstream]
+bootstrap = [{bootstrap}]
+
+[admin]
+bind = "{admin}"
+
+[store]
+kind = "consul"
+consul_addr = "http://127.0.0.1:1"
+cluster = "unloaded"
+"#,
+        bootstrap = bootstrap.join(", "),
+    );
+    let _sg = spawn_shardgate(&cache().join("run"), "unloaded", &config);
+    let admin_url = format!("http://{admin}");
+    eventually("admin HTTP answers", Duration::from_secs(30), || {
+        shardgate::admin::http_request(&admin_url, "GET", "/readyz", None).is_ok()
+    });
+    let (code, body) = shardgate::admin::http_request(&admin_url, "GET", "/readyz", None).unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("shard maps not loaded"), "{body}");
+
+    let mut s = TcpStream::connect(client).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = kafka_protocol::messages::TopicName(StrBytes::from_string(topic.clone()));
+    let produce = ProduceRequest::default()
+        .with_acks(1)
+        .with_timeout_ms(5_000)
+        .with_topic_data(vec![
+            TopicProduceData::default()
+                .with_name(name.clone())
+                .with_partition_data(vec![PartitionProduceData::default().with_index(0)]),
+        ]);
+    s.write_all(&frame(ApiKey::Produce, 9, 1, &produce))
+        .unwrap();
+    let mut buf = bytes::Bytes::from(read_frame(&mut s).unwrap());
+    ResponseHeader::decode(&mut buf, ApiKey::Produce.response_header_version(9)).unwrap();
+    let resp = ProduceResponse::decode(&mut buf, 9).unwrap();
+    let code = resp.responses[0].partition_responses[0].error_code;
+    assert_eq!(code, 5, "produce answered LEADER_NOT_AVAILABLE, got {code}");
+
+    let fetch = FetchRequest::default()
+        .with_max_wait_ms(300)
+        .with_min_bytes(1)
+        .with_max_bytes(1 << 20)
+        .with_session_epoch(-1)
+        .with_topics(vec![
+            FetchTopic::default().with_topic(name).with_partitions(vec![
+                FetchPartition::default()
+                    .with_partition(0)
+                    .with_fetch_offset(0)
+                    .with_partition_max_bytes(1 << 20),
+            ]),
+        ]);
+    let started = std::time::Instant::now();
+    s.write_all(&frame(ApiKey::Fetch, 12, 2, &fetch)).unwrap();
+    let mut buf = bytes::Bytes::from(read_frame(&mut s).unwrap());
+    let waited = started.elapsed();
+    ResponseHeader::decode(&mut buf, ApiKey::Fetch.response_header_version(12)).unwrap();
+    let resp = FetchResponse::decode(&mut buf, 12).unwrap();
+    let p = &resp.responses[0].partitions[0];
+    assert_eq!(p.error_code, 6, "fetch answered NOT_LEADER_OR_FOLLOWER");
+    assert!(p.records.as_ref().is_none_or(|r| r.is_empty()));
+    assert!(
+        waited >= Duration::from_millis(250),
+        "the fetch waited for the maps within max_wait ({waited:?})"
+    );
+}

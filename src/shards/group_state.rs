@@ -194,20 +194,22 @@ async fn committed(
     }
     // require_stable: commits of open transactions (TxnOffsetCommit) are waited for and then
     // counted, never skipped.
-    let req = OffsetFetchRequest::default().with_require_stable(true).with_groups(
-        groups
-            .iter()
-            .map(|g| {
-                OffsetFetchRequestGroup::default()
-                    .with_group_id(g.clone())
-                    .with_topics(Some(vec![
-                        OffsetFetchRequestTopics::default()
-                            .with_name(TopicName(StrBytes::from_string(topic.to_string())))
-                            .with_partition_indexes(partitions.to_vec()),
-                    ]))
-            })
-            .collect(),
-    );
+    let req = OffsetFetchRequest::default()
+        .with_require_stable(true)
+        .with_groups(
+            groups
+                .iter()
+                .map(|g| {
+                    OffsetFetchRequestGroup::default()
+                        .with_group_id(g.clone())
+                        .with_topics(Some(vec![
+                            OffsetFetchRequestTopics::default()
+                                .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+                                .with_partition_indexes(partitions.to_vec()),
+                        ]))
+                })
+                .collect(),
+        );
     // v8: several groups in one request; every Kafka since 3.0 takes it.
     let fetched: OffsetFetchResponse = pool
         .call(broker, 0, ApiKey::OffsetFetch, 8, None, &req)

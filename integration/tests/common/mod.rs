@@ -239,6 +239,17 @@ pub fn start_shardgate(
     config: &str,
     admin_url: &str,
 ) -> Shardgate {
+    let sg = spawn_shardgate(dir, name, config);
+    eventually(&format!("{name} ready"), Duration::from_secs(60), || {
+        shardgate::admin::http_request(admin_url, "GET", "/readyz", None)
+            .is_ok_and(|(c, _)| c == 200)
+    });
+    sg
+}
+
+/// Writes `config` to `dir/<name>.toml` and starts shardgate with it (log in
+/// `dir/<name>.log`), without waiting for it to be ready.
+pub fn spawn_shardgate(dir: &std::path::Path, name: &str, config: &str) -> Shardgate {
     std::fs::create_dir_all(dir).unwrap();
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config).unwrap();
@@ -254,12 +265,7 @@ pub fn start_shardgate(
         .stderr(log)
         .spawn()
         .unwrap();
-    let sg = Shardgate(child);
-    eventually(&format!("{name} ready"), Duration::from_secs(60), || {
-        shardgate::admin::http_request(admin_url, "GET", "/readyz", None)
-            .is_ok_and(|(c, _)| c == 200)
-    });
-    sg
+    Shardgate(child)
 }
 
 /// A request frame (length prefix included) with client id "bad-input-test".

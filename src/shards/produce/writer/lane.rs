@@ -301,13 +301,20 @@ pub(super) fn finish_single(st: &mut LaneState, job: Job, result: Result<Written
 }
 
 pub(super) fn fail(st: &mut LaneState, job: Job, f: &Failure, e: WriteError) {
-    if matches!(f, Failure::GaveUp(_))
-        && let Some((stream, seq)) = &job.client
-    {
-        st.gaps.retain(|_, (_, since)| since.elapsed() < GAP_TTL);
-        st.gaps
-            .entry(stream.clone())
-            .or_insert((*seq, Instant::now()));
+    if matches!(f, Failure::GaveUp(_)) {
+        if let Some((stream, seq)) = &job.client {
+            st.gaps.retain(|_, (_, since)| since.elapsed() < GAP_TTL);
+            st.gaps
+                .entry(stream.clone())
+                .or_insert((*seq, Instant::now()));
+        }
+        // The batch may still be appended (a request the broker has read but not answered):
+        // keep its epoch in flight a while longer, so a seal is not read before it lands.
+        let routed = job._routed.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(UNKNOWN_OUTCOME_HOLD).await;
+            drop(routed);
+        });
     }
     let _ = job.reply.send(Err(e));
 }

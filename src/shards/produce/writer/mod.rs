@@ -52,6 +52,9 @@ const DEPTH: usize = 4;
 /// batches: long enough for the client to retry it, bounded in case the retry goes to another
 /// lane (the keys moved in a split) or never comes (the client bumped its epoch).
 const GAP_TTL: Duration = Duration::from_secs(60);
+/// How long a batch given up with an unknown outcome keeps its map epoch in flight: a broker
+/// appends or drops a request it has read within its request.timeout.ms (30 s by default).
+const UNKNOWN_OUTCOME_HOLD: Duration = Duration::from_secs(30);
 
 /// The client producer stream a job belongs to (idempotent clients only).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
