@@ -16,10 +16,21 @@ pub async fn forward_to_any(
     req: &RequestFrame,
 ) -> Result<Reply, HandlerError> {
     let broker = any_broker(ctx, client)?;
+    let (socket, timeout) = super::sockets::for_admin(client);
     let resp = ctx
         .pool
-        .call_raw(broker, client.pin(), req.api_key, req.frame.clone())
-        .await?;
+        .send(
+            broker,
+            socket,
+            req.api_key,
+            req.frame.clone(),
+            true,
+            timeout,
+        )
+        .await?
+        .wait()
+        .await?
+        .ok_or(UpstreamError::Protocol("no response".into()))?;
     if matches!(
         req.api_key,
         ApiKey::CreateTopics | ApiKey::DeleteTopics | ApiKey::CreatePartitions

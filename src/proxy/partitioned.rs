@@ -20,6 +20,7 @@ use super::connection::ClientConn;
 use super::{Ctx, HandlerError, Reply};
 use crate::protocol::{RequestFrame, codes, decode_response, encode_request, encode_response};
 use crate::telemetry;
+use crate::upstream::pool::Socket;
 use std::time::Duration;
 
 pub trait Splittable: Decodable + Encodable + HeaderVersion + Clone {
@@ -249,10 +250,22 @@ async fn split_merge<R: Splittable>(
             req.header.client_id.clone(),
             &sub,
         )?;
-        let result = ctx
-            .pool
-            .call_raw(broker, client.pin(), req.api_key, frame)
-            .await;
+        // DeleteRecords waits for followers: the client's own socket (see sockets.rs).
+        let (socket, timeout) = match req.api_key {
+            ApiKey::DeleteRecords => super::sockets::for_admin(client),
+            _ => (Socket::Shared(client.pin()), None),
+        };
+        let result = async {
+            ctx.pool
+                .send(broker, socket, req.api_key, frame, true, timeout)
+                .await?
+                .wait()
+                .await?
+                .ok_or(crate::upstream::UpstreamError::Protocol(
+                    "no response".into(),
+                ))
+        }
+        .await;
         Ok::<_, HandlerError>((sub, result))
     });
     let mut stale = false;

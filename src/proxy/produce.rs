@@ -176,11 +176,14 @@ pub async fn send(
             )
         };
         let pending = match frame {
-            Ok(f) => ctx
-                .pool
-                .send_raw(broker, client.pin(), ApiKey::Produce, f, expect_response)
-                .await
-                .map_err(HandlerError::from),
+            Ok(f) => {
+                let (socket, timeout) =
+                    super::sockets::for_produce(client, body.acks, body.timeout_ms);
+                ctx.pool
+                    .send(broker, socket, ApiKey::Produce, f, expect_response, timeout)
+                    .await
+                    .map_err(HandlerError::from)
+            }
             Err(e) => Err(e.into()),
         };
         subs.push((parts, pending));

@@ -1,15 +1,28 @@
-//! Which requests a broker may hold (a rebalance, a long wait) and so must not share an upstream
-//! socket with other clients' requests: they get a connection of their own.
+//! Which upstream socket a request goes on. A broker reads one request per socket at a time,
+//! so a request it may hold (a rebalance, an acks=all produce waiting for followers, an admin
+//! call with a timeout) would delay every other client's request queued behind it, and a body
+//! it cannot parse makes it close the socket under everyone. Such requests go on a connection
+//! only their own client waits on (as each Kafka client has its own connections); what the
+//! broker answers at once shares the pooled connections.
+
+use std::time::Duration;
 
 use kafka_protocol::messages::*;
 
+use super::connection::ClientConn;
 use crate::protocol::RequestFrame;
+use crate::upstream::pool::Socket;
+
+/// Added to a request's own timeout: the broker answers a held request at its timeout.
+const MARGIN: Duration = Duration::from_secs(15);
+/// How long an admin call on the client's own socket may take (their timeouts are the
+/// client's; CreateTopics and friends default to 30-60 s).
+const ADMIN_WAIT: Duration = Duration::from_secs(120);
 
 /// How long the coordinator may hold a request before answering, for requests that wait for
 /// a rebalance: JoinGroup (up to its rebalance timeout) and SyncGroup (until the leader's
 /// assignment arrives, bounded by the same timeout).
-pub(super) fn parked_for(req: &RequestFrame) -> Option<std::time::Duration> {
-    let margin = std::time::Duration::from_secs(15);
+pub(super) fn parked_for(req: &RequestFrame) -> Option<Duration> {
     match req.api_key {
         ApiKey::JoinGroup => {
             let rebalance_ms = req
@@ -23,9 +36,30 @@ pub(super) fn parked_for(req: &RequestFrame) -> Option<std::time::Duration> {
                 })
                 .unwrap_or(300_000)
                 .max(0) as u64;
-            Some(std::time::Duration::from_millis(rebalance_ms) + margin)
+            Some(Duration::from_millis(rebalance_ms) + MARGIN)
         }
-        ApiKey::SyncGroup => Some(std::time::Duration::from_secs(300) + margin),
+        ApiKey::SyncGroup => Some(Duration::from_secs(300) + MARGIN),
         _ => None,
     }
+}
+
+/// A produce: acks=all waits for the in-sync followers (up to its timeout), so it goes on the
+/// client's own socket; acks=0 and acks=1 are answered at once and share.
+pub(super) fn for_produce(
+    client: &ClientConn,
+    acks: i16,
+    timeout_ms: i32,
+) -> (Socket, Option<Duration>) {
+    if acks == -1 {
+        let own = Duration::from_millis(timeout_ms.max(0) as u64) + MARGIN;
+        (Socket::Own(client.id), Some(own))
+    } else {
+        (Socket::Shared(client.pin()), None)
+    }
+}
+
+/// Admin APIs forwarded to any broker (the controller may hold them up to their timeout) and
+/// DeleteRecords (held until followers have the new log start): the client's own socket.
+pub(super) fn for_admin(client: &ClientConn) -> (Socket, Option<Duration>) {
+    (Socket::Own(client.id), Some(ADMIN_WAIT))
 }

@@ -65,12 +65,15 @@ pub struct Registry {
     /// requests to them must wait rather than pass through unrouted.
     loaded: std::sync::atomic::AtomicBool,
     loaded_now: tokio::sync::Notify,
-    /// Fencing (stores with sessions, several instances): managed records are written only
-    /// while this instance's store session is surely alive, so an instance that was frozen or
-    /// cut off past its session never writes with a map the others moved on from.
+    /// Fencing (stores with sessions, several instances): an instance whose store session
+    /// may have been lost (it was stopped or stalled past the limit, or the store replaced its
+    /// session) writes no managed record until it has re-read the maps: the others may have
+    /// split and sealed without it.
     fencing: std::sync::atomic::AtomicBool,
-    /// Until when (ms on `monotonic_ms`) the session is surely alive.
-    session_valid_until: AtomicU64,
+    session_lost: std::sync::atomic::AtomicBool,
+    /// `monotonic_ms` of the last heartbeat, and the gap that counts as a stall.
+    last_heartbeat_ms: AtomicU64,
+    stall_limit_ms: AtomicU64,
 }
 
 /// Milliseconds on a monotonic clock that keeps running while the process is stopped
@@ -125,24 +128,53 @@ impl Registry {
         self.loaded_now.notify_waiters();
     }
 
-    /// Turns fencing on (a store with sessions); fenced until the first `session_valid_until`.
-    pub fn enable_fencing(&self) {
+    /// Turns fencing on (a store with sessions): fenced until the first `unfence`, and whenever
+    /// no heartbeat came for `stall_limit` (the process was stopped or starved).
+    pub fn enable_fencing(&self, stall_limit: Duration) {
+        self.stall_limit_ms
+            .store(stall_limit.as_millis() as u64, Ordering::Release);
+        self.last_heartbeat_ms
+            .store(monotonic_ms(), Ordering::Release);
+        self.session_lost.store(true, Ordering::Release);
         self.fencing.store(true, Ordering::Release);
     }
 
-    /// The store session is surely alive until `until` (and the maps are current).
-    pub fn session_valid_until(&self, until: Instant) {
-        let ms = until
-            .checked_duration_since(Instant::now())
-            .map_or(0, |d| d.as_millis() as u64);
-        self.session_valid_until
-            .store(monotonic_ms() + ms, Ordering::Release);
+    /// Called every few hundred ms by a task that does nothing else: a gap longer than the
+    /// stall limit means this process did not run (kill -STOP, a starved runtime) and its
+    /// session may be gone, so it stays fenced until `unfence`.
+    pub fn heartbeat(&self) {
+        let now = monotonic_ms();
+        let last = self.last_heartbeat_ms.swap(now, Ordering::AcqRel);
+        if now.saturating_sub(last) > self.stall_limit_ms.load(Ordering::Acquire)
+            && self.fencing.load(Ordering::Acquire)
+            && !self.session_lost.swap(true, Ordering::AcqRel)
+        {
+            tracing::warn!(
+                stalled_ms = now.saturating_sub(last),
+                "this process stalled past its store session's safe limit; managed writes fenced until the maps are re-read"
+            );
+        }
     }
 
-    /// Whether managed writes must stop: fencing is on and the session may have lapsed.
+    /// The store replaced this instance's session (the old one expired): fenced.
+    pub fn session_lost(&self) {
+        self.session_lost.store(true, Ordering::Release);
+    }
+
+    /// The session is confirmed and the maps were re-read after it: writes may go on.
+    pub fn unfence(&self) {
+        self.last_heartbeat_ms
+            .store(monotonic_ms(), Ordering::Release);
+        self.session_lost.store(false, Ordering::Release);
+    }
+
+    /// Whether managed writes must stop (see `fencing`). A store that is merely unreachable
+    /// does not fence: with no store, no instance can change a map either.
     pub fn fenced(&self) -> bool {
         self.fencing.load(Ordering::Acquire)
-            && monotonic_ms() >= self.session_valid_until.load(Ordering::Acquire)
+            && (self.session_lost.load(Ordering::Acquire)
+                || monotonic_ms().saturating_sub(self.last_heartbeat_ms.load(Ordering::Acquire))
+                    > self.stall_limit_ms.load(Ordering::Acquire))
     }
 
     /// Waits (at most `limit`) until the stored maps are loaded; whether they are.
@@ -395,15 +427,31 @@ mod tests {
     }
 
     #[test]
-    fn fencing_holds_until_the_session_is_confirmed_and_returns_when_it_lapses() {
+    fn fencing_holds_until_the_maps_are_reread_and_returns_after_a_stall_or_a_lost_session() {
         let r = Registry::default();
         assert!(!r.fenced(), "no fencing without a store that has sessions");
-        r.enable_fencing();
-        assert!(r.fenced(), "fenced until the first renewal");
-        r.session_valid_until(Instant::now() + Duration::from_secs(5));
+        r.enable_fencing(Duration::from_millis(50));
+        assert!(
+            r.fenced(),
+            "fenced until the maps are read with a confirmed session"
+        );
+        r.unfence();
+        r.heartbeat();
         assert!(!r.fenced());
-        r.session_valid_until(Instant::now());
-        assert!(r.fenced(), "a lapsed session fences again");
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(
+            r.fenced(),
+            "no heartbeat for longer than the limit: stalled"
+        );
+        r.heartbeat();
+        assert!(
+            r.fenced(),
+            "a stall keeps the fence after the heartbeats resume"
+        );
+        r.unfence();
+        assert!(!r.fenced());
+        r.session_lost();
+        assert!(r.fenced());
     }
 
     #[tokio::test]

@@ -35,6 +35,8 @@ pub struct ConsulStore {
     addr: String,
     prefix: String,
     session: Mutex<Option<String>>,
+    /// Sessions created so far (see `ShardStore::session_generation`).
+    sessions: std::sync::atomic::AtomicU64,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -58,6 +60,7 @@ impl ConsulStore {
             prefix: format!("shardgate/{}", cfg.cluster),
             addr,
             session: Mutex::new(None),
+            sessions: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -114,6 +117,8 @@ impl ConsulStore {
             .ok_or_else(|| unavailable("session create without ID"))?
             .to_string();
         *self.session.lock().expect("session lock") = Some(id.clone());
+        self.sessions
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         Ok(id)
     }
 
@@ -268,6 +273,10 @@ impl ShardStore for ConsulStore {
 
     fn session_ttl(&self) -> Option<Duration> {
         Some(SESSION_TTL)
+    }
+
+    fn session_generation(&self) -> u64 {
+        self.sessions.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn campaign<'a>(&'a self, me: &'a InstanceInfo) -> BoxFuture<'a, Result<bool, StoreError>> {

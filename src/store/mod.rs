@@ -77,9 +77,14 @@ pub trait ShardStore: Send + Sync {
     }
 
     /// How long the store keeps this instance's session after its last renewal; `None`: no
-    /// sessions (one instance). With sessions, managed writes are fenced when renewals stop.
+    /// sessions (one instance). With sessions, managed writes are fenced when it may be lost.
     fn session_ttl(&self) -> Option<Duration> {
         None
+    }
+
+    /// How many sessions this instance has had: a change means the previous one was lost.
+    fn session_generation(&self) -> u64 {
+        0
     }
 
     /// Whether instances elect a leader through this store (else this instance always leads).

@@ -31,6 +31,8 @@ pub struct UpstreamConn {
     pub broker: i32,
     tx: mpsc::Sender<Outgoing>,
     alive: Arc<AtomicBool>,
+    /// Tells the writer and reader to stop (a request timed out on this socket).
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -64,6 +66,13 @@ impl UpstreamConn {
         })?
         .map_err(|e| err(e.to_string()))?;
         let _ = tcp.set_nodelay(true);
+        // A broker that vanished without a FIN (host down, network cut) is noticed within about
+        // a minute even on a socket nobody writes to.
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(30))
+            .with_interval(Duration::from_secs(10))
+            .with_retries(3);
+        let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
         let stream: Box<dyn Stream> = match tls {
             None => Box::new(tcp),
             Some((connector, name)) => {
@@ -85,14 +94,36 @@ impl UpstreamConn {
         let (tx, rx) = mpsc::channel(1024);
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let alive = Arc::new(AtomicBool::new(true));
-        tokio::spawn(write_loop(broker, wr, rx, pending.clone(), alive.clone()));
+        let (closing, closed) = tokio::sync::watch::channel(false);
+        tokio::spawn(write_loop(
+            broker,
+            wr,
+            rx,
+            pending.clone(),
+            alive.clone(),
+            closed.clone(),
+        ));
         tokio::spawn(read_loop(
             broker,
             FrameReader::new(rd, max_frame),
             pending,
             alive.clone(),
+            closed,
         ));
-        Self { broker, tx, alive }
+        Self {
+            broker,
+            tx,
+            alive,
+            closing,
+        }
+    }
+
+    /// Takes the connection out of service: a request on it went unanswered past its
+    /// timeout, so the socket may be half-open or the broker stuck on it. Its late answers
+    /// must not be waited for; the next request connects afresh.
+    pub fn close(&self) {
+        self.alive.store(false, Ordering::Release);
+        self.closing.send_replace(true);
     }
 
     pub fn is_alive(&self) -> bool {
@@ -140,11 +171,19 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut rx: mpsc::Receiver<Outgoing>,
     pending: Pending,
     alive: Arc<AtomicBool>,
+    mut closed: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut next_id: i32 = 1;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut batch = Vec::with_capacity(64);
-    while rx.recv_many(&mut batch, 64).await > 0 {
+    loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut batch, 64) => n,
+            _ = closed.wait_for(|c| *c) => 0,
+        };
+        if n == 0 {
+            break;
+        }
         if !alive.load(Ordering::Acquire) {
             break;
         }
@@ -184,9 +223,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut reader: FrameReader<R>,
     pending: Pending,
     alive: Arc<AtomicBool>,
+    mut closed: tokio::sync::watch::Receiver<bool>,
 ) {
     let reason = loop {
-        match reader.next().await {
+        let next = tokio::select! {
+            next = reader.next() => next,
+            _ = closed.wait_for(|c| *c) => break "closed by shardgate (a request timed out)".to_string(),
+        };
+        match next {
             Ok(Some(frame)) => {
                 if frame.len() < 4 {
                     break "response frame shorter than a header".to_string();

@@ -38,6 +38,18 @@ pub struct Pool {
     tls: Option<(TlsConnector, Option<String>)>,
 }
 
+/// Which upstream socket a request goes on. A broker serves one request per socket at a
+/// time, so what it may hold must not share a socket with other clients' requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Socket {
+    /// One of the broker's shared connections (`pin % connections_per_broker`), for requests
+    /// the broker answers at once.
+    Shared(u64),
+    /// A connection only this owner (a client connection, a writer lane) waits on, for
+    /// requests the broker may hold: acks=all produce, rebalances, admin calls with timeouts.
+    Own(u64),
+}
+
 /// Pseudo broker ids for bootstrap addresses, used before the real ids are known.
 pub fn bootstrap_id(index: usize) -> i32 {
     -1 - index as i32
@@ -145,6 +157,68 @@ impl Pool {
         }
     }
 
+    /// The connection only `owner` (a client connection, a writer lane) uses to `broker`.
+    async fn own_conn(&self, broker: i32, owner: u64) -> Result<Arc<UpstreamConn>, UpstreamError> {
+        let existing = self
+            .dedicated
+            .lock()
+            .expect("pool lock")
+            .get(&(broker, owner))
+            .filter(|c| c.is_alive())
+            .cloned();
+        if let Some(c) = existing {
+            return Ok(c);
+        }
+        let addr = self.address(broker)?;
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|(c, name)| (c, name.clone().unwrap_or_else(|| addr.host.clone())));
+        let c = Arc::new(
+            UpstreamConn::connect(
+                broker,
+                &addr,
+                self.connect_timeout,
+                self.max_frame,
+                tls.as_ref().map(|(c, n)| (*c, n.as_str())),
+            )
+            .await?,
+        );
+        metrics::counter!("shardgate_upstream_connects_total", "result" => "own").increment(1);
+        self.dedicated
+            .lock()
+            .expect("pool lock")
+            .insert((broker, owner), c.clone());
+        Ok(c)
+    }
+
+    /// Queues `frame` on `socket`; await the returned future for the response (at most
+    /// `timeout`, default the upstream request timeout). Splitting queueing from waiting lets a
+    /// caller keep request order without waiting.
+    pub async fn send(
+        &self,
+        broker: i32,
+        socket: Socket,
+        api: ApiKey,
+        frame: Bytes,
+        expect_response: bool,
+        timeout: Option<Duration>,
+    ) -> Result<PendingReply, UpstreamError> {
+        let conn = match socket {
+            Socket::Shared(pin) => self.conn(broker, pin).await?,
+            Socket::Own(owner) => self.own_conn(broker, owner).await?,
+        };
+        let rx = conn.enqueue(frame, expect_response).await?;
+        Ok(PendingReply {
+            broker,
+            api,
+            rx,
+            timeout: timeout.unwrap_or(self.request_timeout),
+            started: Instant::now(),
+            conn,
+        })
+    }
+
     /// Sends on the connection dedicated to `owner` (a client connection id) and waits up to
     /// `timeout` for the answer.
     pub async fn call_dedicated(
@@ -155,47 +229,8 @@ impl Pool {
         frame: Bytes,
         timeout: Duration,
     ) -> Result<Bytes, UpstreamError> {
-        let existing = self
-            .dedicated
-            .lock()
-            .expect("pool lock")
-            .get(&(broker, owner))
-            .filter(|c| c.is_alive())
-            .cloned();
-        let conn = match existing {
-            Some(c) => c,
-            None => {
-                let addr = self.address(broker)?;
-                let tls = self
-                    .tls
-                    .as_ref()
-                    .map(|(c, name)| (c, name.clone().unwrap_or_else(|| addr.host.clone())));
-                let c = Arc::new(
-                    UpstreamConn::connect(
-                        broker,
-                        &addr,
-                        self.connect_timeout,
-                        self.max_frame,
-                        tls.as_ref().map(|(c, n)| (*c, n.as_str())),
-                    )
-                    .await?,
-                );
-                self.dedicated
-                    .lock()
-                    .expect("pool lock")
-                    .insert((broker, owner), c.clone());
-                c
-            }
-        };
-        let rx = conn.enqueue(frame, true).await?;
-        let pending = PendingReply {
-            broker,
-            api,
-            rx,
-            timeout,
-            started: Instant::now(),
-        };
-        pending
+        self.send(broker, Socket::Own(owner), api, frame, true, Some(timeout))
+            .await?
             .wait()
             .await?
             .ok_or(UpstreamError::Protocol("no response".into()))
@@ -219,15 +254,15 @@ impl Pool {
         frame: Bytes,
         expect_response: bool,
     ) -> Result<PendingReply, UpstreamError> {
-        let conn = self.conn(broker, pin).await?;
-        let rx = conn.enqueue(frame, expect_response).await?;
-        Ok(PendingReply {
+        self.send(
             broker,
+            Socket::Shared(pin),
             api,
-            rx,
-            timeout: self.request_timeout,
-            started: Instant::now(),
-        })
+            frame,
+            expect_response,
+            None,
+        )
+        .await
     }
 
     /// Sends a raw request frame and waits for the raw response frame.
@@ -245,7 +280,7 @@ impl Pool {
             .ok_or(UpstreamError::Protocol("no response".into()))
     }
 
-    /// Encodes, sends, waits and decodes a typed request.
+    /// Encodes, sends, waits and decodes a typed request on a shared connection.
     pub async fn call<Req, Resp>(
         &self,
         broker: i32,
@@ -259,8 +294,31 @@ impl Pool {
         Req: Encodable + HeaderVersion,
         Resp: Decodable,
     {
+        self.call_on(broker, Socket::Shared(pin), api, version, client_id, req)
+            .await
+    }
+
+    /// Encodes, sends on `socket`, waits and decodes a typed request.
+    pub async fn call_on<Req, Resp>(
+        &self,
+        broker: i32,
+        socket: Socket,
+        api: ApiKey,
+        version: i16,
+        client_id: Option<StrBytes>,
+        req: &Req,
+    ) -> Result<Resp, UpstreamError>
+    where
+        Req: Encodable + HeaderVersion,
+        Resp: Decodable,
+    {
         let frame = encode_request(api, version, client_id, req)?;
-        let resp = self.call_raw(broker, pin, api, frame).await?;
+        let resp = self
+            .send(broker, socket, api, frame, true, None)
+            .await?
+            .wait()
+            .await?
+            .ok_or(UpstreamError::Protocol("no response".into()))?;
         Ok(decode_response(api, version, resp)?)
     }
 }
@@ -271,6 +329,8 @@ pub struct PendingReply {
     rx: Option<tokio::sync::oneshot::Receiver<super::connection::Answer>>,
     timeout: Duration,
     started: Instant,
+    /// Closed if the answer does not come in time.
+    conn: Arc<UpstreamConn>,
 }
 
 impl PendingReply {
@@ -281,10 +341,16 @@ impl PendingReply {
         };
         let broker = self.broker;
         let result = match tokio::time::timeout(self.timeout, rx).await {
-            Err(_) => Err(UpstreamError::Timeout {
-                broker,
-                ms: self.timeout.as_millis() as u64,
-            }),
+            Err(_) => {
+                // The socket is half-open or the broker stuck on it; the late answer is not
+                // worth waiting for. Others on it see it closed; the next request reconnects.
+                self.conn.close();
+                metrics::counter!("shardgate_upstream_timeouts_closed_total").increment(1);
+                Err(UpstreamError::Timeout {
+                    broker,
+                    ms: self.timeout.as_millis() as u64,
+                })
+            }
             Ok(Err(_)) => Err(UpstreamError::Disconnected {
                 broker,
                 message: "connection closed before the response".into(),

@@ -79,8 +79,19 @@ impl Controller {
                 }
             }
         };
+        let heartbeat = {
+            let shards = self.shards.clone();
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(200));
+                loop {
+                    tick.tick().await;
+                    shards.heartbeat();
+                }
+            }
+        };
         let reporter = async move {
             let mut last: Option<InstanceInfo> = None;
+            let mut generation = self.store.session_generation();
             let mut last_sent = Instant::now();
             let mut tick = tokio::time::interval(Duration::from_millis(200));
             loop {
@@ -92,12 +103,17 @@ impl Controller {
                     || last_sent.elapsed() >= Duration::from_secs(3)
                     || self.shards.fenced()
                 {
-                    let started = Instant::now();
                     match self.store.report(&me).await {
                         Ok(()) => {
                             last = Some(me.clone());
                             last_sent = Instant::now();
-                            self.renewed(started).await;
+                            let now = self.store.session_generation();
+                            if now != generation {
+                                // A new session: the old one expired (or this is the first).
+                                generation = now;
+                                self.shards.session_lost();
+                            }
+                            self.reread_if_fenced().await;
                         }
                         Err(e) => {
                             metrics::counter!("shardgate_store_errors_total", "op" => "report")
@@ -138,34 +154,28 @@ impl Controller {
                 }
             }
         };
-        tokio::join!(watcher, reporter);
+        tokio::join!(watcher, reporter, heartbeat);
     }
 
-    /// The session was renewed by a report that started at `started`: managed writes may go on
-    /// until well before the session could expire. An instance that was fenced (starting, or
-    /// its renewals lapsed, e.g. frozen past the session) re-reads every map first: the others
-    /// may have split or sealed without waiting for it.
-    async fn renewed(&self, started: Instant) {
-        let Some(ttl) = self.store.session_ttl() else {
+    /// After a report confirmed this instance's session: an instance that was fenced
+    /// (starting, stalled, or given a new session) re-reads every map before it writes again,
+    /// since the others may have split and sealed without it.
+    async fn reread_if_fenced(&self) {
+        if !self.shards.fenced() {
             return;
-        };
-        if self.shards.fenced() {
-            match self.store.load_topics().await {
-                Ok(topics) => {
-                    for t in topics {
-                        self.shards.install(t.config, t.map);
-                    }
-                    tracing::info!(
-                        "store session confirmed and maps re-read; managed writes resume"
-                    );
+        }
+        match self.store.load_topics().await {
+            Ok(topics) => {
+                for t in topics {
+                    self.shards.install(t.config, t.map);
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot re-read the maps; managed writes stay fenced");
-                    return;
-                }
+                self.shards.unfence();
+                tracing::info!("store session confirmed and maps re-read; managed writes go on");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot re-read the maps; managed writes stay fenced")
             }
         }
-        self.shards.session_valid_until(started + ttl * 3 / 5);
     }
 
     /// A store that lost maps (a Consul agent restarted without its data) is refilled from the

@@ -127,9 +127,10 @@ pub struct Controller {
 impl Controller {
     pub fn new(store: Arc<dyn ShardStore>, h: Handles) -> Self {
         let leader = std::sync::atomic::AtomicBool::new(!store.elects());
-        if store.session_ttl().is_some() {
-            // Fenced until the first renewal and a fresh read of the maps (follow.rs).
-            h.shards.enable_fencing();
+        if let Some(ttl) = store.session_ttl() {
+            // Fenced until a session is confirmed and the maps re-read (follow.rs); a stall
+            // longer than 60 % of the TTL may have cost the session.
+            h.shards.enable_fencing(ttl * 3 / 5);
         }
         Self {
             store,

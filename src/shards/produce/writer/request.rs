@@ -13,6 +13,7 @@ use super::*;
 use crate::protocol::records::encode_batch;
 use crate::protocol::{decode_response, encode_request};
 use crate::upstream::UpstreamError;
+use crate::upstream::pool::Socket;
 
 pub(super) fn upstream_error(e: UpstreamError) -> WriteError {
     WriteError {
@@ -67,7 +68,14 @@ pub(super) async fn send(
     };
     match w
         .pool
-        .send_raw(leader, st.pin, ApiKey::Produce, frame, true)
+        .send(
+            leader,
+            Socket::Own(st.pin),
+            ApiKey::Produce,
+            frame,
+            true,
+            None,
+        )
         .await
     {
         Ok(pending) => {
@@ -266,7 +274,14 @@ pub(super) async fn write(
         let req = produce_request(st, jobs, deadline, batch);
         let result: Result<ProduceResponse, _> = w
             .pool
-            .call(leader, st.pin, ApiKey::Produce, PRODUCE_VERSION, None, &req)
+            .call_on(
+                leader,
+                Socket::Own(st.pin),
+                ApiKey::Produce,
+                PRODUCE_VERSION,
+                None,
+                &req,
+            )
             .await;
         let p = match result {
             Ok(resp) => resp
