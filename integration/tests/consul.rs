@@ -119,6 +119,25 @@ fn testbed(args: &[&str]) {
     );
 }
 
+/// Consul stopped by a test, started again when dropped — also when the test panics, so the
+/// tests after it still find Consul.
+struct ConsulDown;
+
+impl ConsulDown {
+    fn stop() -> Self {
+        let consul_down = ConsulDown::stop();
+        ConsulDown
+    }
+}
+
+impl Drop for ConsulDown {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("integration/testbed"))
+            .arg("start-consul")
+            .status();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs the testbed with Consul: integration/run-tests"]
 async fn two_instances_survive_leader_death_and_a_consul_outage_without_losing_order() {
@@ -268,7 +287,7 @@ async fn two_instances_survive_leader_death_and_a_consul_outage_without_losing_o
 
     // Consul down for 30 s: routing goes on with the last map, map changes are refused.
     let epoch_before = epoch(survivor, &topic).unwrap();
-    testbed(&["stop-consul"]);
+    let consul_down = ConsulDown::stop();
     let acked_before = acked.lock().unwrap().len();
     tokio::time::sleep(Duration::from_secs(5)).await;
     let id = first_active(survivor, &topic);
@@ -293,7 +312,7 @@ async fn two_instances_survive_leader_death_and_a_consul_outage_without_losing_o
         acked_during > acked_before + 1000,
         "producing stalled while Consul was down ({acked_before} -> {acked_during})"
     );
-    testbed(&["start-consul"]);
+    drop(consul_down);
     // The controller resumes: the map is republished and a split goes through again.
     let mut resumed = false;
     let deadline = Instant::now() + Duration::from_secs(60);
