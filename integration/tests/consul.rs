@@ -125,7 +125,7 @@ struct ConsulDown;
 
 impl ConsulDown {
     fn stop() -> Self {
-        let consul_down = ConsulDown::stop();
+        testbed(&["stop-consul"]);
         ConsulDown
     }
 }
