@@ -215,3 +215,88 @@ async fn an_undecodable_admin_request_breaks_no_other_client() {
     );
     assert!(total > 0);
 }
+
+/// An upstream socket that stops answering (its broker paused with `kill -STOP`: the socket
+/// stays open, nothing comes back) is taken out of service when a request on it times out,
+/// and the next request goes on a fresh connection once the broker answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the 3-broker testbed: integration/run-tests"]
+async fn a_socket_that_stops_answering_is_replaced_within_the_request_timeout() {
+    assert!(brokers() >= 3, "needs 3 brokers");
+    let topic = unique("iso-stuck");
+    create(&topic, "1");
+    let bootstrap: Vec<String> = kafka().split(',').map(|b| format!("\"{b}\"")).collect();
+    let (client, admin) = ("127.0.0.1:29197", "127.0.0.1:29297");
+    let config = format!(
+        r#"
+[listener]
+bind = "{client}"
+
+[upstream]
+bootstrap = [{bootstrap}]
+request_timeout_ms = 3000
+
+[admin]
+bind = "{admin}"
+
+[store]
+path = "{store}"
+"#,
+        bootstrap = bootstrap.join(", "),
+        store = cache().join("run/iso-stuck-store").display(),
+    );
+    let _sg = start_shardgate(
+        &cache().join("run"),
+        "iso-stuck",
+        &config,
+        &format!("http://{admin}"),
+    );
+    let closed = || {
+        let (_, body) =
+            shardgate::admin::http_request(&format!("http://{admin}"), "GET", "/metrics", None)
+                .unwrap();
+        body.lines()
+            .find(|l| l.starts_with("shardgate_upstream_timeouts_closed_total"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", client)
+        .set("acks", "1")
+        .set("message.timeout.ms", "60000")
+        .create()
+        .unwrap();
+    let send = |v: &'static str| {
+        let (p, topic) = (p.clone(), topic.clone());
+        async move {
+            p.send(
+                FutureRecord::<(), _>::to(&topic).payload(v),
+                Duration::from_secs(60),
+            )
+            .await
+        }
+    };
+    send("before").await.expect("delivered before the pause");
+    let before = closed();
+    let frozen = Frozen::stop(Frozen::pid_of("kafka-1.pid"));
+    let paused = Instant::now();
+    let during = tokio::spawn(send("during"));
+    eventually(
+        "the stuck socket is closed",
+        Duration::from_secs(10),
+        || closed() > before,
+    );
+    let detected = paused.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    drop(frozen);
+    during
+        .await
+        .unwrap()
+        .expect("the record sent during the pause is delivered after it (client retry)");
+    send("after").await.expect("delivered after the pause");
+    eprintln!(
+        "stuck socket closed {detected:?} after the broker stopped answering (request timeout 3 s)"
+    );
+    assert!(detected < Duration::from_secs(6), "{detected:?}");
+}
