@@ -124,12 +124,45 @@ async fn pause_scenario(bootstrap: &str, label: &str) -> (Duration, Duration, Du
     (pb, pd, x_max)
 }
 
+/// A shardgate of the test's own with one shared upstream connection per broker, so two
+/// clients surely share one wherever requests are pooled (with several, whether two clients
+/// share depends on their connection ids).
+fn one_socket_per_broker(name: &str, client: &str, admin: &str) -> Shardgate {
+    let bootstrap: Vec<String> = kafka().split(',').map(|b| format!("\"{b}\"")).collect();
+    let config = format!(
+        r#"
+[listener]
+bind = "{client}"
+
+[upstream]
+bootstrap = [{bootstrap}]
+connections_per_broker = 1
+
+[admin]
+bind = "{admin}"
+
+[store]
+path = "{store}"
+"#,
+        bootstrap = bootstrap.join(", "),
+        store = cache().join(format!("run/{name}-store")).display(),
+    );
+    start_shardgate(
+        &cache().join("run"),
+        name,
+        &config,
+        &format!("http://{admin}"),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs the 3-broker testbed: integration/run-tests"]
 async fn a_request_the_broker_holds_delays_no_other_client() {
     assert!(brokers() >= 3, "needs 3 brokers");
+    let (client, admin) = ("127.0.0.1:29198", "127.0.0.1:29298");
+    let _sg = one_socket_per_broker("iso-pause", client, admin);
     let (direct_before, direct_during, direct_x) = pause_scenario(&kafka(), "direct").await;
-    let (before, during, x) = pause_scenario(&proxy(), "shardgate").await;
+    let (before, during, x) = pause_scenario(client, "shardgate").await;
     assert!(
         direct_x >= Duration::from_secs(2) && x >= Duration::from_secs(2),
         "the pause must hold X's acks=all produce (direct {direct_x:?}, shardgate {x:?})"
@@ -148,13 +181,15 @@ async fn a_request_the_broker_holds_delays_no_other_client() {
 #[ignore = "needs the testbed: integration/run-tests"]
 async fn an_undecodable_admin_request_breaks_no_other_client() {
     use kafka_protocol::messages::ApiKey;
+    let (client, admin) = ("127.0.0.1:29199", "127.0.0.1:29299");
+    let _sg = one_socket_per_broker("iso-hostile", client, admin);
     let topic = unique("iso-hostile");
     create_topic(&topic, 3);
     let stop = Arc::new(AtomicBool::new(false));
     let mut producers = Vec::new();
     for n in 0..20 {
         let p: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", proxy())
+            .set("bootstrap.servers", client)
             .set("client.id", format!("iso-producer-{n}"))
             .set("acks", "all")
             .set("retries", "0")
@@ -184,7 +219,7 @@ async fn an_undecodable_admin_request_breaks_no_other_client() {
     // APIs to any broker, which cannot parse it and closes the socket it came on.
     let mut hostile = 0;
     for i in 0..20 {
-        let mut s = TcpStream::connect(proxy()).unwrap();
+        let mut s = TcpStream::connect(client).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut f = frame(
             ApiKey::CreateTopics,
