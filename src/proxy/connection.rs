@@ -24,9 +24,39 @@ use crate::telemetry;
 pub struct ClientConn {
     pub id: u64,
     pub peer: SocketAddr,
+    /// Shared by every task working for this client: the last one to finish closes the
+    /// upstream connections the client owned (a request still running after the client left
+    /// may have opened one).
+    _owned: Arc<OwnedSockets>,
+}
+
+/// Closes a client's own upstream connections when dropped.
+struct OwnedSockets {
+    id: u64,
+    pool: Arc<crate::upstream::pool::Pool>,
+}
+
+impl std::fmt::Debug for OwnedSockets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OwnedSockets({})", self.id)
+    }
+}
+
+impl Drop for OwnedSockets {
+    fn drop(&mut self) {
+        self.pool.release(self.id);
+    }
 }
 
 impl ClientConn {
+    pub fn new(id: u64, peer: SocketAddr, pool: Arc<crate::upstream::pool::Pool>) -> Self {
+        Self {
+            id,
+            peer,
+            _owned: Arc::new(OwnedSockets { id, pool }),
+        }
+    }
+
     /// Upstream connection slot this client is pinned to.
     pub fn pin(&self) -> u64 {
         self.id
@@ -99,7 +129,7 @@ where
     drop(produce_tx);
     let _ = writer.await;
     ctx.groups.forget_connection(client.id);
-    ctx.pool.release(client.id);
+    // The client's own upstream connections close when the last task holding `client` ends.
 }
 
 enum Admitted {

@@ -98,8 +98,14 @@ pub async fn send(
             }
             continue;
         }
+        if name.as_ref().is_some_and(|n| ctx.shards.is_managed(n)) && ctx.shards.fenced() {
+            // Wait (within the request's timeout) rather than refuse at once: refusing this
+            // request and accepting the client's next one would reorder its batches.
+            let limit = Duration::from_millis(body.timeout_ms.clamp(0, 30_000) as u64);
+            ctx.shards.wait_unfenced(limit).await;
+        }
         if let Some((m, guard)) = name.as_ref().and_then(|n| ctx.shards.enter(n)) {
-            if ctx.shards.fenced() {
+            if !ctx.shards.may_write(&guard) {
                 // The store session may have lapsed: the map may be stale. Retriable.
                 drop(guard);
                 metrics::counter!("shardgate_fenced_produces_total").increment(1);

@@ -39,10 +39,11 @@ pub async fn run(
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let client = ClientConn {
-            id: next_id.fetch_add(1, Ordering::Relaxed),
+        let client = ClientConn::new(
+            next_id.fetch_add(1, Ordering::Relaxed),
             peer,
-        };
+            ctx.pool.clone(),
+        );
         let ctx = ctx.clone();
         let tls = tls.clone();
         tokio::spawn(async move {

@@ -56,7 +56,40 @@ pub async fn read(
     let topic_id = topo.topics.get(topic.as_bytes()).map(|t| t.id);
     let mut out = TopicGroups::default();
     let list_v = version(pool, ApiKey::ListGroups, 5).ok_or(UpstreamError::NoBroker)?;
+    let mut failed = None;
     for broker in topo.brokers.keys().copied() {
+        // Best effort per broker: one broker down must not hide the groups the others know.
+        if let Err(e) =
+            read_broker(pool, broker, list_v, topic, topic_id, partitions, &mut out).await
+        {
+            tracing::debug!(broker, topic, error = %e, "group state of one broker not read");
+            failed = Some(e);
+        }
+    }
+    if let Some(e) = failed
+        && out.owners.is_empty()
+        && out.committed.is_empty()
+    {
+        return Err(e);
+    }
+    for owners in out.owners.values_mut() {
+        owners.sort();
+        owners.dedup();
+    }
+    Ok(out)
+}
+
+/// One broker's part of `read`: the groups it coordinates.
+async fn read_broker(
+    pool: &Pool,
+    broker: i32,
+    list_v: i16,
+    topic: &str,
+    topic_id: Option<uuid::Uuid>,
+    partitions: &[i32],
+    out: &mut TopicGroups,
+) -> Result<(), UpstreamError> {
+    {
         let listed: ListGroupsResponse = pool
             .call(
                 broker,
@@ -80,7 +113,7 @@ pub async fn read(
             })
             .collect();
         if groups.is_empty() {
-            continue;
+            return Ok(());
         }
         let classic: Vec<GroupId> = groups
             .iter()
@@ -106,7 +139,7 @@ pub async fn read(
                 }
                 for m in &g.members {
                     for p in assigned_in(&m.member_assignment, topic) {
-                        own(&mut out, p, g.group_id.as_str());
+                        own(out, p, g.group_id.as_str());
                     }
                 }
             }
@@ -136,7 +169,7 @@ pub async fn read(
                             || topic_id.is_some_and(|id| id == tp.topic_id);
                         if ours {
                             for p in &tp.partitions {
-                                own(&mut out, *p, g.group_id.as_str());
+                                own(out, *p, g.group_id.as_str());
                             }
                         }
                     }
@@ -148,11 +181,7 @@ pub async fn read(
             out.committed.insert((group, partition), offset);
         }
     }
-    for owners in out.owners.values_mut() {
-        owners.sort();
-        owners.dedup();
-    }
-    Ok(out)
+    Ok(())
 }
 
 fn own(out: &mut TopicGroups, partition: i32, group: &str) {

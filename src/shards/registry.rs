@@ -71,6 +71,12 @@ pub struct Registry {
     /// split and sealed without it.
     fencing: std::sync::atomic::AtomicBool,
     session_lost: std::sync::atomic::AtomicBool,
+    /// Raised-fence count: a job routed under an older generation may carry a stale map.
+    fence_gen: AtomicU64,
+    /// Serialises raising and lifting the fence (cold paths), so a raise is never undone by
+    /// a lift that checked the generation before it.
+    fence_lock: Mutex<()>,
+    unfenced_now: tokio::sync::Notify,
     /// `monotonic_ms` of the last heartbeat, and the gap that counts as a stall.
     last_heartbeat_ms: AtomicU64,
     stall_limit_ms: AtomicU64,
@@ -92,6 +98,8 @@ pub const NUDGE_WINDOW: Duration = Duration::from_secs(120);
 pub struct InflightGuard {
     counts: Arc<Mutex<HashMap<(String, u64), usize>>>,
     key: (String, u64),
+    /// The fence generation when the map was read (`Registry::may_write`).
+    fence_gen: u64,
 }
 
 impl InflightGuard {
@@ -101,6 +109,7 @@ impl InflightGuard {
         Arc::new(Self {
             counts: Default::default(),
             key: (String::new(), 0),
+            fence_gen: 0,
         })
     }
 }
@@ -135,46 +144,86 @@ impl Registry {
             .store(stall_limit.as_millis() as u64, Ordering::Release);
         self.last_heartbeat_ms
             .store(monotonic_ms(), Ordering::Release);
-        self.session_lost.store(true, Ordering::Release);
         self.fencing.store(true, Ordering::Release);
+        self.raise_fence();
+    }
+
+    fn raise_fence(&self) {
+        let _g = self.fence_lock.lock().expect("fence lock");
+        self.session_lost.store(true, Ordering::Release);
+        self.fence_gen.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Called every few hundred ms by a task that does nothing else: a gap longer than the
     /// stall limit means this process did not run (kill -STOP, a starved runtime) and its
-    /// session may be gone, so it stays fenced until `unfence`.
+    /// session may be gone, so it stays fenced until `unfence_if`. The fence goes up before
+    /// the new heartbeat is stored, so no reader sees neither.
     pub fn heartbeat(&self) {
         let now = monotonic_ms();
-        let last = self.last_heartbeat_ms.swap(now, Ordering::AcqRel);
-        if now.saturating_sub(last) > self.stall_limit_ms.load(Ordering::Acquire)
-            && self.fencing.load(Ordering::Acquire)
-            && !self.session_lost.swap(true, Ordering::AcqRel)
+        let gap = now.saturating_sub(self.last_heartbeat_ms.load(Ordering::Acquire));
+        if gap > self.stall_limit_ms.load(Ordering::Acquire) && self.fencing.load(Ordering::Acquire)
         {
+            self.raise_fence();
             tracing::warn!(
-                stalled_ms = now.saturating_sub(last),
+                stalled_ms = gap,
                 "this process stalled past its store session's safe limit; managed writes fenced until the maps are re-read"
             );
         }
+        self.last_heartbeat_ms.store(now, Ordering::Release);
     }
 
     /// The store replaced this instance's session (the old one expired): fenced.
     pub fn session_lost(&self) {
-        self.session_lost.store(true, Ordering::Release);
+        self.raise_fence();
     }
 
-    /// The session is confirmed and the maps were re-read after it: writes may go on.
-    pub fn unfence(&self) {
-        self.last_heartbeat_ms
-            .store(monotonic_ms(), Ordering::Release);
+    /// How many times the fence went up; read before confirming the session.
+    pub fn fence_generation(&self) -> u64 {
+        self.fence_gen.load(Ordering::Acquire)
+    }
+
+    /// Lifts the fence if it was not raised again since `generation` was read (before the
+    /// session was confirmed and the maps re-read); whether it did.
+    pub fn unfence_if(&self, generation: u64) -> bool {
+        let _g = self.fence_lock.lock().expect("fence lock");
+        if self.fence_gen.load(Ordering::Acquire) != generation {
+            return false;
+        }
         self.session_lost.store(false, Ordering::Release);
+        self.unfenced_now.notify_waiters();
+        true
     }
 
     /// Whether managed writes must stop (see `fencing`). A store that is merely unreachable
     /// does not fence: with no store, no instance can change a map either.
     pub fn fenced(&self) -> bool {
         self.fencing.load(Ordering::Acquire)
-            && (self.session_lost.load(Ordering::Acquire)
-                || monotonic_ms().saturating_sub(self.last_heartbeat_ms.load(Ordering::Acquire))
-                    > self.stall_limit_ms.load(Ordering::Acquire))
+            && (monotonic_ms().saturating_sub(self.last_heartbeat_ms.load(Ordering::Acquire))
+                > self.stall_limit_ms.load(Ordering::Acquire)
+                || self.session_lost.load(Ordering::Acquire))
+    }
+
+    /// Waits (at most `limit`) until not fenced; whether it is so.
+    pub async fn wait_unfenced(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.unfenced_now.notified();
+            if !self.fenced() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            // A stall fence also lifts by time alone: look again now and then.
+            let step = tokio::time::Instant::now() + Duration::from_millis(100);
+            let _ = tokio::time::timeout_at(step.min(deadline), notified).await;
+        }
+    }
+
+    /// Whether a job whose guard was taken at `guard` may be written now: not fenced, and no
+    /// fence went up since (else the map it was routed by may be stale).
+    pub fn may_write(&self, guard: &InflightGuard) -> bool {
+        !self.fenced() && guard.fence_gen == self.fence_generation()
     }
 
     /// Waits (at most `limit`) until the stored maps are loaded; whether they are.
@@ -290,6 +339,7 @@ impl Registry {
             Arc::new(InflightGuard {
                 counts: self.inflight.clone(),
                 key,
+                fence_gen: self.fence_generation(),
             }),
         ))
     }
@@ -435,21 +485,34 @@ mod tests {
             r.fenced(),
             "fenced until the maps are read with a confirmed session"
         );
-        r.unfence();
+        let cfg: TopicConfig = toml::from_str("name = \"t\"\npool = 8").unwrap();
+        r.install(cfg, ShardMap::initial("t", 2, 8).unwrap());
+        assert!(r.unfence_if(r.fence_generation()));
         r.heartbeat();
         assert!(!r.fenced());
+        let (_, guard) = r.enter("t").unwrap();
+        assert!(r.may_write(&guard));
         std::thread::sleep(Duration::from_millis(80));
         assert!(
             r.fenced(),
             "no heartbeat for longer than the limit: stalled"
         );
+        let seen = r.fence_generation();
         r.heartbeat();
         assert!(
             r.fenced(),
             "a stall keeps the fence after the heartbeats resume"
         );
-        r.unfence();
+        assert!(
+            !r.unfence_if(seen),
+            "a lift based on what was read before the stall is refused"
+        );
+        assert!(r.unfence_if(r.fence_generation()));
         assert!(!r.fenced());
+        assert!(
+            !r.may_write(&guard),
+            "a job routed before the stall may carry a stale map"
+        );
         r.session_lost();
         assert!(r.fenced());
     }

@@ -206,7 +206,12 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             buf.put_i32(id);
             buf.put_slice(&out.frame[8..]);
         }
-        if let Err(e) = wr.write_all(&buf).await {
+        // A broker that stopped reading blocks the write; closing must still interrupt it.
+        let written = tokio::select! {
+            r = wr.write_all(&buf) => r,
+            _ = closed.wait_for(|c| *c) => break,
+        };
+        if let Err(e) = written {
             tracing::warn!(broker, error = %e, "upstream write failed");
             alive.store(false, Ordering::Release);
             fail_all(&pending, broker, &e.to_string());

@@ -103,6 +103,9 @@ impl Controller {
                     || last_sent.elapsed() >= Duration::from_secs(3)
                     || self.shards.fenced()
                 {
+                    // Read before the session is confirmed: a fence raised after this (a
+                    // stall during the report) keeps the fence up.
+                    let fence_before = self.shards.fence_generation();
                     match self.store.report(&me).await {
                         Ok(()) => {
                             last = Some(me.clone());
@@ -113,7 +116,7 @@ impl Controller {
                                 generation = now;
                                 self.shards.session_lost();
                             }
-                            self.reread_if_fenced().await;
+                            self.reread_if_fenced(fence_before).await;
                         }
                         Err(e) => {
                             metrics::counter!("shardgate_store_errors_total", "op" => "report")
@@ -160,7 +163,7 @@ impl Controller {
     /// After a report confirmed this instance's session: an instance that was fenced
     /// (starting, stalled, or given a new session) re-reads every map before it writes again,
     /// since the others may have split and sealed without it.
-    async fn reread_if_fenced(&self) {
+    async fn reread_if_fenced(&self, fence_before: u64) {
         if !self.shards.fenced() {
             return;
         }
@@ -169,8 +172,11 @@ impl Controller {
                 for t in topics {
                     self.shards.install(t.config, t.map);
                 }
-                self.shards.unfence();
-                tracing::info!("store session confirmed and maps re-read; managed writes go on");
+                if self.shards.unfence_if(fence_before) {
+                    tracing::info!(
+                        "store session confirmed and maps re-read; managed writes go on"
+                    );
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot re-read the maps; managed writes stay fenced")

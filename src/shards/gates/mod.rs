@@ -32,6 +32,8 @@ type Positions = HashMap<(String, i32), i64>;
 
 /// How long a closed gate keeps its topic's group state read from Kafka.
 const WANTED_FOR: Duration = Duration::from_secs(10);
+/// How old Kafka's view may be for judging a connection no group is linked to here.
+const KAFKA_FRESH: Duration = Duration::from_secs(5);
 
 /// One topic's consumer groups as Kafka reports them.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -91,6 +93,8 @@ pub struct GroupTracker {
     held_since: Mutex<HashMap<HoldKey, (Instant, bool)>>,
     /// Kafka's view (`group_state`): per (topic, partition), the live groups assigned it.
     kafka_owners: Mutex<HashMap<(String, i32), Vec<String>>>,
+    /// When each topic's group state was last read from Kafka.
+    kafka_read: Mutex<HashMap<String, Instant>>,
     /// Topics whose group state a closed gate wants read from Kafka.
     demand: Demand,
 }
@@ -136,6 +140,19 @@ impl GroupTracker {
         for (partition, groups) in state.owners {
             o.insert((topic.to_string(), partition), groups);
         }
+        self.kafka_read
+            .lock()
+            .expect("kafka read lock")
+            .insert(topic.to_string(), Instant::now());
+    }
+
+    /// Whether Kafka's view of `topic`'s groups was read lately (a few refreshes ago at most).
+    fn kafka_fresh(&self, topic: &str) -> bool {
+        self.kafka_read
+            .lock()
+            .expect("kafka read lock")
+            .get(topic)
+            .is_some_and(|at| at.elapsed() < KAFKA_FRESH)
     }
 
     /// The live groups Kafka says have (topic, partition) assigned; `None`: not read.
@@ -331,6 +348,9 @@ impl GroupTracker {
             }
             // A connection not linked to a group here may belong to one whose coordinator
             // traffic reaches another instance: the groups Kafka says own the partition judge.
+            // Until Kafka's view is read, it stays closed: its own fetch positions may be
+            // prefetches of a group member, not consumption.
+            Consumer::Connection(_) if !self.kafka_fresh(topic) => return false,
             Consumer::Connection(_) => match self.kafka_owners(topic, gate.partition) {
                 Some(owners) if !owners.is_empty() => {
                     narrowed = Consumer::Groups(owners);

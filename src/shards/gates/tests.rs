@@ -159,11 +159,16 @@ fn known_assignments_narrow_an_ambiguous_link() {
 }
 
 #[test]
-fn unlinked_connections_are_judged_by_their_own_fetches() {
+fn unlinked_connections_no_group_owns_are_judged_by_their_own_fetches() {
     let t = GroupTracker::default();
     let who = t.consumer(IpAddr::V4(Ipv4Addr::LOCALHOST), "solo", 3);
     assert_eq!(who, Consumer::Connection(3));
     t.fetched(&who, 3, "t", 0, 60);
+    assert!(
+        !t.gate_open(&who, 3, "t", &gate(Some(50)), None),
+        "closed until Kafka's view says whether a group owns the partition"
+    );
+    t.absorb_kafka("t", TopicGroups::default());
     assert!(t.gate_open(&who, 3, "t", &gate(Some(50)), None));
     assert!(
         !t.gate_open(&who, 4, "t", &gate(Some(50)), None),

@@ -80,18 +80,17 @@ pub(super) async fn run_lane(
                     continue;
                 };
                 let jobs = take_batch(&mut st, first, &mut rx, &mut carry);
-                if !jobs.is_empty() && w.registry.fenced() {
-                    // Queued before the store session lapsed (e.g. a frozen instance): the
-                    // map they were routed by may be stale. Not written; clients retry.
+                let (jobs, stale): (Vec<Job>, Vec<Job>) =
+                    jobs.into_iter().partition(|j| w.registry.may_write(&j._routed));
+                for job in stale {
+                    // Routed before this instance's store session may have lapsed (e.g. it was
+                    // frozen): the map may be stale. Not written; the client retries, and its
+                    // later batches wait for that retry (a gap), so they stay behind it.
                     metrics::counter!("shardgate_fenced_batches_total").increment(1);
-                    let e = WriteError {
-                        code: codes::NOT_LEADER_OR_FOLLOWER,
-                        message: Some("shardgate instance fenced: its store session lapsed".into()),
-                    };
-                    for job in jobs {
-                        fail(&mut st, job, &Failure::Refused(e.clone()), e.clone());
-                    }
-                } else if !jobs.is_empty() {
+                    let e = fenced_error();
+                    fail(&mut st, job, &Failure::Fenced(e.clone()), e);
+                }
+                if !jobs.is_empty() {
                     send(&w, &mut st, jobs, &mut inflight).await;
                 }
             }
@@ -165,6 +164,9 @@ pub(super) async fn recover(
                 let (before, rest): (Vec<Sent>, Vec<Sent>) =
                     failed.into_iter().partition(|f| f.producer == s.producer);
                 failed = rest;
+                // Acknowledged before their jobs are answered (which may release the epoch).
+                let count: i64 = s.jobs.iter().map(|j| j.records.len() as i64).sum();
+                st.acknowledged(written.base_offset, count);
                 for f in before {
                     reply_written(
                         st,
@@ -301,13 +303,15 @@ pub(super) fn finish_single(st: &mut LaneState, job: Job, result: Result<Written
 }
 
 pub(super) fn fail(st: &mut LaneState, job: Job, f: &Failure, e: WriteError) {
+    if matches!(f, Failure::GaveUp(_) | Failure::Fenced(_))
+        && let Some((stream, seq)) = &job.client
+    {
+        st.gaps.retain(|_, (_, since)| since.elapsed() < GAP_TTL);
+        st.gaps
+            .entry(stream.clone())
+            .or_insert((*seq, Instant::now()));
+    }
     if matches!(f, Failure::GaveUp(_)) {
-        if let Some((stream, seq)) = &job.client {
-            st.gaps.retain(|_, (_, since)| since.elapsed() < GAP_TTL);
-            st.gaps
-                .entry(stream.clone())
-                .or_insert((*seq, Instant::now()));
-        }
         // The batch may still be appended (a request the broker has read but not answered):
         // keep its epoch in flight a while longer, so a seal is not read before it lands.
         let routed = job._routed.clone();

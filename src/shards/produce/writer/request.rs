@@ -74,7 +74,7 @@ pub(super) async fn send(
             ApiKey::Produce,
             frame,
             true,
-            None,
+            Some(answer_wait(&jobs)),
         )
         .await
     {
@@ -126,6 +126,13 @@ pub(super) fn jobs_deadline(jobs: &[Job]) -> Instant {
         .unwrap_or_else(Instant::now)
 }
 
+/// How long to wait for the answer of a batch of `jobs`: the broker answers at the request's
+/// timeout (what remains until their deadline, at most 25 s), so a little more than that.
+pub(super) fn answer_wait(jobs: &[Job]) -> Duration {
+    let remaining = jobs_deadline(jobs).saturating_duration_since(Instant::now());
+    remaining.min(Duration::from_secs(25)) + Duration::from_secs(5)
+}
+
 pub(super) fn produce_request(
     st: &LaneState,
     jobs: &[Job],
@@ -140,7 +147,9 @@ pub(super) fn produce_request(
     let remaining = deadline.saturating_duration_since(Instant::now());
     ProduceRequest::default()
         .with_acks(acks)
-        .with_timeout_ms(remaining.as_millis().clamp(1, 30_000) as i32)
+        // Below the pool's default 30 s answer wait, so the broker's timeout answer arrives
+        // before shardgate gives up on the socket.
+        .with_timeout_ms(remaining.as_millis().clamp(1, 25_000) as i32)
         .with_topic_data(vec![
             TopicProduceData::default()
                 .with_name(TopicName(StrBytes::from_string(st.topic.clone())))
@@ -193,14 +202,22 @@ pub(super) enum Failure {
     Refused(WriteError),
     /// Retries ran out; the batch may have been written.
     GaveUp(WriteError),
+    /// Not written: routed by a map that may be stale (fencing).
+    Fenced(WriteError),
 }
 
 impl Failure {
     pub(super) fn error(&self) -> WriteError {
         match self {
-            Failure::Refused(e) => e.clone(),
-            Failure::GaveUp(error) => error.clone(),
+            Failure::Refused(e) | Failure::GaveUp(e) | Failure::Fenced(e) => e.clone(),
         }
+    }
+}
+
+pub(super) fn fenced_error() -> WriteError {
+    WriteError {
+        code: codes::NOT_LEADER_OR_FOLLOWER,
+        message: Some("shardgate instance fenced: its store session may have lapsed".into()),
     }
 }
 
@@ -233,6 +250,13 @@ pub(super) async fn write(
     loop {
         if Instant::now() >= deadline {
             return Err(give_up(st, uncertain, last));
+        }
+        if !jobs.iter().all(|j| w.registry.may_write(&j._routed)) {
+            // A fence went up while retrying: the map these were routed by may be stale.
+            if uncertain {
+                return Err(give_up(st, uncertain, fenced_error()));
+            }
+            return Err(Failure::Fenced(fenced_error()));
         }
         let (pid, epoch) = match st.producer {
             Some(p) => p,
