@@ -799,31 +799,7 @@ async fn a_frozen_instance_writes_nothing_with_an_old_epoch() {
                 .set("linger.ms", "5")
                 .create()
                 .unwrap();
-            let mut seq = vec![0u64; KEYS_PER_PRODUCER];
-            let mut i = 0usize;
-            let mut pending = Vec::new();
-            while !stop.load(Ordering::SeqCst) {
-                for _ in 0..5 {
-                    let k = i % KEYS_PER_PRODUCER;
-                    let key = format!("f-k{k}");
-                    let value = format!("{key}:{}", seq[k]);
-                    if let Ok(d) = p.send_result(FutureRecord::to(&topic).key(&key).payload(&value))
-                    {
-                        seq[k] += 1;
-                        i += 1;
-                        let acked = acked.clone();
-                        pending.push(tokio::spawn(async move {
-                            if let Ok(Ok(_)) = d.await {
-                                acked.lock().unwrap().push(value);
-                            }
-                        }));
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            for h in pending {
-                let _ = h.await;
-            }
+            produce_keyed_sequences(p, &topic, "f-k", KEYS_PER_PRODUCER, &stop, &acked).await;
         })
     };
     tokio::time::sleep(Duration::from_secs(5)).await;

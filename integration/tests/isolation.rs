@@ -124,10 +124,9 @@ async fn pause_scenario(bootstrap: &str, label: &str) -> (Duration, Duration, Du
     (pb, pd, x_max)
 }
 
-/// A shardgate of the test's own with one shared upstream connection per broker, so two
-/// clients surely share one wherever requests are pooled (with several, whether two clients
-/// share depends on their connection ids).
-fn one_socket_per_broker(name: &str, client: &str, admin: &str) -> Shardgate {
+/// A shardgate of the test's own (embedded store) in front of the testbed's brokers, with
+/// `upstream` lines added to its `[upstream]` section.
+fn own_instance(name: &str, client: &str, admin: &str, upstream: &str) -> Shardgate {
     let bootstrap: Vec<String> = kafka().split(',').map(|b| format!("\"{b}\"")).collect();
     let config = format!(
         r#"
@@ -136,7 +135,7 @@ bind = "{client}"
 
 [upstream]
 bootstrap = [{bootstrap}]
-connections_per_broker = 1
+{upstream}
 
 [admin]
 bind = "{admin}"
@@ -153,6 +152,13 @@ path = "{store}"
         &config,
         &format!("http://{admin}"),
     )
+}
+
+/// One shared upstream connection per broker, so two clients surely share one wherever
+/// requests are pooled (with several, whether two clients share depends on their connection
+/// ids).
+fn one_socket_per_broker(name: &str, client: &str, admin: &str) -> Shardgate {
+    own_instance(name, client, admin, "connections_per_broker = 1")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,32 +266,8 @@ async fn a_socket_that_stops_answering_is_replaced_within_the_request_timeout() 
     assert!(brokers() >= 3, "needs 3 brokers");
     let topic = unique("iso-stuck");
     create(&topic, "1");
-    let bootstrap: Vec<String> = kafka().split(',').map(|b| format!("\"{b}\"")).collect();
     let (client, admin) = ("127.0.0.1:29197", "127.0.0.1:29297");
-    let config = format!(
-        r#"
-[listener]
-bind = "{client}"
-
-[upstream]
-bootstrap = [{bootstrap}]
-request_timeout_ms = 3000
-
-[admin]
-bind = "{admin}"
-
-[store]
-path = "{store}"
-"#,
-        bootstrap = bootstrap.join(", "),
-        store = cache().join("run/iso-stuck-store").display(),
-    );
-    let _sg = start_shardgate(
-        &cache().join("run"),
-        "iso-stuck",
-        &config,
-        &format!("http://{admin}"),
-    );
+    let _sg = own_instance("iso-stuck", client, admin, "request_timeout_ms = 3000");
     let closed = || {
         let (_, body) =
             shardgate::admin::http_request(&format!("http://{admin}"), "GET", "/metrics", None)

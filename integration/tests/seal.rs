@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{Value, json};
 
@@ -129,31 +129,7 @@ async fn seal_covers_records_acknowledged_above_the_high_watermark() {
                 .set("linger.ms", "5")
                 .create()
                 .unwrap();
-            let mut seq = vec![0u64; KEYS];
-            let mut i = 0;
-            let mut pending = Vec::new();
-            while !stop.load(Ordering::SeqCst) {
-                for _ in 0..5 {
-                    let k = i % KEYS;
-                    let key = format!("k{k}");
-                    let value = format!("{key}:{}", seq[k]);
-                    if let Ok(d) = p.send_result(FutureRecord::to(&topic).key(&key).payload(&value))
-                    {
-                        seq[k] += 1;
-                        i += 1;
-                        let acked = acked.clone();
-                        pending.push(tokio::spawn(async move {
-                            if let Ok(Ok(_)) = d.await {
-                                acked.lock().unwrap().push(value);
-                            }
-                        }));
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            for h in pending {
-                let _ = h.await;
-            }
+            produce_keyed_sequences(p, &topic, "k", KEYS, &stop, &acked).await;
         })
     };
 

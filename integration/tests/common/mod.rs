@@ -320,3 +320,45 @@ pub fn admin_get(path: &str) -> (u16, serde_json::Value) {
         serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
     )
 }
+
+/// Produces keyed records whose values carry a per-key sequence number (`{prefix}{k}:{seq}`,
+/// keys `{prefix}0..keys`), about 5 every 10 ms, until `stop`; the acknowledged values are
+/// pushed to `acked` (in acknowledgement order). Returns when every send has been answered.
+pub async fn produce_keyed_sequences(
+    p: rdkafka::producer::FutureProducer,
+    topic: &str,
+    prefix: &str,
+    keys: usize,
+    stop: &std::sync::atomic::AtomicBool,
+    acked: &std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use std::sync::atomic::Ordering;
+    let mut seq = vec![0u64; keys];
+    let mut i = 0usize;
+    let mut pending = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        for _ in 0..5 {
+            let k = i % keys;
+            let key = format!("{prefix}{k}");
+            let value = format!("{key}:{}", seq[k]);
+            if let Ok(d) = p.send_result(
+                rdkafka::producer::FutureRecord::to(topic)
+                    .key(&key)
+                    .payload(&value),
+            ) {
+                seq[k] += 1;
+                i += 1;
+                let acked = acked.clone();
+                pending.push(tokio::spawn(async move {
+                    if let Ok(Ok(_)) = d.await {
+                        acked.lock().unwrap().push(value);
+                    }
+                }));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for h in pending {
+        let _ = h.await;
+    }
+}

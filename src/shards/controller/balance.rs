@@ -31,7 +31,7 @@ impl Controller {
         let broker = topo.any_broker(0).ok_or(UpstreamError::NoBroker)?;
         let name = TopicName(StrBytes::from_string(topic.to_string()));
         let req = AlterPartitionReassignmentsRequest::default()
-            .with_timeout_ms(30_000)
+            .with_timeout_ms(ADMIN_TIMEOUT_MS)
             .with_topics(vec![
                 ReassignableTopic::default()
                     .with_name(name.clone())
@@ -43,9 +43,9 @@ impl Controller {
             ]);
         let resp: AlterPartitionReassignmentsResponse = self
             .pool
-            .call(
+            .call_on(
                 broker,
-                0,
+                ADMIN_SOCKET,
                 ApiKey::AlterPartitionReassignments,
                 0,
                 None,
@@ -78,7 +78,7 @@ impl Controller {
                 ]));
             let resp: ElectLeadersResponse = self
                 .pool
-                .call(broker, 0, ApiKey::ElectLeaders, 2, None, &req)
+                .call_on(broker, ADMIN_SOCKET, ApiKey::ElectLeaders, 2, None, &req)
                 .await?;
             // 84 ELECTION_NOT_NEEDED: the preferred replica leads already.
             let code = resp

@@ -54,7 +54,7 @@ use super::{HASH_END, MapError, ShardMap, TopicConfig};
 use crate::config::{HostPort, Settings};
 use crate::store::{InstanceInfo, ShardStore, StoreError};
 use crate::upstream::UpstreamError;
-use crate::upstream::pool::Pool;
+use crate::upstream::pool::{Pool, Socket};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -95,6 +95,14 @@ impl ControlError {
         }
     }
 }
+
+/// The controller's admin calls (CreateTopics, CreatePartitions, reassignments, elections)
+/// may be held by the broker up to their timeouts, so they go on a connection of their own,
+/// shared with no client (see `proxy/sockets.rs`). Client and writer-lane owner ids count up
+/// from 0 and 2^40.
+const ADMIN_SOCKET: Socket = Socket::Own(u64::MAX);
+/// Their timeout, below the pool's 30 s answer wait so the broker's answer comes first.
+const ADMIN_TIMEOUT_MS: i32 = 25_000;
 
 /// What the controller works with, handed over by the composition root (`app`).
 pub struct Handles {

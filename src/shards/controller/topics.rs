@@ -82,7 +82,7 @@ impl Controller {
             .any_broker(0)
             .ok_or(UpstreamError::NoBroker)?;
         let req = CreateTopicsRequest::default()
-            .with_timeout_ms(30_000)
+            .with_timeout_ms(ADMIN_TIMEOUT_MS)
             .with_topics(vec![
                 CreatableTopic::default()
                     .with_name(TopicName(StrBytes::from_string(cfg.name.clone())))
@@ -91,7 +91,7 @@ impl Controller {
             ]);
         let resp: CreateTopicsResponse = self
             .pool
-            .call(broker, 0, ApiKey::CreateTopics, 5, None, &req)
+            .call_on(broker, ADMIN_SOCKET, ApiKey::CreateTopics, 5, None, &req)
             .await?;
         for t in &resp.topics {
             if t.error_code != 0 && t.error_code != 36 {
@@ -152,7 +152,7 @@ impl Controller {
                 .any_broker(0)
                 .ok_or(UpstreamError::NoBroker)?;
             let req = CreatePartitionsRequest::default()
-                .with_timeout_ms(30_000)
+                .with_timeout_ms(ADMIN_TIMEOUT_MS)
                 .with_topics(vec![
                     CreatePartitionsTopic::default()
                         .with_name(TopicName(StrBytes::from_string(topic.clone())))
@@ -161,7 +161,14 @@ impl Controller {
                 ]);
             let resp: CreatePartitionsResponse = self
                 .pool
-                .call(broker, 0, ApiKey::CreatePartitions, 2, None, &req)
+                .call_on(
+                    broker,
+                    ADMIN_SOCKET,
+                    ApiKey::CreatePartitions,
+                    2,
+                    None,
+                    &req,
+                )
                 .await?;
             for r in &resp.results {
                 // 37 INVALID_PARTITIONS: somebody else (an interrupted earlier growth) already

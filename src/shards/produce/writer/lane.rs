@@ -88,7 +88,7 @@ pub(super) async fn run_lane(
                     // later batches wait for that retry (a gap), so they stay behind it.
                     metrics::counter!("shardgate_fenced_batches_total").increment(1);
                     let e = fenced_error();
-                    fail(&mut st, job, &Failure::Fenced(e.clone()), e);
+                    fail(&mut st, job, &Failure::Skipped(e.clone()), e);
                 }
                 if !jobs.is_empty() {
                     send(&w, &mut st, jobs, &mut inflight).await;
@@ -128,7 +128,7 @@ pub(super) fn take_batch(
                 code: codes::REQUEST_TIMED_OUT,
                 message: Some("not written: queued past the request timeout".into()),
             };
-            fail(st, job, &Failure::GaveUp(e.clone()), e);
+            fail(st, job, &Failure::Skipped(e.clone()), e);
         } else if jobs.first().is_some_and(|f: &Job| !coalescable(f, &job)) {
             *carry = Some(job);
             break;
@@ -237,7 +237,7 @@ pub(super) async fn write_now(
             for job in jobs {
                 if let Some(e) = &gave_up {
                     // Writing later jobs now would put them before the one given up.
-                    fail(st, job, &Failure::GaveUp(e.clone()), e.clone());
+                    fail(st, job, &Failure::Skipped(e.clone()), e.clone());
                     continue;
                 }
                 let single = [job];
@@ -303,7 +303,7 @@ pub(super) fn finish_single(st: &mut LaneState, job: Job, result: Result<Written
 }
 
 pub(super) fn fail(st: &mut LaneState, job: Job, f: &Failure, e: WriteError) {
-    if matches!(f, Failure::GaveUp(_) | Failure::Fenced(_))
+    if matches!(f, Failure::GaveUp(_) | Failure::Skipped(_))
         && let Some((stream, seq)) = &job.client
     {
         st.gaps.retain(|_, (_, since)| since.elapsed() < GAP_TTL);

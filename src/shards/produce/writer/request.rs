@@ -202,14 +202,16 @@ pub(super) enum Failure {
     Refused(WriteError),
     /// Retries ran out; the batch may have been written.
     GaveUp(WriteError),
-    /// Not written: routed by a map that may be stale (fencing).
-    Fenced(WriteError),
+    /// Not written, and later batches of its client stream must wait for its retry (a gap):
+    /// routed by a map that may be stale (fencing), queued past its deadline, or queued behind
+    /// a batch given up.
+    Skipped(WriteError),
 }
 
 impl Failure {
     pub(super) fn error(&self) -> WriteError {
         match self {
-            Failure::Refused(e) | Failure::GaveUp(e) | Failure::Fenced(e) => e.clone(),
+            Failure::Refused(e) | Failure::GaveUp(e) | Failure::Skipped(e) => e.clone(),
         }
     }
 }
@@ -256,7 +258,7 @@ pub(super) async fn write(
             if uncertain {
                 return Err(give_up(st, uncertain, fenced_error()));
             }
-            return Err(Failure::Fenced(fenced_error()));
+            return Err(Failure::Skipped(fenced_error()));
         }
         let (pid, epoch) = match st.producer {
             Some(p) => p,
