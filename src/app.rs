@@ -40,6 +40,7 @@ pub struct Running {
     pub client_addr: std::net::SocketAddr,
     pub admin_addr: std::net::SocketAddr,
     shutdown: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -67,7 +68,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let managed = Arc::new(ManagedProduce::new(
         shards.clone(),
         pool.clone(),
-        settings.raw.limits.max_decompressed_batch_bytes,
+        settings.raw.limits.max_decompressed_request_bytes,
     ));
     let controller = Arc::new(Controller::new(
         store,
@@ -118,12 +119,12 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         pool.clone(),
         Duration::from_millis(settings.raw.upstream.metadata_refresh_ms),
     )));
-    tasks.push(tokio::spawn(crate::proxy::server::run(
+    let server = tokio::spawn(crate::proxy::server::run(
         listener,
         ctx.clone(),
         client_tls,
         shutdown_rx.clone(),
-    )));
+    ));
     // Shard maps: load what the store has, create topics the config declares, then run the
     // controller. Upstream may not be reachable yet: keep retrying in the background.
     {
@@ -186,13 +187,17 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         client_addr,
         admin_addr,
         shutdown,
+        server,
         tasks,
     })
 }
 
 impl Running {
+    /// Stops accepting and reading, waits (up to `limits.drain_timeout_ms`) until requests
+    /// already read are answered, then stops everything else.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
+        let _ = self.server.await;
         for t in self.tasks {
             t.abort();
         }

@@ -190,10 +190,31 @@ pub struct LimitsConfig {
     /// Longest time a fetch from clients waits upstream between polls when it has no data yet.
     #[serde(default = "default_fetch_poll_max_ms")]
     pub fetch_poll_max_ms: u64,
-    /// Managed topics decompress client batches to reroute them; a batch that would decompress
-    /// to more than this is refused (decompression bombs).
-    #[serde(default = "default_max_decompressed")]
-    pub max_decompressed_batch_bytes: usize,
+    /// Managed topics decompress client batches to reroute them; a produce request whose
+    /// batches would decompress to more than this in total is refused (decompression bombs).
+    #[serde(
+        default = "default_max_decompressed",
+        alias = "max_decompressed_batch_bytes"
+    )]
+    pub max_decompressed_request_bytes: usize,
+    /// Bytes held for clients at once: requests from the moment their size is read until
+    /// answered, and responses until written. When used up, client sockets are not read.
+    #[serde(default = "default_memory_budget")]
+    pub memory_budget_bytes: usize,
+    /// A new connection must finish its TLS handshake, and send its first request's size,
+    /// within this.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// Once a request's size is read, the whole request must arrive within this.
+    #[serde(default = "default_request_read_timeout_ms")]
+    pub request_read_timeout_ms: u64,
+    /// Connections from one source address at once; 0 = no limit (Kafka's
+    /// max.connections.per.ip).
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
+    /// On SIGTERM, how long requests already read may take to be answered before exit.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for LimitsConfig {
@@ -204,7 +225,12 @@ impl Default for LimitsConfig {
             max_in_flight_per_connection: default_max_in_flight(),
             idle_timeout_ms: default_idle_timeout_ms(),
             fetch_poll_max_ms: default_fetch_poll_max_ms(),
-            max_decompressed_batch_bytes: default_max_decompressed(),
+            max_decompressed_request_bytes: default_max_decompressed(),
+            memory_budget_bytes: default_memory_budget(),
+            handshake_timeout_ms: default_handshake_timeout_ms(),
+            request_read_timeout_ms: default_request_read_timeout_ms(),
+            max_connections_per_source: default_max_connections_per_source(),
+            drain_timeout_ms: default_drain_timeout_ms(),
         }
     }
 }
@@ -238,6 +264,21 @@ fn default_idle_timeout_ms() -> u64 {
 }
 fn default_fetch_poll_max_ms() -> u64 {
     50
+}
+fn default_memory_budget() -> usize {
+    512 * 1024 * 1024
+}
+fn default_handshake_timeout_ms() -> u64 {
+    10_000
+}
+fn default_request_read_timeout_ms() -> u64 {
+    30_000
+}
+fn default_max_connections_per_source() -> usize {
+    0
+}
+fn default_drain_timeout_ms() -> u64 {
+    30_000
 }
 fn default_max_decompressed() -> usize {
     crate::protocol::records::DEFAULT_MAX_DECOMPRESSED
@@ -403,6 +444,16 @@ impl Config {
                 "use a positive number",
             ));
         }
+        if l.memory_budget_bytes < 2 * l.max_frame_bytes {
+            return Err(invalid(
+                "limits.memory_budget_bytes",
+                format!(
+                    "{} is less than twice limits.max_frame_bytes ({})",
+                    l.memory_budget_bytes, l.max_frame_bytes
+                ),
+                "raise it, or lower limits.max_frame_bytes: frames over an eighth of the budget may use only half of it together",
+            ));
+        }
         if l.max_in_flight_per_connection == 0 {
             return Err(invalid(
                 "limits.max_in_flight_per_connection",
@@ -424,6 +475,9 @@ impl Config {
                 self.upstream.metadata_refresh_ms,
             ),
             ("limits.idle_timeout_ms", l.idle_timeout_ms),
+            ("limits.handshake_timeout_ms", l.handshake_timeout_ms),
+            ("limits.request_read_timeout_ms", l.request_read_timeout_ms),
+            ("limits.drain_timeout_ms", l.drain_timeout_ms),
             ("limits.fetch_poll_max_ms", l.fetch_poll_max_ms),
         ] {
             if v == 0 {

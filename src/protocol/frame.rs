@@ -1,8 +1,10 @@
 //! Length-prefixed framing. The size is checked before anything is allocated for the frame, so
 //! a client announcing a 2 GiB frame costs four bytes of reading, not 2 GiB of memory.
 
+use std::io::IoSlice;
+
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -27,65 +29,184 @@ impl FrameError {
     }
 }
 
-/// Reads frames from a stream into one reusable buffer; each frame handed out is a `Bytes`
-/// view of that buffer (no copy).
+/// Reads frames from a stream; each frame handed out is a `Bytes` view of the read buffer (no
+/// copy). The buffer starts small and grows to a frame's size only once the caller has read
+/// that size (`next_size`) and chose to go on, so an idle connection holds no buffer and a
+/// large frame is allocated once, after admission.
 pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     max: usize,
 }
 
+/// What is read ahead while a frame's size is not yet known.
+const LOOKAHEAD: usize = 16 * 1024;
+
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, max: usize) -> Self {
         Self {
             inner,
-            buf: BytesMut::with_capacity(64 * 1024),
+            buf: BytesMut::new(),
             max,
         }
     }
 
-    /// The next frame without its length prefix; `Ok(None)` at a clean end of stream.
-    pub async fn next(&mut self) -> Result<Option<Bytes>, FrameError> {
-        loop {
-            if self.buf.len() >= 4 {
-                let size = i32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
-                if size < 0 {
-                    return Err(FrameError::Negative(size));
-                }
-                let size = size as usize;
-                if size > self.max {
-                    return Err(FrameError::TooLarge {
-                        size: size as i64,
-                        max: self.max,
-                    });
-                }
-                if self.buf.len() >= 4 + size {
-                    self.buf.advance(4);
-                    return Ok(Some(self.buf.split_to(size).freeze()));
-                }
-                // Reserve only what this frame still needs (already bounded by `max`).
-                self.buf.reserve(4 + size - self.buf.len());
-            } else if self.buf.capacity() - self.buf.len() < 4096 {
-                self.buf.reserve(64 * 1024);
+    /// The size of the next frame (without its length prefix), validated against the limit,
+    /// without consuming it; `Ok(None)` at a clean end of stream. Cancel-safe.
+    pub async fn next_size(&mut self) -> Result<Option<usize>, FrameError> {
+        while self.buf.len() < 4 {
+            if self.buf.capacity() - self.buf.len() < 4 {
+                self.buf.reserve(LOOKAHEAD);
             }
-            let n = self.inner.read_buf(&mut self.buf).await?;
-            if n == 0 {
-                if self.buf.is_empty() {
-                    return Ok(None);
-                }
-                let want = if self.buf.len() >= 4 {
-                    i32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
-                        as usize
-                        + 4
-                } else {
-                    4
-                };
-                return Err(FrameError::Truncated {
-                    have: self.buf.len(),
-                    want,
-                });
+            if self.fill().await? == 0 {
+                return Ok(None);
             }
         }
+        let size = i32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+        if size < 0 {
+            return Err(FrameError::Negative(size));
+        }
+        let size = size as usize;
+        if size > self.max {
+            return Err(FrameError::TooLarge {
+                size: size as i64,
+                max: self.max,
+            });
+        }
+        Ok(Some(size))
+    }
+
+    /// The next frame without its length prefix; `Ok(None)` at a clean end of stream.
+    /// Cancel-safe: bytes already read stay buffered for the next call.
+    pub async fn next(&mut self) -> Result<Option<Bytes>, FrameError> {
+        let Some(size) = self.next_size().await? else {
+            return Ok(None);
+        };
+        while self.buf.len() < 4 + size {
+            // Room for the rest of this frame plus a little of the next one, so pipelined
+            // small frames are read several per call.
+            let want = 4 + size - self.buf.len() + LOOKAHEAD.min(size.max(4096));
+            if self.buf.capacity() - self.buf.len() < want.min(LOOKAHEAD) {
+                self.buf.reserve(want);
+            }
+            if self.fill().await? == 0 {
+                return Err(self.truncated());
+            }
+        }
+        self.buf.advance(4);
+        let frame = self.buf.split_to(size).freeze();
+        if self.buf.is_empty() {
+            // Let go of the frame's allocation: the frame alone keeps it alive now.
+            self.buf = BytesMut::new();
+        }
+        Ok(Some(frame))
+    }
+
+    async fn fill(&mut self) -> Result<usize, FrameError> {
+        let n = self.inner.read_buf(&mut self.buf).await?;
+        if n == 0 && !self.buf.is_empty() {
+            return Err(self.truncated());
+        }
+        Ok(n)
+    }
+
+    fn truncated(&self) -> FrameError {
+        let want = if self.buf.len() >= 4 {
+            i32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize + 4
+        } else {
+            4
+        };
+        FrameError::Truncated {
+            have: self.buf.len(),
+            want,
+        }
+    }
+}
+
+/// Bytes to write as one vectored write: small pieces are copied together (one syscall slice
+/// each would cost more than the copy), large ones (record data) are kept as the `Bytes` they
+/// came in, so they reach the socket without a copy.
+#[derive(Default)]
+pub struct WriteBatch {
+    chunks: std::collections::VecDeque<Bytes>,
+    small: BytesMut,
+    len: usize,
+}
+
+/// Pieces at least this long are written from their own buffer.
+const COPY_BELOW: usize = 4096;
+/// Slices per `writev` call.
+const MAX_SLICES: usize = 64;
+
+impl WriteBatch {
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn put_slice(&mut self, b: &[u8]) {
+        self.small.extend_from_slice(b);
+        self.len += b.len();
+    }
+
+    pub fn put_bytes(&mut self, b: Bytes) {
+        if b.len() < COPY_BELOW {
+            self.put_slice(&b);
+            return;
+        }
+        self.seal_small();
+        self.len += b.len();
+        self.chunks.push_back(b);
+    }
+
+    fn seal_small(&mut self) {
+        if !self.small.is_empty() {
+            self.chunks.push_back(self.small.split().freeze());
+        }
+    }
+
+    /// Writes everything queued; the batch is empty afterwards (also after an error).
+    pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.seal_small();
+        let result = self.write_chunks(w).await;
+        self.chunks.clear();
+        self.small.clear();
+        self.len = 0;
+        result
+    }
+
+    async fn write_chunks<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> std::io::Result<()> {
+        while !self.chunks.is_empty() {
+            let n = if self.chunks.len() == 1 || !w.is_write_vectored() {
+                w.write(&self.chunks[0]).await?
+            } else {
+                let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+                let mut k = 0;
+                for c in self.chunks.iter().take(MAX_SLICES) {
+                    slices[k] = IoSlice::new(c);
+                    k += 1;
+                }
+                w.write_vectored(&slices[..k]).await?
+            };
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            let mut left = n;
+            while left > 0 {
+                let first = self.chunks.front_mut().expect("written bytes were queued");
+                if first.len() <= left {
+                    left -= first.len();
+                    self.chunks.pop_front();
+                } else {
+                    first.advance(left);
+                    left = 0;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -141,5 +262,77 @@ mod tests {
         assert_eq!(got, vec![Err("truncated".to_string())]);
         let got = frames(&[0, 0], 1024).await;
         assert_eq!(got, vec![Err("truncated".to_string())]);
+    }
+
+    #[tokio::test]
+    async fn size_is_known_before_the_frame_is_read() {
+        let input = [0, 0, 0, 3, 7, 8, 9];
+        let mut r = FrameReader::new(&input[..], 1024);
+        assert_eq!(r.next_size().await.unwrap(), Some(3));
+        assert_eq!(r.next_size().await.unwrap(), Some(3), "not consumed");
+        assert_eq!(r.next().await.unwrap().as_deref(), Some(&[7u8, 8, 9][..]));
+        assert_eq!(r.next_size().await.unwrap(), None);
+    }
+
+    /// A writer that takes at most 5 bytes per call, to exercise partial vectored writes.
+    struct Trickle(Vec<u8>);
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            b: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = b.len().min(5);
+            self.0.extend_from_slice(&b[..n]);
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(5 - n);
+                self.0.extend_from_slice(&b[..take]);
+                n += take;
+                if n == 5 {
+                    break;
+                }
+            }
+            std::task::Poll::Ready(Ok(n))
+        }
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn write_batch_keeps_byte_order_across_partial_writes() {
+        let big: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let mut batch = WriteBatch::default();
+        batch.put_slice(b"head");
+        batch.put_bytes(Bytes::from(big.clone()));
+        batch.put_bytes(Bytes::from_static(b"tail"));
+        assert_eq!(batch.len(), 10_008);
+        let mut out = Trickle(Vec::new());
+        batch.write_to(&mut out).await.unwrap();
+        let mut want = b"head".to_vec();
+        want.extend_from_slice(&big);
+        want.extend_from_slice(b"tail");
+        assert_eq!(out.0, want);
+        assert!(batch.is_empty());
     }
 }

@@ -183,17 +183,6 @@ pub fn decode_response<T: Decodable>(
     T::decode(&mut b, api_version).map_err(|e| decode_err(what(), e))
 }
 
-/// Re-frames an upstream response for the client: same bytes, the client's correlation id.
-/// The correlation id is the first header field whatever the header version, so only four
-/// bytes change; the body is not decoded.
-pub fn reframe_response(upstream: &[u8], client_correlation_id: i32) -> Bytes {
-    let mut buf = BytesMut::with_capacity(4 + upstream.len());
-    buf.put_u32(upstream.len() as u32);
-    buf.put_i32(client_correlation_id);
-    buf.put_slice(&upstream[4.min(upstream.len())..]);
-    buf.freeze()
-}
-
 /// A topic as a client named it in a request: by name (older versions) or by id (Produce and
 /// Fetch v13+); the other field is empty or nil.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -205,18 +194,6 @@ pub struct TopicRef {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kafka_protocol::messages::MetadataResponse;
-
-    #[test]
-    fn reframed_response_keeps_body_and_swaps_correlation_id() {
-        let body = MetadataResponse::default();
-        let framed = encode_response(ApiKey::Metadata, 9, 77, &body).unwrap();
-        let upstream = framed.slice(4..);
-        let client = reframe_response(&upstream, 5);
-        assert_eq!(&client[..4], &framed[..4]);
-        assert_eq!(&client[4..8], &5i32.to_be_bytes());
-        assert_eq!(&client[8..], &framed[8..]);
-    }
 
     #[test]
     fn peek_prefix_refuses_short_frames() {

@@ -133,13 +133,15 @@ pub const DEFAULT_MAX_DECOMPRESSED: usize = 128 * 1024 * 1024;
 
 /// Decodes every batch of a produce partition's `records` field.
 pub fn decode_batches(data: Bytes) -> Result<Vec<(BatchInfo, Vec<Record>)>, RecordsError> {
-    decode_batches_limited(data, DEFAULT_MAX_DECOMPRESSED)
+    decode_batches_limited(data, &mut DEFAULT_MAX_DECOMPRESSED.clone())
 }
 
-/// `decode_batches` with a bound on each batch's decompressed size.
+/// `decode_batches` within an allowance of decompressed bytes, shared by every batch the
+/// caller decodes with it (one allowance per client request: a request of many small bombs
+/// is bounded like one large one).
 pub fn decode_batches_limited(
     mut data: Bytes,
-    max_decompressed: usize,
+    allowance: &mut usize,
 ) -> Result<Vec<(BatchInfo, Vec<Record>)>, RecordsError> {
     let mut out = Vec::new();
     while data.has_remaining() {
@@ -182,7 +184,12 @@ pub fn decode_batches_limited(
             partition_leader_epoch,
             records: count,
         };
-        let body = decompress(info.compression()?, batch, max_decompressed)?;
+        let compression = info.compression()?;
+        let compressed = !matches!(compression, Compression::None);
+        let body = decompress(compression, batch, *allowance)?;
+        if compressed {
+            *allowance = allowance.saturating_sub(body.len());
+        }
         let records = decode_records(body, count, base_timestamp)?;
         out.push((info, records));
     }
@@ -520,13 +527,13 @@ mod tests {
             );
             assert!(
                 matches!(
-                    decode_batches_limited(bytes.clone(), 64 * 1024),
+                    decode_batches_limited(bytes.clone(), &mut (64 * 1024)),
                     Err(RecordsError::Compression(_))
                 ),
                 "codec {codec}"
             );
             assert_eq!(
-                decode_batches_limited(bytes, 2 << 20).unwrap()[0].1[0],
+                decode_batches_limited(bytes, &mut (2 << 20)).unwrap()[0].1[0],
                 big,
                 "codec {codec}"
             );

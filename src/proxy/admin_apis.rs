@@ -6,7 +6,7 @@ use kafka_protocol::messages::*;
 use super::connection::ClientConn;
 use super::forward::{any_broker, typed_reply};
 use super::{Ctx, HandlerError, Reply};
-use crate::protocol::{RequestFrame, codes, decode_response, encode_request, reframe_response};
+use crate::protocol::{RequestFrame, codes, decode_response, encode_request};
 use crate::upstream::UpstreamError;
 
 /// Admin APIs any broker serves (KRaft brokers forward controller-bound requests).
@@ -38,7 +38,10 @@ pub async fn forward_to_any(
         // Leaders of new partitions must be known before clients produce to them.
         ctx.topology().request_refresh();
     }
-    Ok(Reply::Frame(reframe_response(&resp, req.correlation_id())))
+    Ok(Reply::Forwarded {
+        correlation_id: req.correlation_id(),
+        upstream: resp,
+    })
 }
 
 /// ListGroups: each broker knows only the groups it coordinates.

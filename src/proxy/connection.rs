@@ -10,9 +10,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use kafka_protocol::messages::ApiKey;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Semaphore, mpsc, watch};
 
+use super::responses::{Responses, Slot};
 use super::{Ctx, Reply};
 use crate::protocol::frame::FrameReader;
 use crate::protocol::versions::{self, Route};
@@ -63,49 +64,94 @@ impl ClientConn {
     }
 }
 
-type ReplyRx = oneshot::Receiver<Reply>;
+/// Why the read loop stopped taking requests.
+enum Stop {
+    Eof,
+    Idle,
+    FirstRequest,
+    SlowFrame,
+    Bad,
+    Shutdown,
+    Closed,
+}
 
-pub async fn serve<S>(stream: S, client: ClientConn, ctx: Arc<Ctx>)
-where
+pub async fn serve<S>(
+    stream: S,
+    client: ClientConn,
+    ctx: Arc<Ctx>,
+    mut shutdown: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let limits = &ctx.settings.raw.limits;
     let (rd, wr) = tokio::io::split(stream);
     let mut reader = FrameReader::new(rd, limits.max_frame_bytes);
-    let (seq_tx, seq_rx) = mpsc::channel::<ReplyRx>(limits.max_in_flight_per_connection);
-    let writer = tokio::spawn(write_responses(wr, seq_rx, client.clone()));
-    let (produce_tx, produce_rx) = mpsc::channel::<(RequestFrame, oneshot::Sender<Reply>, Instant)>(
-        limits.max_in_flight_per_connection,
-    );
+    let responses = Responses::new(ctx.budget.clone());
+    let writer = tokio::spawn({
+        let (responses, id) = (responses.clone(), client.id);
+        async move { responses.write_loop(wr, id).await }
+    });
+    let in_flight = Arc::new(Semaphore::new(limits.max_in_flight_per_connection));
+    let (produce_tx, produce_rx) =
+        mpsc::channel::<(RequestFrame, Slot, Instant)>(limits.max_in_flight_per_connection);
     tokio::spawn(produce_lane(produce_rx, client.clone(), ctx.clone()));
     let idle = Duration::from_millis(limits.idle_timeout_ms);
+    let first_wait = Duration::from_millis(limits.handshake_timeout_ms);
+    let frame_wait = Duration::from_millis(limits.request_read_timeout_ms);
+    let mut first = true;
 
-    loop {
-        let frame = match tokio::time::timeout(idle, reader.next()).await {
-            Err(_) => {
-                tracing::debug!(conn = client.id, peer = %client.peer, "idle connection closed");
-                break;
-            }
-            Ok(Ok(Some(f))) => f,
-            Ok(Ok(None)) => break,
+    let stop = loop {
+        // Backpressure: no more than max_in_flight requests of this client at once.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break Stop::Closed;
+        };
+        let wait = if first { first_wait } else { idle };
+        let size = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => break Stop::Shutdown,
+            _ = responses.wait_closed() => break Stop::Closed,
+            r = tokio::time::timeout(wait, reader.next_size()) => r,
+        };
+        let size = match size {
+            Err(_) if first => break Stop::FirstRequest,
+            Err(_) => break Stop::Idle,
+            Ok(Ok(Some(size))) => size,
+            Ok(Ok(None)) => break Stop::Eof,
             Ok(Err(e)) => {
                 telemetry::frame_error(e.kind());
                 if !matches!(e, crate::protocol::frame::FrameError::Io(_)) {
                     tracing::warn!(conn = client.id, peer = %client.peer, error = %e, "bad frame; closing connection");
                 }
-                break;
+                break Stop::Bad;
             }
         };
+        // The frame is held (and its buffer allocated) only within the memory budget.
+        let charge = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => break Stop::Shutdown,
+            _ = responses.wait_closed() => break Stop::Closed,
+            c = ctx.budget.reserve(size + 4) => c,
+        };
+        let frame = match tokio::time::timeout(frame_wait, reader.next()).await {
+            Err(_) => break Stop::SlowFrame,
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => break Stop::Eof,
+            Ok(Err(e)) => {
+                telemetry::frame_error(e.kind());
+                if !matches!(e, crate::protocol::frame::FrameError::Io(_)) {
+                    tracing::warn!(conn = client.id, peer = %client.peer, error = %e, "bad frame; closing connection");
+                }
+                break Stop::Bad;
+            }
+        };
+        first = false;
         metrics::counter!("shardgate_bytes_in_total").increment(frame.len() as u64 + 4);
         let started = Instant::now();
-        let (tx, rx) = oneshot::channel();
-        if seq_tx.send(rx).await.is_err() {
-            break; // writer gone: the socket is closed
-        }
+        let slot = responses.slot(Some(charge), Some(permit));
         match admit(&client, frame) {
             Admitted::Request(req) if req.api_key == ApiKey::Produce => {
-                if produce_tx.send((req, tx, started)).await.is_err() {
-                    break;
+                if produce_tx.send((req, slot, started)).await.is_err() {
+                    break Stop::Closed;
                 }
             }
             Admitted::Request(req) => {
@@ -113,20 +159,38 @@ where
                 let client = client.clone();
                 tokio::spawn(async move {
                     let reply = run(&ctx, &client, req, started).await;
-                    let _ = tx.send(reply);
+                    slot.complete(reply);
                 });
             }
-            Admitted::Answer(frame) => {
-                let _ = tx.send(Reply::Frame(frame));
-            }
+            Admitted::Answer(frame) => slot.complete(Reply::Frame(frame)),
             Admitted::Refuse(reason) => {
-                let _ = tx.send(Reply::Close(reason));
-                break;
+                slot.complete(Reply::Close(reason));
+                break Stop::Bad;
             }
         }
+    };
+    match stop {
+        Stop::Idle => {
+            tracing::debug!(conn = client.id, peer = %client.peer, "idle connection closed")
+        }
+        Stop::FirstRequest => {
+            metrics::counter!("shardgate_connections_closed_total", "reason" => "no_first_request")
+                .increment(1);
+            tracing::info!(conn = client.id, peer = %client.peer, "no request within limits.handshake_timeout_ms; closing");
+        }
+        Stop::SlowFrame => {
+            metrics::counter!("shardgate_connections_closed_total", "reason" => "slow_request")
+                .increment(1);
+            tracing::warn!(conn = client.id, peer = %client.peer, "request not received within limits.request_read_timeout_ms; closing");
+        }
+        Stop::Shutdown => {
+            tracing::debug!(conn = client.id, "shutting down: answering what was read")
+        }
+        Stop::Eof | Stop::Bad | Stop::Closed => {}
     }
-    drop(seq_tx);
+    drop(reader);
     drop(produce_tx);
+    responses.reader_done();
     let _ = writer.await;
     ctx.groups.forget_connection(client.id);
     // The client's own upstream connections close when the last task holding `client` ends.
@@ -232,57 +296,49 @@ pub(super) fn finish(
     }
 }
 
-/// Queues produce requests upstream one at a time, in arrival order, then lets their
-/// responses be awaited concurrently.
+/// Queues produce requests upstream one at a time, in arrival order, and awaits their
+/// answers concurrently, all within this one task: spawning a task per produce displaces the
+/// just-woken upstream writer from the worker's next-task slot, and the scheduler then hands
+/// it to the other worker thread (a cross-thread wake-up on every request, measured with
+/// strace).
 async fn produce_lane(
-    mut rx: mpsc::Receiver<(RequestFrame, oneshot::Sender<Reply>, Instant)>,
+    mut rx: mpsc::Receiver<(RequestFrame, Slot, Instant)>,
     client: ClientConn,
     ctx: Arc<Ctx>,
 ) {
-    while let Some((req, tx, started)) = rx.recv().await {
-        match super::produce::send(&ctx, &client, &req).await {
-            Ok(pending) => {
-                let client = client.clone();
-                let ctx = ctx.clone();
-                tokio::spawn(async move {
-                    let result = pending.finish(&ctx).await;
-                    let _ = tx.send(finish(&client, ApiKey::Produce, started, result));
-                });
-            }
-            Err(e) => {
-                let _ = tx.send(finish(&client, ApiKey::Produce, started, Err(e)));
-            }
-        }
-    }
-}
-
-async fn write_responses<W: AsyncWrite + Unpin>(
-    mut wr: W,
-    mut rx: mpsc::Receiver<ReplyRx>,
-    client: ClientConn,
-) {
-    while let Some(next) = rx.recv().await {
-        match next.await {
-            Ok(Reply::Frame(bytes)) => {
-                metrics::counter!("shardgate_bytes_out_total").increment(bytes.len() as u64);
-                if let Err(e) = wr.write_all(&bytes).await {
-                    tracing::debug!(conn = client.id, error = %e, "client write failed");
-                    break;
+    use futures::StreamExt;
+    use futures::stream::FuturesUnordered;
+    let mut answers = FuturesUnordered::new();
+    loop {
+        let next = tokio::select! {
+            biased;
+            Some(()) = answers.next(), if !answers.is_empty() => continue,
+            next = rx.recv() => next,
+        };
+        let Some((req, slot, started)) = next else {
+            break;
+        };
+        let queued = {
+            let send = super::produce::send(&ctx, &client, &req);
+            tokio::pin!(send);
+            loop {
+                tokio::select! {
+                    biased;
+                    r = &mut send => break r,
+                    Some(()) = answers.next(), if !answers.is_empty() => {}
                 }
             }
-            Ok(Reply::Nothing) => {}
-            Ok(Reply::Close(reason)) => {
-                tracing::debug!(conn = client.id, %reason, "closing client connection");
-                break;
+        };
+        match queued {
+            Ok(pending) => {
+                let (ctx, client) = (ctx.clone(), client.clone());
+                answers.push(async move {
+                    let result = pending.finish(&ctx).await;
+                    slot.complete(finish(&client, ApiKey::Produce, started, result));
+                });
             }
-            Err(_) => {
-                tracing::error!(
-                    conn = client.id,
-                    "request task ended without a reply; closing"
-                );
-                break;
-            }
+            Err(e) => slot.complete(finish(&client, ApiKey::Produce, started, Err(e))),
         }
     }
-    let _ = wr.shutdown().await;
+    while answers.next().await.is_some() {}
 }

@@ -12,12 +12,14 @@ use kafka_protocol::protocol::StrBytes;
 use super::connection::ClientConn;
 use super::forward::{any_broker, typed_reply};
 use super::{Ctx, HandlerError, Reply};
-use crate::protocol::{RequestFrame, codes, decode_response, reframe_response};
+use crate::protocol::{RequestFrame, codes, decode_response};
 use crate::telemetry;
 
 pub const GROUP: i8 = 0;
 
 pub const TXN: i8 = 1;
+
+const MAX_CACHED_COORDINATORS: usize = 100_000;
 
 /// Real coordinators by (key type, key), learned from FindCoordinator upstream and forgotten
 /// on NOT_COORDINATOR / COORDINATOR_NOT_AVAILABLE.
@@ -35,10 +37,13 @@ impl CoordinatorCache {
             .copied()
     }
     pub(super) fn put(&self, key_type: i8, key: &str, broker: i32) {
-        self.map
-            .lock()
-            .expect("coordinator cache")
-            .insert((key_type, key.to_string()), broker);
+        let mut m = self.map.lock().expect("coordinator cache");
+        if m.len() >= MAX_CACHED_COORDINATORS {
+            // Keys are client-chosen group and transaction ids: bounded by starting over
+            // (entries are relearned with one FindCoordinator each).
+            m.clear();
+        }
+        m.insert((key_type, key.to_string()), broker);
     }
     pub(super) fn forget(&self, key_type: i8, key: &str) {
         self.map
@@ -302,7 +307,10 @@ pub async fn forward_to_coordinator(
             return Ok(reply);
         }
     }
-    Ok(Reply::Frame(reframe_response(&resp, req.correlation_id())))
+    Ok(Reply::Forwarded {
+        correlation_id: req.correlation_id(),
+        upstream: resp,
+    })
 }
 
 /// A COORDINATOR_NOT_AVAILABLE answer in the API's own shape, for APIs with a top-level or

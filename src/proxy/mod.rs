@@ -7,6 +7,7 @@
 
 pub mod admin_apis;
 pub mod api_versions;
+pub mod budget;
 pub mod cluster;
 pub mod configs;
 pub mod connection;
@@ -18,6 +19,7 @@ pub mod multi_group;
 pub mod observe;
 pub mod partitioned;
 pub mod produce;
+pub mod responses;
 pub mod server;
 pub mod signals;
 pub mod sockets;
@@ -40,6 +42,12 @@ use crate::upstream::topology::TopologyHandle;
 pub enum Reply {
     /// A complete response frame, length prefix included.
     Frame(Bytes),
+    /// An upstream response frame (without length prefix) passed on as it is under the
+    /// client's correlation id: no copy of its body.
+    Forwarded {
+        correlation_id: i32,
+        upstream: Bytes,
+    },
     /// The request has no response (Produce with acks=0).
     Nothing,
     /// Close the connection after the responses before this one (the reason is logged).
@@ -76,6 +84,8 @@ pub struct Ctx {
     pub groups: Arc<GroupTracker>,
     /// Produce to managed topics: rerouting, shardgate's own writer, client retry memory.
     pub managed: Arc<ManagedProduce>,
+    /// Bytes held on behalf of clients (requests and responses), bounded.
+    pub budget: Arc<budget::MemoryBudget>,
 }
 
 impl Ctx {
@@ -88,6 +98,7 @@ impl Ctx {
     ) -> Self {
         Self {
             managed,
+            budget: budget::MemoryBudget::new(settings.raw.limits.memory_budget_bytes),
             cluster: cluster::VirtualCluster::new(settings.node_id, settings.instances.clone()),
             settings,
             pool,

@@ -83,6 +83,12 @@ pub async fn send(
     let mut managed = BTreeMap::new();
     let loaded = ctx.shards.loaded();
     let mut by_broker: BTreeMap<i32, (ProduceRequest, Vec<(TopicRef, i32)>)> = BTreeMap::new();
+    let mut terms = crate::shards::produce::ProduceTerms {
+        acks: body.acks,
+        timeout_ms: body.timeout_ms,
+        transactional: body.transactional_id.is_some(),
+        allowance: ctx.managed.decompression_allowance(),
+    };
     for t in &body.topic_data {
         let name = resolve(&topo, t);
         let tref = TopicRef {
@@ -119,14 +125,7 @@ pub async fn send(
                 }
                 continue;
             }
-            for mp in ctx.managed.route(
-                &guard,
-                &m,
-                &t.partition_data,
-                body.acks,
-                body.timeout_ms,
-                body.transactional_id.is_some(),
-            ) {
+            for mp in ctx.managed.route(&guard, &m, &t.partition_data, &mut terms) {
                 order.push((tref.clone(), mp.index()));
                 managed.insert((tref.clone(), mp.index()), mp);
             }

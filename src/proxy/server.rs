@@ -1,7 +1,11 @@
-//! Accept loop: connection limit, optional TLS, graceful shutdown.
+//! Accept loop: connection limits (total and per source address), optional TLS with a
+//! handshake deadline, and a graceful shutdown that answers what was already read.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -10,34 +14,71 @@ use tokio_rustls::TlsAcceptor;
 use super::Ctx;
 use super::connection::{ClientConn, serve};
 
+/// Open connections per source address, for `limits.max_connections_per_source`.
+#[derive(Default)]
+struct PerSource(Mutex<HashMap<IpAddr, usize>>);
+
+impl PerSource {
+    /// Counts a new connection from `ip` unless `max` (0 = no limit) are already open.
+    fn try_take(&self, ip: IpAddr, max: usize) -> bool {
+        let mut m = self.0.lock().expect("per-source lock");
+        let n = m.entry(ip).or_insert(0);
+        if max != 0 && *n >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut m = self.0.lock().expect("per-source lock");
+        if let Some(n) = m.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&ip);
+            }
+        }
+    }
+}
+
 pub async fn run(
     listener: TcpListener,
     ctx: Arc<Ctx>,
     tls: Option<TlsAcceptor>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let limit = Arc::new(Semaphore::new(ctx.settings.raw.limits.max_connections));
+    let limits = ctx.settings.raw.limits.clone();
+    let limit = Arc::new(Semaphore::new(limits.max_connections));
+    let per_source = Arc::new(PerSource::default());
+    let handshake = Duration::from_millis(limits.handshake_timeout_ms);
     let next_id = AtomicU64::new(1);
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = shutdown.changed() => break,
+            _ = shutdown.wait_for(|s| *s) => break,
         };
         let (tcp, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // Typically EMFILE: keep serving existing connections.
                 tracing::warn!(error = %e, "accept failed");
-                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            metrics::counter!("shardgate_connections_rejected_total").increment(1);
-            tracing::warn!(%peer, "connection limit reached; refusing connection");
+            metrics::counter!("shardgate_connections_rejected_total", "reason" => "max_connections").increment(1);
+            tracing::warn!(%peer, "limits.max_connections reached; refusing connection");
             drop(tcp);
             continue;
         };
+        if !per_source.try_take(peer.ip(), limits.max_connections_per_source) {
+            metrics::counter!("shardgate_connections_rejected_total", "reason" => "per_source")
+                .increment(1);
+            tracing::warn!(%peer, "limits.max_connections_per_source reached; refusing connection");
+            drop(tcp);
+            continue;
+        }
         let _ = tcp.set_nodelay(true);
         let client = ClientConn::new(
             next_id.fetch_add(1, Ordering::Relaxed),
@@ -46,17 +87,25 @@ pub async fn run(
         );
         let ctx = ctx.clone();
         let tls = tls.clone();
+        let per_source = per_source.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _source = SourceSlot(per_source, peer.ip());
             metrics::counter!("shardgate_connections_total").increment(1);
             metrics::gauge!("shardgate_connections").increment(1.0);
             tracing::debug!(conn = client.id, %peer, "client connected");
             match tls {
-                None => serve(tcp, client.clone(), ctx).await,
-                Some(acceptor) => match acceptor.accept(tcp).await {
-                    Ok(s) => serve(s, client.clone(), ctx).await,
-                    Err(e) => {
+                None => serve(tcp, client.clone(), ctx, shutdown).await,
+                Some(acceptor) => match tokio::time::timeout(handshake, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(s)) => serve(s, client.clone(), ctx, shutdown).await,
+                    Ok(Err(e)) => {
                         crate::telemetry::frame_error("tls_handshake");
                         tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                    }
+                    Err(_) => {
+                        crate::telemetry::frame_error("tls_handshake_timeout");
+                        tracing::info!(%peer, "TLS handshake not finished within limits.handshake_timeout_ms; closing");
                     }
                 },
             }
@@ -64,5 +113,31 @@ pub async fn run(
             tracing::debug!(conn = client.id, %peer, "client disconnected");
             drop(permit);
         });
+    }
+    drop(listener);
+    // Drain: every connection stops reading and writes the answers to what it read; wait for
+    // them (all connection permits back) up to the drain timeout.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let drain = Duration::from_millis(limits.drain_timeout_ms);
+    let open = limits.max_connections - limit.available_permits();
+    tracing::info!(open, "draining client connections");
+    match tokio::time::timeout(drain, limit.acquire_many(all)).await {
+        Ok(_) => tracing::info!("all client connections answered and closed"),
+        Err(_) => {
+            let left = limits.max_connections - limit.available_permits();
+            tracing::warn!(
+                left,
+                "limits.drain_timeout_ms passed with connections still open; exiting anyway"
+            );
+        }
+    }
+}
+
+/// The per-source count of one connection, released when its task ends.
+struct SourceSlot(Arc<PerSource>, IpAddr);
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        self.0.release(self.1);
     }
 }

@@ -271,8 +271,17 @@ async fn committed(
 pub async fn run(pool: Arc<Pool>, shards: Arc<Registry>, groups: Arc<GroupTracker>) {
     let mut tick = tokio::time::interval(REFRESH);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut swept = Instant::now();
     loop {
         tick.tick().await;
+        if swept.elapsed() >= Duration::from_secs(60) {
+            swept = Instant::now();
+            use crate::shards::gates::expiry::{GROUP_IDLE, MAX_GROUPS, MAX_LINKS};
+            groups.sweep(GROUP_IDLE, MAX_GROUPS, MAX_LINKS);
+            let (g, l) = groups.remembered();
+            metrics::gauge!("shardgate_groups_remembered").set(g as f64);
+            metrics::gauge!("shardgate_client_links_remembered").set(l as f64);
+        }
         for topic in groups.demand().wanted() {
             let Some(m) = shards.get(&topic) else {
                 continue;

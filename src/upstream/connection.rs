@@ -7,14 +7,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 
 use super::UpstreamError;
 use crate::config::HostPort;
-use crate::protocol::frame::FrameReader;
+use crate::protocol::frame::{FrameReader, WriteBatch};
 
 /// What a caller of one upstream request gets back: the response frame or why not.
 pub type Answer = Result<Bytes, UpstreamError>;
@@ -174,7 +174,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut closed: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut next_id: i32 = 1;
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut buf = WriteBatch::default();
     let mut batch = Vec::with_capacity(64);
     loop {
         let n = tokio::select! {
@@ -201,14 +201,18 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             if let Some(r) = out.reply {
                 pending.lock().expect("pending lock").insert(id, r);
             }
-            buf.put_u32(out.frame.len() as u32);
-            buf.put_slice(&out.frame[..4]);
-            buf.put_i32(id);
-            buf.put_slice(&out.frame[8..]);
+            // Header with our correlation id, then the client's bytes as they came (record
+            // data is not copied).
+            let mut head = [0u8; 12];
+            head[..4].copy_from_slice(&(out.frame.len() as u32).to_be_bytes());
+            head[4..8].copy_from_slice(&out.frame[..4]);
+            head[8..].copy_from_slice(&id.to_be_bytes());
+            buf.put_slice(&head);
+            buf.put_bytes(out.frame.slice(8..));
         }
         // A broker that stopped reading blocks the write; closing must still interrupt it.
         let written = tokio::select! {
-            r = wr.write_all(&buf) => r,
+            r = buf.write_to(&mut wr) => r,
             _ = closed.wait_for(|c| *c) => break,
         };
         if let Err(e) = written {
@@ -217,7 +221,6 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             fail_all(&pending, broker, &e.to_string());
             break;
         }
-        buf.clear();
     }
     alive.store(false, Ordering::Release);
     let _ = wr.shutdown().await;

@@ -75,9 +75,17 @@ type Assigned = Vec<(String, i32)>;
 /// A group's generation and its members' assignments in it.
 type GroupAssignment = (i32, HashMap<String, Assigned>);
 
+/// (client address, client id) → the groups it joined, and when it last did.
+type Links = HashMap<(IpAddr, String), (HashSet<String>, Instant)>;
+
 #[derive(Default)]
 pub struct GroupTracker {
-    links: Mutex<HashMap<(IpAddr, String), HashSet<String>>>,
+    /// (client address, client id) → the groups it joined, and when it last did.
+    links: Mutex<Links>,
+    /// Per group: its last activity on the wire (or first sight in Kafka's view), so groups
+    /// that went away are forgotten (`expiry.rs`): the maps above are keyed by
+    /// client-supplied names and must not grow without bound.
+    activity: Mutex<HashMap<String, Instant>>,
     /// Per group: the highest offset known consumed (committed, or a fetch position: fetching
     /// from offset o means everything before o was delivered).
     groups: Mutex<HashMap<String, Positions>>,
@@ -126,7 +134,9 @@ impl GroupTracker {
     pub fn absorb_kafka(&self, topic: &str, state: TopicGroups) {
         {
             let mut g = self.groups.lock().expect("groups lock");
+            let mut act = self.activity.lock().expect("activity lock");
             for ((group, partition), offset) in &state.committed {
+                act.entry(group.clone()).or_insert_with(Instant::now);
                 Self::bump(
                     g.entry(group.clone()).or_default(),
                     topic,
@@ -165,16 +175,19 @@ impl GroupTracker {
     }
 
     pub fn link(&self, ip: IpAddr, client_id: &str, group: &str) {
+        self.touch(group);
         let mut l = self.links.lock().expect("links lock");
-        l.entry((ip, client_id.to_string()))
-            .or_default()
-            .insert(group.to_string());
+        let e = l
+            .entry((ip, client_id.to_string()))
+            .or_insert_with(|| (HashSet::new(), Instant::now()));
+        e.0.insert(group.to_string());
+        e.1 = Instant::now();
     }
 
     pub fn consumer(&self, ip: IpAddr, client_id: &str, conn: u64) -> Consumer {
         let l = self.links.lock().expect("links lock");
         match l.get(&(ip, client_id.to_string())) {
-            Some(g) if !g.is_empty() => {
+            Some((g, _)) if !g.is_empty() => {
                 let mut v: Vec<String> = g.iter().cloned().collect();
                 v.sort();
                 Consumer::Groups(v)
@@ -191,6 +204,7 @@ impl GroupTracker {
     }
 
     pub fn committed(&self, group: &str, topic: &str, partition: i32, offset: i64) {
+        self.touch(group);
         let mut g = self.groups.lock().expect("groups lock");
         Self::bump(
             g.entry(group.to_string()).or_default(),
@@ -214,6 +228,11 @@ impl GroupTracker {
             // Not linked here (its group traffic may go to another instance): Kafka knows.
             Consumer::Connection(_) => self.kafka_owners(topic, partition).unwrap_or_default(),
         };
+        if let Consumer::Groups(g) = who {
+            for group in g {
+                self.touch(group);
+            }
+        }
         if let [group] = groups.as_slice() {
             let mut m = self.group_fetched.lock().expect("group fetched lock");
             Self::bump(
@@ -457,6 +476,7 @@ impl GroupTracker {
         member: &str,
         partitions: Vec<(String, i32)>,
     ) {
+        self.touch(group);
         let mut a = self.assignments.lock().expect("assignments lock");
         let entry = a
             .entry(group.to_string())
@@ -540,5 +560,6 @@ pub fn records_before(records: &Bytes, from_offset: i64) -> Bytes {
     records.slice(..pos)
 }
 
+pub mod expiry;
 #[cfg(test)]
 mod tests;

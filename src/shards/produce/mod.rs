@@ -24,6 +24,15 @@ use crate::protocol::codes;
 use crate::upstream::pool::Pool;
 
 /// The managed-topic produce service, one per process.
+/// What a client's produce request asks of every topic it writes.
+pub struct ProduceTerms {
+    pub acks: i16,
+    pub timeout_ms: i32,
+    pub transactional: bool,
+    /// Decompressed bytes the request's batches may still expand to (shared by its topics).
+    pub allowance: usize,
+}
+
 pub struct ManagedProduce {
     registry: Arc<Registry>,
     memory: ProducerMemory,
@@ -70,6 +79,11 @@ impl ManagedProduce {
         self.writer.acked_end(topic, partition)
     }
 
+    /// Decompressed bytes one client request may expand to (shared by all its batches).
+    pub fn decompression_allowance(&self) -> usize {
+        self.max_decompressed
+    }
+
     /// Routes one topic's partitions of a client produce and queues their records on the
     /// writer lanes. Synchronous, so lanes see records in the order clients' requests arrived.
     pub fn route(
@@ -77,17 +91,21 @@ impl ManagedProduce {
         guard: &Arc<InflightGuard>,
         m: &Managed,
         data: &[PartitionProduceData],
-        acks: i16,
-        timeout_ms: i32,
-        transactional: bool,
+        terms: &mut ProduceTerms,
     ) -> Vec<ManagedPart> {
+        let ProduceTerms {
+            acks,
+            timeout_ms,
+            transactional,
+            ref mut allowance,
+        } = *terms;
         let r = reroute(
             &self.registry,
             m,
             data,
             &self.memory,
             transactional,
-            self.max_decompressed,
+            allowance,
         );
         for (shard, (records, bytes)) in &r.records_per_shard {
             let labels = [

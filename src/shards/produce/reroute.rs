@@ -53,7 +53,7 @@ pub fn reroute(
     data: &[PartitionProduceData],
     memory: &ProducerMemory,
     transactional: bool,
-    max_decompressed: usize,
+    allowance: &mut usize,
 ) -> Rerouted {
     let mut parts = Vec::with_capacity(data.len());
     let mut per_shard: BTreeMap<u32, (u64, u64)> = BTreeMap::new();
@@ -82,7 +82,7 @@ pub fn reroute(
         let batches = match pd
             .records
             .clone()
-            .map(|r| decode_batches_limited(r, max_decompressed))
+            .map(|r| decode_batches_limited(r, allowance))
             .transpose()
         {
             Ok(b) => b.unwrap_or_default(),

@@ -40,7 +40,7 @@ pub(super) async fn run_lane(
     partition: i32,
     pin: u64,
     fresh_producer: bool,
-    mut rx: mpsc::UnboundedReceiver<Job>,
+    mut rx: mpsc::Receiver<Job>,
 ) {
     let shared = *w.producer.lock().expect("writer producer");
     let acked = w.acked_slot(&topic, partition);
@@ -98,10 +98,7 @@ pub(super) async fn run_lane(
     }
 }
 
-pub(super) async fn next_job(
-    carry: &mut Option<Job>,
-    rx: &mut mpsc::UnboundedReceiver<Job>,
-) -> Option<Job> {
+pub(super) async fn next_job(carry: &mut Option<Job>, rx: &mut mpsc::Receiver<Job>) -> Option<Job> {
     match carry.take() {
         Some(j) => Some(j),
         None => rx.recv().await,
@@ -112,7 +109,7 @@ pub(super) async fn next_job(
 pub(super) fn take_batch(
     st: &mut LaneState,
     first: Job,
-    rx: &mut mpsc::UnboundedReceiver<Job>,
+    rx: &mut mpsc::Receiver<Job>,
     carry: &mut Option<Job>,
 ) -> Vec<Job> {
     let mut jobs = Vec::new();

@@ -94,7 +94,14 @@ pub struct WriteError {
     pub message: Option<String>,
 }
 
-type Lane = mpsc::UnboundedSender<Job>;
+type Lane = mpsc::Sender<Job>;
+
+/// Jobs one lane may have queued. Their bytes are bounded by the client memory budget
+/// anyway (a request stays charged until its jobs are answered); this bounds their number.
+/// A job refused here gets a retriable error; that can reorder the refused client's batches
+/// like any failed write, which is why the bound sits far above what the budget admits in
+/// practice (thousands of concurrent small batches to one partition).
+const LANE_CAPACITY: usize = 16_384;
 
 pub struct ShardWriter {
     pool: Arc<Pool>,
@@ -155,7 +162,7 @@ impl ShardWriter {
         let mut lanes = self.lanes.lock().expect("writer lanes");
         let key = (topic.to_string(), partition);
         let tx = lanes.entry(key.clone()).or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, rx) = mpsc::channel(LANE_CAPACITY);
             let pin = self.pins.fetch_add(1, Ordering::Relaxed);
             let fresh = self
                 .restarted
@@ -165,7 +172,21 @@ impl ShardWriter {
             tokio::spawn(run_lane(self.clone(), key.0.clone(), key.1, pin, fresh, rx));
             tx
         });
-        if let Err(mpsc::error::SendError(job)) = tx.send(job) {
+        let job = match tx.try_send(job) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(job)) => {
+                metrics::counter!("shardgate_writer_lane_full_total").increment(1);
+                let _ = job.reply.send(Err(WriteError {
+                    code: codes::REQUEST_TIMED_OUT,
+                    message: Some(format!(
+                        "shardgate's writer for {topic}-{partition} has {LANE_CAPACITY} batches queued; retry"
+                    )),
+                }));
+                return;
+            }
+            Err(mpsc::error::TrySendError::Closed(job)) => job,
+        };
+        {
             // Only if the lane task died (a panic): answer, and start a new lane next time.
             lanes.remove(&key);
             self.restarted
