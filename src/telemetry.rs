@@ -58,6 +58,14 @@ fn describe() {
         "shardgate_topology_refreshes_total",
         "Upstream topology refreshes"
     );
+    describe_counter!(
+        "shardgate_client_fields_rewritten_total",
+        "Client request fields forced to a consumer's values (a client posing as a broker), by API and field"
+    );
+    describe_gauge!(
+        "shardgate_upstream_api_versions_brokers",
+        "Live upstream brokers whose ApiVersions answer is in the offered intersection"
+    );
 }
 
 pub fn api_name(api: i16) -> &'static str {
@@ -161,6 +169,16 @@ pub fn request_upstream_failure(api: ApiKey, kind: &'static str) {
         "shardgate_request_errors_total",
         "api" => api_label(api),
         "kind" => kind
+    )
+    .increment(1);
+}
+
+/// A client request field forced to a consumer's value (see `proxy::client_fields`).
+pub fn client_field_rewritten(api: ApiKey, field: &'static str) {
+    metrics::counter!(
+        "shardgate_client_fields_rewritten_total",
+        "api" => api_label(api),
+        "field" => field
     )
     .increment(1);
 }

@@ -367,3 +367,190 @@ cluster = "unloaded"
         "the fetch waited for the maps within max_wait ({waited:?})"
     );
 }
+
+/// A client may not pose as a follower through shardgate: a Fetch or ListOffsets naming a real
+/// broker as its replica is served as a consumer's. The control goes to Kafka directly: there
+/// the same requests are treated as a replica's (a non-replica "follower" fetch is refused; a
+/// replica's ListOffsets answers the log end and ignores read_committed), through shardgate
+/// they get a consumer's answers (records served; the last stable offset).
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn a_client_posing_as_a_broker_is_served_as_a_consumer() {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic, ReplicaState};
+    use kafka_protocol::messages::list_offsets_request::{ListOffsetsPartition, ListOffsetsTopic};
+    use kafka_protocol::messages::{
+        BrokerId, FetchRequest, FetchResponse, ListOffsetsRequest, ListOffsetsResponse, TopicName,
+    };
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    // Brokers as Kafka itself lists them; the topic's one replica on the highest id, and the
+    // "follower" we pose as another broker (the leader itself on a one-broker testbed).
+    let direct: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let md = direct
+        .fetch_metadata(None, Duration::from_secs(10))
+        .unwrap();
+    let mut ids: Vec<(i32, String)> = md
+        .brokers()
+        .iter()
+        .map(|b| (b.id(), format!("{}:{}", b.host(), b.port())))
+        .collect();
+    ids.sort();
+    let (leader, leader_addr) = ids.last().cloned().unwrap();
+    let posed = ids.first().unwrap().0;
+    let topic = unique("posing");
+    run_ok(
+        std::process::Command::new(bin("kafka-topics")).args([
+            "--bootstrap-server",
+            &kafka(),
+            "--create",
+            "--topic",
+            &topic,
+            "--replica-assignment",
+            &leader.to_string(),
+        ]),
+        Duration::from_secs(60),
+    );
+
+    // Three committed records, then an open transaction: LSO 4 (after the commit marker),
+    // log end 6.
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("transactional.id", unique("posing-txn"))
+        .create()
+        .unwrap();
+    let t = Duration::from_secs(30);
+    producer.init_transactions(t).unwrap();
+    let send = |n: usize| {
+        producer.begin_transaction().unwrap();
+        for i in 0..n {
+            let v = format!("v{i}");
+            producer
+                .send(BaseRecord::<(), _>::to(&topic).payload(&v))
+                .unwrap();
+        }
+        producer.flush(t).unwrap();
+    };
+    send(3);
+    producer.commit_transaction(t).unwrap();
+    send(2);
+
+    let name = TopicName(StrBytes::from_string(topic.clone()));
+    let list = |replica: i32| {
+        ListOffsetsRequest::default()
+            .with_replica_id(BrokerId(replica))
+            .with_isolation_level(1)
+            .with_topics(vec![
+                ListOffsetsTopic::default()
+                    .with_name(name.clone())
+                    .with_partitions(vec![
+                        ListOffsetsPartition::default()
+                            .with_partition_index(0)
+                            .with_timestamp(-1),
+                    ]),
+            ])
+    };
+    let latest = |addr: &str, replica: i32| {
+        let r: ListOffsetsResponse = ask(addr, ApiKey::ListOffsets, 7, &list(replica));
+        let p = &r.topics[0].partitions[0];
+        assert_eq!(p.error_code, 0, "ListOffsets via {addr} as {replica}");
+        p.offset
+    };
+    let rewritten = |api: &str, field: &str| {
+        metric(
+            "shardgate_client_fields_rewritten_total",
+            &[&format!("api=\"{api}\""), &format!("field=\"{field}\"")],
+        )
+    };
+    eventually(
+        "the open transaction is visible",
+        Duration::from_secs(20),
+        || latest(&leader_addr, posed) == 6,
+    );
+    assert_eq!(
+        latest(&leader_addr, -1),
+        4,
+        "a consumer's read_committed end"
+    );
+    let before = rewritten("ListOffsets", "replica_id");
+    assert_eq!(
+        latest(&proxy(), posed),
+        4,
+        "through shardgate the posing client gets the consumer's last stable offset"
+    );
+    assert_eq!(rewritten("ListOffsets", "replica_id"), before + 1.0);
+
+    let fetch = |version: i16| {
+        let mut r = FetchRequest::default()
+            .with_max_wait_ms(0)
+            .with_min_bytes(1)
+            .with_max_bytes(1 << 20)
+            .with_session_epoch(-1)
+            .with_topics(vec![
+                FetchTopic::default()
+                    .with_topic(name.clone())
+                    .with_topic_id(md_topic_id(&topic))
+                    .with_partitions(vec![
+                        FetchPartition::default()
+                            .with_partition(0)
+                            .with_fetch_offset(0)
+                            .with_partition_max_bytes(1 << 20),
+                    ]),
+            ]);
+        if version >= 15 {
+            r.replica_state = ReplicaState::default()
+                .with_replica_id(BrokerId(posed))
+                .with_replica_epoch(1);
+        } else {
+            r.replica_id = BrokerId(posed);
+        }
+        r
+    };
+    for (version, field) in [(12, "replica_id"), (15, "replica_state.replica_id")] {
+        let req = fetch(version);
+        let control: FetchResponse = ask(&leader_addr, ApiKey::Fetch, version, &req);
+        let p = &control.responses[0].partitions[0];
+        eprintln!(
+            "direct v{version} as broker {posed}: top {} partition {} hw {}",
+            control.error_code, p.error_code, p.high_watermark
+        );
+        assert!(
+            control.error_code != 0 || p.error_code != 0,
+            "control: Kafka refuses a follower fetch from a broker that is no replica (v{version})"
+        );
+        let before = rewritten("Fetch", field);
+        let resp: FetchResponse = ask(&proxy(), ApiKey::Fetch, version, &req);
+        let p = &resp.responses[0].partitions[0];
+        assert_eq!((resp.error_code, p.error_code), (0, 0), "v{version}");
+        assert_eq!(p.high_watermark, 6, "v{version}");
+        assert!(
+            p.records.as_ref().is_some_and(|r| !r.is_empty()),
+            "v{version}: a consumer's fetch gets the records"
+        );
+        assert_eq!(rewritten("Fetch", field), before + 1.0, "v{version}");
+    }
+    producer.abort_transaction(t).unwrap();
+    still_serving();
+}
+
+/// The topic id Kafka gave `topic` (Fetch v13+ names topics by id).
+fn md_topic_id(topic: &str) -> uuid::Uuid {
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    use kafka_protocol::messages::{MetadataResponse, TopicName};
+    let req = MetadataRequest::default()
+        .with_topics(Some(vec![MetadataRequestTopic::default().with_name(Some(
+            TopicName(StrBytes::from_string(topic.to_string())),
+        ))]));
+    let first = kafka().split(',').next().unwrap().to_string();
+    let mut id = uuid::Uuid::nil();
+    eventually("the topic's id", Duration::from_secs(20), || {
+        let r: MetadataResponse = ask(&first, ApiKey::Metadata, 12, &req);
+        id = r.topics[0].topic_id;
+        !id.is_nil()
+    });
+    id
+}

@@ -602,7 +602,8 @@ fn java_consumer_with_the_kip_848_group_protocol_resumes_from_its_commits() {
 }
 
 /// Kafka's config tool against the virtual cluster: a virtual broker's configuration is a real
-/// broker's, without its addresses; changing one virtual broker's config is refused with a
+/// broker's, without anything naming a real node (addresses, controllers, rack, directories,
+/// ids); changing one virtual broker's config is refused with a
 /// message; topic configs pass through both ways.
 #[test]
 #[ignore = "needs the testbed: integration/run-tests"]
@@ -639,6 +640,70 @@ fn java_config_tool_sees_virtual_brokers_and_topics() {
         listeners.contains(&proxy()) && !listeners.contains(":1909"),
         "a real broker's address leaked: {listeners}"
     );
+    // Nothing names a real node: no address any broker listens on, advertises or votes at
+    // (read from the testbed's own server.properties), no data directory, no node id, rack or
+    // controller setting. Identity keys show the virtual id.
+    let mut secrets = Vec::new();
+    for n in 1..=brokers() {
+        let props = cache().join(format!("run/kafka-{n}/server.properties"));
+        let text =
+            std::fs::read_to_string(&props).unwrap_or_else(|e| panic!("{}: {e}", props.display()));
+        for line in text.lines() {
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            match key {
+                "listeners" | "advertised.listeners" | "controller.quorum.voters" => {
+                    for item in value.split(',') {
+                        let addr = item.rsplit_once("://").map_or(item, |(_, a)| a);
+                        secrets.push(addr.split_once('@').map_or(addr, |(_, a)| a).to_string());
+                    }
+                }
+                "log.dirs" => secrets.push(value.to_string()),
+                _ => {}
+            }
+        }
+    }
+    assert!(secrets.len() >= 4 * brokers(), "{secrets:?}");
+    let described: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.contains("All configs for broker 0 are:"))
+        .skip(1)
+        .collect();
+    // Every leak at once (not just the first), so a failure shows the whole picture.
+    let mut leaks = Vec::new();
+    for line in &described {
+        let key = line.trim_start().split('=').next().unwrap_or("");
+        let named = secrets.iter().any(|s| line.contains(s.as_str()));
+        let node_setting = key.starts_with("listener.name.")
+            || [
+                "controller.quorum.voters",
+                "controller.quorum.bootstrap.servers",
+                "controller.listener.names",
+                "process.roles",
+                "broker.rack",
+                "log.dirs",
+                "log.dir",
+                "metadata.log.dir",
+                "inter.broker.listener.name",
+            ]
+            .contains(&key);
+        if named || node_setting {
+            leaks.push(line.trim());
+        }
+    }
+    assert!(
+        leaks.is_empty(),
+        "{} settings name a real node:\n{}",
+        leaks.len(),
+        leaks.join("\n")
+    );
+    for id_key in ["broker.id=0 ", "node.id=0 "] {
+        assert!(
+            described.iter().any(|l| l.trim_start().starts_with(id_key)),
+            "{id_key}missing: {stdout}"
+        );
+    }
 
     let out = configs(&[
         "--alter",
@@ -682,4 +747,63 @@ fn java_config_tool_sees_virtual_brokers_and_topics() {
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("retention.ms=3600000"), "{stdout}");
+}
+
+/// ApiVersions through shardgate offers only what every broker supports, and every broker was
+/// asked. All testbed brokers run the same Kafka, so brokers of different versions (a rolling
+/// upgrade) cannot be shown here: the intersection itself is unit-tested
+/// (`upstream::topology`); this checks that each real broker's answer is in and bounds the offer.
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn api_versions_are_what_every_broker_supports() {
+    use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, ApiVersionsResponse};
+    use kafka_protocol::protocol::StrBytes;
+    eventually(
+        "every broker's ApiVersions answer is in",
+        Duration::from_secs(30),
+        || metric("shardgate_upstream_api_versions_brokers", &[]) == brokers() as f64,
+    );
+    // Kafka refuses an empty software name (INVALID_REQUEST).
+    let req = ApiVersionsRequest::default()
+        .with_client_software_name(StrBytes::from_static_str("compat-test"))
+        .with_client_software_version(StrBytes::from_static_str("1"));
+    let offered: ApiVersionsResponse = ask(&proxy(), ApiKey::ApiVersions, 3, &req);
+    assert_eq!(offered.error_code, 0);
+    assert!(offered.api_keys.len() > 20, "{offered:?}");
+    for broker in kafka().split(',') {
+        let own: ApiVersionsResponse = ask(broker, ApiKey::ApiVersions, 3, &req);
+        assert_eq!(own.error_code, 0, "{broker}");
+        for k in &offered.api_keys {
+            let b = own
+                .api_keys
+                .iter()
+                .find(|b| b.api_key == k.api_key)
+                .unwrap_or_else(|| panic!("{broker} lacks api {} offered", k.api_key));
+            assert!(
+                b.min_version <= k.min_version && k.max_version <= b.max_version,
+                "api {}: offered {}..={}, {broker} has {}..={}",
+                k.api_key,
+                k.min_version,
+                k.max_version,
+                b.min_version,
+                b.max_version
+            );
+        }
+        // Levels, not the epoch: a KRaft broker reports its metadata offset there.
+        let levels = |r: &ApiVersionsResponse| {
+            let mut l: Vec<(String, i16)> = r
+                .finalized_features
+                .iter()
+                .map(|f| (f.name.to_string(), f.max_version_level))
+                .collect();
+            l.sort();
+            l
+        };
+        assert!(!levels(&own).is_empty());
+        assert_eq!(
+            levels(&offered),
+            levels(&own),
+            "feature levels pass through"
+        );
+    }
 }

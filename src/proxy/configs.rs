@@ -3,7 +3,8 @@
 //!
 //! - DescribeConfigs of a virtual broker answers with the configuration of one real broker
 //!   (the lowest id: brokers of one cluster normally share their static configuration),
-//!   labelled with the virtual id the client asked for.
+//!   labelled with the virtual id the client asked for, with every setting that names a real
+//!   broker, controller, rack or directory rewritten or dropped (`config_view`).
 //! - AlterConfigs / IncrementalAlterConfigs of a named broker are refused with a message: a
 //!   virtual broker is no single real broker to change. Cluster-wide broker defaults (an empty
 //!   broker name) and every other resource pass through unchanged.
@@ -17,6 +18,7 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 
+use super::config_view::{VirtualNode, rewrite};
 use super::connection::ClientConn;
 use super::forward::{any_broker, call_typed, typed_reply};
 use super::{Ctx, HandlerError, Reply};
@@ -110,7 +112,7 @@ async fn describe(
                 result.resource_type = asked.resource_type;
                 result.resource_name = asked.resource_name.clone();
                 if let Ok(id) = asked.resource_name.parse::<i32>() {
-                    hide_real_listeners(ctx, id, &mut result);
+                    virtual_view(ctx, id, &mut result);
                 }
             }
             answers[i] = Some(result);
@@ -135,9 +137,10 @@ async fn describe(
     typed_reply(req, &resp)
 }
 
-/// The representative broker's own addresses would point clients past shardgate: its
-/// listener settings are shown as the virtual node's address instead.
-fn hide_real_listeners(ctx: &Ctx, virtual_id: i32, result: &mut DescribeConfigsResult) {
+/// The representative broker's answer shown as the virtual node's: nothing in it may name a
+/// real broker, controller, rack or directory (`config_view` says what is rewritten, what
+/// dropped).
+fn virtual_view(ctx: &Ctx, virtual_id: i32, result: &mut DescribeConfigsResult) {
     let instances = ctx.cluster.instances();
     let Some((_, addr)) = instances.iter().find(|(id, _)| *id == virtual_id) else {
         return;
@@ -147,13 +150,20 @@ fn hide_real_listeners(ctx: &Ctx, virtual_id: i32, result: &mut DescribeConfigsR
     } else {
         "PLAINTEXT"
     };
-    let shown = StrBytes::from_string(format!("{scheme}://{}:{}", addr.host, addr.port));
-    for c in &mut result.configs {
-        if matches!(c.name.as_str(), "advertised.listeners" | "listeners") {
-            c.value = Some(shown.clone());
-            c.synonyms.clear();
-        }
-    }
+    let real: Vec<String> = ctx
+        .topology()
+        .load()
+        .brokers
+        .values()
+        .map(|b| format!("{}:{}", b.host, b.port))
+        .collect();
+    let node = VirtualNode {
+        id: virtual_id,
+        scheme,
+        host: &addr.host,
+        port: addr.port,
+    };
+    rewrite(result, &node, &real);
 }
 
 fn refusal(name: &str) -> String {

@@ -29,6 +29,8 @@ pub struct ClientConn {
     /// upstream connections the client owned (a request still running after the client left
     /// may have opened one).
     _owned: Arc<OwnedSockets>,
+    /// Set once a request's replica fields were forced to consumer values: warn once only.
+    rewrote: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Closes a client's own upstream connections when dropped.
@@ -55,7 +57,15 @@ impl ClientConn {
             id,
             peer,
             _owned: Arc::new(OwnedSockets { id, pool }),
+            rewrote: Arc::default(),
         }
+    }
+
+    /// True the first time on this connection (see `client_fields::report`).
+    pub fn first_rewrite(&self) -> bool {
+        !self
+            .rewrote
+            .swap(true, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Upstream connection slot this client is pinned to.

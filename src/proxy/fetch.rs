@@ -30,7 +30,15 @@ pub async fn handle(
     client: &ClientConn,
     req: &RequestFrame,
 ) -> Result<Reply, HandlerError> {
-    let body: FetchRequest = req.decode_body()?;
+    let mut body: FetchRequest = req.decode_body()?;
+    // Every sub-request is cloned from this body: forced once here, it holds for all of them.
+    let forced = super::client_fields::fetch_as_consumer(&mut body);
+    super::client_fields::report(
+        client,
+        ApiKey::Fetch,
+        req.header.client_id.as_deref(),
+        &forced,
+    );
     if body.session_id != 0 {
         // We never hand out sessions, so an incremental fetch cannot be ours.
         let resp = FetchResponse::default().with_error_code(codes::FETCH_SESSION_ID_NOT_FOUND);

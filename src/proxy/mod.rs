@@ -8,7 +8,9 @@
 pub mod admin_apis;
 pub mod api_versions;
 pub mod budget;
+pub mod client_fields;
 pub mod cluster;
+pub mod config_view;
 pub mod configs;
 pub mod connection;
 pub mod coordinator;

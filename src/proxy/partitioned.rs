@@ -34,6 +34,10 @@ pub trait Splittable: Decodable + Encodable + HeaderVersion + Clone {
     fn error(resp: &mut Self::Resp, topic: &StrBytes, partition: i32, code: i16);
     /// Every partition error code in a response.
     fn codes(resp: &Self::Resp) -> Vec<i16>;
+    /// Forces the fields a client could pose as a broker with (see `client_fields`).
+    fn as_consumer(&mut self, _version: i16) -> Vec<super::client_fields::Rewrite> {
+        Vec::new()
+    }
 }
 
 fn tname(s: &StrBytes) -> TopicName {
@@ -42,6 +46,9 @@ fn tname(s: &StrBytes) -> TopicName {
 
 impl Splittable for ListOffsetsRequest {
     type Resp = ListOffsetsResponse;
+    fn as_consumer(&mut self, _version: i16) -> Vec<super::client_fields::Rewrite> {
+        super::client_fields::list_offsets_as_consumer(self)
+    }
     fn partitions(&self) -> Vec<(StrBytes, i32)> {
         self.topics
             .iter()
@@ -86,6 +93,9 @@ impl Splittable for ListOffsetsRequest {
 
 impl Splittable for OffsetForLeaderEpochRequest {
     type Resp = OffsetForLeaderEpochResponse;
+    fn as_consumer(&mut self, version: i16) -> Vec<super::client_fields::Rewrite> {
+        super::client_fields::offset_for_leader_epoch_as_consumer(self, version)
+    }
     fn partitions(&self) -> Vec<(StrBytes, i32)> {
         self.topics
             .iter()
@@ -214,7 +224,14 @@ async fn split_merge<R: Splittable>(
     client: &ClientConn,
     req: &RequestFrame,
 ) -> Result<Reply, HandlerError> {
-    let body: R = req.decode_body()?;
+    let mut body: R = req.decode_body()?;
+    let forced = body.as_consumer(req.api_version);
+    super::client_fields::report(
+        client,
+        req.api_key,
+        req.header.client_id.as_deref(),
+        &forced,
+    );
     let parts = body.partitions();
     let leaders = leaders(ctx, &parts).await;
     let mut by_broker: BTreeMap<i32, R> = BTreeMap::new();

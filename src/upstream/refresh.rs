@@ -1,8 +1,10 @@
 //! The topology refresher: keeps `topology::TopologyHandle` current from any reachable broker,
-//! periodically and whenever a request path saw a stale leader.
+//! periodically and whenever a request path saw a stale leader, and asks every broker for its
+//! ApiVersions (`BrokerAsks`): clients are offered what all of them support.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kafka_protocol::messages::{
     ApiKey, ApiVersionsRequest, ApiVersionsResponse, MetadataRequest, MetadataResponse,
@@ -29,19 +31,13 @@ pub async fn refresh_once(pool: &Pool) -> Result<(), UpstreamError> {
     candidates.extend((0..pool.bootstrap_len()).map(bootstrap_id));
     let mut last_err = UpstreamError::NoBroker;
     for broker in candidates {
-        if topo.api_versions.is_empty() {
-            let req = ApiVersionsRequest::default()
-                .with_client_software_name(StrBytes::from_static_str("shardgate"))
-                .with_client_software_version(StrBytes::from_static_str(env!("CARGO_PKG_VERSION")));
-            match pool
-                .call::<_, ApiVersionsResponse>(broker, 0, ApiKey::ApiVersions, 3, None, &req)
-                .await
-            {
-                Ok(resp) if resp.error_code == 0 => pool.topology.set_api_versions(&resp),
+        // Nothing known yet: the first reachable broker's answer serves until every broker's
+        // own answer is in (`ask_brokers`).
+        if pool.topology.load().api_versions.is_empty() {
+            match api_versions(pool, broker).await {
                 Ok(resp) => {
-                    last_err =
-                        UpstreamError::Protocol(format!("ApiVersions error {}", resp.error_code));
-                    continue;
+                    let id = topo.brokers.contains_key(&broker).then_some(broker);
+                    pool.topology.set_api_versions(id, &resp);
                 }
                 Err(e) => {
                     last_err = e;
@@ -67,12 +63,96 @@ pub async fn refresh_once(pool: &Pool) -> Result<(), UpstreamError> {
     Err(last_err)
 }
 
+async fn api_versions(pool: &Pool, broker: i32) -> Result<ApiVersionsResponse, UpstreamError> {
+    let req = ApiVersionsRequest::default()
+        .with_client_software_name(StrBytes::from_static_str("shardgate"))
+        .with_client_software_version(StrBytes::from_static_str(env!("CARGO_PKG_VERSION")));
+    let resp = pool
+        .call::<_, ApiVersionsResponse>(broker, 0, ApiKey::ApiVersions, 3, None, &req)
+        .await?;
+    if resp.error_code != 0 {
+        return Err(UpstreamError::Protocol(format!(
+            "ApiVersions error {}",
+            resp.error_code
+        )));
+    }
+    Ok(resp)
+}
+
+/// When each broker was last asked for its ApiVersions.
+#[derive(Debug, Clone, Copy)]
+enum Ask {
+    Pending,
+    Answered(Instant),
+}
+
+/// Asks every broker of the snapshot for its ApiVersions: a broker not asked yet (new, or back
+/// after it left the snapshot) at once, the others again once `every` has passed (a broker
+/// restarted with another version in between is noticed then). Asks run in their own tasks so
+/// a stalled broker never holds up the refresh; a failed ask is repeated at the next refresh.
+#[derive(Default)]
+pub struct BrokerAsks {
+    state: Mutex<HashMap<i32, Ask>>,
+}
+
+impl BrokerAsks {
+    /// Brokers to ask now (marked pending); forgets brokers that left the snapshot.
+    fn due(&self, brokers: &[i32], every: Duration) -> Vec<i32> {
+        let mut state = self.state.lock().expect("asks lock");
+        state.retain(|id, _| brokers.contains(id));
+        let mut out = Vec::new();
+        for id in brokers {
+            let due = match state.get(id) {
+                None => true,
+                Some(Ask::Pending) => false,
+                Some(Ask::Answered(at)) => at.elapsed() >= every,
+            };
+            if due {
+                state.insert(*id, Ask::Pending);
+                out.push(*id);
+            }
+        }
+        out
+    }
+
+    fn done(&self, broker: i32, answered: bool) {
+        let mut state = self.state.lock().expect("asks lock");
+        if answered {
+            state.insert(broker, Ask::Answered(Instant::now()));
+        } else {
+            state.remove(&broker);
+        }
+    }
+}
+
+/// Starts the ApiVersions asks that are due (see `BrokerAsks`).
+pub fn ask_brokers(pool: &Arc<Pool>, asks: &Arc<BrokerAsks>, every: Duration) {
+    let brokers: Vec<i32> = pool.topology.load().brokers.keys().copied().collect();
+    for broker in asks.due(&brokers, every) {
+        let (pool, asks) = (pool.clone(), asks.clone());
+        tokio::spawn(async move {
+            match api_versions(&pool, broker).await {
+                Ok(resp) => {
+                    pool.topology.set_api_versions(Some(broker), &resp);
+                    asks.done(broker, true);
+                }
+                Err(e) => {
+                    tracing::debug!(broker, error = %e, "ApiVersions ask failed; asked again at the next refresh");
+                    asks.done(broker, false);
+                }
+            }
+        });
+    }
+}
+
 /// Background task: refreshes on request (coalescing bursts) and periodically.
 pub async fn run_refresher(pool: Arc<Pool>, every: Duration) {
     let mut backoff = Duration::from_millis(100);
+    let asks = Arc::new(BrokerAsks::default());
     loop {
         match refresh_once(&pool).await {
             Ok(()) => {
+                ask_brokers(&pool, &asks, every);
                 backoff = Duration::from_millis(100);
                 metrics::counter!("shardgate_topology_refreshes_total", "result" => "ok")
                     .increment(1);
@@ -89,5 +169,39 @@ pub async fn run_refresher(pool: Arc<Pool>, every: Duration) {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_broker_is_asked_new_ones_at_once_others_again_after_the_interval() {
+        let asks = BrokerAsks::default();
+        let every = Duration::from_millis(300);
+        assert_eq!(asks.due(&[1, 2, 3], every), [1, 2, 3]);
+        assert!(
+            asks.due(&[1, 2, 3], every).is_empty(),
+            "pending asks are not repeated"
+        );
+        asks.done(1, true);
+        asks.done(2, false);
+        assert_eq!(
+            asks.due(&[1, 2, 3], every),
+            [2],
+            "a failed ask is repeated at the next refresh, an answered one not yet"
+        );
+        asks.done(2, true);
+        asks.done(3, true);
+        // Broker 3 leaves the snapshot and comes back: asked again at once.
+        assert!(asks.due(&[1, 2], every).is_empty());
+        assert_eq!(asks.due(&[1, 2, 3], every), [3]);
+        std::thread::sleep(every);
+        assert_eq!(
+            asks.due(&[1, 2, 3], every),
+            [1, 2],
+            "answered brokers are asked again after the interval (3 is still pending)"
+        );
     }
 }

@@ -39,11 +39,86 @@ pub struct Topology {
     pub brokers: BTreeMap<i32, HostPort>,
     pub topics: HashMap<StrBytes, TopicInfo>,
     pub topic_names: HashMap<Uuid, StrBytes>,
-    /// What the upstream brokers support, by api key.
+    /// What every live upstream broker supports (the intersection of their answers), by api
+    /// key. During a rolling upgrade the oldest broker bounds it.
     pub api_versions: HashMap<i16, VersionRange>,
-    /// The full upstream answer, for its feature levels.
+    /// The answer whose feature levels are passed through (highest finalized epoch).
     pub api_versions_response: Option<Arc<ApiVersionsResponse>>,
+    /// Each live broker's own ApiVersions answer, by broker id.
+    pub broker_api_versions: BTreeMap<i32, Arc<ApiVersionsResponse>>,
+    /// An answer from a bootstrap address (broker id not known yet): used only until a live
+    /// broker has answered.
+    pub seed_api_versions: Option<Arc<ApiVersionsResponse>>,
     pub refreshed_at: Option<Instant>,
+}
+
+/// The version ranges every answer supports: an API missing from one answer is dropped, the
+/// highest minimum and the lowest maximum are kept, and an empty range is dropped.
+pub fn intersect<'a>(
+    answers: impl IntoIterator<Item = &'a ApiVersionsResponse>,
+) -> HashMap<i16, VersionRange> {
+    let mut out: Option<HashMap<i16, VersionRange>> = None;
+    for a in answers {
+        let ranges: HashMap<i16, VersionRange> = a
+            .api_keys
+            .iter()
+            .map(|k| {
+                (
+                    k.api_key,
+                    VersionRange {
+                        min: k.min_version,
+                        max: k.max_version,
+                    },
+                )
+            })
+            .collect();
+        out = Some(match out {
+            None => ranges,
+            Some(acc) => acc
+                .into_iter()
+                .filter_map(|(api, r)| ranges.get(&api).map(|o| (api, r.intersect(o))))
+                .collect(),
+        });
+    }
+    let mut out = out.unwrap_or_default();
+    out.retain(|_, r| !r.is_empty());
+    out
+}
+
+/// What the API-version fields of a snapshot are, given its brokers and the answers held:
+/// (intersection, feature answer, answers of live brokers kept).
+fn api_view(
+    brokers: &BTreeMap<i32, HostPort>,
+    answers: &BTreeMap<i32, Arc<ApiVersionsResponse>>,
+    seed: Option<&Arc<ApiVersionsResponse>>,
+) -> ApiView {
+    let live: BTreeMap<i32, Arc<ApiVersionsResponse>> = answers
+        .iter()
+        .filter(|(id, _)| brokers.contains_key(id))
+        .map(|(id, a)| (*id, a.clone()))
+        .collect();
+    let used: Vec<&Arc<ApiVersionsResponse>> = if live.is_empty() {
+        seed.into_iter().collect()
+    } else {
+        live.values().collect()
+    };
+    let ranges = intersect(used.iter().map(|a| a.as_ref()));
+    let features = used
+        .iter()
+        .max_by_key(|a| a.finalized_features_epoch)
+        .map(|a| (*a).clone());
+    metrics::gauge!("shardgate_upstream_api_versions_brokers").set(live.len() as f64);
+    ApiView {
+        ranges,
+        features,
+        live,
+    }
+}
+
+struct ApiView {
+    ranges: HashMap<i16, VersionRange>,
+    features: Option<Arc<ApiVersionsResponse>>,
+    live: BTreeMap<i32, Arc<ApiVersionsResponse>>,
 }
 
 impl Topology {
@@ -181,6 +256,12 @@ impl TopologyHandle {
             .filter(|(_, t)| !t.id.is_nil())
             .map(|(n, t)| (t.id, n.clone()))
             .collect();
+        // A broker that left takes its answer along; one that comes back is asked again.
+        let api = api_view(
+            &brokers,
+            &old.broker_api_versions,
+            old.seed_api_versions.as_ref(),
+        );
         let version = old.version + 1;
         self.current.store(Arc::new(Topology {
             version,
@@ -189,8 +270,10 @@ impl TopologyHandle {
             brokers,
             topics,
             topic_names,
-            api_versions: old.api_versions.clone(),
-            api_versions_response: old.api_versions_response.clone(),
+            api_versions: api.ranges,
+            api_versions_response: api.features,
+            broker_api_versions: api.live,
+            seed_api_versions: old.seed_api_versions.clone(),
             refreshed_at: if full {
                 Some(Instant::now())
             } else {
@@ -200,21 +283,29 @@ impl TopologyHandle {
         self.version_tx.send_replace(version);
     }
 
-    pub(super) fn set_api_versions(&self, resp: &ApiVersionsResponse) {
+    /// Records one broker's ApiVersions answer (`None`: a bootstrap address, id unknown) and
+    /// recomputes what is offered. An unchanged answer makes no new snapshot.
+    pub fn set_api_versions(&self, broker: Option<i32>, resp: &ApiVersionsResponse) {
         let old = self.load();
-        let api_versions = resp
-            .api_keys
-            .iter()
-            .map(|k| {
-                (
-                    k.api_key,
-                    VersionRange {
-                        min: k.min_version,
-                        max: k.max_version,
-                    },
-                )
-            })
-            .collect();
+        let held = match broker {
+            Some(id) => old.broker_api_versions.get(&id),
+            None => old.seed_api_versions.as_ref(),
+        };
+        if held.is_some_and(|h| **h == *resp) {
+            return;
+        }
+        let resp = Arc::new(resp.clone());
+        let mut answers = old.broker_api_versions.clone();
+        let mut seed = old.seed_api_versions.clone();
+        match broker {
+            // A broker that left the snapshot while it was asked: its answer counts for nothing.
+            Some(id) if !old.brokers.contains_key(&id) => return,
+            Some(id) => {
+                answers.insert(id, resp);
+            }
+            None => seed = Some(resp),
+        }
+        let api = api_view(&old.brokers, &answers, seed.as_ref());
         let version = old.version + 1;
         self.current.store(Arc::new(Topology {
             version,
@@ -223,10 +314,126 @@ impl TopologyHandle {
             brokers: old.brokers.clone(),
             topics: old.topics.clone(),
             topic_names: old.topic_names.clone(),
-            api_versions,
-            api_versions_response: Some(Arc::new(resp.clone())),
+            api_versions: api.ranges,
+            api_versions_response: api.features,
+            broker_api_versions: api.live,
+            seed_api_versions: seed,
             refreshed_at: old.refreshed_at,
         }));
         self.version_tx.send_replace(version);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::messages::BrokerId;
+    use kafka_protocol::messages::api_versions_response::{ApiVersion, FinalizedFeatureKey};
+    use kafka_protocol::messages::metadata_response::MetadataResponseBroker;
+
+    fn answer(ranges: &[(i16, i16, i16)], features_epoch: i64) -> ApiVersionsResponse {
+        ApiVersionsResponse::default()
+            .with_api_keys(
+                ranges
+                    .iter()
+                    .map(|(api, min, max)| {
+                        ApiVersion::default()
+                            .with_api_key(*api)
+                            .with_min_version(*min)
+                            .with_max_version(*max)
+                    })
+                    .collect(),
+            )
+            .with_finalized_features_epoch(features_epoch)
+            .with_finalized_features(vec![
+                FinalizedFeatureKey::default()
+                    .with_name(StrBytes::from_string(format!("level.{features_epoch}"))),
+            ])
+    }
+
+    fn brokers(ids: &[i32]) -> MetadataResponse {
+        MetadataResponse::default().with_brokers(
+            ids.iter()
+                .map(|id| {
+                    MetadataResponseBroker::default()
+                        .with_node_id(BrokerId(*id))
+                        .with_host(StrBytes::from_static_str("h"))
+                        .with_port(9000 + id)
+                })
+                .collect(),
+        )
+    }
+
+    fn range(t: &Topology, api: i16) -> Option<(i16, i16)> {
+        t.api_versions.get(&api).map(|r| (r.min, r.max))
+    }
+
+    #[test]
+    fn intersection_drops_missing_apis_and_keeps_the_narrowest_range() {
+        let a = answer(&[(0, 3, 12), (1, 4, 17), (50, 0, 1)], 1);
+        let b = answer(&[(0, 5, 11), (1, 4, 17)], 1);
+        let c = answer(&[(0, 0, 4), (1, 13, 18)], 1);
+        let r = intersect([&a, &b]);
+        assert_eq!(r.len(), 2, "api 50 is missing from b");
+        assert_eq!((r[&0].min, r[&0].max), (5, 11), "highest min, lowest max");
+        let r = intersect([&a, &b, &c]);
+        assert!(!r.contains_key(&0), "5..=4 is empty");
+        assert_eq!((r[&1].min, r[&1].max), (13, 17));
+        assert!(intersect(std::iter::empty()).is_empty());
+    }
+
+    #[test]
+    fn every_live_broker_bounds_the_offer_and_answers_are_refreshed() {
+        let h = TopologyHandle::new();
+        // Before any broker id is known, a bootstrap address's answer serves.
+        h.set_api_versions(None, &answer(&[(1, 4, 18), (3, 0, 13)], 5));
+        assert_eq!(range(&h.load(), 1), Some((4, 18)));
+        h.absorb(&brokers(&[1, 2]), true);
+        assert_eq!(
+            range(&h.load(), 1),
+            Some((4, 18)),
+            "seed kept until a broker answers"
+        );
+
+        h.set_api_versions(Some(1), &answer(&[(1, 4, 18), (3, 0, 13)], 7));
+        h.set_api_versions(Some(2), &answer(&[(1, 4, 17)], 6));
+        let t = h.load();
+        assert_eq!(
+            range(&t, 1),
+            Some((4, 17)),
+            "an older broker lowers the max"
+        );
+        assert_eq!(range(&t, 3), None, "an API one broker lacks is not offered");
+        assert_eq!(t.broker_api_versions.len(), 2);
+        assert_eq!(
+            t.api_versions_response
+                .as_ref()
+                .unwrap()
+                .finalized_features_epoch,
+            7,
+            "features from the highest finalized epoch"
+        );
+
+        // Broker 2 upgraded: its new answer raises the offer again.
+        h.set_api_versions(Some(2), &answer(&[(1, 4, 18), (3, 0, 13)], 6));
+        assert_eq!(range(&h.load(), 1), Some((4, 18)));
+        assert_eq!(range(&h.load(), 3), Some((0, 13)));
+        // The same answer again makes no new snapshot.
+        let v = h.load().version;
+        h.set_api_versions(Some(2), &answer(&[(1, 4, 18), (3, 0, 13)], 6));
+        assert_eq!(h.load().version, v);
+
+        // Broker 2 downgraded and then left the cluster: its answer goes with it.
+        h.set_api_versions(Some(2), &answer(&[(1, 4, 16)], 6));
+        assert_eq!(range(&h.load(), 1), Some((4, 16)));
+        h.absorb(&brokers(&[1]), true);
+        assert_eq!(range(&h.load(), 1), Some((4, 18)));
+        assert_eq!(h.load().broker_api_versions.len(), 1);
+        // An answer from a broker outside the snapshot counts for nothing.
+        h.set_api_versions(Some(9), &answer(&[(1, 4, 5)], 9));
+        assert_eq!(range(&h.load(), 1), Some((4, 18)));
+        // A client's metadata naming no brokers keeps the known ones (and their answers).
+        h.absorb(&MetadataResponse::default(), false);
+        assert_eq!(h.load().broker_api_versions.len(), 1);
     }
 }

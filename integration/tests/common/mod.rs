@@ -302,6 +302,27 @@ pub fn read_frame(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(body)
 }
 
+/// One typed request on a fresh connection to `addr` (shardgate or a broker), its typed answer.
+pub fn ask<Req, Resp>(
+    addr: &str,
+    api: kafka_protocol::messages::ApiKey,
+    version: i16,
+    req: &Req,
+) -> Resp
+where
+    Req: kafka_protocol::protocol::Encodable,
+    Resp: kafka_protocol::protocol::Decodable,
+{
+    use kafka_protocol::protocol::Decodable as _;
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("{addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&frame(api, version, 1, req)).unwrap();
+    let mut b = bytes::Bytes::from(read_frame(&mut s).expect("an answer"));
+    kafka_protocol::messages::ResponseHeader::decode(&mut b, api.response_header_version(version))
+        .unwrap();
+    Resp::decode(&mut b, version).unwrap()
+}
+
 /// POST to shardgate's admin API: (status, JSON body or the text as a JSON string).
 pub fn admin_post(path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
     let (code, text) =
