@@ -25,6 +25,13 @@ CONSUL_VERSION="1.16.3"
 CONSUL_HOME="$CACHE/consul-$CONSUL_VERSION"
 CONSUL_BIN="$CONSUL_HOME/consul"
 
+# Kroxylicious, a peer pass-through proxy for `bench/run --peer kroxylicious` (installed only by
+# `testbed install-kroxylicious`): its runtime jar and dependencies from Maven Central, started by a
+# small main of ours (integration/kroxylicious/PeerProxy.java) because the app jar is not served.
+KROXYLICIOUS_VERSION="0.12.0"
+KROXYLICIOUS_HOME="$CACHE/kroxylicious-$KROXYLICIOUS_VERSION"
+KROXYLICIOUS_LIBS="$KROXYLICIOUS_HOME/lib"
+
 CACHE_BIN="$CACHE/bin"
 VENV="$CACHE/venv"
 RUN_DIR="$CACHE/run"
@@ -43,6 +50,10 @@ SHARDGATE_ADMIN_ADDR="127.0.0.1:29100"
 # 29191../29291..: integration/tests/consul.rs and instances.rs start theirs there.
 SHARDGATE2_ADDR="127.0.0.1:29095"
 SHARDGATE2_ADMIN_ADDR="127.0.0.1:29103"
+# Kroxylicious (`testbed start-kroxylicious`): bootstrap 39092, broker node n at 39092+n (39093..39095),
+# its management endpoint off.
+KROXYLICIOUS_ADDR="127.0.0.1:39092"
+KROXYLICIOUS_NODE_PORT_BASE=39092
 # Consul dev agent: HTTP API 28500, server RPC 28300, Serf LAN/WAN 28301/28302 (TCP+UDP);
 # DNS, gRPC and gRPC-TLS off. Never the defaults 8500/8300/8301/8302/8600/8502/8503,
 # so a Consul the developer runs anyway does not clash with the testbed.
@@ -67,6 +78,8 @@ shardgate_config()  { if [[ "${1:-1}" == 1 ]]; then echo "$RUN_DIR/shardgate.tom
 shardgate_addr()    { if [[ "${1:-1}" == 1 ]]; then echo "$SHARDGATE_ADDR"; else echo "$SHARDGATE2_ADDR"; fi; }
 shardgate_admin_addr() { if [[ "${1:-1}" == 1 ]]; then echo "$SHARDGATE_ADMIN_ADDR"; else echo "$SHARDGATE2_ADMIN_ADDR"; fi; }
 consul_pidfile()  { echo "$CONSUL_RUN_DIR/consul.pid"; }
+kroxylicious_pidfile() { echo "$RUN_DIR/kroxylicious.pid"; }
+kroxylicious_logfile() { echo "$RUN_DIR/kroxylicious.log"; }
 
 # Comma separated bootstrap list for n brokers: 127.0.0.1:19092[,127.0.0.1:19093,...]
 kafka_bootstrap() {
