@@ -145,6 +145,11 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             tokio::join!(controller.clone().follow_store(), controller.clone().run());
         }));
     }
+    // Which client ids have a Kafka quota (their sockets get muted when throttled).
+    tasks.push(tokio::spawn(crate::proxy::quotas::run(
+        pool.clone(),
+        ctx.quotas.clone(),
+    )));
     // Kafka's view of consumer groups for the ordering gates (read while fetches are held).
     tasks.push(tokio::spawn(crate::shards::group_state::run(
         pool.clone(),

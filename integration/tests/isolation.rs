@@ -317,3 +317,150 @@ async fn a_socket_that_stops_answering_is_replaced_within_the_request_timeout() 
     );
     assert!(detected < Duration::from_secs(6), "{detected:?}");
 }
+
+/// Y's latencies (sent at, latency) before and while X, whose client id has a produce quota
+/// upstream, produces as fast as it can; both acks=1 to topics on broker 1, through
+/// `bootstrap`. Kafka answers a client over its quota at once and then mutes the *socket* for
+/// the throttle time (KIP-219).
+async fn throttle_scenario(bootstrap: &str, label: &str) -> (Duration, Duration, u64) {
+    let (a, b) = (unique("iso-quota-x"), unique("iso-quota-y"));
+    create(&a, "1");
+    create(&b, "1");
+    let x_id = unique(&format!("{label}-quota-x"));
+    run_ok(
+        std::process::Command::new(bin("kafka-configs")).args([
+            "--bootstrap-server",
+            &kafka(),
+            "--alter",
+            "--add-config",
+            "producer_byte_rate=50000",
+            "--entity-type",
+            "clients",
+            "--entity-name",
+            &x_id,
+        ]),
+        Duration::from_secs(60),
+    );
+    if label != "direct" {
+        // shardgate reads the client quotas every 10 s: let it see X's.
+        tokio::time::sleep(Duration::from_secs(11)).await;
+    }
+    let x: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("client.id", &x_id)
+        .set("acks", "1")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "20000")
+        .create()
+        .unwrap();
+    let y: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("client.id", unique(&format!("{label}-quota-y")))
+        .set("acks", "1")
+        .set("linger.ms", "0")
+        .set("max.in.flight", "1")
+        .set("message.timeout.ms", "60000")
+        .create()
+        .unwrap();
+    y.send(
+        FutureRecord::<(), _>::to(&b).payload("warm"),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let ys = {
+        let (y, b, stop) = (y.clone(), b.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let started = Instant::now();
+                y.send(
+                    FutureRecord::<(), _>::to(&b).payload("y"),
+                    Duration::from_secs(60),
+                )
+                .await
+                .expect("delivered");
+                out.push((started, started.elapsed()));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            out
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let x_started = Instant::now();
+    // X: 10 KiB records as fast as the producer takes them, for 8 s (far over 50 KB/s).
+    let payload = vec![b'x'; 10 * 1024];
+    let mut x_waits = Vec::new();
+    while x_started.elapsed() < Duration::from_secs(8) {
+        match x.send_result(FutureRecord::<(), _>::to(&a).payload(&payload)) {
+            Ok(f) => x_waits.push(f),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+        if x_waits.len() % 50 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let samples = ys.await.unwrap();
+    // Most of X's records are still queued behind its quota: drop them.
+    rdkafka::producer::Producer::purge(
+        &x,
+        rdkafka::producer::PurgeConfig::default().queue().inflight(),
+    );
+    drop(x);
+    let before: Vec<Duration> = samples
+        .iter()
+        .filter(|(at, _)| *at < x_started)
+        .map(|(_, d)| *d)
+        .collect();
+    let during: Vec<Duration> = samples
+        .iter()
+        .filter(|(at, _)| *at >= x_started)
+        .map(|(_, d)| *d)
+        .collect();
+    let (pb, pd) = (p99(before.clone()), p99(during.clone()));
+    let throttled = shardgate_throttle_count(label);
+    eprintln!(
+        "{label}: Y p99 {pb:?} before ({} samples), {pd:?} while throttled X produced ({} samples); X queued {} records",
+        before.len(),
+        during.len(),
+        x_waits.len()
+    );
+    (pb, pd, throttled)
+}
+
+fn shardgate_throttle_count(label: &str) -> u64 {
+    if label == "direct" {
+        return 0;
+    }
+    let (_, body) =
+        shardgate::admin::http_request("http://127.0.0.1:29295", "GET", "/metrics", None).unwrap();
+    body.lines()
+        .find(|l| l.starts_with("shardgate_throttled_answers_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
+}
+
+/// A client over its Kafka quota: the broker mutes the socket its answer went on for the
+/// throttle time. On a shared upstream socket that would stall every client on it; shardgate
+/// moves a throttled client to sockets of its own (draining its in-flight produces first, so
+/// its batches keep their order), so another client's latency holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the testbed: integration/run-tests"]
+async fn a_throttled_client_mutes_no_other_client() {
+    let (client, admin) = ("127.0.0.1:29195", "127.0.0.1:29295");
+    let _sg = one_socket_per_broker("iso-quota", client, admin);
+    let (direct_before, direct_during, _) = throttle_scenario(&kafka(), "direct").await;
+    let (before, during, throttled) = throttle_scenario(client, "shardgate").await;
+    assert!(
+        throttled > 0,
+        "upstream never throttled X: the scenario did not provoke a quota"
+    );
+    let limit = before * 2 + Duration::from_millis(20);
+    assert!(
+        during <= limit,
+        "Y waited behind the throttled X's muted socket: p99 {during:?} vs {before:?} before (limit {limit:?}); straight to Kafka {direct_during:?} vs {direct_before:?}"
+    );
+}

@@ -31,6 +31,19 @@ pub struct ClientConn {
     _owned: Arc<OwnedSockets>,
     /// Set once a request's replica fields were forced to consumer values: warn once only.
     rewrote: Arc<std::sync::atomic::AtomicBool>,
+    /// Until when (ms since the Unix epoch) this client's produces and fetches use sockets of
+    /// its own: Kafka mutes a throttled client's *socket* for the throttle time (KIP-219), and
+    /// on a shared socket that would stall every other client on it.
+    throttled_until_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// How long a client stays on its own sockets after its last throttled answer.
+const THROTTLE_MEMORY_MS: u64 = 300_000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Closes a client's own upstream connections when dropped.
@@ -58,7 +71,26 @@ impl ClientConn {
             peer,
             _owned: Arc::new(OwnedSockets { id, pool }),
             rewrote: Arc::default(),
+            throttled_until_ms: Arc::default(),
         }
+    }
+
+    /// Notes a throttled answer (throttle_time_ms > 0) from upstream.
+    pub fn note_throttle(&self, throttle_ms: i32) {
+        if throttle_ms > 0 {
+            let until = now_ms() + throttle_ms as u64 + THROTTLE_MEMORY_MS;
+            self.throttled_until_ms
+                .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
+            metrics::counter!("shardgate_throttled_answers_total").increment(1);
+        }
+    }
+
+    /// Whether upstream throttled this client recently (its requests then avoid shared
+    /// sockets).
+    pub fn throttled(&self) -> bool {
+        self.throttled_until_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > now_ms()
     }
 
     /// True the first time on this connection (see `client_fields::report`).
@@ -319,6 +351,9 @@ async fn produce_lane(
     use futures::StreamExt;
     use futures::stream::FuturesUnordered;
     let mut answers = FuturesUnordered::new();
+    // Whether the produces in flight went on the client's own sockets (acks=all, throttled)
+    // or the shared ones.
+    let mut own: Option<bool> = None;
     loop {
         let next = tokio::select! {
             biased;
@@ -328,8 +363,8 @@ async fn produce_lane(
         let Some((req, slot, started)) = next else {
             break;
         };
-        let queued = {
-            let send = super::produce::send(&ctx, &client, &req);
+        let mut queued = {
+            let send = super::produce::send(&ctx, &client, &req, &mut own, !answers.is_empty());
             tokio::pin!(send);
             loop {
                 tokio::select! {
@@ -339,6 +374,17 @@ async fn produce_lane(
                 }
             }
         };
+        if matches!(queued, Err(super::produce::SendError::SocketChange)) {
+            // This produce goes on another kind of socket than those still in flight: let
+            // them be answered first, or it could overtake them upstream.
+            metrics::counter!("shardgate_produce_socket_changes_total").increment(1);
+            while answers.next().await.is_some() {}
+            queued = super::produce::send(&ctx, &client, &req, &mut own, false).await;
+        }
+        let queued = queued.map_err(|e| match e {
+            super::produce::SendError::Handler(h) => h,
+            super::produce::SendError::SocketChange => unreachable!("nothing in flight"),
+        });
         match queued {
             Ok(pending) => {
                 let (ctx, client) = (ctx.clone(), client.clone());

@@ -216,8 +216,20 @@ async fn fetch_once(
             )?;
             let raw = ctx
                 .pool
-                .call_raw(broker, client.pin(), ApiKey::Fetch, frame)
-                .await?;
+                .send(
+                    broker,
+                    super::sockets::for_fetch(ctx, client, req),
+                    ApiKey::Fetch,
+                    frame,
+                    true,
+                    None,
+                )
+                .await?
+                .wait()
+                .await?
+                .ok_or(crate::upstream::UpstreamError::Protocol(
+                    "no response".into(),
+                ))?;
             Ok::<_, HandlerError>(decode_response::<FetchResponse>(
                 ApiKey::Fetch,
                 req.api_version,
@@ -234,6 +246,7 @@ async fn fetch_once(
         match result {
             Ok(resp) if resp.error_code == codes::NONE => {
                 throttle = throttle.max(resp.throttle_time_ms);
+                client.note_throttle(resp.throttle_time_ms);
                 for t in resp.responses {
                     let tref = TopicRef {
                         name: t.topic.0.clone(),

@@ -21,6 +21,7 @@ pub mod multi_group;
 pub mod observe;
 pub mod partitioned;
 pub mod produce;
+pub mod quotas;
 pub mod responses;
 pub mod server;
 pub mod signals;
@@ -88,6 +89,8 @@ pub struct Ctx {
     pub managed: Arc<ManagedProduce>,
     /// Bytes held on behalf of clients (requests and responses), bounded.
     pub budget: Arc<budget::MemoryBudget>,
+    /// Client ids with a Kafka quota (their requests avoid shared upstream sockets).
+    pub quotas: Arc<quotas::ClientQuotas>,
 }
 
 impl Ctx {
@@ -101,6 +104,7 @@ impl Ctx {
         Self {
             managed,
             budget: budget::MemoryBudget::new(settings.raw.limits.memory_budget_bytes),
+            quotas: Arc::default(),
             cluster: cluster::VirtualCluster::new(settings.node_id, settings.instances.clone()),
             settings,
             pool,

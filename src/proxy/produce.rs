@@ -26,6 +26,7 @@ use crate::upstream::pool::PendingReply;
 type SubProduce = (Vec<(TopicRef, i32)>, Result<PendingReply, HandlerError>);
 
 pub struct PendingProduce {
+    client: ClientConn,
     api_version: i16,
     correlation_id: i32,
     acks: i16,
@@ -43,17 +44,48 @@ pub async fn handle(
     client: &ClientConn,
     req: RequestFrame,
 ) -> Result<Reply, HandlerError> {
-    send(ctx, client, &req).await?.finish(ctx).await
+    match send(ctx, client, &req, &mut None, false).await {
+        Ok(p) => p.finish(ctx).await,
+        Err(SendError::Handler(e)) => Err(e),
+        Err(SendError::SocketChange) => unreachable!("nothing in flight"),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error(transparent)]
+    Handler(#[from] HandlerError),
+    /// The request would go on another kind of upstream socket (own or shared) than the
+    /// produces still in flight; the caller lets those be answered, then sends again.
+    #[error("produce socket kind changes while produces are in flight")]
+    SocketChange,
+}
+
+impl From<crate::protocol::ProtocolError> for SendError {
+    fn from(e: crate::protocol::ProtocolError) -> Self {
+        SendError::Handler(e.into())
+    }
 }
 
 /// Routes and queues the request upstream. Only queueing is awaited here, so the caller can
 /// keep the client's produce order while answers are awaited concurrently.
+///
+/// `own` is the kind of socket (the client's own, or shared) the client's produces in flight
+/// went on; with `in_flight`, a produce needing the other kind is not sent
+/// (`SendError::SocketChange`): two sockets to one broker could reorder the client's batches.
 pub async fn send(
     ctx: &Ctx,
     client: &ClientConn,
     req: &RequestFrame,
-) -> Result<PendingProduce, HandlerError> {
+    own: &mut Option<bool>,
+    in_flight: bool,
+) -> Result<PendingProduce, SendError> {
     let body: ProduceRequest = req.decode_body()?;
+    let wants_own = super::sockets::produce_on_own(ctx, client, req, body.acks);
+    if in_flight && own.is_some_and(|o| o != wants_own) {
+        return Err(SendError::SocketChange);
+    }
+    *own = Some(wants_own);
     let by_id = req.api_version >= 13;
     let mut topo = ctx.topology().load();
     let resolve =
@@ -183,7 +215,7 @@ pub async fn send(
         let pending = match frame {
             Ok(f) => {
                 let (socket, timeout) =
-                    super::sockets::for_produce(client, body.acks, body.timeout_ms);
+                    super::sockets::for_produce(client, wants_own, body.timeout_ms);
                 ctx.pool
                     .send(broker, socket, ApiKey::Produce, f, expect_response, timeout)
                     .await
@@ -194,6 +226,7 @@ pub async fn send(
         subs.push((parts, pending));
     }
     Ok(PendingProduce {
+        client: client.clone(),
         api_version: req.api_version,
         correlation_id: req.correlation_id(),
         acks: body.acks,
@@ -237,6 +270,7 @@ impl PendingProduce {
             match decoded {
                 Ok(Some(resp)) => {
                     throttle = throttle.max(resp.throttle_time_ms);
+                    self.client.note_throttle(resp.throttle_time_ms);
                     let topo = ctx.topology().load();
                     for t in resp.responses {
                         let name = topo

@@ -43,18 +43,45 @@ pub(super) fn parked_for(req: &RequestFrame) -> Option<Duration> {
     }
 }
 
-/// A produce: acks=all waits for the in-sync followers (up to its timeout), so it goes on the
-/// client's own socket; acks=0 and acks=1 are answered at once and share.
+/// Whether a produce goes on the client's own socket: acks=all waits for the in-sync followers
+/// (up to its timeout), and a throttled client's socket is muted by the broker; acks=0 and
+/// acks=1 of an unthrottled client are answered at once and share.
+pub(super) fn produce_on_own(
+    ctx: &super::Ctx,
+    client: &ClientConn,
+    req: &RequestFrame,
+    acks: i16,
+) -> bool {
+    acks == -1 || muted_if_shared(ctx, client, req)
+}
+
+/// Whether the broker may mute this client's socket: its client id has a quota, or upstream
+/// throttled it recently.
+fn muted_if_shared(ctx: &super::Ctx, client: &ClientConn, req: &RequestFrame) -> bool {
+    client.throttled() || ctx.quotas.applies(req.header.client_id.as_deref())
+}
+
+/// The socket of a produce (`own`: see `produce_on_own`) and how long to wait for its answer.
 pub(super) fn for_produce(
     client: &ClientConn,
-    acks: i16,
+    own: bool,
     timeout_ms: i32,
 ) -> (Socket, Option<Duration>) {
-    if acks == -1 {
+    if own {
         let own = Duration::from_millis(timeout_ms.max(0) as u64) + MARGIN;
         (Socket::Own(client.id), Some(own))
     } else {
         (Socket::Shared(client.pin()), None)
+    }
+}
+
+/// A fetch: on the client's own socket once upstream throttled it (the broker mutes the
+/// socket for the throttle time), else shared.
+pub(super) fn for_fetch(ctx: &super::Ctx, client: &ClientConn, req: &RequestFrame) -> Socket {
+    if muted_if_shared(ctx, client, req) {
+        Socket::Own(client.id)
+    } else {
+        Socket::Shared(client.pin())
     }
 }
 
