@@ -238,7 +238,37 @@ pub async fn send(
 }
 
 impl PendingProduce {
-    pub async fn finish(self, ctx: &Ctx) -> Result<Reply, HandlerError> {
+    /// The one upstream answer to a produce sent whole to one broker, passed on as it came
+    /// (no re-encoding, body not copied) when nothing in it must change: no partition names a
+    /// leader hint (KIP-951 hints name real brokers) and no error asks for a refresh.
+    fn pass_through(&self, ctx: &Ctx, raw: &bytes::Bytes) -> Option<Reply> {
+        let resp =
+            decode_response::<ProduceResponse>(ApiKey::Produce, self.api_version, raw.clone())
+                .ok()?;
+        let plain = resp.responses.iter().all(|t| {
+            t.partition_responses.iter().all(|p| {
+                p.error_code == codes::NONE && p.current_leader == LeaderIdAndEpoch::default()
+            })
+        });
+        if !plain || self.acks == 0 {
+            return None;
+        }
+        self.client.note_throttle(resp.throttle_time_ms);
+        let topo = ctx.topology().load();
+        for t in &resp.responses {
+            let name = topo.topic_name(&t.topic_id).unwrap_or(&t.name.0);
+            for p in &t.partition_responses {
+                telemetry::upstream_code(ApiKey::Produce, p.error_code);
+                ctx.signals.notify(name, p.index);
+            }
+        }
+        Some(Reply::Forwarded {
+            correlation_id: self.correlation_id,
+            upstream: raw.clone(),
+        })
+    }
+
+    pub async fn finish(mut self, ctx: &Ctx) -> Result<Reply, HandlerError> {
         let version = self.api_version;
         let mut answers: BTreeMap<(TopicRef, i32), PartitionProduceResponse> = BTreeMap::new();
         let mut throttle = 0;
@@ -251,14 +281,22 @@ impl PendingProduce {
                 .with_log_append_time_ms(-1)
                 .with_log_start_offset(-1)
         };
-        let waits = self.subs.into_iter().map(|(parts, pending)| async move {
+        let waits = std::mem::take(&mut self.subs).into_iter().map(|(parts, pending)| async move {
             let result = match pending {
                 Ok(p) => p.wait().await.map_err(HandlerError::from),
                 Err(e) => Err(e),
             };
             (parts, result)
         });
-        for (parts, result) in futures::future::join_all(waits).await {
+        let results = futures::future::join_all(waits).await;
+        let alone = self.local_errors.is_empty() && self.managed.is_empty();
+        if let [(_, Ok(Some(raw)))] = results.as_slice()
+            && alone
+            && let Some(reply) = self.pass_through(ctx, raw)
+        {
+            return Ok(reply);
+        }
+        for (parts, result) in results {
             let decoded = result.and_then(|raw| match raw {
                 None => Ok(None),
                 Some(raw) => Ok(Some(decode_response::<ProduceResponse>(
