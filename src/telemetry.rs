@@ -26,6 +26,10 @@ fn describe() {
         "shardgate_connections_rejected_total",
         "Client connections refused at the limit"
     );
+    describe_counter!(
+        "shardgate_allocator_trims_total",
+        "Freed memory returned to the system after client connections left"
+    );
     describe_counter!("shardgate_requests_total", "Client requests by API");
     describe_histogram!(
         "shardgate_request_duration_seconds",

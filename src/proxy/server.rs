@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,6 +52,12 @@ pub async fn run(
     let per_source = Arc::new(PerSource::default());
     let handshake = Duration::from_millis(limits.handshake_timeout_ms);
     let next_id = AtomicU64::new(1);
+    let peak = Arc::new(AtomicUsize::new(0));
+    let trimmer = tokio::spawn(trim_after_departures(
+        limit.clone(),
+        limits.max_connections,
+        peak.clone(),
+    ));
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -72,6 +78,10 @@ pub async fn run(
             drop(tcp);
             continue;
         };
+        peak.fetch_max(
+            limits.max_connections - limit.available_permits(),
+            Ordering::Relaxed,
+        );
         if !per_source.try_take(peer.ip(), limits.max_connections_per_source) {
             metrics::counter!("shardgate_connections_rejected_total", "reason" => "per_source")
                 .increment(1);
@@ -115,6 +125,7 @@ pub async fn run(
         });
     }
     drop(listener);
+    trimmer.abort();
     // Drain: every connection stops reading and writes the answers to what it read; wait for
     // them (all connection permits back) up to the drain timeout.
     let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
@@ -132,6 +143,37 @@ pub async fn run(
         }
     }
 }
+
+/// Connections that must have left since the peak before the allocator is trimmed (each
+/// held some tens of KiB: task, TLS state, read-ahead).
+const TRIM_AFTER_DEPARTURES: usize = 64;
+
+/// glibc gives memory freed inside its per-thread arenas back to the system only from the top
+/// of a heap: after 2,000 hostile connections left, RSS stayed ~85 MiB above the baseline until
+/// `malloc_trim(0)` (`memory` test). Trims once the open connections fell well below their
+/// peak since the last trim, checked every few seconds.
+async fn trim_after_departures(limit: Arc<Semaphore>, max: usize, peak: Arc<AtomicUsize>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3));
+    loop {
+        tick.tick().await;
+        let open = max - limit.available_permits();
+        if peak.load(Ordering::Relaxed) >= open + TRIM_AFTER_DEPARTURES {
+            peak.store(open, Ordering::Relaxed);
+            // Walks every arena (milliseconds for ~100 MiB): off the worker threads.
+            let _ = tokio::task::spawn_blocking(release_freed_memory).await;
+            metrics::counter!("shardgate_allocator_trims_total").increment(1);
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only returns free pages of the allocator's own heaps to the system.
+    unsafe { libc::malloc_trim(0) };
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_memory() {}
 
 /// The per-source count of one connection, released when its task ends.
 struct SourceSlot(Arc<PerSource>, IpAddr);

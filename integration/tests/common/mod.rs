@@ -191,6 +191,20 @@ impl Shardgate {
     pub fn pid(&self) -> i32 {
         self.0.id() as i32
     }
+
+    /// Waits up to `limit` for the process to exit on its own: its status, or None.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        loop {
+            if let Some(s) = self.0.try_wait().unwrap() {
+                return Some(s);
+            }
+            if started.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 /// A process stopped with SIGSTOP, continued (SIGCONT) when dropped — also when the test
