@@ -19,6 +19,23 @@ pub struct MemoryBudget {
     freed: Notify,
 }
 
+/// A reader waiting for the budget, shown in `shardgate_memory_budget_waiting` while it waits
+/// (the waits counter only counts waits that ended).
+struct Waiting;
+
+impl Waiting {
+    fn start() -> Self {
+        metrics::gauge!("shardgate_memory_budget_waiting").increment(1.0);
+        Waiting
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        metrics::gauge!("shardgate_memory_budget_waiting").decrement(1.0);
+    }
+}
+
 /// Bytes counted against the budget until dropped.
 #[must_use]
 pub struct Charge {
@@ -54,19 +71,19 @@ impl MemoryBudget {
     /// wait forever.
     pub async fn reserve(self: &Arc<Self>, bytes: usize) -> Charge {
         let large = self.is_large(bytes);
-        let mut waited = false;
+        let mut waiting: Option<Waiting> = None;
         loop {
             // Register before checking, so a release between the check and the wait is seen.
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
             if self.try_take(bytes, large) {
-                if waited {
+                if waiting.is_some() {
                     metrics::counter!("shardgate_memory_budget_waits_total").increment(1);
                 }
                 return self.charge_taken(bytes, large);
             }
-            waited = true;
+            waiting.get_or_insert_with(Waiting::start);
             freed.await;
         }
     }

@@ -281,13 +281,15 @@ impl PendingProduce {
                 .with_log_append_time_ms(-1)
                 .with_log_start_offset(-1)
         };
-        let waits = std::mem::take(&mut self.subs).into_iter().map(|(parts, pending)| async move {
-            let result = match pending {
-                Ok(p) => p.wait().await.map_err(HandlerError::from),
-                Err(e) => Err(e),
-            };
-            (parts, result)
-        });
+        let waits = std::mem::take(&mut self.subs)
+            .into_iter()
+            .map(|(parts, pending)| async move {
+                let result = match pending {
+                    Ok(p) => p.wait().await.map_err(HandlerError::from),
+                    Err(e) => Err(e),
+                };
+                (parts, result)
+            });
         let results = futures::future::join_all(waits).await;
         let alone = self.local_errors.is_empty() && self.managed.is_empty();
         if let [(_, Ok(Some(raw)))] = results.as_slice()
