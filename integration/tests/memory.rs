@@ -741,3 +741,58 @@ fn sigterm_exits_after_the_drain_timeout_when_upstream_does_not_answer() {
     assert!(status.success(), "shardgate exited with {status}");
     assert!(rest.is_empty(), "a partial answer: {} bytes", rest.len());
 }
+
+/// Bounded work: a fetch asking to wait i32::MAX ms for more bytes than will ever come keeps a
+/// task busy only while its client is there. When the client disconnects, the request is
+/// cancelled (`shardgate_requests_in_progress` falls back) instead of polling upstream for
+/// the 24 days it asked for.
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn a_fetch_whose_client_left_leaves_no_work() {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::{ApiKey, FetchRequest, TopicName};
+    let topic = unique("mem-longpoll");
+    create_topic(&topic, 1);
+    let in_progress = || metric("shardgate_requests_in_progress", &[]);
+    let before = in_progress();
+    let fetch = FetchRequest::default()
+        .with_replica_id(kafka_protocol::messages::BrokerId(-1))
+        .with_max_wait_ms(i32::MAX)
+        .with_min_bytes(1 << 30)
+        .with_max_bytes(1 << 20)
+        .with_topics(vec![
+            FetchTopic::default()
+                .with_topic(TopicName(kafka_protocol::protocol::StrBytes::from_string(
+                    topic.clone(),
+                )))
+                .with_partitions(vec![
+                    FetchPartition::default()
+                        .with_partition(0)
+                        .with_fetch_offset(0)
+                        .with_partition_max_bytes(1 << 20),
+                ]),
+        ]);
+    let mut s = TcpStream::connect(proxy()).unwrap();
+    s.write_all(&frame(ApiKey::Fetch, 12, 1, &fetch)).unwrap();
+    eventually(
+        "the long fetch is being worked on",
+        Duration::from_secs(10),
+        || in_progress() >= before + 1.0,
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        in_progress() >= before + 1.0,
+        "the fetch must still be waiting for its bytes"
+    );
+    let left = Instant::now();
+    drop(s);
+    eventually(
+        "the fetch of a client that left is cancelled",
+        Duration::from_secs(5),
+        || in_progress() <= before,
+    );
+    eprintln!(
+        "a fetch with max_wait_ms = i32::MAX was cancelled {:?} after its client left",
+        left.elapsed()
+    );
+}

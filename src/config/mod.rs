@@ -187,6 +187,9 @@ pub struct LimitsConfig {
     /// connections.max.idle.ms is 10 minutes).
     #[serde(default = "default_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+    /// Longest a client's fetch may wait for data (its `max_wait_ms` is capped to this).
+    #[serde(default = "default_max_fetch_wait_ms")]
+    pub max_fetch_wait_ms: u64,
     /// Longest time a fetch from clients waits upstream between polls when it has no data yet.
     #[serde(default = "default_fetch_poll_max_ms")]
     pub fetch_poll_max_ms: u64,
@@ -225,6 +228,7 @@ impl Default for LimitsConfig {
             max_in_flight_per_connection: default_max_in_flight(),
             idle_timeout_ms: default_idle_timeout_ms(),
             fetch_poll_max_ms: default_fetch_poll_max_ms(),
+            max_fetch_wait_ms: default_max_fetch_wait_ms(),
             max_decompressed_request_bytes: default_max_decompressed(),
             memory_budget_bytes: default_memory_budget(),
             handshake_timeout_ms: default_handshake_timeout_ms(),
@@ -261,6 +265,9 @@ fn default_max_in_flight() -> usize {
 }
 fn default_idle_timeout_ms() -> u64 {
     600_000
+}
+fn default_max_fetch_wait_ms() -> u64 {
+    30_000
 }
 fn default_fetch_poll_max_ms() -> u64 {
     50
@@ -479,6 +486,7 @@ impl Config {
             ("limits.request_read_timeout_ms", l.request_read_timeout_ms),
             ("limits.drain_timeout_ms", l.drain_timeout_ms),
             ("limits.fetch_poll_max_ms", l.fetch_poll_max_ms),
+            ("limits.max_fetch_wait_ms", l.max_fetch_wait_ms),
         ] {
             if v == 0 {
                 return Err(invalid(

@@ -141,6 +141,10 @@ pub async fn serve<S>(
     let first_wait = Duration::from_millis(limits.handshake_timeout_ms);
     let frame_wait = Duration::from_millis(limits.request_read_timeout_ms);
     let mut first = true;
+    // Requests running for this client (produces excepted: the lane answers those). Reaped as
+    // they end; aborted if the client goes away, so a fetch waiting up to its max wait or a
+    // call held upstream does not outlive the connection.
+    let mut running = tokio::task::JoinSet::new();
 
     let stop = loop {
         // Backpressure: no more than max_in_flight requests of this client at once.
@@ -199,7 +203,9 @@ pub async fn serve<S>(
             Admitted::Request(req) => {
                 let ctx = ctx.clone();
                 let client = client.clone();
-                tokio::spawn(async move {
+                while running.try_join_next().is_some() {}
+                running.spawn(async move {
+                    let _counted = InProgress::start();
                     let reply = run(&ctx, &client, req, started).await;
                     slot.complete(reply);
                 });
@@ -232,10 +238,33 @@ pub async fn serve<S>(
     }
     drop(reader);
     drop(produce_tx);
+    if !matches!(stop, Stop::Shutdown) && !running.is_empty() {
+        // The client is gone (or being closed): nobody will read these answers.
+        metrics::counter!("shardgate_requests_abandoned_total").increment(running.len() as u64);
+        responses.abandon();
+        running.abort_all();
+    }
     responses.reader_done();
     let _ = writer.await;
     ctx.groups.forget_connection(client.id);
     // The client's own upstream connections close when the last task holding `client` ends.
+}
+
+/// A request being worked on, for `shardgate_requests_in_progress` (dropped also when the
+/// task is aborted).
+struct InProgress;
+
+impl InProgress {
+    fn start() -> Self {
+        metrics::gauge!("shardgate_requests_in_progress").increment(1.0);
+        InProgress
+    }
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        metrics::gauge!("shardgate_requests_in_progress").decrement(1.0);
+    }
 }
 
 enum Admitted {

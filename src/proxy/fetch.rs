@@ -50,7 +50,10 @@ pub async fn handle(
         )?));
     }
     let started = Instant::now();
-    let deadline = started + Duration::from_millis(body.max_wait_ms.max(0) as u64);
+    // The client's max wait, capped: a fetch asking to wait for days is answered (empty) at the
+    // cap, and the client fetches again.
+    let max_wait = (body.max_wait_ms.max(0) as u64).min(ctx.settings.raw.limits.max_fetch_wait_ms);
+    let deadline = started + Duration::from_millis(max_wait);
     // Until the stored maps are loaded a managed topic looks like a plain one: its gates would
     // not apply. Wait (within the client's max wait); still unloaded, answer retriable errors.
     if !ctx.shards.loaded() {

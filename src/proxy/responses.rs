@@ -37,6 +37,9 @@ struct State {
     reader_done: bool,
     /// The writer stopped: the socket is closed or being closed.
     writer_done: bool,
+    /// The client went away and its running requests were cancelled: unanswered slots are
+    /// expected, not errors.
+    abandoned: bool,
 }
 
 struct Done {
@@ -89,6 +92,15 @@ impl Responses {
     pub fn reader_done(&self) {
         self.state.lock().expect("responses lock").reader_done = true;
         self.head_ready.notify_one();
+    }
+
+    /// The client is gone; its requests are being cancelled.
+    pub fn abandon(&self) {
+        self.state.lock().expect("responses lock").abandoned = true;
+    }
+
+    fn abandoned(&self) -> bool {
+        self.state.lock().expect("responses lock").abandoned
     }
 
     pub fn is_closed(&self) -> bool {
@@ -220,10 +232,14 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if !self.answered {
-            tracing::error!(
-                seq = self.seq,
-                "request task ended without a reply; closing the connection"
-            );
+            if self.responses.abandoned() {
+                tracing::debug!(seq = self.seq, "request cancelled: its client went away");
+            } else {
+                tracing::error!(
+                    seq = self.seq,
+                    "request task ended without a reply; closing the connection"
+                );
+            }
             let done = Done {
                 reply: Reply::Close("request task ended without a reply".into()),
                 _charges: (self.charge.take(), None),
