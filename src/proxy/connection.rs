@@ -163,13 +163,7 @@ pub async fn serve<S>(
             Err(_) => break Stop::Idle,
             Ok(Ok(Some(size))) => size,
             Ok(Ok(None)) => break Stop::Eof,
-            Ok(Err(e)) => {
-                telemetry::frame_error(e.kind());
-                if !matches!(e, crate::protocol::frame::FrameError::Io(_)) {
-                    tracing::warn!(conn = client.id, peer = %client.peer, error = %e, "bad frame; closing connection");
-                }
-                break Stop::Bad;
-            }
+            Ok(Err(e)) => break bad_frame(&client, e),
         };
         // The frame is held (and its buffer allocated) only within the memory budget.
         let charge = tokio::select! {
@@ -182,13 +176,7 @@ pub async fn serve<S>(
             Err(_) => break Stop::SlowFrame,
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) => break Stop::Eof,
-            Ok(Err(e)) => {
-                telemetry::frame_error(e.kind());
-                if !matches!(e, crate::protocol::frame::FrameError::Io(_)) {
-                    tracing::warn!(conn = client.id, peer = %client.peer, error = %e, "bad frame; closing connection");
-                }
-                break Stop::Bad;
-            }
+            Ok(Err(e)) => break bad_frame(&client, e),
         };
         first = false;
         metrics::counter!("shardgate_bytes_in_total").increment(frame.len() as u64 + 4);
@@ -265,6 +253,16 @@ impl Drop for InProgress {
     fn drop(&mut self) {
         metrics::gauge!("shardgate_requests_in_progress").decrement(1.0);
     }
+}
+
+/// A frame that cannot be read: counted, logged (unless the socket just failed), and the
+/// connection closed.
+fn bad_frame(client: &ClientConn, e: crate::protocol::frame::FrameError) -> Stop {
+    telemetry::frame_error(e.kind());
+    if !matches!(e, crate::protocol::frame::FrameError::Io(_)) {
+        tracing::warn!(conn = client.id, peer = %client.peer, error = %e, "bad frame; closing connection");
+    }
+    Stop::Bad
 }
 
 enum Admitted {
