@@ -10,7 +10,8 @@
 //!   roles and inter-broker listener (`process.roles`, `inter.broker.listener.name`,
 //!   `security.inter.broker.protocol`, `early.start.listeners`, `listener.name.*`), its rack
 //!   (`broker.rack`: a virtual broker has none, and a real one's rack tells where it runs), its
-//!   directories (`log.dirs`, `log.dir`, `metadata.log.dir`) and legacy address keys. Dropping is
+//!   directories (`log.dirs`, `log.dir`, `metadata.log.dir`), its key and trust store files
+//!   (`ssl.keystore.location`, `ssl.truststore.location`) and legacy address keys. Dropping is
 //!   chosen over a made-up value because a virtual broker has no such thing;
 //! - dropped as well: any other entry or synonym whose value contains a real broker's
 //!   `host:port` (the topology's addresses and every address the answer's own listener and
@@ -38,6 +39,9 @@ const DROPPED: &[&str] = &[
     "log.dirs",
     "log.dir",
     "metadata.log.dir",
+    // Files on the real node (the store paths tell how it is set up; the stores are its own).
+    "ssl.keystore.location",
+    "ssl.truststore.location",
     "host.name",
     "port",
     "advertised.host.name",
@@ -181,6 +185,8 @@ mod tests {
             entry("log.dirs", "/run/kafka-1/data"),
             entry("metadata.log.dir", "/run/kafka-1/meta"),
             entry("listener.name.ssl.ssl.keystore.location", "/run/tls/k.pem"),
+            entry("ssl.keystore.location", "/run/tls/broker.pem"),
+            entry("ssl.truststore.location", "/run/tls/ca.pem"),
             // Not on the list, but naming a real address: caught by value.
             entry("some.plugin.endpoint", "http://127.0.0.1:19193/x"),
             entry("num.partitions", "1"),
@@ -242,7 +248,15 @@ mod tests {
             })
             .collect::<Vec<_>>()
             .join(" ");
-        for port in ["1909", "1919", "1939", "kafka-1", "rack-a", "CONTROLLER"] {
+        for port in [
+            "1909",
+            "1919",
+            "1939",
+            "kafka-1",
+            "rack-a",
+            "CONTROLLER",
+            "/run/tls",
+        ] {
             assert!(!everything.contains(port), "{port} in {everything}");
         }
     }
