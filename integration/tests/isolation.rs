@@ -124,34 +124,9 @@ async fn pause_scenario(bootstrap: &str, label: &str) -> (Duration, Duration, Du
     (pb, pd, x_max)
 }
 
-/// A shardgate of the test's own (embedded store) in front of the testbed's brokers, with
-/// `upstream` lines added to its `[upstream]` section.
+/// A shardgate of the test's own with `upstream` lines added to its `[upstream]` section.
 fn own_instance(name: &str, client: &str, admin: &str, upstream: &str) -> Shardgate {
-    let bootstrap: Vec<String> = kafka().split(',').map(|b| format!("\"{b}\"")).collect();
-    let config = format!(
-        r#"
-[listener]
-bind = "{client}"
-
-[upstream]
-bootstrap = [{bootstrap}]
-{upstream}
-
-[admin]
-bind = "{admin}"
-
-[store]
-path = "{store}"
-"#,
-        bootstrap = bootstrap.join(", "),
-        store = cache().join(format!("run/{name}-store")).display(),
-    );
-    start_shardgate(
-        &cache().join("run"),
-        name,
-        &config,
-        &format!("http://{admin}"),
-    )
+    common::own_instance(name, client, admin, upstream, "")
 }
 
 /// One shared upstream connection per broker, so two clients surely share one wherever

@@ -574,32 +574,12 @@ fn drain_setup(
     admin: &str,
     drain_ms: u64,
 ) -> (Shardgate, String, TcpStream, i32) {
-    let bootstrap: Vec<String> = kafka().split(',').map(|b| format!("\"{b}\"")).collect();
-    let config = format!(
-        r#"
-[listener]
-bind = "{client}"
-
-[upstream]
-bootstrap = [{bootstrap}]
-
-[admin]
-bind = "{admin}"
-
-[store]
-path = "{store}"
-
-[limits]
-drain_timeout_ms = {drain_ms}
-"#,
-        bootstrap = bootstrap.join(", "),
-        store = cache().join(format!("run/{name}-store")).display(),
-    );
-    let sg = start_shardgate(
-        &cache().join("run"),
+    let sg = own_instance(
         name,
-        &config,
-        &format!("http://{admin}"),
+        client,
+        admin,
+        "",
+        &format!("[limits]\ndrain_timeout_ms = {drain_ms}"),
     );
     let broker = brokers() as i32;
     let topic = unique(name);
@@ -794,5 +774,88 @@ fn a_fetch_whose_client_left_leaves_no_work() {
     eprintln!(
         "a fetch with max_wait_ms = i32::MAX was cancelled {:?} after its client left",
         left.elapsed()
+    );
+}
+
+/// The deadlines and the per-source limit, each provoked: a connection that never sends a
+/// request is closed after `handshake_timeout_ms`, one whose request stops half-way after
+/// `request_read_timeout_ms`, and a connection beyond `max_connections_per_source` at once;
+/// each is counted. (The TLS handshake deadline shares the first of these settings.)
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn silent_slow_and_excess_connections_are_closed() {
+    let (client, admin) = ("127.0.0.1:29184", "127.0.0.1:29284");
+    let _sg = own_instance(
+        "deadlines",
+        client,
+        admin,
+        "",
+        "[limits]\nhandshake_timeout_ms = 1000\nrequest_read_timeout_ms = 1000\nmax_connections_per_source = 3",
+    );
+    let admin_url = format!("http://{admin}");
+    let closed_reason = |r: &str| metric_of(&admin_url, "shardgate_connections_closed_total", &[r]);
+    // Closed by shardgate: the read ends (EOF or reset) well before the test's own timeout.
+    let closed_within = |s: &mut TcpStream, limit: Duration| {
+        s.set_read_timeout(Some(limit)).unwrap();
+        let started = Instant::now();
+        let mut buf = [0u8; 16];
+        let r = s.read(&mut buf);
+        assert!(
+            matches!(r, Ok(0))
+                || matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "expected the connection closed by shardgate, got {r:?}"
+        );
+        started.elapsed()
+    };
+
+    let silent_before = closed_reason("reason=\"no_first_request\"");
+    let mut silent = TcpStream::connect(client).unwrap();
+    let took = closed_within(&mut silent, Duration::from_secs(5));
+    assert!(
+        took < Duration::from_secs(3),
+        "silent connection closed after {took:?}"
+    );
+    eventually("counted", Duration::from_secs(5), || {
+        closed_reason("reason=\"no_first_request\"") > silent_before
+    });
+
+    let slow_before = closed_reason("reason=\"slow_request\"");
+    let mut slow = TcpStream::connect(client).unwrap();
+    // A 1,000-byte request of which only the size and 10 bytes ever come.
+    slow.write_all(&1000u32.to_be_bytes()).unwrap();
+    slow.write_all(&[0u8; 10]).unwrap();
+    let took = closed_within(&mut slow, Duration::from_secs(5));
+    assert!(
+        took < Duration::from_secs(3),
+        "slow request closed after {took:?}"
+    );
+    eventually("counted", Duration::from_secs(5), || {
+        closed_reason("reason=\"slow_request\"") > slow_before
+    });
+
+    let rejected = || {
+        metric_of(
+            &admin_url,
+            "shardgate_connections_rejected_total",
+            &["reason=\"per_source\""],
+        )
+    };
+    let before = rejected();
+    // Three are allowed from 127.0.0.1 (silent: they stay open for the 1 s first-request
+    // deadline, longer than this check takes).
+    let open: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(client).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut fourth = TcpStream::connect(client).unwrap();
+    let took = closed_within(&mut fourth, Duration::from_secs(5));
+    assert!(
+        took < Duration::from_millis(900),
+        "the fourth connection was served for {took:?}"
+    );
+    assert!(rejected() > before, "the refusal is counted");
+    drop(open);
+    eprintln!(
+        "deadlines: silent connection and half-sent request closed after about 1 s each; the 4th connection from one address refused at once"
     );
 }

@@ -17,21 +17,29 @@ pub struct MemoryBudget {
     used: AtomicUsize,
     large_used: AtomicUsize,
     freed: Notify,
+    /// Readers waiting now: a release wakes anybody only when there are some (the common case
+    /// has none, and `Notify::notify_waiters` takes a lock).
+    waiters: AtomicUsize,
+    /// Handle of `shardgate_memory_budget_used_bytes`, set on every charge and release.
+    used_gauge: metrics::Gauge,
 }
 
-/// A reader waiting for the budget, shown in `shardgate_memory_budget_waiting` while it waits
-/// (the waits counter only counts waits that ended).
-struct Waiting;
+/// A reader waiting for the budget, counted in `waiters` and shown in
+/// `shardgate_memory_budget_waiting` while it waits (the waits counter only counts waits that
+/// ended).
+struct Waiting<'a>(&'a MemoryBudget);
 
-impl Waiting {
-    fn start() -> Self {
+impl<'a> Waiting<'a> {
+    fn start(budget: &'a MemoryBudget) -> Self {
+        budget.waiters.fetch_add(1, Ordering::SeqCst);
         metrics::gauge!("shardgate_memory_budget_waiting").increment(1.0);
-        Waiting
+        Waiting(budget)
     }
 }
 
-impl Drop for Waiting {
+impl Drop for Waiting<'_> {
     fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::SeqCst);
         metrics::gauge!("shardgate_memory_budget_waiting").decrement(1.0);
     }
 }
@@ -51,6 +59,8 @@ impl MemoryBudget {
             used: AtomicUsize::new(0),
             large_used: AtomicUsize::new(0),
             freed: Notify::new(),
+            waiters: AtomicUsize::new(0),
+            used_gauge: metrics::gauge!("shardgate_memory_budget_used_bytes"),
         })
     }
 
@@ -71,19 +81,22 @@ impl MemoryBudget {
     /// wait forever.
     pub async fn reserve(self: &Arc<Self>, bytes: usize) -> Charge {
         let large = self.is_large(bytes);
-        let mut waiting: Option<Waiting> = None;
+        if self.try_take(bytes, large) {
+            return self.charge_taken(bytes, large);
+        }
+        let _waiting = Waiting::start(self);
         loop {
-            // Register before checking, so a release between the check and the wait is seen.
+            // Register before checking, so a release between the check and the wait is seen;
+            // the fence pairs with the one in `Charge::drop` (a release either sees this
+            // waiter or its bytes are seen here).
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
+            std::sync::atomic::fence(Ordering::SeqCst);
             if self.try_take(bytes, large) {
-                if waiting.is_some() {
-                    metrics::counter!("shardgate_memory_budget_waits_total").increment(1);
-                }
+                metrics::counter!("shardgate_memory_budget_waits_total").increment(1);
                 return self.charge_taken(bytes, large);
             }
-            waiting.get_or_insert_with(Waiting::start);
             freed.await;
         }
     }
@@ -127,7 +140,7 @@ impl MemoryBudget {
     }
 
     fn charge_taken(self: &Arc<Self>, bytes: usize, large: bool) -> Charge {
-        metrics::gauge!("shardgate_memory_budget_used_bytes").set(self.used() as f64);
+        self.used_gauge.set(self.used() as f64);
         Charge {
             budget: self.clone(),
             bytes,
@@ -153,8 +166,11 @@ impl Drop for Charge {
                 .fetch_sub(self.bytes, Ordering::AcqRel);
         }
         let now = self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel) - self.bytes;
-        metrics::gauge!("shardgate_memory_budget_used_bytes").set(now as f64);
-        self.budget.freed.notify_waiters();
+        self.budget.used_gauge.set(now as f64);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.budget.waiters.load(Ordering::Relaxed) > 0 {
+            self.budget.freed.notify_waiters();
+        }
     }
 }
 

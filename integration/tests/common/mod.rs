@@ -261,6 +261,30 @@ pub fn start_shardgate(
     sg
 }
 
+/// A shardgate of the test's own (embedded store under the run directory) in front of the
+/// testbed's brokers, ready: `upstream` lines go into its `[upstream]` section, `extra` (whole
+/// sections, e.g. `[limits]`) after the rest.
+pub fn own_instance(
+    name: &str,
+    client: &str,
+    admin: &str,
+    upstream: &str,
+    extra: &str,
+) -> Shardgate {
+    let bootstrap: Vec<String> = kafka().split(',').map(|b| format!("\"{b}\"")).collect();
+    let config = format!(
+        "[listener]\nbind = \"{client}\"\n\n[upstream]\nbootstrap = [{}]\n{upstream}\n\n[admin]\nbind = \"{admin}\"\n\n[store]\npath = \"{}\"\n\n{extra}\n",
+        bootstrap.join(", "),
+        cache().join(format!("run/{name}-store")).display(),
+    );
+    start_shardgate(
+        &cache().join("run"),
+        name,
+        &config,
+        &format!("http://{admin}"),
+    )
+}
+
 /// Writes `config` to `dir/<name>.toml` and starts shardgate with it (log in
 /// `dir/<name>.log`), without waiting for it to be ready.
 pub fn spawn_shardgate(dir: &std::path::Path, name: &str, config: &str) -> Shardgate {
