@@ -190,9 +190,14 @@ pub struct LimitsConfig {
     /// Longest a client's fetch may wait for data (its `max_wait_ms` is capped to this).
     #[serde(default = "default_max_fetch_wait_ms")]
     pub max_fetch_wait_ms: u64,
-    /// Longest time a fetch from clients waits upstream between polls when it has no data yet.
+    /// Longest interval between re-checks of a fetch whose records an ordering gate holds
+    /// back (data waits are upstream long-polls, not polls).
     #[serde(default = "default_fetch_poll_max_ms")]
     pub fetch_poll_max_ms: u64,
+    /// Fetch sessions (KIP-227) kept for clients at once; the least recently used is evicted
+    /// beyond this (Kafka's max.incremental.fetch.session.cache.slots). 0 = no sessions.
+    #[serde(default = "default_max_fetch_sessions")]
+    pub max_fetch_sessions: usize,
     /// Managed topics decompress client batches to reroute them; a produce request whose
     /// batches would decompress to more than this in total is refused (decompression bombs).
     #[serde(
@@ -228,6 +233,7 @@ impl Default for LimitsConfig {
             max_in_flight_per_connection: default_max_in_flight(),
             idle_timeout_ms: default_idle_timeout_ms(),
             fetch_poll_max_ms: default_fetch_poll_max_ms(),
+            max_fetch_sessions: default_max_fetch_sessions(),
             max_fetch_wait_ms: default_max_fetch_wait_ms(),
             max_decompressed_request_bytes: default_max_decompressed(),
             memory_budget_bytes: default_memory_budget(),
@@ -268,6 +274,9 @@ fn default_idle_timeout_ms() -> u64 {
 }
 fn default_max_fetch_wait_ms() -> u64 {
     30_000
+}
+fn default_max_fetch_sessions() -> usize {
+    1000
 }
 fn default_fetch_poll_max_ms() -> u64 {
     50

@@ -3,6 +3,7 @@
 
 pub mod frame;
 pub mod records;
+pub mod splice;
 pub mod versions;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -232,6 +233,7 @@ pub mod codes {
     pub const KAFKA_STORAGE_ERROR: i16 = 56;
     pub const UNKNOWN_PRODUCER_ID: i16 = 59;
     pub const FETCH_SESSION_ID_NOT_FOUND: i16 = 70;
+    pub const INVALID_FETCH_SESSION_EPOCH: i16 = 71;
     pub const FENCED_LEADER_EPOCH: i16 = 74;
     pub const UNKNOWN_LEADER_EPOCH: i16 = 75;
     pub const OFFSET_NOT_AVAILABLE: i16 = 78;

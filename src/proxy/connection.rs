@@ -35,6 +35,8 @@ pub struct ClientConn {
     /// its own: Kafka mutes a throttled client's *socket* for the throttle time (KIP-219), and
     /// on a shared socket that would stall every other client on it.
     throttled_until_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Fetch read-ahead and upstream polls of this connection.
+    pub fetch: Arc<super::fetch::readahead::ConnFetch>,
 }
 
 /// How long a client stays on its own sockets after its last throttled answer.
@@ -72,6 +74,7 @@ impl ClientConn {
             _owned: Arc::new(OwnedSockets { id, pool }),
             rewrote: Arc::default(),
             throttled_until_ms: Arc::default(),
+            fetch: Arc::default(),
         }
     }
 

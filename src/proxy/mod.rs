@@ -24,7 +24,6 @@ pub mod produce;
 pub mod quotas;
 pub mod responses;
 pub mod server;
-pub mod signals;
 pub mod sockets;
 
 use std::sync::Arc;
@@ -51,6 +50,9 @@ pub enum Reply {
         correlation_id: i32,
         upstream: Bytes,
     },
+    /// A complete response frame as pieces written in order (length prefix included): record
+    /// data stays in the upstream frames it came in.
+    Pieces(Vec<Bytes>),
     /// The request has no response (Produce with acks=0).
     Nothing,
     /// Close the connection after the responses before this one (the reason is logged).
@@ -80,7 +82,8 @@ pub struct Ctx {
     pub cluster: cluster::VirtualCluster,
     pub pool: Arc<Pool>,
     pub coordinators: coordinator::CoordinatorCache,
-    pub signals: signals::PartitionSignals,
+    /// KIP-227 fetch sessions offered to clients.
+    pub fetch_sessions: fetch::session::FetchSessions,
     /// Shard maps of managed topics, as this instance routes them.
     pub shards: Arc<Registry>,
     /// Consumer groups seen on the wire and how far they consumed (for ordering gates).
@@ -102,6 +105,9 @@ impl Ctx {
         managed: Arc<ManagedProduce>,
     ) -> Self {
         Self {
+            fetch_sessions: fetch::session::FetchSessions::new(
+                settings.raw.limits.max_fetch_sessions,
+            ),
             managed,
             budget: budget::MemoryBudget::new(settings.raw.limits.memory_budget_bytes),
             quotas: Arc::default(),
@@ -109,7 +115,6 @@ impl Ctx {
             settings,
             pool,
             coordinators: coordinator::CoordinatorCache::default(),
-            signals: signals::PartitionSignals::new(256),
             shards,
             groups,
         }

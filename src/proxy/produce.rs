@@ -241,7 +241,7 @@ impl PendingProduce {
     /// The one upstream answer to a produce sent whole to one broker, passed on as it came
     /// (no re-encoding, body not copied) when nothing in it must change: no partition names a
     /// leader hint (KIP-951 hints name real brokers) and no error asks for a refresh.
-    fn pass_through(&self, ctx: &Ctx, raw: &bytes::Bytes) -> Option<Reply> {
+    fn pass_through(&self, raw: &bytes::Bytes) -> Option<Reply> {
         let resp =
             decode_response::<ProduceResponse>(ApiKey::Produce, self.api_version, raw.clone())
                 .ok()?;
@@ -254,12 +254,9 @@ impl PendingProduce {
             return None;
         }
         self.client.note_throttle(resp.throttle_time_ms);
-        let topo = ctx.topology().load();
         for t in &resp.responses {
-            let name = topo.topic_name(&t.topic_id).unwrap_or(&t.name.0);
             for p in &t.partition_responses {
                 telemetry::upstream_code(ApiKey::Produce, p.error_code);
-                ctx.signals.notify(name, p.index);
             }
         }
         Some(Reply::Forwarded {
@@ -294,7 +291,7 @@ impl PendingProduce {
         let alone = self.local_errors.is_empty() && self.managed.is_empty();
         if let [(_, Ok(Some(raw)))] = results.as_slice()
             && alone
-            && let Some(reply) = self.pass_through(ctx, raw)
+            && let Some(reply) = self.pass_through(raw)
         {
             return Ok(reply);
         }
@@ -334,9 +331,6 @@ impl PendingProduce {
                                 );
                             }
                             stale |= codes::stale_leader(p.error_code);
-                            if p.error_code == codes::NONE {
-                                ctx.signals.notify(&name, p.index);
-                            }
                             // KIP-951 hints name real brokers: clear them; clients refresh
                             // metadata from us instead.
                             p.current_leader = LeaderIdAndEpoch::default();
@@ -344,11 +338,7 @@ impl PendingProduce {
                         }
                     }
                 }
-                Ok(None) => {
-                    for (tref, p) in parts {
-                        ctx.signals.notify(&tref.name, p);
-                    }
-                }
+                Ok(None) => {} // acks=0: nothing to answer
                 Err(e) => {
                     tracing::debug!(error = %e, "produce sub-request failed; answering NOT_LEADER_OR_FOLLOWER");
                     stale = true;
@@ -374,7 +364,7 @@ impl PendingProduce {
         for (key, mp) in self.managed {
             let answer = ctx
                 .managed
-                .answer(mp, |topic, partition| ctx.signals.notify(topic, partition))
+                .answer(mp)
                 .await;
             managed_answers.insert(key, answer);
         }

@@ -161,6 +161,11 @@ impl Responses {
                         } => {
                             put_forwarded(&mut batch, correlation_id, upstream);
                         }
+                        Reply::Pieces(pieces) => {
+                            for p in pieces {
+                                batch.put_bytes(p);
+                            }
+                        }
                         Reply::Nothing => {}
                         Reply::Close(reason) => {
                             close = Some(reason);
@@ -218,6 +223,11 @@ impl Slot {
         let response_charge = match &reply {
             Reply::Frame(b) => Some(self.responses.budget.charge(b.len())),
             Reply::Forwarded { upstream, .. } => Some(self.responses.budget.charge(upstream.len())),
+            Reply::Pieces(p) => Some(
+                self.responses
+                    .budget
+                    .charge(p.iter().map(|b| b.len()).sum()),
+            ),
             _ => None,
         };
         let done = Done {

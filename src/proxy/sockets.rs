@@ -75,16 +75,6 @@ pub(super) fn for_produce(
     }
 }
 
-/// A fetch: on the client's own socket once upstream throttled it (the broker mutes the
-/// socket for the throttle time), else shared.
-pub(super) fn for_fetch(ctx: &super::Ctx, client: &ClientConn, req: &RequestFrame) -> Socket {
-    if muted_if_shared(ctx, client, req) {
-        Socket::Own(client.id)
-    } else {
-        Socket::Shared(client.pin())
-    }
-}
-
 /// Admin APIs forwarded to any broker (the controller may hold them up to their timeout) and
 /// DeleteRecords (held until followers have the new log start): the client's own socket.
 pub(super) fn for_admin(client: &ClientConn) -> (Socket, Option<Duration>) {

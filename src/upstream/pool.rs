@@ -48,7 +48,14 @@ pub enum Socket {
     /// A connection only this owner (a client connection, a writer lane) waits on, for
     /// requests the broker may hold: acks=all produce, rebalances, admin calls with timeouts.
     Own(u64),
+    /// A second connection of a client connection's own, for its fetch long-polls: a fetch
+    /// held for its max wait must not delay the same client's acks=all produce or commit.
+    Fetch(u64),
 }
+
+/// Marks the fetch connections of an owner in the `dedicated` map (owners are connection
+/// ids, far below this bit).
+const FETCH_OWNER: u64 = 1 << 62;
 
 /// Pseudo broker ids for bootstrap addresses, used before the real ids are known.
 pub fn bootstrap_id(index: usize) -> i32 {
@@ -207,6 +214,7 @@ impl Pool {
         let conn = match socket {
             Socket::Shared(pin) => self.conn(broker, pin).await?,
             Socket::Own(owner) => self.own_conn(broker, owner).await?,
+            Socket::Fetch(owner) => self.own_conn(broker, owner | FETCH_OWNER).await?,
         };
         let rx = conn.enqueue(frame, expect_response).await?;
         Ok(PendingReply {
@@ -241,7 +249,7 @@ impl Pool {
         self.dedicated
             .lock()
             .expect("pool lock")
-            .retain(|(_, o), _| *o != owner);
+            .retain(|(_, o), _| *o != owner && *o != owner | FETCH_OWNER);
     }
 
     /// Queues `frame` on the pinned connection; await the returned future for the response.

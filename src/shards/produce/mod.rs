@@ -42,10 +42,9 @@ pub struct ManagedProduce {
 
 /// A client partition of a managed topic and the writer jobs carrying its records.
 pub struct ManagedPart {
-    topic: String,
     part: ClientPart,
-    /// (target partition, record positions, answer).
-    jobs: Vec<(i32, Vec<u32>, JobAnswer)>,
+    /// (record positions, answer) per target partition.
+    jobs: Vec<(Vec<u32>, JobAnswer)>,
 }
 
 impl ManagedPart {
@@ -153,10 +152,9 @@ impl ManagedProduce {
                         _routed: guard.clone(),
                     },
                 );
-                jobs.push((w.target, w.indices, rx));
+                jobs.push((w.indices, rx));
             }
             out.push(ManagedPart {
-                topic: m.config.name.clone(),
                 part,
                 jobs,
             });
@@ -165,13 +163,12 @@ impl ManagedProduce {
     }
 
     /// The answer for one client partition, from the answers of the writer jobs its records
-    /// went to. `on_written(topic, partition)` runs for every upstream partition written.
+    /// went to.
     pub async fn answer(
         &self,
         mp: ManagedPart,
-        on_written: impl Fn(&str, i32),
     ) -> PartitionProduceResponse {
-        let ManagedPart { topic, part, jobs } = mp;
+        let ManagedPart { part, jobs } = mp;
         let base = PartitionProduceResponse::default()
             .with_index(part.index)
             .with_base_offset(-1)
@@ -199,7 +196,7 @@ impl ManagedProduce {
             .unwrap_or_else(|| vec![false; part.record_count as usize]);
         let mut first_error: Option<WriteError> = None;
         let mut answer = base.clone();
-        for (target, indices, rx) in jobs {
+        for (indices, rx) in jobs {
             let result = rx.await.unwrap_or_else(|_| {
                 Err(WriteError {
                     code: codes::NOT_LEADER_OR_FOLLOWER,
@@ -213,7 +210,6 @@ impl ManagedProduce {
                             *slot = true;
                         }
                     }
-                    on_written(&topic, target);
                     if single {
                         answer = answer
                             .with_base_offset(w.base_offset)

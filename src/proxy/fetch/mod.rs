@@ -1,0 +1,355 @@
+//! The fetch path: plan → sources → post-process → assemble.
+//!
+//! - plan (`plan.rs`): the partitions the request covers (from the request or its KIP-227
+//!   session, `session.rs`), their names and upstream leaders.
+//! - sources: the connection's read-ahead (`readahead.rs`: answers that came in after their
+//!   request was answered, the part of an answer beyond max_bytes) and upstream
+//!   long-polls (`upstream.rs`: the client's max_wait and min_bytes sent on, one poll per
+//!   broker at a time on a socket of the connection's own). Waiting is the broker's: an idle
+//!   consumer costs one upstream fetch per broker per wait. The predictive prefetch queue will
+//!   be one more source here.
+//! - post-process: ordering gates of managed topics, pool-growth nudges, no real broker
+//!   named in hints.
+//! - assemble (`assemble.rs`): max_bytes over the whole response (the first batch may
+//!   exceed it, as Kafka does), only what changed for incremental sessions, and the encoding
+//!   with record bytes passed on as slices of the upstream frames (vectored write, no copy).
+//!
+//! The request answers as soon as min_bytes arrived from any brokers, an error arrived, or
+//! the wait ran out; a poll still running then serves the connection's next fetch.
+
+mod assemble;
+mod plan;
+pub mod readahead;
+pub mod session;
+mod upstream;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use kafka_protocol::messages::fetch_response::PartitionData;
+use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse};
+
+use super::connection::ClientConn;
+use super::{Ctx, HandlerError, Reply};
+use crate::protocol::{RequestFrame, codes, encode_response};
+use crate::shards::gates::{Consumer, records_before};
+use plan::{Key, Want};
+
+pub async fn handle(
+    ctx: &Ctx,
+    client: &ClientConn,
+    req: &RequestFrame,
+) -> Result<Reply, HandlerError> {
+    let mut body: FetchRequest = req.decode_body()?;
+    // Every sub-fetch copies this body: forced once here, it holds for all of them.
+    let forced = super::client_fields::fetch_as_consumer(&mut body);
+    super::client_fields::report(
+        client,
+        ApiKey::Fetch,
+        req.header.client_id.as_deref(),
+        &forced,
+    );
+    let version = req.api_version;
+    let by_id = version >= 13;
+    let started = Instant::now();
+    // The client's max wait, capped: a fetch asking to wait for days is answered (empty) at the
+    // cap, and the client fetches again.
+    let max_wait = (body.max_wait_ms.max(0) as u64).min(ctx.settings.raw.limits.max_fetch_wait_ms);
+    let deadline = started + Duration::from_millis(max_wait);
+    // Until the stored maps are loaded a managed topic looks like a plain one: its gates would
+    // not apply. Wait (within the client's max wait); still unloaded, answer retriable errors.
+    if !ctx.shards.loaded() {
+        ctx.shards.wait_loaded(deadline - started).await;
+    }
+    let opened = match ctx.fetch_sessions.open(&body, by_id) {
+        Ok(o) => o,
+        Err(code) => {
+            let resp = FetchResponse::default().with_error_code(code);
+            return Ok(Reply::Frame(encode_response(
+                ApiKey::Fetch,
+                version,
+                req.correlation_id(),
+                &resp,
+            )?));
+        }
+    };
+    let kind = opened.kind;
+    let loaded = ctx.shards.loaded();
+    let mut wants = plan::resolve(&ctx.topology().load(), opened.parts, by_id, loaded);
+    if loaded && plan::any_unknown(&wants) {
+        let topo = ctx.topology().load();
+        ctx.topology()
+            .refresh_after(topo.version, Duration::from_millis(500))
+            .await;
+        let parts = wants.into_iter().map(|w| (w.key, w.part)).collect();
+        wants = plan::resolve(&ctx.topology().load(), parts, by_id, loaded);
+    }
+    let who = observe_positions(ctx, client, req, &wants);
+
+    let mut fetch = Fetch {
+        ctx,
+        client,
+        who: who.as_ref(),
+        template: upstream::Template::new(&body, version, req.header.client_id.clone()),
+        got: HashMap::new(),
+        bytes: 0,
+        errors: false,
+        throttle_ms: 0,
+        held: HashSet::new(),
+    };
+    for w in &wants {
+        if let Err(code) = w.leader {
+            fetch.errors = true;
+            fetch
+                .got
+                .insert(w.key.clone(), plan::error_answer(w.key.1, code));
+        }
+    }
+    let min_bytes = body.min_bytes.max(1) as usize;
+    fetch.run(&wants, deadline, min_bytes).await;
+    if kind.full() {
+        // A full response lists every partition: wait for polls of partitions upstream
+        // never reported on yet (each bounded by its own timeout).
+        fetch.settle(&wants).await;
+    }
+    assemble::answer(
+        &mut fetch,
+        &wants,
+        kind,
+        body.max_bytes,
+        version,
+        req.correlation_id(),
+    )
+}
+
+/// One fetch request at work.
+struct Fetch<'a> {
+    ctx: &'a Ctx,
+    client: &'a ClientConn,
+    who: Option<&'a Consumer>,
+    template: upstream::Template,
+    /// Partitions with an answer to deliver (records, an error, a divergence).
+    got: HashMap<Key, PartitionData>,
+    bytes: usize,
+    errors: bool,
+    throttle_ms: i32,
+    /// Partitions whose records an ordering gate holds back (kept in the read-ahead, checked
+    /// again instead of fetched again).
+    held: HashSet<Key>,
+}
+
+impl Fetch<'_> {
+    async fn run(&mut self, wants: &[Want], deadline: Instant, min_bytes: usize) {
+        let poll_max = Duration::from_millis(self.ctx.settings.raw.limits.fetch_poll_max_ms);
+        let mut poll = Duration::from_millis(5).min(poll_max);
+        loop {
+            self.take_ready(wants);
+            let now = Instant::now();
+            if self.bytes >= min_bytes || self.errors || now >= deadline {
+                return;
+            }
+            let waits = self.poll_upstream(wants, deadline - now);
+            let tick = if self.held.is_empty() {
+                deadline - now
+            } else {
+                poll.min(deadline - now)
+            };
+            self.wait(waits, tick).await;
+            poll = (poll * 2).min(poll_max);
+        }
+    }
+
+    /// Takes what the read-ahead holds at the offsets asked for, through the gates.
+    fn take_ready(&mut self, wants: &[Want]) {
+        let state = &self.client.fetch;
+        self.held.clear();
+        for w in wants {
+            if self.got.contains_key(&w.key) {
+                continue;
+            }
+            let Some(mut p) = state.take(&w.key, w.part.fetch_offset) else {
+                continue;
+            };
+            plan::scrub(&mut p);
+            if p.error_code != codes::NONE {
+                self.errors = true;
+                self.got.insert(w.key.clone(), p);
+                continue;
+            }
+            if let (Some(who), Some(name)) = (self.who, &w.name) {
+                let before = p.records.as_ref().map_or(0, |r| r.len());
+                let kept = gate(self.ctx, who, self.client.id, name, &p);
+                if before > 0 && kept.as_ref().is_some_and(|k| k.is_empty()) {
+                    // Everything held: keep it for the next check rather than fetch again.
+                    state.put(w.key.clone(), w.part.fetch_offset, p, None);
+                    self.held.insert(w.key.clone());
+                    continue;
+                }
+                if let Some(k) = kept {
+                    p.records = Some(k);
+                }
+                if self.ctx.shards.nudge(name, self.client.id) {
+                    // The pool grew: a retriable error makes the client refresh metadata and
+                    // see the new partitions (it fetches this offset again, nothing skipped).
+                    p.error_code = codes::NOT_LEADER_OR_FOLLOWER;
+                    p.records = None;
+                    self.errors = true;
+                    metrics::counter!("shardgate_pool_nudges_total", "topic" => name.to_string())
+                        .increment(1);
+                }
+            }
+            self.bytes += p.records.as_ref().map_or(0, |r| r.len());
+            self.got.insert(w.key.clone(), p);
+        }
+    }
+
+    /// Makes sure every partition still waiting is being read: one poll per broker at a time
+    /// (a poll already running for a broker is waited for; once it lands, the next round
+    /// starts a fresh one if its partitions still have nothing). Returns the polls to wait on.
+    fn poll_upstream(&self, wants: &[Want], remaining: Duration) -> Vec<upstream::SubFuture> {
+        let state = &self.client.fetch;
+        let mut by_broker: BTreeMap<i32, Vec<&Want>> = BTreeMap::new();
+        for w in wants {
+            if self.got.contains_key(&w.key) || self.held.contains(&w.key) {
+                continue;
+            }
+            if let Ok(b) = w.leader {
+                by_broker.entry(b).or_default().push(w);
+            }
+        }
+        let request_timeout =
+            Duration::from_millis(self.ctx.settings.raw.upstream.request_timeout_ms);
+        let mut waits = Vec::new();
+        for (broker, ws) in by_broker {
+            if let Some(f) = state.pending(broker) {
+                waits.push(f);
+                continue;
+            }
+            let seq = state.next_seq();
+            let min_bytes = self.template.body.min_bytes.max(1);
+            let f = upstream::start(
+                self.ctx.pool.clone(),
+                self.client.id,
+                &self.template,
+                broker,
+                &ws,
+                remaining,
+                min_bytes,
+                request_timeout,
+                seq,
+            );
+            state.set_pending(broker, seq, f.clone());
+            waits.push(f);
+        }
+        waits
+    }
+
+    /// Waits for the first poll to land (and files it), or `tick`.
+    async fn wait(&mut self, waits: Vec<upstream::SubFuture>, tick: Duration) {
+        if waits.is_empty() {
+            tokio::time::sleep(tick).await;
+            return;
+        }
+        let first = futures::future::select_all(waits);
+        if let Ok((result, _, _)) = tokio::time::timeout(tick, first).await {
+            self.fold(&result);
+        }
+    }
+
+    fn fold(&mut self, result: &upstream::SubResult) {
+        let budget = self.ctx.budget.clone();
+        let folded = self
+            .client
+            .fetch
+            .fold(result, |n| (n > 0).then(|| budget.charge(n)));
+        self.throttle_ms = self.throttle_ms.max(folded.throttle_ms);
+        self.client.note_throttle(folded.throttle_ms);
+        if folded.stale {
+            self.ctx.topology().request_refresh();
+        }
+    }
+
+    /// Waits until every partition of a full response has something to report: an answer,
+    /// or the offsets upstream last gave for it.
+    async fn settle(&mut self, wants: &[Want]) {
+        loop {
+            let state = &self.client.fetch;
+            let mut waits = Vec::new();
+            let mut brokers = HashSet::new();
+            for w in wants {
+                if self.got.contains_key(&w.key) || state.seen(&w.key).is_some() {
+                    continue;
+                }
+                if let Ok(b) = w.leader
+                    && brokers.insert(b)
+                    && let Some(f) = state.pending(b)
+                {
+                    waits.push(f);
+                }
+            }
+            if waits.is_empty() {
+                return;
+            }
+            for result in futures::future::join_all(waits).await {
+                self.fold(&result);
+            }
+            self.take_ready(wants);
+        }
+    }
+}
+
+/// For fetches touching managed topics: who is fetching, and the positions the fetch reveals
+/// (fetching from offset o means everything before o was delivered).
+fn observe_positions(
+    ctx: &Ctx,
+    client: &ClientConn,
+    req: &RequestFrame,
+    wants: &[Want],
+) -> Option<Consumer> {
+    let mut who = None;
+    for w in wants {
+        let Some(name) = &w.name else { continue };
+        if !ctx.shards.is_managed(name) {
+            continue;
+        }
+        let c = who.get_or_insert_with(|| {
+            let client_id = req.header.client_id.as_deref().unwrap_or("");
+            ctx.groups.consumer(client.peer.ip(), client_id, client.id)
+        });
+        ctx.groups
+            .fetched(c, client.id, name, w.part.partition, w.part.fetch_offset);
+    }
+    who
+}
+
+/// The records of a gated partition that `who` may see (`None`: no gate applies). Several
+/// gates may cover one partition (one per split or merge that moved keys onto it): records
+/// are held from the first offset a closed gate covers.
+fn gate(
+    ctx: &Ctx,
+    who: &Consumer,
+    conn: u64,
+    topic: &str,
+    p: &PartitionData,
+) -> Option<bytes::Bytes> {
+    let m = ctx.shards.get(topic)?;
+    let fallback = match m.config.autoscale.gate_fallback_secs {
+        0 => None,
+        s => Some(Duration::from_secs(s)),
+    };
+    let from = m
+        .map
+        .gates
+        .iter()
+        .filter(|g| g.partition == p.partition_index)
+        .filter(|g| !ctx.groups.gate_open(who, conn, topic, g, fallback))
+        .map(|g| g.from_offset.unwrap_or(0))
+        .min()?;
+    let records = p.records.as_ref()?;
+    let kept = records_before(records, from);
+    if kept.len() < records.len() {
+        metrics::counter!("shardgate_gate_held_fetches_total", "topic" => topic.to_string())
+            .increment(1);
+    }
+    Some(kept)
+}
