@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use bytes::buf::UninitSlice;
 use bytes::{BufMut, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, ResponseHeader};
-use kafka_protocol::protocol::buf::ByteBufMut;
 use kafka_protocol::protocol::Encodable;
+use kafka_protocol::protocol::buf::ByteBufMut;
 
 use super::ProtocolError;
 
@@ -150,7 +150,7 @@ mod tests {
     use kafka_protocol::messages::fetch_response::{
         AbortedTransaction, EpochEndOffset, FetchableTopicResponse, PartitionData,
     };
-    use kafka_protocol::messages::{TopicName, ProducerId};
+    use kafka_protocol::messages::{ProducerId, TopicName};
     use proptest::prelude::*;
 
     fn response(parts: &[(usize, bool, bool)], version: i16) -> (FetchResponse, Vec<Bytes>) {
@@ -177,9 +177,7 @@ mod tests {
                 ]);
             }
             if *diverging && version >= 12 {
-                p.diverging_epoch = EpochEndOffset::default()
-                    .with_epoch(4)
-                    .with_end_offset(44);
+                p.diverging_epoch = EpochEndOffset::default().with_epoch(4).with_end_offset(44);
             }
             topic.partitions.push(p);
         }

@@ -362,10 +362,7 @@ impl PendingProduce {
         // flight until the records are written (seal protocol).
         let mut managed_answers = BTreeMap::new();
         for (key, mp) in self.managed {
-            let answer = ctx
-                .managed
-                .answer(mp)
-                .await;
+            let answer = ctx.managed.answer(mp).await;
             managed_answers.insert(key, answer);
         }
         if stale {

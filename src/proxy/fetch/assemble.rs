@@ -29,10 +29,23 @@ pub(super) fn answer(
         .collect();
     // Partitions whose records were taken but are not delivered go back to the read-ahead:
     // the client's next fetch asks for them again.
-    let offsets = |k: &Key| wants.iter().find(|w| &w.key == k).map(|w| w.part.fetch_offset);
+    let offsets = |k: &Key| {
+        wants
+            .iter()
+            .find(|w| &w.key == k)
+            .map(|w| w.part.fetch_offset)
+    };
     keep_max_bytes(&mut answers, max_bytes, |k, offset, rest| {
-        let charge = fetch.ctx.budget.charge(rest.records.as_ref().map_or(0, |r| r.len()));
-        state.put(k.clone(), offset.or_else(|| offsets(k)).unwrap_or(-1), rest, Some(charge));
+        let charge = fetch
+            .ctx
+            .budget
+            .charge(rest.records.as_ref().map_or(0, |r| r.len()));
+        state.put(
+            k.clone(),
+            offset.or_else(|| offsets(k)).unwrap_or(-1),
+            rest,
+            Some(charge),
+        );
     });
     fetch.ctx.fetch_sessions.select(kind, &mut answers);
 
@@ -45,13 +58,16 @@ pub(super) fn answer(
         if let Some(r) = &p.records {
             records.push(r.clone());
         }
-        let same = resp.responses.last().is_some_and(|t: &FetchableTopicResponse| {
-            if by_id {
-                t.topic_id == key.0.id
-            } else {
-                t.topic.0 == key.0.name
-            }
-        });
+        let same = resp
+            .responses
+            .last()
+            .is_some_and(|t: &FetchableTopicResponse| {
+                if by_id {
+                    t.topic_id == key.0.id
+                } else {
+                    t.topic.0 == key.0.name
+                }
+            });
         if !same {
             resp.responses.push(
                 FetchableTopicResponse::default()
@@ -144,7 +160,10 @@ mod tests {
         let mut a: Vec<_> = (0..3).map(|p| answer(p, batches(100, 10, 1000))).collect();
         let mut cut = Vec::new();
         keep_max_bytes(&mut a, 15_000, |k, next, rest| cut.push((k.1, next, rest)));
-        let sizes: Vec<usize> = a.iter().map(|(_, p)| p.records.as_ref().unwrap().len()).collect();
+        let sizes: Vec<usize> = a
+            .iter()
+            .map(|(_, p)| p.records.as_ref().unwrap().len())
+            .collect();
         assert_eq!(sizes, vec![10_120, 4_048, 0]);
         assert!(sizes.iter().sum::<usize>() <= 15_000);
         assert_eq!(cut.len(), 2);
@@ -155,7 +174,10 @@ mod tests {
 
     #[test]
     fn a_first_batch_above_max_bytes_still_goes_out() {
-        let mut a = vec![answer(0, batches(0, 1, 5000)), answer(1, batches(0, 1, 100))];
+        let mut a = vec![
+            answer(0, batches(0, 1, 5000)),
+            answer(1, batches(0, 1, 100)),
+        ];
         let mut cut = 0;
         keep_max_bytes(&mut a, 1000, |_, _, _| cut += 1);
         assert_eq!(a[0].1.records.as_ref().unwrap().len(), 5012);

@@ -96,6 +96,7 @@ pub async fn handle(
         errors: false,
         throttle_ms: 0,
         held: HashSet::new(),
+        polled: HashSet::new(),
     };
     for w in &wants {
         if let Err(code) = w.leader {
@@ -136,27 +137,42 @@ struct Fetch<'a> {
     /// Partitions whose records an ordering gate holds back (kept in the read-ahead, checked
     /// again instead of fetched again).
     held: HashSet<Key>,
+    /// Brokers this request sent a poll to.
+    polled: HashSet<i32>,
 }
 
 impl Fetch<'_> {
     async fn run(&mut self, wants: &[Want], deadline: Instant, min_bytes: usize) {
         let poll_max = Duration::from_millis(self.ctx.settings.raw.limits.fetch_poll_max_ms);
         let mut poll = Duration::from_millis(5).min(poll_max);
+        let mut polled = false;
         loop {
             self.take_ready(wants);
-            let now = Instant::now();
-            if self.bytes >= min_bytes || self.errors || now >= deadline {
+            if self.bytes >= min_bytes || self.errors {
                 return;
             }
-            let waits = self.poll_upstream(wants, deadline - now);
+            let now = Instant::now();
+            if polled && now >= deadline {
+                break;
+            }
+            // Upstream is asked at least once, also with max_wait 0 ("what is there now").
+            let remaining = deadline.saturating_duration_since(now);
+            let waits = self.poll_upstream(wants, remaining);
+            polled = true;
+            if remaining.is_zero() {
+                break;
+            }
             let tick = if self.held.is_empty() {
-                deadline - now
+                remaining
             } else {
-                poll.min(deadline - now)
+                poll.min(remaining)
             };
             self.wait(waits, tick).await;
             poll = (poll * 2).min(poll_max);
         }
+        // The wait is over. Polls still out end about now (none was sent with a longer wait
+        // than what was left): what they bring goes into this answer.
+        self.join_polls(wants, |_| true).await;
     }
 
     /// Takes what the read-ahead holds at the offsets asked for, through the gates.
@@ -206,7 +222,7 @@ impl Fetch<'_> {
     /// Makes sure every partition still waiting is being read: one poll per broker at a time
     /// (a poll already running for a broker is waited for; once it lands, the next round
     /// starts a fresh one if its partitions still have nothing). Returns the polls to wait on.
-    fn poll_upstream(&self, wants: &[Want], remaining: Duration) -> Vec<upstream::SubFuture> {
+    fn poll_upstream(&mut self, wants: &[Want], remaining: Duration) -> Vec<upstream::SubFuture> {
         let state = &self.client.fetch;
         let mut by_broker: BTreeMap<i32, Vec<&Want>> = BTreeMap::new();
         for w in wants {
@@ -225,6 +241,12 @@ impl Fetch<'_> {
                 waits.push(f);
                 continue;
             }
+            if self.polled.contains(&broker) {
+                // This request's poll of it came back with nothing: the broker waited what
+                // was left of the wait then (give or take its timer), no second poll.
+                continue;
+            }
+            self.polled.insert(broker);
             let seq = state.next_seq();
             let min_bytes = self.template.body.min_bytes.max(1);
             let f = upstream::start(
@@ -269,32 +291,38 @@ impl Fetch<'_> {
         }
     }
 
-    /// Waits until every partition of a full response has something to report: an answer,
-    /// or the offsets upstream last gave for it.
-    async fn settle(&mut self, wants: &[Want]) {
-        loop {
-            let state = &self.client.fetch;
-            let mut waits = Vec::new();
-            let mut brokers = HashSet::new();
-            for w in wants {
-                if self.got.contains_key(&w.key) || state.seen(&w.key).is_some() {
-                    continue;
-                }
-                if let Ok(b) = w.leader
-                    && brokers.insert(b)
-                    && let Some(f) = state.pending(b)
-                {
-                    waits.push(f);
-                }
+    /// Waits for the polls running for the brokers of partitions still without an answer
+    /// (those `which` selects), files what they bring and takes it.
+    async fn join_polls(&mut self, wants: &[Want], which: impl Fn(&Want) -> bool) {
+        let state = &self.client.fetch;
+        let mut waits = Vec::new();
+        let mut brokers = HashSet::new();
+        for w in wants {
+            if self.got.contains_key(&w.key) || !which(w) {
+                continue;
             }
-            if waits.is_empty() {
-                return;
+            if let Ok(b) = w.leader
+                && brokers.insert(b)
+                && let Some(f) = state.pending(b)
+            {
+                waits.push(f);
             }
-            for result in futures::future::join_all(waits).await {
-                self.fold(&result);
-            }
-            self.take_ready(wants);
         }
+        if waits.is_empty() {
+            return;
+        }
+        for result in futures::future::join_all(waits).await {
+            self.fold(&result);
+        }
+        self.take_ready(wants);
+    }
+
+    /// Waits until every partition of a full response has something to report: an answer,
+    /// or the offsets upstream last gave for it (each poll bounded by its own timeout).
+    async fn settle(&mut self, wants: &[Want]) {
+        let state = self.client.fetch.clone();
+        self.join_polls(wants, |w| state.seen(&w.key).is_none())
+            .await;
     }
 }
 

@@ -99,7 +99,12 @@ impl ConnFetch {
     }
 
     pub fn seen(&self, key: &Key) -> Option<Marks> {
-        self.inner.lock().expect("read-ahead").seen.get(key).copied()
+        self.inner
+            .lock()
+            .expect("read-ahead")
+            .seen
+            .get(key)
+            .copied()
     }
 
     pub fn pending(&self, broker: i32) -> Option<SubFuture> {

@@ -200,7 +200,11 @@ impl FetchSessions {
                 .increment(listed_n as u64);
             Opened {
                 kind: Kind::Incremental { id },
-                parts: s.parts.iter().map(|(k, p)| (k.clone(), p.clone())).collect(),
+                parts: s
+                    .parts
+                    .iter()
+                    .map(|(k, p)| (k.clone(), p.clone()))
+                    .collect(),
             }
         };
         drop(st);
@@ -221,8 +225,12 @@ impl FetchSessions {
         let Some(s) = st.map.get_mut(&id) else {
             return;
         };
+        let mut served = Vec::new();
         answers.retain(|(k, p)| {
             let marks = Marks::of(p);
+            if p.records.as_ref().is_some_and(|r| !r.is_empty()) {
+                served.push(k.clone());
+            }
             let news = kind.full()
                 || p.error_code != codes::NONE
                 || p.records.as_ref().is_some_and(|r| !r.is_empty())
@@ -234,6 +242,16 @@ impl FetchSessions {
             }
             news
         });
+        // Partitions that got records go last next time, so a response filled up to
+        // max_bytes by the first partitions does not starve the others (as Kafka does).
+        if !served.is_empty() {
+            let moved: IndexMap<Key, FetchPartition> = served
+                .into_iter()
+                .filter_map(|k| s.parts.get(&k).cloned().map(|p| (k, p)))
+                .collect();
+            s.parts.retain(|k, _| !moved.contains_key(k));
+            s.parts.extend(moved);
+        }
         if let Kind::Incremental { .. } = kind {
             metrics::counter!("shardgate_fetch_session_partitions_total", "direction" => "response")
                 .increment(answers.len() as u64);
@@ -248,12 +266,18 @@ mod tests {
     use kafka_protocol::messages::fetch_request::{FetchTopic, ForgottenTopic};
 
     fn req(id: i32, epoch: i32, parts: &[(i32, i64)], forget: &[i32]) -> FetchRequest {
-        let t = FetchTopic::default().with_topic(TopicName("t".into())).with_partitions(
-            parts
-                .iter()
-                .map(|(p, o)| FetchPartition::default().with_partition(*p).with_fetch_offset(*o))
-                .collect(),
-        );
+        let t = FetchTopic::default()
+            .with_topic(TopicName("t".into()))
+            .with_partitions(
+                parts
+                    .iter()
+                    .map(|(p, o)| {
+                        FetchPartition::default()
+                            .with_partition(*p)
+                            .with_fetch_offset(*o)
+                    })
+                    .collect(),
+            );
         let mut r = FetchRequest::default()
             .with_session_id(id)
             .with_session_epoch(epoch)
@@ -292,7 +316,11 @@ mod tests {
     #[test]
     fn wrong_epochs_and_unknown_sessions_are_refused() {
         let s = FetchSessions::new(10);
-        let id = s.open(&req(0, 0, &[(0, 0)], &[]), false).unwrap().kind.session_id();
+        let id = s
+            .open(&req(0, 0, &[(0, 0)], &[]), false)
+            .unwrap()
+            .kind
+            .session_id();
         assert_eq!(
             s.open(&req(id, 5, &[], &[]), false).err(),
             Some(codes::INVALID_FETCH_SESSION_EPOCH)
@@ -312,14 +340,29 @@ mod tests {
     #[test]
     fn sessions_are_bounded_least_recently_used_first() {
         let s = FetchSessions::new(2);
-        let a = s.open(&req(0, 0, &[(0, 0)], &[]), false).unwrap().kind.session_id();
+        let a = s
+            .open(&req(0, 0, &[(0, 0)], &[]), false)
+            .unwrap()
+            .kind
+            .session_id();
         std::thread::sleep(Duration::from_millis(2));
-        let b = s.open(&req(0, 0, &[(0, 0)], &[]), false).unwrap().kind.session_id();
+        let b = s
+            .open(&req(0, 0, &[(0, 0)], &[]), false)
+            .unwrap()
+            .kind
+            .session_id();
         std::thread::sleep(Duration::from_millis(2));
         s.open(&req(a, 1, &[], &[]), false).unwrap(); // a used after b
-        let c = s.open(&req(0, 0, &[(0, 0)], &[]), false).unwrap().kind.session_id();
+        let c = s
+            .open(&req(0, 0, &[(0, 0)], &[]), false)
+            .unwrap()
+            .kind
+            .session_id();
         assert_eq!(s.len(), 2);
-        assert!(s.open(&req(b, 1, &[], &[]), false).is_err(), "b was least recently used");
+        assert!(
+            s.open(&req(b, 1, &[], &[]), false).is_err(),
+            "b was least recently used"
+        );
         assert!(s.open(&req(a, 2, &[], &[]), false).is_ok());
         assert!(s.open(&req(c, 1, &[], &[]), false).is_ok());
     }
@@ -327,10 +370,20 @@ mod tests {
     #[test]
     fn incremental_answers_list_only_what_changed() {
         let s = FetchSessions::new(10);
-        let id = s.open(&req(0, 0, &[(0, 0), (1, 0)], &[]), false).unwrap().kind.session_id();
+        let id = s
+            .open(&req(0, 0, &[(0, 0), (1, 0)], &[]), false)
+            .unwrap()
+            .kind
+            .session_id();
         let part = |i: i32, hw: i64, recs: &'static [u8]| {
             (
-                (TopicRef { name: "t".into(), id: uuid::Uuid::nil() }, i),
+                (
+                    TopicRef {
+                        name: "t".into(),
+                        id: uuid::Uuid::nil(),
+                    },
+                    i,
+                ),
                 PartitionData::default()
                     .with_partition_index(i)
                     .with_high_watermark(hw)
@@ -347,5 +400,8 @@ mod tests {
         let mut inc = vec![part(0, 10, b"x"), part(1, 11, b"")];
         s.select(Kind::Incremental { id }, &mut inc);
         assert_eq!(inc.iter().map(|(k, _)| k.1).collect::<Vec<_>>(), vec![0]);
+        // Partition 0 got records: it goes last in the next fetch.
+        let next = s.open(&req(id, 2, &[], &[]), false).unwrap();
+        assert_eq!(offsets(&next), vec![(1, 0), (0, 0)]);
     }
 }

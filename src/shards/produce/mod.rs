@@ -154,20 +154,14 @@ impl ManagedProduce {
                 );
                 jobs.push((w.indices, rx));
             }
-            out.push(ManagedPart {
-                part,
-                jobs,
-            });
+            out.push(ManagedPart { part, jobs });
         }
         out
     }
 
     /// The answer for one client partition, from the answers of the writer jobs its records
     /// went to.
-    pub async fn answer(
-        &self,
-        mp: ManagedPart,
-    ) -> PartitionProduceResponse {
+    pub async fn answer(&self, mp: ManagedPart) -> PartitionProduceResponse {
         let ManagedPart { part, jobs } = mp;
         let base = PartitionProduceResponse::default()
             .with_index(part.index)
