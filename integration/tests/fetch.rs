@@ -1,7 +1,8 @@
 //! The fetch path (issue 10): what a consumer costs the brokers and what it gets back. An idle
 //! consumer costs no more upstream fetches than its own; a response keeps the client's
 //! max_bytes however many brokers its partitions live on; a Java consumer of 1,000 partitions
-//! uses incremental fetch sessions (KIP-227) and gets the same records as straight from Kafka;
+//! uses incremental fetch sessions (KIP-227), gets the same records as straight from Kafka and
+//! the records produced while its sessions are incremental in small incremental responses;
 //! a record on one broker reaches a consumer without waiting for the long-polls of idle ones.
 //! Each scenario runs straight to Kafka too, as the control.
 //!
@@ -9,6 +10,7 @@
 
 mod common;
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
@@ -485,15 +487,111 @@ fn show(v: Option<f64>) -> String {
     v.map_or("not exported".to_string(), |v| format!("{v:.0}"))
 }
 
-/// Runs the Java console consumer on `topic` in a new group through `bootstrap` until it has
-/// had no record for IDLE_MS: its output lines, and `at_end()`'s value (called when the last
-/// expected record was printed).
-fn java_consume<T: Send + 'static>(
+/// The burst phase: BURSTS bursts, BURST_GAP apart, of PER_BURST records to each of
+/// BURST_PARTITIONS (spread over the brokers' leaderships), produced straight to Kafka while
+/// the consumer is in its incremental phase.
+const BURST_PARTITIONS: [i32; 5] = [0, 250, 500, 750, 999];
+const BURSTS: usize = 3;
+const PER_BURST: usize = 7;
+const BURST_GAP: Duration = Duration::from_secs(1);
+
+/// A record: partition, offset (from its delivery report, or as the console consumer prints
+/// it), key, value.
+type Rec = (i32, i64, String, String);
+
+/// Produces `records` (partition, key, value) straight to Kafka and waits until each is
+/// acknowledged: the records with their offsets.
+fn produce_direct(
+    rt: &tokio::runtime::Runtime,
+    p: &FutureProducer,
+    topic: &str,
+    records: Vec<(i32, String, String)>,
+) -> Vec<Rec> {
+    rt.block_on(async {
+        let sends: Vec<_> = records
+            .iter()
+            .map(|(part, key, value)| {
+                let rec = FutureRecord::to(topic)
+                    .partition(*part)
+                    .key(key)
+                    .payload(value);
+                p.send_result(rec).map_err(|(e, _)| e).expect("queued")
+            })
+            .collect();
+        let acks = futures::future::join_all(sends).await;
+        records
+            .into_iter()
+            .zip(acks)
+            .map(|((part, key, value), ack)| {
+                let d = ack
+                    .expect("delivery reported")
+                    .map_err(|(e, _)| e)
+                    .expect("record acknowledged");
+                assert_eq!(d.partition, part, "{key} delivered to another partition");
+                (part, d.offset, key, value)
+            })
+            .collect()
+    })
+}
+
+/// A line of the console consumer ("Partition:P\tOffset:O\tkey\tvalue") as a record; None
+/// when it is not one.
+fn parse_line(line: &str) -> Option<Rec> {
+    let mut f = line.split('\t');
+    let part = f.next()?.strip_prefix("Partition:")?.parse().ok()?;
+    let offset = f.next()?.strip_prefix("Offset:")?.parse().ok()?;
+    let (key, value) = (f.next()?.to_string(), f.next()?.to_string());
+    f.next().is_none().then_some((part, offset, key, value))
+}
+
+/// How `lines` differ from `expected`, each record exactly once: None when they match.
+fn mismatch(lines: &[String], expected: &[Rec]) -> Option<String> {
+    let mut got: HashMap<Rec, usize> = HashMap::new();
+    let mut unparsable = Vec::new();
+    for l in lines {
+        match parse_line(l) {
+            Some(r) => *got.entry(r).or_default() += 1,
+            None => unparsable.push(l),
+        }
+    }
+    let want: HashSet<&Rec> = expected.iter().collect();
+    let missing: Vec<&Rec> = expected.iter().filter(|r| !got.contains_key(*r)).collect();
+    let mut twice: Vec<(&Rec, usize)> = got
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(r, n)| (r, *n))
+        .collect();
+    let mut unexpected: Vec<&Rec> = got.keys().filter(|r| !want.contains(r)).collect();
+    if missing.is_empty() && twice.is_empty() && unexpected.is_empty() && unparsable.is_empty() {
+        return None;
+    }
+    twice.sort();
+    unexpected.sort();
+    let missing_parts: BTreeSet<i32> = missing.iter().map(|r| r.0).collect();
+    Some(format!(
+        "{} lines for {} records produced: {} missing (on {} partitions, e.g. {:?}), {} read more than once (e.g. {:?}), {} never produced (e.g. {:?}), {} unparsable (e.g. {:?})",
+        lines.len(),
+        expected.len(),
+        missing.len(),
+        missing_parts.len(),
+        missing.iter().take(5).collect::<Vec<_>>(),
+        twice.len(),
+        twice.iter().take(5).collect::<Vec<_>>(),
+        unexpected.len(),
+        unexpected.iter().take(5).collect::<Vec<_>>(),
+        unparsable.len(),
+        unparsable.iter().take(3).collect::<Vec<_>>(),
+    ))
+}
+
+/// Runs the Java console consumer on `topic` in a new group through `bootstrap`, from the
+/// beginning, until it has had no record for IDLE_MS (or for at most 180 s); `progress(n)` is
+/// called as it prints its n-th line. Its output lines, its stderr and how long it ran.
+fn java_consume(
     bootstrap: &str,
     topic: &str,
-    expected: usize,
-    at_end: impl Fn() -> T + Send + 'static,
-) -> (Vec<String>, Option<T>, Duration) {
+    progress: impl Fn(usize) + Send + 'static,
+) -> (Vec<String>, String, Duration) {
     let started = Instant::now();
     let mut child = Command::new(bin("kafka-console-consumer"))
         .args(["--bootstrap-server", bootstrap, "--topic", topic])
@@ -515,15 +613,12 @@ fn java_consume<T: Send + 'static>(
     });
     let reader = std::thread::spawn(move || {
         let mut lines = Vec::new();
-        let mut end = None;
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             lines.push(line);
-            if lines.len() == expected {
-                end = Some(at_end());
-            }
+            progress(lines.len());
         }
-        (lines, end)
+        lines
     });
     let limit = Duration::from_secs(180);
     loop {
@@ -537,20 +632,152 @@ fn java_consume<T: Send + 'static>(
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let (lines, end) = reader.join().unwrap();
-    let err = err.join().unwrap();
-    assert!(
-        lines.len() == expected,
-        "kafka-console-consumer via {bootstrap} printed {} records, {expected} expected; stderr:\n{err}",
-        lines.len()
-    );
-    (lines, end, started.elapsed())
+    let lines = reader.join().unwrap();
+    (lines, err.join().unwrap(), started.elapsed())
+}
+
+/// One run of the Java console consumer in the sessions scenario.
+struct SessionRun<T> {
+    lines: Vec<String>,
+    stderr: String,
+    took: Duration,
+    /// The records its burst phase produced.
+    burst: Vec<Rec>,
+    /// From the first burst sent until the consumer printed its last expected line.
+    burst_read: Option<Duration>,
+    /// `snap()` at the start of the burst phase and at its end (the start of the idle phase);
+    /// None when the consumer exited before.
+    bursting: Option<T>,
+    caught_up: Option<T>,
+}
+
+/// Runs the Java console consumer through `bootstrap` on `topic`, which holds `present`
+/// records. SETTLE after it printed the last of them (it is then fetching incrementally, with
+/// nothing new), `snap()`, and the bursts go to Kafka (keys numbered from `next_key` on);
+/// SETTLE after it printed the last burst record, `snap()` again; then it idles out.
+fn session_run<T>(
+    bootstrap: &str,
+    topic: &str,
+    present: usize,
+    next_key: usize,
+    produce: impl Fn(Vec<(i32, String, String)>) -> Vec<Rec>,
+    snap: impl Fn() -> T,
+) -> SessionRun<T> {
+    let total = present + BURSTS * PER_BURST * BURST_PARTITIONS.len();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let consumer = {
+        let (bootstrap, topic) = (bootstrap.to_string(), topic.to_string());
+        std::thread::spawn(move || {
+            java_consume(&bootstrap, &topic, move |n| {
+                if n == present || n == total {
+                    let _ = tx.send((n, Instant::now()));
+                }
+            })
+        })
+    };
+    // When the consumer printed its n-th line; None when it exited first.
+    let reached = |n: usize| loop {
+        match rx.recv() {
+            Ok((m, at)) if m == n => return Some(at),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    };
+    let (mut burst, mut burst_read, mut bursting, mut caught_up) = (Vec::new(), None, None, None);
+    if reached(present).is_some() {
+        std::thread::sleep(SETTLE);
+        bursting = Some(snap());
+        let first = Instant::now();
+        for b in 0..BURSTS {
+            if b > 0 {
+                std::thread::sleep(BURST_GAP);
+            }
+            let records = BURST_PARTITIONS
+                .iter()
+                .flat_map(|&part| {
+                    (0..PER_BURST).map(move |j| {
+                        let i = next_key + b * PER_BURST + j;
+                        (part, format!("k{part}-{i}"), format!("v{part}-{i}"))
+                    })
+                })
+                .collect();
+            burst.extend(produce(records));
+        }
+        if let Some(at) = reached(total) {
+            burst_read = Some(at.duration_since(first));
+            std::thread::sleep(SETTLE);
+            caught_up = Some(snap());
+        }
+    }
+    let (lines, stderr, took) = consumer
+        .join()
+        .unwrap_or_else(|e| std::panic::resume_unwind(e));
+    SessionRun {
+        lines,
+        stderr,
+        took,
+        burst,
+        burst_read,
+        bursting,
+        caught_up,
+    }
+}
+
+/// Client fetches, incremental fetches, and partitions in their requests and in their
+/// responses between two snapshots.
+#[derive(Debug, Clone, Copy)]
+struct Phase {
+    fetches: f64,
+    full: Option<f64>,
+    incremental: Option<f64>,
+    req: Option<f64>,
+    resp: Option<f64>,
+}
+
+fn phase(a: &Sessions, b: &Sessions) -> Phase {
+    Phase {
+        fetches: b.client_fetches - a.client_fetches,
+        full: delta(a.full, b.full),
+        incremental: delta(a.incremental, b.incremental),
+        req: delta(a.req_partitions, b.req_partitions),
+        resp: delta(a.resp_partitions, b.resp_partitions),
+    }
+}
+
+fn mean(parts: Option<f64>, n: Option<f64>) -> Option<f64> {
+    match (parts, n) {
+        (Some(p), Some(n)) if n > 0.0 => Some(p / n),
+        _ => None,
+    }
+}
+
+fn show_mean(m: Option<f64>) -> String {
+    m.map_or("n/a".to_string(), |m| format!("{m:.1}"))
+}
+
+impl Phase {
+    fn describe(&self) -> String {
+        format!(
+            "{:.0} client fetches, full {}, incremental {}; partitions in incremental requests {} (mean {}), in their responses {} (mean {})",
+            self.fetches,
+            show(self.full),
+            show(self.incremental),
+            show(self.req),
+            show_mean(mean(self.req, self.incremental)),
+            show(self.resp),
+            show_mean(mean(self.resp, self.incremental)),
+        )
+    }
 }
 
 /// 1,000 partitions of 10 records each, read by Kafka's Java console consumer (which uses
 /// fetch sessions when the broker offers them) once straight from Kafka and once through an
-/// instance that serves nobody else: the same records, and through shardgate incremental
-/// fetches that list only what changed — in the idle phase after the last record, nothing.
+/// instance that serves nobody else. Once a run has read them all and fetches incrementally,
+/// 3 bursts, 1 s apart, of 7 records to each of 5 partitions go straight to Kafka: each run
+/// reads every record produced before its end exactly once (through shardgate the same as
+/// direct, plus its own bursts); through shardgate, incremental fetches list only what
+/// changed: the burst records come in incremental responses listing a few partitions, and in
+/// the idle phase after the last record nothing.
 #[test]
 #[ignore = "needs the testbed: integration/run-tests"]
 fn a_java_consumer_of_1000_partitions_uses_incremental_fetch_sessions() {
@@ -572,126 +799,192 @@ fn a_java_consumer_of_1000_partitions_uses_incremental_fetch_sessions() {
         ]),
         Duration::from_secs(120),
     );
-    let produced = Instant::now();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let p: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", kafka())
-            .set("acks", "1")
-            .set("linger.ms", "5")
-            .create()
-            .unwrap();
-        let mut sends = Vec::new();
-        for part in 0..SESSION_PARTITIONS {
-            for i in 0..PER_PARTITION {
-                let (key, value) = (format!("k{part}-{i}"), format!("v{part}-{i}"));
-                let rec = FutureRecord::to(&topic)
-                    .partition(part)
-                    .key(&key)
-                    .payload(&value);
-                sends.push(p.send_result(rec).map_err(|(e, _)| e).expect("queued"));
-            }
-        }
-        for r in futures::future::join_all(sends).await {
-            r.expect("delivery reported")
-                .map_err(|(e, _)| e)
-                .expect("record acknowledged");
-        }
-    });
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("acks", "1")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let produce = |records| produce_direct(&rt, &p, &topic, records);
+    let produced = Instant::now();
+    let initial = produce(
+        (0..SESSION_PARTITIONS)
+            .flat_map(|part| {
+                (0..PER_PARTITION)
+                    .map(move |i| (part, format!("k{part}-{i}"), format!("v{part}-{i}")))
+            })
+            .collect(),
+    );
     let produce_secs = produced.elapsed().as_secs_f64();
-    let expected = SESSION_PARTITIONS as usize * PER_PARTITION;
 
-    let (mut direct, _, direct_took) = java_consume(&kafka(), &topic, expected, || ());
+    let direct = session_run(
+        &kafka(),
+        &topic,
+        initial.len(),
+        PER_PARTITION,
+        produce,
+        || (),
+    );
+    let mut direct_expected = initial.clone();
+    direct_expected.extend(direct.burst.iter().cloned());
+    if let Some(m) = mismatch(&direct.lines, &direct_expected) {
+        panic!(
+            "control: the Java consumer straight from Kafka read {m}; stderr:\n{}",
+            direct.stderr
+        );
+    }
+
+    // Through shardgate the topic holds the direct run's burst records too.
     let before = sessions(&admin_url);
-    let at_end = {
-        let admin_url = admin_url.clone();
-        move || {
-            std::thread::sleep(SETTLE);
-            sessions(&admin_url)
-        }
-    };
-    let (mut through, caught_up, through_took) = java_consume(client, &topic, expected, at_end);
+    let through = session_run(
+        client,
+        &topic,
+        direct_expected.len(),
+        PER_PARTITION + BURSTS * PER_BURST,
+        produce,
+        || sessions(&admin_url),
+    );
     let after = sessions(&admin_url);
-    let caught_up = caught_up.expect("the last record was printed");
-    direct.sort();
-    through.sort();
-    let same = direct == through;
-    let differing = direct
+    let mut expected = direct_expected.clone();
+    expected.extend(through.burst.iter().cloned());
+    let exact = mismatch(&through.lines, &expected);
+    // The same records as direct: all but those of its own bursts.
+    let own: HashSet<&str> = through.burst.iter().map(|r| r.2.as_str()).collect();
+    let mut shared: Vec<&String> = through
+        .lines
         .iter()
-        .zip(&through)
+        .filter(|l| parse_line(l).is_none_or(|r| !own.contains(r.2.as_str())))
+        .collect();
+    let mut direct_lines: Vec<&String> = direct.lines.iter().collect();
+    shared.sort();
+    direct_lines.sort();
+    let same = direct_lines == shared;
+    let differing = direct_lines
+        .iter()
+        .zip(&shared)
         .find(|(a, b)| a != b)
         .map(|(a, b)| format!("direct {a:?} vs shardgate {b:?}"));
 
-    let incremental = delta(before.incremental, after.incremental);
-    let req = delta(before.req_partitions, after.req_partitions);
-    let resp = delta(before.resp_partitions, after.resp_partitions);
-    let idle_incremental = delta(caught_up.incremental, after.incremental);
-    let idle_req = delta(caught_up.req_partitions, after.req_partitions);
-    let idle_resp = delta(caught_up.resp_partitions, after.resp_partitions);
-    let mean = |parts: Option<f64>, n: Option<f64>| match (parts, n) {
-        (Some(p), Some(n)) if n > 0.0 => Some(p / n),
-        _ => None,
-    };
-    let show_mean = |m: Option<f64>| m.map_or("n/a".to_string(), |m| format!("{m:.1}"));
+    let whole = phase(&before, &after);
+    let bursting = through.bursting.as_ref().map(|b| {
+        let end = through.caught_up.as_ref().unwrap_or(&after);
+        phase(b, end)
+    });
+    let idle = through.caught_up.as_ref().map(|c| phase(c, &after));
+    let burst_records = BURSTS * PER_BURST * BURST_PARTITIONS.len();
     println!(
-        "{expected} records on {SESSION_PARTITIONS} partitions (produced in {produce_secs:.1} s); Java console consumer direct {direct_took:.1?}, through shardgate {through_took:.1?} (each ending with {IDLE_MS} ms idle); same records: {same}"
+        "{} records on {SESSION_PARTITIONS} partitions (produced in {produce_secs:.1} s), then per run {BURSTS} bursts of {PER_BURST} records to each of partitions {BURST_PARTITIONS:?} ({burst_records} records), {BURST_GAP:?} apart; Java console consumer direct {:.1?} ({} records; burst records all read {:.1?} after the first burst was sent), through shardgate {:.1?} ({} records; burst records all read {:.1?} after the first burst), each ending with {IDLE_MS} ms idle; every record exactly once through shardgate: {}; same records as direct: {same}",
+        initial.len(),
+        direct.took,
+        direct.lines.len(),
+        direct.burst_read.unwrap_or_default(),
+        through.took,
+        through.lines.len(),
+        through.burst_read.unwrap_or_default(),
+        exact.is_none(),
     );
     println!(
         "  through shardgate, whole run: {:.0} client fetches; by session kind: full {}, incremental {}, sessionless {}; partitions in incremental requests {} (mean {}), in their responses {} (mean {})",
-        after.client_fetches - before.client_fetches,
-        show(delta(before.full, after.full)),
-        show(incremental),
+        whole.fetches,
+        show(whole.full),
+        show(whole.incremental),
         show(delta(before.sessionless, after.sessionless)),
-        show(req),
-        show_mean(mean(req, incremental)),
-        show(resp),
-        show_mean(mean(resp, incremental)),
+        show(whole.req),
+        show_mean(mean(whole.req, whole.incremental)),
+        show(whole.resp),
+        show_mean(mean(whole.resp, whole.incremental)),
     );
-    println!(
-        "  idle phase ({SETTLE:?} after the last record until exit): {:.0} client fetches, incremental {}; partitions in incremental requests {} (mean {}), in their responses {} (mean {})",
-        after.client_fetches - caught_up.client_fetches,
-        show(idle_incremental),
-        show(idle_req),
-        show_mean(mean(idle_req, idle_incremental)),
-        show(idle_resp),
-        show_mean(mean(idle_resp, idle_incremental)),
-    );
+    if let Some(b) = &bursting {
+        println!(
+            "  burst phase ({SETTLE:?} after the first {} records until {SETTLE:?} after the last burst record): {}",
+            direct_expected.len(),
+            b.describe()
+        );
+    }
+    if let Some(i) = &idle {
+        println!(
+            "  idle phase ({SETTLE:?} after the last record until exit): {}",
+            i.describe()
+        );
+    }
 
+    if let Some(m) = exact {
+        panic!(
+            "the Java consumer through shardgate read {m}; stderr:\n{}",
+            through.stderr
+        );
+    }
     assert!(
         same,
         "the Java consumer read different records through shardgate: {} vs {} lines, first difference {}",
-        through.len(),
-        direct.len(),
+        shared.len(),
+        direct_lines.len(),
         differing.unwrap_or_default()
     );
-    let Some(incremental) = incremental.filter(|n| *n > 0.0) else {
+    let Some(incremental) = whole.incremental.filter(|n| *n > 0.0) else {
         panic!(
             "no incremental fetch session request through shardgate (incremental {}; full {}, sessionless {}; {:.0} client fetches)",
-            show(incremental),
-            show(delta(before.full, after.full)),
+            show(whole.incremental),
+            show(whole.full),
             show(delta(before.sessionless, after.sessionless)),
-            after.client_fetches - before.client_fetches
+            whole.fetches
         );
     };
-    let req =
-        req.expect("shardgate_fetch_session_partitions_total{direction=\"request\"} exported");
-    let whole = req / incremental;
+    let req = whole
+        .req
+        .expect("shardgate_fetch_session_partitions_total{direction=\"request\"} exported");
+    let whole_mean = req / incremental;
     // A sessionless consumer lists all 1,000 in every fetch. With a session, the Java consumer
     // lists a partition when it changed: when it is added back to the session after its
     // buffered records were consumed (it leaves the session while they are buffered), i.e.
-    // each partition once or twice over the run, spread over ~30 fetches. The idle phase below
-    // is the sharp check.
+    // each partition once or twice over the run, spread over ~30 fetches. The burst and idle
+    // phases below are the sharp checks.
     assert!(
-        whole < 200.0,
-        "incremental fetches listed {whole:.1} of the {SESSION_PARTITIONS} partitions on average ({req:.0} in {incremental:.0})"
+        whole_mean < 200.0,
+        "incremental fetches listed {whole_mean:.1} of the {SESSION_PARTITIONS} partitions on average ({req:.0} in {incremental:.0})"
     );
-    let idle_incremental = idle_incremental.unwrap_or(0.0);
+
+    // Every record was read, so both snapshots were taken.
+    let (bursting, idle) = (bursting.unwrap(), idle.unwrap());
+    let burst_incremental = bursting.incremental.unwrap_or(0.0);
+    assert!(
+        burst_incremental > 0.0,
+        "no incremental fetch in the burst phase ({})",
+        bursting.describe()
+    );
+    let burst_resp = bursting
+        .resp
+        .expect("shardgate_fetch_session_partitions_total{direction=\"response\"} exported");
+    assert!(
+        burst_resp > 0.0,
+        "the {burst_records} burst records were read, but no incremental response carried a partition ({})",
+        bursting.describe()
+    );
+    // Records came to BURST_PARTITIONS.len() partitions; a few more may be listed for a
+    // moved high watermark.
+    let burst_resp_mean = burst_resp / burst_incremental;
+    let burst_req_mean = bursting.req.unwrap_or(0.0) / burst_incremental;
+    assert!(
+        burst_resp_mean <= 10.0,
+        "incremental responses in the burst phase carried {burst_resp_mean:.1} partitions on average, while records came to {}: a session answers only what changed ({})",
+        BURST_PARTITIONS.len(),
+        bursting.describe()
+    );
+    assert!(
+        burst_req_mean < 20.0,
+        "incremental requests in the burst phase listed {burst_req_mean:.1} partitions on average ({})",
+        bursting.describe()
+    );
+
+    let idle_incremental = idle.incremental.unwrap_or(0.0);
     assert!(
         idle_incremental >= 3.0,
         "only {idle_incremental:.0} incremental fetches in the idle phase ({IDLE_MS} ms less {SETTLE:?})"
     );
-    let idle_req = idle_req.unwrap_or(0.0) / idle_incremental;
-    let idle_resp = idle_resp
+    let idle_req = idle.req.unwrap_or(0.0) / idle_incremental;
+    let idle_resp = idle
+        .resp
         .expect("shardgate_fetch_session_partitions_total{direction=\"response\"} exported")
         / idle_incremental;
     assert!(
