@@ -1,6 +1,8 @@
 //! The response: every partition in request (or session) order, max_bytes kept over the
 //! whole response, only news for incremental sessions, records passed on without a copy.
 
+use std::collections::HashMap;
+
 use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
 use kafka_protocol::messages::{ApiKey, FetchResponse, TopicName};
 
@@ -16,7 +18,7 @@ pub(super) fn answer(
     max_bytes: i32,
     version: i16,
     correlation_id: i32,
-) -> Result<Reply, HandlerError> {
+) -> Result<(Reply, HashMap<Key, i64>), HandlerError> {
     let state = &fetch.client.fetch;
     let mut answers: Vec<(Key, PartitionData)> = wants
         .iter()
@@ -47,6 +49,16 @@ pub(super) fn answer(
             Some(charge),
         );
     });
+    // Where the client will fetch next, for partitions that got records.
+    let advanced: HashMap<Key, i64> = answers
+        .iter()
+        .filter_map(|(k, p)| {
+            let r = p.records.as_ref().filter(|r| !r.is_empty())?;
+            plan::batches_within(r, usize::MAX)
+                .1
+                .map(|next| (k.clone(), next))
+        })
+        .collect();
     fetch.ctx.fetch_sessions.select(kind, &mut answers);
 
     let mut resp = FetchResponse::default()
@@ -82,7 +94,7 @@ pub(super) fn answer(
             .push(p);
     }
     let pieces = encode_response_pieces(ApiKey::Fetch, version, correlation_id, &resp, records)?;
-    Ok(Reply::Pieces(pieces))
+    Ok((Reply::Pieces(pieces), advanced))
 }
 
 /// Cuts the answers to `max_bytes` in total at whole record batches. The first partition with

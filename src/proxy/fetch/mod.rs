@@ -113,14 +113,16 @@ pub async fn handle(
         // never reported on yet (each bounded by its own timeout).
         fetch.settle(&wants).await;
     }
-    assemble::answer(
+    let (reply, advanced) = assemble::answer(
         &mut fetch,
         &wants,
         kind,
         body.max_bytes,
         version,
         req.correlation_id(),
-    )
+    )?;
+    fetch.read_ahead(&wants, &advanced, Duration::from_millis(max_wait));
+    Ok(reply)
 }
 
 /// One fetch request at work.
@@ -264,6 +266,55 @@ impl Fetch<'_> {
             waits.push(f);
         }
         waits
+    }
+
+    /// Continuation read-ahead: for every broker that just delivered records, the client's
+    /// next fetch is sent now (the partitions that got records from their next offset, the
+    /// others where they were), so upstream reads the next answer while this one is written
+    /// to the client instead of after. The next fetch of the connection picks the poll up.
+    /// Consumers that got nothing cause no read-ahead (an idle consumer costs no extra polls).
+    fn read_ahead(&self, wants: &[Want], advanced: &HashMap<Key, i64>, max_wait: Duration) {
+        if advanced.is_empty() {
+            return;
+        }
+        let state = &self.client.fetch;
+        let mut by_broker: BTreeMap<i32, (bool, Vec<Want>)> = BTreeMap::new();
+        for w in wants {
+            let Ok(b) = w.leader else { continue };
+            if state.has_ready(&w.key) {
+                continue; // the cut part of this answer is already waiting
+            }
+            let mut next = w.clone();
+            let entry = by_broker.entry(b).or_default();
+            if let Some(o) = advanced.get(&w.key) {
+                next.part.fetch_offset = *o;
+                entry.0 = true;
+            }
+            entry.1.push(next);
+        }
+        let request_timeout =
+            Duration::from_millis(self.ctx.settings.raw.upstream.request_timeout_ms);
+        for (broker, (moved, ws)) in by_broker {
+            if !moved || state.pending(broker).is_some() {
+                continue;
+            }
+            let seq = state.next_seq();
+            let refs: Vec<&Want> = ws.iter().collect();
+            let f = upstream::start(
+                self.ctx.pool.clone(),
+                self.client.id,
+                &self.template,
+                broker,
+                &refs,
+                max_wait,
+                self.template.body.min_bytes.max(1),
+                request_timeout,
+                seq,
+            );
+            state.set_pending(broker, seq, f.clone());
+            state.drive(f);
+            metrics::counter!("shardgate_fetch_readahead_polls_total").increment(1);
+        }
     }
 
     /// Waits for the first poll to land (and files it), or `tick`.

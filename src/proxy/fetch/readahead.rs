@@ -32,6 +32,18 @@ struct Inner {
     ready: HashMap<Key, Ready>,
     seen: HashMap<Key, Marks>,
     pending: HashMap<i32, (u64, SubFuture)>,
+    /// Tasks running read-ahead polls.
+    drivers: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for ConnFetch {
+    fn drop(&mut self) {
+        if let Ok(st) = self.inner.get_mut() {
+            for t in &st.drivers {
+                t.abort();
+            }
+        }
+    }
 }
 
 struct Ready {
@@ -96,6 +108,24 @@ impl ConnFetch {
                 _charge: charge,
             },
         );
+    }
+
+    pub fn has_ready(&self, key: &Key) -> bool {
+        self.inner
+            .lock()
+            .expect("read-ahead")
+            .ready
+            .contains_key(key)
+    }
+
+    /// Runs a poll nobody waits for yet (a read-ahead); aborted with the connection.
+    pub fn drive(&self, fut: SubFuture) {
+        let task = tokio::spawn(async move {
+            fut.await;
+        });
+        let mut st = self.inner.lock().expect("read-ahead");
+        st.drivers.retain(|t| !t.is_finished());
+        st.drivers.push(task.abort_handle());
     }
 
     pub fn seen(&self, key: &Key) -> Option<Marks> {
