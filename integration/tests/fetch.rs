@@ -62,18 +62,31 @@ fn upstream_fetch_histogram(admin: &str) -> f64 {
 }
 
 fn create_with_assignment(topic: &str, assignment: &str) {
-    run_ok(
-        Command::new(bin("kafka-topics")).args([
-            "--bootstrap-server",
-            &kafka(),
-            "--create",
-            "--topic",
-            topic,
-            "--replica-assignment",
-            assignment,
-        ]),
-        Duration::from_secs(60),
-    );
+    create_topic_direct(topic, &["--replica-assignment", assignment]);
+}
+
+/// An rdkafka consumer through `bootstrap`, assigned partitions 0..`partitions` of `topic` at
+/// their ends, with `fetch.wait.max.ms` = `wait_ms`.
+fn assigned_consumer(
+    bootstrap: &str,
+    group: &str,
+    wait_ms: u32,
+    topic: &str,
+    partitions: i32,
+) -> BaseConsumer {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique(group))
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", wait_ms.to_string())
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::End).unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    c
 }
 
 fn now_micros() -> u64 {
@@ -99,18 +112,7 @@ fn an_idle_consumer_costs_no_more_upstream_fetches_than_its_own() {
     let topic = unique("fetch-idle");
     create_with_assignment(&topic, &["1"; 6].join(","));
 
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", client)
-        .set("group.id", unique("fetch-idle"))
-        .set("enable.auto.commit", "false")
-        .set("fetch.wait.max.ms", "500")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..6 {
-        tpl.add_partition_offset(&topic, p, Offset::End).unwrap();
-    }
-    c.assign(&tpl).unwrap();
+    let c = assigned_consumer(client, "fetch-idle", 500, &topic, 6);
     let poll_for = |d: Duration| {
         let until = Instant::now() + d;
         while Instant::now() < until {
@@ -785,19 +787,14 @@ fn a_java_consumer_of_1000_partitions_uses_incremental_fetch_sessions() {
     let admin_url = format!("http://{admin}");
     let _sg = own_instance("fetch-sessions", client, admin, "", "");
     let topic = unique("fetch-sessions");
-    run_ok(
-        Command::new(bin("kafka-topics")).args([
-            "--bootstrap-server",
-            &kafka(),
-            "--create",
-            "--topic",
-            &topic,
+    create_topic_direct(
+        &topic,
+        &[
             "--partitions",
             &SESSION_PARTITIONS.to_string(),
             "--replication-factor",
             "1",
-        ]),
-        Duration::from_secs(120),
+        ],
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let p: FutureProducer = ClientConfig::new()
@@ -1011,18 +1008,7 @@ async fn latency_scenario(bootstrap: &str, topic: &str, label: &str) -> Vec<Dura
         );
         let label = label.to_string();
         std::thread::spawn(move || {
-            let c: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .set("group.id", unique("fetch-latency"))
-                .set("enable.auto.commit", "false")
-                .set("fetch.wait.max.ms", "2000")
-                .create()
-                .unwrap();
-            let mut tpl = TopicPartitionList::new();
-            for p in 0..3 {
-                tpl.add_partition_offset(&topic, p, Offset::End).unwrap();
-            }
-            c.assign(&tpl).unwrap();
+            let c = assigned_consumer(&bootstrap, "fetch-latency", 2000, &topic, 3);
             let mut out = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 match c.poll(Duration::from_millis(50)) {

@@ -17,19 +17,14 @@ use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 fn create(topic: &str, assignment: &str) {
-    run_ok(
-        std::process::Command::new(bin("kafka-topics")).args([
-            "--bootstrap-server",
-            &kafka(),
-            "--create",
-            "--topic",
-            topic,
+    create_topic_direct(
+        topic,
+        &[
             "--replica-assignment",
             assignment,
             "--config",
             "min.insync.replicas=1",
-        ]),
-        Duration::from_secs(60),
+        ],
     );
 }
 
@@ -437,5 +432,83 @@ async fn a_throttled_client_mutes_no_other_client() {
     assert!(
         during <= limit,
         "Y waited behind the throttled X's muted socket: p99 {during:?} vs {before:?} before (limit {limit:?}); straight to Kafka {direct_during:?} vs {direct_before:?}"
+    );
+}
+
+/// Five consumers long-poll an empty topic (fetch.wait.max.ms 5000) while Y produces acks=1 one
+/// record at a time, on an instance with one shared upstream socket per broker: the long-polls
+/// must not sit on the socket Y's produces share (they would hold Y up to 5 s each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the testbed: integration/run-tests"]
+async fn a_fetch_long_poll_delays_no_other_client() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let (client, admin) = ("127.0.0.1:29187", "127.0.0.1:29287");
+    let _sg = one_socket_per_broker("iso-longpoll", client, admin);
+    let (idle, busy) = (unique("iso-idle"), unique("iso-busy"));
+    create(&idle, "1");
+    create(&busy, "1");
+    let upstream_fetches = || {
+        let (_, body) =
+            shardgate::admin::http_request(&format!("http://{admin}"), "GET", "/metrics", None)
+                .unwrap();
+        body.lines()
+            .find(|l| l.starts_with("shardgate_upstream_fetches_total"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let consumers: Vec<_> = (0..5)
+        .map(|i| {
+            let (idle, stop) = (idle.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let c: BaseConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", client)
+                    .set("group.id", unique(&format!("iso-idle-{i}")))
+                    .set("fetch.wait.max.ms", "5000")
+                    .create()
+                    .unwrap();
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&idle, 0, Offset::End).unwrap();
+                c.assign(&tpl).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = c.poll(Duration::from_millis(100));
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await; // the consumers are long-polling
+    let fetches_before = upstream_fetches();
+    let y: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", client)
+        .set("client.id", "iso-longpoll-y")
+        .set("acks", "1")
+        .set("linger.ms", "0")
+        .set("message.timeout.ms", "60000")
+        .create()
+        .unwrap();
+    let y_stop = Arc::new(AtomicBool::new(false));
+    let sender = tokio::spawn(one_at_a_time(y, busy.clone(), y_stop.clone()));
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    y_stop.store(true, Ordering::Relaxed);
+    let samples: Vec<Duration> = sender.await.unwrap().into_iter().map(|(_, d)| d).collect();
+    let polls = upstream_fetches() - fetches_before;
+    stop.store(true, Ordering::Relaxed);
+    for c in consumers {
+        c.join().unwrap();
+    }
+    let (n, worst) = (samples.len(), *samples.iter().max().unwrap());
+    let p = p99(samples);
+    println!(
+        "5 consumers long-polling (5 s) beside Y: {polls} upstream fetches in 8 s; Y acks=1 p99 {p:?}, slowest {worst:?} over {n} records"
+    );
+    assert!(
+        polls >= 5.0,
+        "the consumers were not long-polling ({polls} upstream fetches)"
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "Y waited behind a long-poll: slowest produce {worst:?} (p99 {p:?})"
     );
 }

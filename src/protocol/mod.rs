@@ -6,8 +6,9 @@ pub mod records;
 pub mod splice;
 pub mod versions;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use kafka_protocol::messages::{ApiKey, RequestHeader, ResponseHeader};
+use kafka_protocol::protocol::buf::ByteBufMut;
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +127,20 @@ pub fn encode_response<T: Encodable>(
     correlation_id: i32,
     body: &T,
 ) -> Result<Bytes, ProtocolError> {
+    encode_response_into(api_key, api_version, correlation_id, body, |size| {
+        BytesMut::with_capacity(4 + size)
+    })
+    .map(BytesMut::freeze)
+}
+
+/// Encodes a response frame into the buffer `buf(size of header + body)` makes.
+pub(crate) fn encode_response_into<T: Encodable, B: ByteBufMut>(
+    api_key: ApiKey,
+    api_version: i16,
+    correlation_id: i32,
+    body: &T,
+    buf: impl FnOnce(usize) -> B,
+) -> Result<B, ProtocolError> {
     // ApiVersions responses always use header v0 so that old clients can read the error.
     let header_version = api_key.response_header_version(api_version);
     let header = ResponseHeader::default().with_correlation_id(correlation_id);
@@ -134,14 +149,14 @@ pub fn encode_response<T: Encodable>(
         .compute_size(header_version)
         .and_then(|h| body.compute_size(api_version).map(|b| h + b))
         .map_err(|e| encode_err(what(), e))?;
-    let mut buf = BytesMut::with_capacity(4 + size);
+    let mut buf = buf(size);
     buf.put_u32(size as u32);
     header
         .encode(&mut buf, header_version)
         .map_err(|e| encode_err(what(), e))?;
     body.encode(&mut buf, api_version)
         .map_err(|e| encode_err(what(), e))?;
-    Ok(buf.freeze())
+    Ok(buf)
 }
 
 /// Encodes a request frame without length prefix (the upstream writer adds it and its own

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use bytes::buf::UninitSlice;
 use bytes::{BufMut, Bytes, BytesMut};
-use kafka_protocol::messages::{ApiKey, ResponseHeader};
+use kafka_protocol::messages::ApiKey;
 use kafka_protocol::protocol::Encodable;
 use kafka_protocol::protocol::buf::ByteBufMut;
 
@@ -125,22 +125,10 @@ pub fn encode_response_pieces<T: Encodable>(
     body: &T,
     records: impl IntoIterator<Item = Bytes>,
 ) -> Result<Vec<Bytes>, ProtocolError> {
-    let header_version = api_key.response_header_version(api_version);
-    let header = ResponseHeader::default().with_correlation_id(correlation_id);
-    let what = || format!("{api_key:?} v{api_version} response");
-    let size = header
-        .compute_size(header_version)
-        .and_then(|h| body.compute_size(api_version).map(|b| h + b))
-        .map_err(|e| super::encode_err(what(), e))?;
-    let mut buf = SpliceBuf::new(records);
-    buf.put_u32(size as u32);
-    header
-        .encode(&mut buf, header_version)
-        .map_err(|e| super::encode_err(what(), e))?;
-    body.encode(&mut buf, api_version)
-        .map_err(|e| super::encode_err(what(), e))?;
-    debug_assert_eq!(buf.len(), size + 4);
-    Ok(buf.finish())
+    super::encode_response_into(api_key, api_version, correlation_id, body, |_| {
+        SpliceBuf::new(records)
+    })
+    .map(SpliceBuf::finish)
 }
 
 #[cfg(test)]

@@ -182,6 +182,19 @@ pub fn create_topic(topic: &str, partitions: i32) {
     );
 }
 
+/// Creates a topic straight in Kafka with the Java admin tool; `args` follow `--topic NAME`
+/// (e.g. `--replica-assignment 1,2,3`, or `--partitions 3 --replication-factor 1`).
+pub fn create_topic_direct(topic: &str, args: &[&str]) {
+    let mut all = vec!["--bootstrap-server", "", "--create", "--topic", topic];
+    let boot = kafka();
+    all[1] = &boot;
+    all.extend_from_slice(args);
+    run_ok(
+        Command::new(bin("kafka-topics")).args(all),
+        Duration::from_secs(120),
+    );
+}
+
 pub const CODECS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
 
 /// A shardgate process started by a test (beside the testbed's), killed when dropped.

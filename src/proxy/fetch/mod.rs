@@ -74,6 +74,7 @@ pub async fn handle(
         }
     };
     let kind = opened.kind;
+    let (min_bytes, max_bytes) = (body.min_bytes.max(1) as usize, body.max_bytes);
     let loaded = ctx.shards.loaded();
     let mut wants = plan::resolve(&ctx.topology().load(), opened.parts, by_id, loaded);
     if loaded && plan::any_unknown(&wants) {
@@ -90,7 +91,7 @@ pub async fn handle(
         ctx,
         client,
         who: who.as_ref(),
-        template: upstream::Template::new(&body, version, req.header.client_id.clone()),
+        template: upstream::Template::new(body, version, req.header.client_id.clone()),
         got: HashMap::new(),
         bytes: 0,
         errors: false,
@@ -106,7 +107,6 @@ pub async fn handle(
                 .insert(w.key.clone(), plan::error_answer(w.key.1, code));
         }
     }
-    let min_bytes = body.min_bytes.max(1) as usize;
     fetch.run(&wants, deadline, min_bytes).await;
     if kind.full() {
         // A full response lists every partition: wait for polls of partitions upstream
@@ -117,7 +117,7 @@ pub async fn handle(
         &mut fetch,
         &wants,
         kind,
-        body.max_bytes,
+        max_bytes,
         version,
         req.correlation_id(),
     )?;
@@ -198,8 +198,10 @@ impl Fetch<'_> {
                 let before = p.records.as_ref().map_or(0, |r| r.len());
                 let kept = gate(self.ctx, who, self.client.id, name, &p);
                 if before > 0 && kept.as_ref().is_some_and(|k| k.is_empty()) {
-                    // Everything held: keep it for the next check rather than fetch again.
-                    state.put(w.key.clone(), w.part.fetch_offset, p, None);
+                    // Everything held: keep it (charged again) for the next check rather
+                    // than fetch again.
+                    let charge = self.ctx.budget.charge(before);
+                    state.put(w.key.clone(), w.part.fetch_offset, p, Some(charge));
                     self.held.insert(w.key.clone());
                     continue;
                 }
@@ -235,8 +237,6 @@ impl Fetch<'_> {
                 by_broker.entry(b).or_default().push(w);
             }
         }
-        let request_timeout =
-            Duration::from_millis(self.ctx.settings.raw.upstream.request_timeout_ms);
         let mut waits = Vec::new();
         for (broker, ws) in by_broker {
             if let Some(f) = state.pending(broker) {
@@ -249,21 +249,7 @@ impl Fetch<'_> {
                 continue;
             }
             self.polled.insert(broker);
-            let seq = state.next_seq();
-            let min_bytes = self.template.body.min_bytes.max(1);
-            let f = upstream::start(
-                self.ctx.pool.clone(),
-                self.client.id,
-                &self.template,
-                broker,
-                &ws,
-                remaining,
-                min_bytes,
-                request_timeout,
-                seq,
-            );
-            state.set_pending(broker, seq, f.clone());
-            waits.push(f);
+            waits.push(self.start_poll(broker, &ws, remaining));
         }
         waits
     }
@@ -292,29 +278,33 @@ impl Fetch<'_> {
             }
             entry.1.push(next);
         }
-        let request_timeout =
-            Duration::from_millis(self.ctx.settings.raw.upstream.request_timeout_ms);
         for (broker, (moved, ws)) in by_broker {
             if !moved || state.pending(broker).is_some() {
                 continue;
             }
-            let seq = state.next_seq();
             let refs: Vec<&Want> = ws.iter().collect();
-            let f = upstream::start(
-                self.ctx.pool.clone(),
-                self.client.id,
-                &self.template,
-                broker,
-                &refs,
-                max_wait,
-                self.template.body.min_bytes.max(1),
-                request_timeout,
-                seq,
-            );
-            state.set_pending(broker, seq, f.clone());
-            state.drive(f);
+            state.drive(self.start_poll(broker, &refs, max_wait));
             metrics::counter!("shardgate_fetch_readahead_polls_total").increment(1);
         }
+    }
+
+    /// Starts a poll of `wants` on `broker` (the broker may hold it up to `max_wait`) and
+    /// files it as the connection's poll in flight there.
+    fn start_poll(&self, broker: i32, wants: &[&Want], max_wait: Duration) -> upstream::SubFuture {
+        let state = &self.client.fetch;
+        let seq = state.next_seq();
+        let f = upstream::start(
+            self.ctx.pool.clone(),
+            self.client.id,
+            &self.template,
+            broker,
+            wants,
+            max_wait,
+            Duration::from_millis(self.ctx.settings.raw.upstream.request_timeout_ms),
+            seq,
+        );
+        state.set_pending(broker, seq, f.clone());
+        f
     }
 
     /// Waits for the first poll to land (and files it), or `tick`.

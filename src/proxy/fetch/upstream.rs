@@ -41,8 +41,8 @@ pub struct Template {
 }
 
 impl Template {
-    pub fn new(body: &FetchRequest, version: i16, client_id: Option<StrBytes>) -> Self {
-        let mut body = body.clone();
+    pub fn new(mut body: FetchRequest, version: i16, client_id: Option<StrBytes>) -> Self {
+        // Taken apart rather than cloned: a request may list thousands of partitions.
         body.topics.clear();
         body.forgotten_topics_data.clear();
         // Sessionless upstream: the partitions a connection reads change from poll to poll.
@@ -58,7 +58,7 @@ impl Template {
 }
 
 /// Starts (lazily: on first poll) a fetch of `wants` from `broker` that the broker may hold
-/// up to `max_wait` for `min_bytes`.
+/// up to `max_wait` for the client's `min_bytes`.
 #[allow(clippy::too_many_arguments)]
 pub fn start(
     pool: Arc<Pool>,
@@ -67,13 +67,12 @@ pub fn start(
     broker: i32,
     wants: &[&Want],
     max_wait: Duration,
-    min_bytes: i32,
     request_timeout: Duration,
     seq: u64,
 ) -> SubFuture {
     let mut r = template.body.clone();
     r.max_wait_ms = max_wait.as_millis().min(i32::MAX as u128) as i32;
-    r.min_bytes = min_bytes;
+    r.min_bytes = r.min_bytes.max(1);
     let mut asked = Vec::with_capacity(wants.len());
     for w in wants {
         asked.push((w.key.clone(), w.part.fetch_offset));
