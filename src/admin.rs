@@ -28,6 +28,7 @@ pub struct AdminState {
     pub topology: Arc<TopologyHandle>,
     pub shards: Arc<Registry>,
     pub groups: Arc<GroupTracker>,
+    pub profiles: Arc<crate::prefetch::Profiles>,
     pub controller: Arc<Controller>,
     pub prometheus: PrometheusHandle,
 }
@@ -273,7 +274,11 @@ async fn consumers(State(s): State<AdminState>) -> Response {
         .iter()
         .map(|t| (t.clone(), json!(s.groups.groups_on(t))))
         .collect();
-    Json(json!({ "groups_by_topic": groups, "committed": s.groups.snapshot() })).into_response()
+    Json(json!({
+        "consumers": s.profiles.snapshot(),
+        "gates": { "groups_by_topic": groups, "committed": s.groups.snapshot() },
+    }))
+    .into_response()
 }
 
 /// A minimal blocking HTTP/1.1 client for the CLI (`shardgate shards ...`): one request, one

@@ -65,6 +65,9 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     tracing::info!(store = %store.describe(), "shard store");
     let shards = Arc::new(Registry::default());
     let groups = Arc::new(GroupTracker::default());
+    let profiles = Arc::new(crate::prefetch::Profiles::new(
+        crate::prefetch::profiles::MAX_MEMBERS,
+    ));
     let managed = Arc::new(ManagedProduce::new(
         shards.clone(),
         pool.clone(),
@@ -86,6 +89,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         shards.clone(),
         groups.clone(),
         managed,
+        profiles.clone(),
     ));
 
     let listener = TcpListener::bind(settings.bind)
@@ -146,6 +150,21 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         }));
     }
     // Which client ids have a Kafka quota (their sockets get muted when throttled).
+    tasks.push(tokio::spawn({
+        let profiles = profiles.clone();
+        async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(30));
+            loop {
+                every.tick().await;
+                profiles.sweep();
+                let (members, conns) = profiles.sizes();
+                metrics::gauge!("shardgate_prefetch_profiles", "kind" => "member")
+                    .set(members as f64);
+                metrics::gauge!("shardgate_prefetch_profiles", "kind" => "connection")
+                    .set(conns as f64);
+            }
+        }
+    }));
     tasks.push(tokio::spawn(crate::proxy::quotas::run(
         pool.clone(),
         ctx.quotas.clone(),
@@ -171,6 +190,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         topology: pool.topology.clone(),
         shards,
         groups,
+        profiles,
         controller: controller.clone(),
         prometheus,
     });

@@ -13,6 +13,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("tls", &[]),
     ("config", &["protocol"]),
     ("store", &["config"]),
+    ("prefetch", &["config", "protocol", "telemetry"]),
     ("upstream", &["config", "protocol", "telemetry", "tls"]),
     (
         "shards",
@@ -20,14 +21,25 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     (
         "proxy",
-        &["config", "protocol", "shards", "telemetry", "upstream"],
+        &[
+            "config",
+            "prefetch",
+            "protocol",
+            "shards",
+            "telemetry",
+            "upstream",
+        ],
     ),
-    ("admin", &["alloc", "config", "shards", "upstream"]),
+    (
+        "admin",
+        &["alloc", "config", "prefetch", "shards", "upstream"],
+    ),
     (
         "app",
         &[
             "admin",
             "config",
+            "prefetch",
             "proxy",
             "shards",
             "store",

@@ -238,6 +238,7 @@ pub async fn serve<S>(
     responses.reader_done();
     let _ = writer.await;
     ctx.groups.forget_connection(client.id);
+    ctx.profiles.connection_closed(client.id);
     // The client's own upstream connections close when the last task holding `client` ends.
 }
 

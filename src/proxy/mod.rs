@@ -94,6 +94,8 @@ pub struct Ctx {
     pub budget: Arc<budget::MemoryBudget>,
     /// Client ids with a Kafka quota (their requests avoid shared upstream sockets).
     pub quotas: Arc<quotas::ClientQuotas>,
+    /// Consumer profiles (group members, their fetch connections, what they consume).
+    pub profiles: Arc<crate::prefetch::Profiles>,
 }
 
 impl Ctx {
@@ -103,6 +105,7 @@ impl Ctx {
         shards: Arc<Registry>,
         groups: Arc<GroupTracker>,
         managed: Arc<ManagedProduce>,
+        profiles: Arc<crate::prefetch::Profiles>,
     ) -> Self {
         Self {
             fetch_sessions: fetch::session::FetchSessions::new(
@@ -117,6 +120,7 @@ impl Ctx {
             coordinators: coordinator::CoordinatorCache::default(),
             shards,
             groups,
+            profiles,
         }
     }
 

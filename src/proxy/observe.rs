@@ -9,6 +9,7 @@ use kafka_protocol::protocol::Decodable;
 use super::connection::ClientConn;
 use super::forward::typed_reply;
 use super::{Ctx, Reply};
+use crate::prefetch::profiles::Protocol;
 use crate::protocol::{RequestFrame, codes, decode_response};
 
 /// After a managed topic's pool grew, each member of a classic group consuming it is told once
@@ -47,9 +48,15 @@ pub(super) fn nudge_member(
     typed_reply(req, &answer.with_error_code(codes::REBALANCE_IN_PROGRESS)).ok()
 }
 
-/// Placement wants to know which member consumes which managed partition: a classic consumer
-/// group's SyncGroup answer carries the member's assignment (consumer protocol).
-fn observe_assignment(ctx: &Ctx, req: &RequestFrame, group: &str, resp: &Bytes) {
+/// A classic consumer group's SyncGroup answer carries the member's assignment (consumer
+/// protocol): placement wants the managed partitions, the consumer profiles all of them.
+fn observe_assignment(
+    ctx: &Ctx,
+    client: &ClientConn,
+    req: &RequestFrame,
+    group: &str,
+    resp: &Bytes,
+) {
     let (Ok(body), Ok(answer)) = (
         req.decode_body::<SyncGroupRequest>(),
         decode_response::<SyncGroupResponse>(req.api_key, req.api_version, resp.clone()),
@@ -65,28 +72,112 @@ fn observe_assignment(ctx: &Ctx, req: &RequestFrame, group: &str, resp: &Bytes) 
         return;
     }
     let mut buf = answer.assignment.clone();
-    if buf.len() < 2 {
-        ctx.groups
-            .assigned(group, body.generation_id, body.member_id.as_str(), vec![]);
-        return;
-    }
-    let version = i16::from_be_bytes([buf[0], buf[1]]);
-    bytes::Buf::advance(&mut buf, 2);
-    let Ok(a) = ConsumerProtocolAssignment::decode(&mut buf, version.clamp(0, 3)) else {
-        return;
+    let all: Vec<(String, i32)> = if buf.len() < 2 {
+        vec![]
+    } else {
+        let version = i16::from_be_bytes([buf[0], buf[1]]);
+        bytes::Buf::advance(&mut buf, 2);
+        let Ok(a) = ConsumerProtocolAssignment::decode(&mut buf, version.clamp(0, 3)) else {
+            return;
+        };
+        a.assigned_partitions
+            .iter()
+            .flat_map(|t| t.partitions.iter().map(|p| (t.topic.0.to_string(), *p)))
+            .collect()
     };
-    let parts = a
-        .assigned_partitions
-        .iter()
-        .filter(|t| ctx.shards.is_managed(t.topic.0.as_str()))
-        .flat_map(|t| t.partitions.iter().map(|p| (t.topic.0.to_string(), *p)))
+    let member = body.member_id.as_str();
+    ctx.profiles.assigned(
+        group,
+        member,
+        req.header.client_id.as_deref().unwrap_or(""),
+        client.peer.ip(),
+        Protocol::Classic,
+        body.generation_id,
+        all.clone(),
+    );
+    let managed = all
+        .into_iter()
+        .filter(|(t, _)| ctx.shards.is_managed(t))
         .collect();
     ctx.groups
-        .assigned(group, body.generation_id, body.member_id.as_str(), parts);
+        .assigned(group, body.generation_id, member, managed);
 }
 
-/// Links the client to the consumer group it speaks for and records committed offsets of
-/// managed topics: the ordering gates need both.
+/// Membership the consumer profiles follow beyond assignments: heartbeats, leaving, and
+/// KIP-848 members (whose heartbeat answers carry their assignments).
+fn observe_membership(
+    ctx: &Ctx,
+    client: &ClientConn,
+    req: &RequestFrame,
+    group: &str,
+    resp: &Bytes,
+) {
+    match req.api_key {
+        ApiKey::Heartbeat => {
+            if let Ok(b) = req.decode_body::<HeartbeatRequest>() {
+                ctx.profiles.seen(group, b.member_id.as_str());
+            }
+        }
+        ApiKey::LeaveGroup => {
+            if let Ok(b) = req.decode_body::<LeaveGroupRequest>() {
+                ctx.profiles.left(group, b.member_id.as_str());
+                for m in &b.members {
+                    ctx.profiles.left(group, m.member_id.as_str());
+                }
+            }
+        }
+        ApiKey::ConsumerGroupHeartbeat => {
+            let (Ok(body), Ok(answer)) = (
+                req.decode_body::<ConsumerGroupHeartbeatRequest>(),
+                decode_response::<ConsumerGroupHeartbeatResponse>(
+                    req.api_key,
+                    req.api_version,
+                    resp.clone(),
+                ),
+            ) else {
+                return;
+            };
+            let member = answer
+                .member_id
+                .as_ref()
+                .map(|m| m.as_str())
+                .filter(|m| !m.is_empty())
+                .unwrap_or(body.member_id.as_str());
+            if body.member_epoch < 0 {
+                // -1: leaving; -2: a static member leaving temporarily.
+                ctx.profiles.left(group, member);
+                return;
+            }
+            if answer.error_code != codes::NONE {
+                return;
+            }
+            let Some(a) = &answer.assignment else {
+                ctx.profiles.seen(group, member);
+                return;
+            };
+            let topo = ctx.topology().load();
+            let parts = a
+                .topic_partitions
+                .iter()
+                .filter_map(|t| topo.topic_name(&t.topic_id).map(|n| (n.to_string(), t)))
+                .flat_map(|(n, t)| t.partitions.iter().map(move |p| (n.clone(), *p)))
+                .collect();
+            ctx.profiles.assigned(
+                group,
+                member,
+                req.header.client_id.as_deref().unwrap_or(""),
+                client.peer.ip(),
+                Protocol::Consumer,
+                answer.member_epoch,
+                parts,
+            );
+        }
+        _ => {}
+    }
+}
+
+/// Links the client to the consumer group it speaks for and records committed offsets:
+/// ordering gates need both (for managed topics), consumer profiles too (for all topics).
 pub(super) fn observe_group(
     ctx: &Ctx,
     client: &ClientConn,
@@ -94,6 +185,7 @@ pub(super) fn observe_group(
     group: &str,
     resp: &Bytes,
 ) {
+    observe_membership(ctx, client, req, group, resp);
     if !matches!(
         req.api_key,
         ApiKey::JoinGroup
@@ -108,7 +200,7 @@ pub(super) fn observe_group(
     let client_id = req.header.client_id.as_deref().unwrap_or("");
     ctx.groups.link(client.peer.ip(), client_id, group);
     if req.api_key == ApiKey::SyncGroup {
-        observe_assignment(ctx, req, group, resp);
+        observe_assignment(ctx, client, req, group, resp);
         return;
     }
     if req.api_key != ApiKey::OffsetCommit {
@@ -120,6 +212,9 @@ pub(super) fn observe_group(
     ) else {
         return;
     };
+    if !body.member_id.is_empty() {
+        ctx.profiles.seen(group, body.member_id.as_str());
+    }
     let topo = ctx.topology().load();
     for t in &body.topics {
         let name = if t.topic_id.is_nil() {
@@ -130,9 +225,7 @@ pub(super) fn observe_group(
                 None => continue,
             }
         };
-        if !ctx.shards.is_managed(&name) {
-            continue;
-        }
+        let managed = ctx.shards.is_managed(&name);
         let accepted = |partition: i32| {
             answer.topics.iter().any(|rt| {
                 (rt.name.0 == t.name.0 && rt.topic_id == t.topic_id)
@@ -144,8 +237,12 @@ pub(super) fn observe_group(
         };
         for p in &t.partitions {
             if accepted(p.partition_index) {
-                ctx.groups
+                ctx.profiles
                     .committed(group, &name, p.partition_index, p.committed_offset);
+                if managed {
+                    ctx.groups
+                        .committed(group, &name, p.partition_index, p.committed_offset);
+                }
             }
         }
     }

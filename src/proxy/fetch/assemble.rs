@@ -11,6 +11,9 @@ use super::session::Kind;
 use super::{Fetch, HandlerError, Reply};
 use crate::protocol::splice::encode_response_pieces;
 
+/// Per partition that got records: the offset the client will fetch next, and the bytes.
+pub(super) type Delivered = HashMap<Key, (i64, usize)>;
+
 pub(super) fn answer(
     fetch: &mut Fetch<'_>,
     wants: &[Want],
@@ -18,7 +21,7 @@ pub(super) fn answer(
     max_bytes: i32,
     version: i16,
     correlation_id: i32,
-) -> Result<(Reply, HashMap<Key, i64>), HandlerError> {
+) -> Result<(Reply, Delivered), HandlerError> {
     let state = &fetch.client.fetch;
     let mut answers: Vec<(Key, PartitionData)> = wants
         .iter()
@@ -49,14 +52,14 @@ pub(super) fn answer(
             Some(charge),
         );
     });
-    // Where the client will fetch next, for partitions that got records.
-    let advanced: HashMap<Key, i64> = answers
+    // Where the client will fetch next, and the bytes it got, for partitions that got records.
+    let advanced: Delivered = answers
         .iter()
         .filter_map(|(k, p)| {
             let r = p.records.as_ref().filter(|r| !r.is_empty())?;
             plan::batches_within(r, usize::MAX)
                 .1
-                .map(|next| (k.clone(), next))
+                .map(|next| (k.clone(), (next, r.len())))
         })
         .collect();
     fetch.ctx.fetch_sessions.select(kind, &mut answers);

@@ -122,7 +122,33 @@ pub async fn handle(
         req.correlation_id(),
     )?;
     fetch.read_ahead(&wants, &advanced, Duration::from_millis(max_wait));
+    profile(ctx, client, req, &wants, &advanced);
     Ok(reply)
+}
+
+/// Tells the consumer profiles where this connection fetched and what it got.
+fn profile(
+    ctx: &Ctx,
+    client: &ClientConn,
+    req: &RequestFrame,
+    wants: &[Want],
+    advanced: &assemble::Delivered,
+) {
+    let client_id = req.header.client_id.as_deref().unwrap_or("");
+    for w in wants {
+        let Some(name) = &w.name else { continue };
+        let got = advanced.get(&w.key);
+        ctx.profiles.fetched(
+            client.id,
+            client.peer.ip(),
+            client_id,
+            name.as_str(),
+            w.key.1,
+            w.part.fetch_offset,
+            got.map(|g| g.0),
+            got.map_or(0, |g| g.1),
+        );
+    }
 }
 
 /// One fetch request at work.
@@ -259,7 +285,7 @@ impl Fetch<'_> {
     /// others where they were), so upstream reads the next answer while this one is written
     /// to the client instead of after. The next fetch of the connection picks the poll up.
     /// Consumers that got nothing cause no read-ahead (an idle consumer costs no extra polls).
-    fn read_ahead(&self, wants: &[Want], advanced: &HashMap<Key, i64>, max_wait: Duration) {
+    fn read_ahead(&self, wants: &[Want], advanced: &assemble::Delivered, max_wait: Duration) {
         if advanced.is_empty() {
             return;
         }
@@ -272,7 +298,7 @@ impl Fetch<'_> {
             }
             let mut next = w.clone();
             let entry = by_broker.entry(b).or_default();
-            if let Some(o) = advanced.get(&w.key) {
+            if let Some((o, _)) = advanced.get(&w.key) {
                 next.part.fetch_offset = *o;
                 entry.0 = true;
             }
