@@ -13,6 +13,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("tls", &[]),
     ("config", &["protocol"]),
     ("store", &["config"]),
+    ("prefetch", &["config", "protocol", "telemetry"]),
     ("upstream", &["config", "protocol", "telemetry", "tls"]),
     (
         "shards",

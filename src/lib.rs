@@ -6,6 +6,7 @@
 //! - `store`: versioned documents (shard maps), instance registry, leader lock.
 //! - `upstream`: connections to the real cluster and its topology.
 //! - `shards`: shard maps, routing, gates, the controller, managed-topic produce.
+//! - `prefetch`: predictive prefetch; so far the content embedders and their background pool.
 //! - `proxy`: the client side (connections and one module per request path).
 //! - `admin`: admin HTTP; `app`: the composition root that wires all of it.
 
@@ -13,6 +14,7 @@ pub mod admin;
 pub mod alloc;
 pub mod app;
 pub mod config;
+pub mod prefetch;
 pub mod protocol;
 pub mod proxy;
 pub mod shards;

@@ -1,0 +1,6 @@
+//! Predictive prefetch (docs/ARCHITECTURE.md, "prefetch"): what each consumer will fetch next,
+//! read ahead and answered exactly. Built so far: the embedders that turn sampled record content
+//! into vectors, the bounded background pool that runs them off the request path, and the
+//! running-mean centroids the predictor compares partitions' content with.
+
+pub mod embed;
