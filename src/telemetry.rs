@@ -70,6 +70,22 @@ fn describe() {
         "shardgate_upstream_api_versions_brokers",
         "Live upstream brokers whose ApiVersions answer is in the offered intersection"
     );
+    describe_counter!(
+        "shardgate_prefetch_embedding_samples_total",
+        "Record samples accepted by the background embedding pool"
+    );
+    describe_counter!(
+        "shardgate_prefetch_embedding_dropped_total",
+        "Record samples dropped because the embedding queue was full"
+    );
+    describe_counter!(
+        "shardgate_prefetch_embedding_errors_total",
+        "Record samples lost to an embedder error"
+    );
+    describe_histogram!(
+        "shardgate_prefetch_embedding_batch_seconds",
+        "Time to embed one batch of samples on an embedding thread"
+    );
 }
 
 pub fn api_name(api: i16) -> &'static str {

@@ -11,10 +11,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 use serde_json::Value;
 
 const PARTITIONS: i32 = 4;
@@ -142,17 +142,21 @@ async fn two_members_sharing_a_client_id_each_show_their_partitions_positions_an
     b.commit_consumer_state(CommitMode::Sync).unwrap();
 
     let mut seen = Vec::new();
-    eventually("both members with their commits", Duration::from_secs(20), || {
-        seen = consumers_of(&group);
-        seen.len() == 2
-            && seen.iter().all(|c| {
-                let parts = partitions_of(c);
-                parts.len() == 2
-                    && parts
-                        .values()
-                        .all(|(pos, committed)| *pos == PER_PARTITION && *committed == PER_PARTITION)
-            })
-    });
+    eventually(
+        "both members with their commits",
+        Duration::from_secs(20),
+        || {
+            seen = consumers_of(&group);
+            seen.len() == 2
+                && seen.iter().all(|c| {
+                    let parts = partitions_of(c);
+                    parts.len() == 2
+                        && parts.values().all(|(pos, committed)| {
+                            *pos == PER_PARTITION && *committed == PER_PARTITION
+                        })
+                })
+        },
+    );
     eprintln!(
         "profiles: {}",
         serde_json::to_string_pretty(&seen).unwrap_or_default()
@@ -236,7 +240,9 @@ fn a_kip_848_member_shows_its_assignment_and_goes_when_it_leaves() {
     assert_eq!(seen[0]["delivered_records"].as_i64(), Some(total));
     let status = consumer.wait().unwrap();
     assert!(status.success(), "console consumer: {status}");
-    eventually("the member gone after it left", Duration::from_secs(10), || {
-        consumers_of(&group).is_empty()
-    });
+    eventually(
+        "the member gone after it left",
+        Duration::from_secs(10),
+        || consumers_of(&group).is_empty(),
+    );
 }

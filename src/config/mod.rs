@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod prefetch;
 mod topic;
+pub use prefetch::{EMBEDDERS, HASHING_DIMS, MINILM_TOKENIZER_FILES, MinilmConfig, PrefetchConfig};
 pub use topic::{AutoscaleConfig, RouteField, TopicConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,8 @@ pub struct Config {
     /// Managed topics declared in the file (more can be added through the admin API).
     #[serde(default)]
     pub topics: Vec<TopicConfig>,
+    #[serde(default)]
+    pub prefetch: PrefetchConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -542,6 +546,9 @@ impl Config {
                 ));
             }
         }
+        self.prefetch
+            .validate()
+            .map_err(|(field, problem, fix)| invalid(&format!("prefetch.{field}"), problem, fix))?;
         if let Some(tls) = &self.listener.tls {
             for (key, p) in [
                 ("listener.tls.cert", &tls.cert),
@@ -581,11 +588,12 @@ impl Config {
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<Settings, ConfigError> {
+    pub(super) fn parse(text: &str) -> Result<Settings, ConfigError> {
         Config::parse(text, Path::new("test.toml"))
     }
 
-    const MINIMAL: &str = r#"
+    /// The smallest valid config (the section tests of submodules append theirs).
+    pub(super) const MINIMAL: &str = r#"
 [listener]
 bind = "127.0.0.1:29092"
 [upstream]

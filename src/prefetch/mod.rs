@@ -1,8 +1,13 @@
-//! Predictive prefetch: what each consumer reads (profiles), and reading ahead for it.
+//! Predictive prefetch (docs/ARCHITECTURE.md, "prefetch"): what each consumer will fetch next,
+//! read ahead and answered exactly. Built so far:
 //!
 //! - `profiles`: consumer identity (group + member from the group protocol, linked to fetch
 //!   connections) and what each consumes: assignment, positions, rate, commits.
+//! - `embed`: the embedders that turn sampled record content into vectors, the bounded
+//!   background pool that runs them off the request path, and the running-mean centroids the
+//!   predictor compares partitions' content with.
 
+pub mod embed;
 pub mod profiles;
 
 pub use profiles::Profiles;
