@@ -32,6 +32,8 @@ pub enum StartError {
     Metrics(String),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Prefetch(#[from] crate::prefetch::embed::EmbedError),
 }
 
 pub struct Running {
@@ -68,6 +70,8 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let profiles = Arc::new(crate::prefetch::Profiles::new(
         crate::prefetch::profiles::MAX_MEMBERS,
     ));
+    let sampler =
+        crate::prefetch::content::Sampler::start(&settings.raw.prefetch, profiles.clone())?;
     let managed = Arc::new(ManagedProduce::new(
         shards.clone(),
         pool.clone(),
@@ -90,6 +94,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         groups.clone(),
         managed,
         profiles.clone(),
+        sampler,
     ));
 
     let listener = TcpListener::bind(settings.bind)

@@ -20,6 +20,22 @@ use serde_json::Value;
 const PARTITIONS: i32 = 4;
 const PER_PARTITION: i64 = 250;
 
+/// Partitions 0 and 1 carry orders, 2 and 3 payments: each member of a two-member range
+/// assignment reads one kind.
+fn kind_of(partition: i32) -> (&'static str, &'static str) {
+    if partition < 2 {
+        (
+            "order",
+            r#"{"type":"order","n":{i},"text":"customer ordered running shoes size 42 in blue"}"#,
+        )
+    } else {
+        (
+            "payment",
+            r#"{"type":"payment","n":{i},"text":"bank transfer settled to the merchant account"}"#,
+        )
+    }
+}
+
 async fn produce(topic: &str) {
     let p: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", kafka())
@@ -29,7 +45,7 @@ async fn produce(topic: &str) {
     let mut acks = Vec::new();
     for partition in 0..PARTITIONS {
         for i in 0..PER_PARTITION {
-            let value = format!("{{\"type\":\"order\",\"n\":{i}}}");
+            let value = kind_of(partition).1.replace("{i}", &i.to_string());
             let key = format!("k{i}");
             let rec = FutureRecord::to(topic)
                 .partition(partition)
@@ -143,7 +159,7 @@ async fn two_members_sharing_a_client_id_each_show_their_partitions_positions_an
 
     let mut seen = Vec::new();
     eventually(
-        "both members with their commits",
+        "both members with their commits and content samples",
         Duration::from_secs(20),
         || {
             seen = consumers_of(&group);
@@ -154,6 +170,7 @@ async fn two_members_sharing_a_client_id_each_show_their_partitions_positions_an
                         && parts.values().all(|(pos, committed)| {
                             *pos == PER_PARTITION && *committed == PER_PARTITION
                         })
+                        && c["content_samples"].as_u64().unwrap_or(0) > 0
                 })
         },
     );
@@ -181,6 +198,22 @@ async fn two_members_sharing_a_client_id_each_show_their_partitions_positions_an
             Some(2 * PER_PARTITION as u64),
             "{c}"
         );
+    }
+    // What each read: its partitions' kind tops its routing values (prefetch.routing_fields
+    // defaults to json:/type and json:/subject), and its partitions' content is close to
+    // its centroid.
+    for c in &seen {
+        let first = *partitions_of(c).keys().next().unwrap();
+        let kind = kind_of(first).0;
+        assert_eq!(
+            c["top_routing_values"]["json:/type"][0][0], kind,
+            "top routing values: {c}"
+        );
+        for p in c["partitions"].as_array().unwrap() {
+            if let Some(s) = p["content_similarity"].as_f64() {
+                assert!(s > 0.5, "content similarity {s} of its own partition: {c}");
+            }
+        }
     }
     // The two members' connections are distinct (each linked by its own assignment).
     assert_ne!(seen[0]["connections"], seen[1]["connections"]);

@@ -39,6 +39,14 @@ pub struct PrefetchConfig {
     /// Samples waiting for an embedding thread; beyond this new samples are dropped (counted).
     #[serde(default = "default_embed_queue")]
     pub embed_queue: usize,
+    /// Record sets delivered to consumers that are sampled per second (all connections
+    /// together) for content embeddings and routing values; 0 = no sampling.
+    #[serde(default = "default_samples_per_sec")]
+    pub samples_per_sec: u32,
+    /// Fields whose values make a consumer's routing-value histogram ("key", "header:NAME",
+    /// "json:/pointer"), as in managed topics' `route_by`.
+    #[serde(default = "default_routing_fields")]
+    pub routing_fields: Vec<super::topic::RouteField>,
     #[serde(default)]
     pub minilm: MinilmConfig,
 }
@@ -67,6 +75,8 @@ impl Default for PrefetchConfig {
             hashing_dims: default_hashing_dims(),
             embed_threads: default_embed_threads(),
             embed_queue: default_embed_queue(),
+            samples_per_sec: default_samples_per_sec(),
+            routing_fields: default_routing_fields(),
             minilm: MinilmConfig::default(),
         }
     }
@@ -86,6 +96,16 @@ fn default_embed_threads() -> usize {
 }
 fn default_embed_queue() -> usize {
     1024
+}
+fn default_samples_per_sec() -> u32 {
+    200
+}
+fn default_routing_fields() -> Vec<super::topic::RouteField> {
+    use super::topic::RouteField;
+    vec![
+        RouteField::Json("/type".into()),
+        RouteField::Json("/subject".into()),
+    ]
 }
 
 type Invalid = (&'static str, String, String);
@@ -122,6 +142,20 @@ impl PrefetchConfig {
                 "embed_queue",
                 format!("{} is out of range", self.embed_queue),
                 "use a value from 1 to 1000000 (default 1024)",
+            );
+        }
+        if self.samples_per_sec > 100_000 {
+            return bad(
+                "samples_per_sec",
+                format!("{} is out of range", self.samples_per_sec),
+                "use a value from 0 (no sampling) to 100000 (default 200)",
+            );
+        }
+        if self.routing_fields.len() > 16 {
+            return bad(
+                "routing_fields",
+                format!("{} fields", self.routing_fields.len()),
+                "name at most 16 fields",
             );
         }
         if self.enabled && self.embedder == "minilm" {

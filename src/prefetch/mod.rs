@@ -3,10 +3,13 @@
 //!
 //! - `profiles`: consumer identity (group + member from the group protocol, linked to fetch
 //!   connections) and what each consumes: assignment, positions, rate, commits.
+//! - `content`: delivered records sampled at a bounded rate, off the request path, into
+//!   profiles' routing-value histograms and (through `embed`) content centroids.
 //! - `embed`: the embedders that turn sampled record content into vectors, the bounded
 //!   background pool that runs them off the request path, and the running-mean centroids the
 //!   predictor compares partitions' content with.
 
+pub mod content;
 pub mod embed;
 pub mod profiles;
 

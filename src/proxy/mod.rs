@@ -96,6 +96,8 @@ pub struct Ctx {
     pub quotas: Arc<quotas::ClientQuotas>,
     /// Consumer profiles (group members, their fetch connections, what they consume).
     pub profiles: Arc<crate::prefetch::Profiles>,
+    /// Samples delivered records into the profiles (None: prefetch or sampling off).
+    pub sampler: Option<crate::prefetch::content::Sampler>,
 }
 
 impl Ctx {
@@ -106,6 +108,7 @@ impl Ctx {
         groups: Arc<GroupTracker>,
         managed: Arc<ManagedProduce>,
         profiles: Arc<crate::prefetch::Profiles>,
+        sampler: Option<crate::prefetch::content::Sampler>,
     ) -> Self {
         Self {
             fetch_sessions: fetch::session::FetchSessions::new(
@@ -121,6 +124,7 @@ impl Ctx {
             shards,
             groups,
             profiles,
+            sampler,
         }
     }
 

@@ -19,7 +19,7 @@ mod pool;
 pub use centroid::Centroid;
 pub use hashing::Hashing;
 pub use minilm::{MINILM_DIMS, MINILM_RUNTIME_FILE, MiniLm, minilm_files_in};
-pub use pool::{Embedded, Pool, PoolStats};
+pub use pool::{Embedded, MAX_SAMPLE_BYTES, Pool, PoolStats};
 
 /// Turns texts into vectors of `dim()` floats, each of L2 norm 1 (or all zeros when a text
 /// has nothing to embed, e.g. it is empty), so that a dot product is a cosine.

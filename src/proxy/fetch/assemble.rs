@@ -11,8 +11,9 @@ use super::session::Kind;
 use super::{Fetch, HandlerError, Reply};
 use crate::protocol::splice::encode_response_pieces;
 
-/// Per partition that got records: the offset the client will fetch next, and the bytes.
-pub(super) type Delivered = HashMap<Key, (i64, usize)>;
+/// Per partition that got records: the offset the client will fetch next, and the records
+/// (a reference to the buffer the response is written from).
+pub(super) type Delivered = HashMap<Key, (i64, bytes::Bytes)>;
 
 pub(super) fn answer(
     fetch: &mut Fetch<'_>,
@@ -59,7 +60,7 @@ pub(super) fn answer(
             let r = p.records.as_ref().filter(|r| !r.is_empty())?;
             plan::batches_within(r, usize::MAX)
                 .1
-                .map(|next| (k.clone(), (next, r.len())))
+                .map(|next| (k.clone(), (next, r.clone())))
         })
         .collect();
     fetch.ctx.fetch_sessions.select(kind, &mut answers);

@@ -135,19 +135,46 @@ fn profile(
     advanced: &assemble::Delivered,
 ) {
     let client_id = req.header.client_id.as_deref().unwrap_or("");
-    for w in wants {
-        let Some(name) = &w.name else { continue };
-        let got = advanced.get(&w.key);
-        ctx.profiles.fetched(
-            client.id,
-            client.peer.ip(),
-            client_id,
-            name.as_str(),
-            w.key.1,
-            w.part.fetch_offset,
-            got.map(|g| g.0),
-            got.map_or(0, |g| g.1),
-        );
+    let first = ctx.profiles.fetched(
+        client.id,
+        client.peer.ip(),
+        client_id,
+        wants.iter().filter_map(|w| {
+            let got = advanced.get(&w.key);
+            Some(crate::prefetch::profiles::Fetched {
+                topic: w.name.as_ref()?.as_str(),
+                partition: w.key.1,
+                from: w.part.fetch_offset,
+                next: got.map(|g| g.0),
+                bytes: got.map_or(0, |g| g.1.len()),
+            })
+        }),
+    );
+    // One delivered record set now and then goes to the content sampler (its rate decides).
+    if let Some(sampler) = &ctx.sampler
+        && !advanced.is_empty()
+        && (first || sampler.due())
+    {
+        // Which of the partitions: any will do, as long as it is not always the same one.
+        let pick = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as usize);
+        let pick = (pick ^ client.id as usize) % advanced.len();
+        let (key, (_, records)) = advanced.iter().nth(pick).expect("pick < len");
+        if let Some(name) = wants
+            .iter()
+            .find(|w| &w.key == key)
+            .and_then(|w| w.name.as_ref())
+        {
+            sampler.offer(
+                crate::prefetch::content::SampleKey {
+                    conn: client.id,
+                    topic: name.as_str().into(),
+                    partition: key.1,
+                },
+                records.clone(),
+            );
+        }
     }
 }
 

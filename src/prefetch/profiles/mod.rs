@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::embed::Centroid;
+
 /// A member not heard from (heartbeat, commit, fetch of its connections) for this long is
 /// forgotten: well past any session timeout Kafka allows by default (45 s).
 const MEMBER_IDLE: Duration = Duration::from_secs(300);
@@ -25,6 +27,14 @@ const MEMBER_IDLE: Duration = Duration::from_secs(300);
 pub const MAX_MEMBERS: usize = 10_000;
 /// Window over which consumption rates are measured.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// Partitions whose content centroid is kept (about 1 KiB each with 256 dimensions).
+const MAX_PARTITION_CENTROIDS: usize = 4096;
+/// Distinct (field, value) pairs counted per connection.
+const MAX_ROUTING_VALUES: usize = 256;
+/// Routing values shown per field.
+const TOP_ROUTING_VALUES: usize = 5;
+/// After this many samples a centroid follows recent content (a moving average).
+const CENTROID_HORIZON: u64 = 500;
 /// Committed offsets kept per group (client-supplied partition lists are bounded too).
 const MAX_COMMITTED_PER_GROUP: usize = 10_000;
 
@@ -70,6 +80,24 @@ struct Conn {
     bytes: u64,
     history: VecDeque<(Instant, u64)>,
     seen: Instant,
+    /// Mean embedding of sampled records delivered on this connection.
+    centroid: Option<Centroid>,
+    /// (field, value) → records seen with it, among the sampled ones.
+    routing: HashMap<(String, String), u64>,
+    /// Whether a record set delivered on it was offered for sampling yet.
+    sampled: bool,
+}
+
+/// One partition of a fetch answer, for `Profiles::fetched`.
+#[derive(Debug, Clone, Copy)]
+pub struct Fetched<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    /// The offset asked for.
+    pub from: i64,
+    /// Where the client fetches next after what it got (None: nothing delivered).
+    pub next: Option<i64>,
+    pub bytes: usize,
 }
 
 impl Conn {
@@ -92,6 +120,8 @@ struct Inner {
     conns: HashMap<u64, Conn>,
     /// group → (topic, partition) → committed offset (the group's acknowledgements).
     committed: HashMap<String, HashMap<Tp, i64>>,
+    /// Mean embedding of each partition's sampled recent content.
+    partition_content: HashMap<Tp, Centroid>,
 }
 
 /// Consumer profiles of this instance.
@@ -109,6 +139,9 @@ pub struct PartitionView {
     pub position: i64,
     /// The group's committed offset (-1: none seen).
     pub committed: i64,
+    /// Cosine similarity between the partition's recent content and what the consumer
+    /// read (None until both were sampled).
+    pub content_similarity: Option<f32>,
 }
 
 /// One consumer, for `GET /api/v1/consumers`.
@@ -131,6 +164,10 @@ pub struct ConsumerView {
     pub records_per_sec: f64,
     pub delivered_records: u64,
     pub delivered_bytes: u64,
+    /// Records sampled for its content centroid.
+    pub content_samples: u64,
+    /// Most frequent values of `prefetch.routing_fields` among its sampled records.
+    pub top_routing_values: BTreeMap<String, Vec<(String, u64)>>,
 }
 
 impl Profiles {
@@ -244,20 +281,16 @@ impl Profiles {
             .copied()
     }
 
-    /// A fetch answered on `conn`: the partition was asked from `from`, and records up to
-    /// `next` (exclusive; None: nothing delivered) of `bytes` bytes went to the client.
-    #[allow(clippy::too_many_arguments)]
-    pub fn fetched(
+    /// A fetch answered on `conn`: per partition, where it was asked from and what went to
+    /// the client. Returns true the first time records were delivered on the connection (its
+    /// first record set is worth a content sample whatever the sampling rate).
+    pub fn fetched<'a>(
         &self,
         conn: u64,
         host: IpAddr,
         client_id: &str,
-        topic: &str,
-        partition: i32,
-        from: i64,
-        next: Option<i64>,
-        bytes: usize,
-    ) {
+        parts: impl IntoIterator<Item = Fetched<'a>>,
+    ) -> bool {
         let now = Instant::now();
         let mut inner = self.lock();
         let c = inner.conns.entry(conn).or_insert_with(|| Conn {
@@ -268,17 +301,34 @@ impl Profiles {
             bytes: 0,
             history: VecDeque::new(),
             seen: now,
+            centroid: None,
+            routing: HashMap::new(),
+            sampled: false,
         });
         c.seen = now;
-        let pos = c
-            .positions
-            .entry((topic.to_string(), partition))
-            .or_default();
-        pos.fetched = from;
-        pos.next = next.unwrap_or(from).max(from);
-        if let Some(n) = next {
-            c.delivered += (n - from).max(0) as u64;
-            c.bytes += bytes as u64;
+        let mut delivered = false;
+        for f in parts {
+            let next = f.next.unwrap_or(f.from).max(f.from);
+            match c.positions.get_mut(&(f.topic.to_string(), f.partition)) {
+                Some(pos) => {
+                    pos.fetched = f.from;
+                    pos.next = next;
+                }
+                None => {
+                    c.positions.insert(
+                        (f.topic.to_string(), f.partition),
+                        PartPos {
+                            fetched: f.from,
+                            next,
+                        },
+                    );
+                }
+            }
+            if let Some(n) = f.next {
+                c.delivered += (n - f.from).max(0) as u64;
+                c.bytes += f.bytes as u64;
+                delivered = true;
+            }
         }
         if c.history
             .back()
@@ -293,6 +343,47 @@ impl Profiles {
                 c.history.pop_front();
             }
         }
+        let first = delivered && !c.sampled;
+        c.sampled |= delivered;
+        first
+    }
+
+    /// A sampled record delivered on `conn` carried `value` in routing field `field`.
+    pub fn routed(&self, conn: u64, field: &str, value: &str) {
+        let mut inner = self.lock();
+        let Some(c) = inner.conns.get_mut(&conn) else {
+            return;
+        };
+        let key = (field.to_string(), value.to_string());
+        if let Some(n) = c.routing.get_mut(&key) {
+            *n += 1;
+        } else if c.routing.len() < MAX_ROUTING_VALUES {
+            c.routing.insert(key, 1);
+        }
+    }
+
+    /// The embedding of a sampled record of `topic`/`partition` delivered on `conn`: folded
+    /// into the connection's centroid and the partition's.
+    pub fn content(&self, conn: u64, topic: &str, partition: i32, v: &[f32]) {
+        let mut inner = self.lock();
+        if let Some(c) = inner.conns.get_mut(&conn) {
+            c.centroid
+                .get_or_insert_with(|| Centroid::with_horizon(v.len(), CENTROID_HORIZON))
+                .add(v);
+        }
+        let tp = (topic.to_string(), partition);
+        if let Some(p) = inner.partition_content.get_mut(&tp) {
+            p.add(v);
+        } else if inner.partition_content.len() < MAX_PARTITION_CENTROIDS {
+            let mut p = Centroid::with_horizon(v.len(), CENTROID_HORIZON);
+            p.add(v);
+            inner.partition_content.insert(tp, p);
+        }
+    }
+
+    /// Forgets a deleted partition's content (and frees room for others).
+    pub fn forget_partition_content(&self, topic: &str) {
+        self.lock().partition_content.retain(|(t, _), _| t != topic);
     }
 
     pub fn connection_closed(&self, conn: u64) {
@@ -379,6 +470,7 @@ impl Profiles {
             let m = &inner.members[key];
             let conns = by_member.remove(key).unwrap_or_default();
             let committed = inner.committed.get(&key.0);
+            let centroid = merged_centroid(&conns);
             let partitions = m
                 .assigned
                 .iter()
@@ -391,6 +483,7 @@ impl Profiles {
                         .max()
                         .unwrap_or(-1),
                     committed: committed.and_then(|c| c.get(tp)).copied().unwrap_or(-1),
+                    content_similarity: similarity(&inner, centroid.as_ref(), tp),
                 })
                 .collect();
             out.push(ConsumerView {
@@ -406,10 +499,13 @@ impl Profiles {
                 records_per_sec: conns.iter().map(|(_, c)| c.rate(now)).sum(),
                 delivered_records: conns.iter().map(|(_, c)| c.delivered).sum(),
                 delivered_bytes: conns.iter().map(|(_, c)| c.bytes).sum(),
+                content_samples: centroid.as_ref().map_or(0, |c| c.1),
+                top_routing_values: top_values(conns.iter().map(|(_, c)| *c)),
             });
         }
         alone.sort_by_key(|(id, _)| *id);
         for (id, c) in alone {
+            let centroid = merged_centroid(&[(id, c)]);
             let mut partitions: Vec<PartitionView> = c
                 .positions
                 .iter()
@@ -418,6 +514,7 @@ impl Profiles {
                     partition: tp.1,
                     position: p.next,
                     committed: -1,
+                    content_similarity: similarity(&inner, centroid.as_ref(), tp),
                 })
                 .collect();
             partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
@@ -434,6 +531,8 @@ impl Profiles {
                 records_per_sec: c.rate(now),
                 delivered_records: c.delivered,
                 delivered_bytes: c.bytes,
+                content_samples: centroid.as_ref().map_or(0, |c| c.1),
+                top_routing_values: top_values(std::iter::once(c)),
             });
         }
         out
@@ -446,6 +545,55 @@ impl Profiles {
     }
 }
 
+/// The centroid of a consumer over its connections (each weighted by its samples).
+/// The centroid of a consumer over its connections (each weighted by its samples): the mean
+/// vector and the samples behind it.
+fn merged_centroid(conns: &[(u64, &Conn)]) -> Option<(Vec<f32>, u64)> {
+    let parts: Vec<&Centroid> = conns
+        .iter()
+        .filter_map(|(_, c)| c.centroid.as_ref())
+        .filter(|c| c.count() > 0)
+        .collect();
+    let dims = parts.first()?.dims();
+    let parts: Vec<&Centroid> = parts.into_iter().filter(|c| c.dims() == dims).collect();
+    let total: u64 = parts.iter().map(|c| c.count()).sum();
+    let mut mean = vec![0.0f32; dims];
+    for c in parts {
+        let w = c.count() as f32 / total as f32;
+        for (m, x) in mean.iter_mut().zip(c.mean()) {
+            *m += x * w;
+        }
+    }
+    Some((mean, total))
+}
+
+fn similarity(inner: &Inner, centroid: Option<&(Vec<f32>, u64)>, tp: &Tp) -> Option<f32> {
+    let (mean, _) = centroid?;
+    let p = inner.partition_content.get(tp)?;
+    (p.count() > 0).then(|| super::embed::cosine(mean, p.mean()))
+}
+
+fn top_values<'a>(conns: impl Iterator<Item = &'a Conn>) -> BTreeMap<String, Vec<(String, u64)>> {
+    let mut counts: HashMap<(&str, &str), u64> = HashMap::new();
+    for c in conns {
+        for ((f, v), n) in &c.routing {
+            *counts.entry((f.as_str(), v.as_str())).or_default() += n;
+        }
+    }
+    let mut by_field: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
+    for ((f, v), n) in counts {
+        by_field
+            .entry(f.to_string())
+            .or_default()
+            .push((v.to_string(), n));
+    }
+    for values in by_field.values_mut() {
+        values.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        values.truncate(TOP_ROUTING_VALUES);
+    }
+    by_field
+}
+
 fn sorted_ids(conns: &[(u64, &Conn)]) -> Vec<u64> {
     let mut v: Vec<u64> = conns.iter().map(|(id, _)| *id).collect();
     v.sort();
@@ -453,111 +601,4 @@ fn sorted_ids(conns: &[(u64, &Conn)]) -> Vec<u64> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ip(last: u8) -> IpAddr {
-        IpAddr::from([127, 0, 0, last])
-    }
-
-    fn tps(list: &[(&str, i32)]) -> Vec<Tp> {
-        list.iter().map(|(t, p)| (t.to_string(), *p)).collect()
-    }
-
-    #[test]
-    fn a_fetch_connection_joins_the_member_of_its_address_and_client_id() {
-        let p = Profiles::new(100);
-        p.assigned(
-            "g",
-            "m1",
-            "c",
-            ip(1),
-            Protocol::Classic,
-            1,
-            tps(&[("t", 0)]),
-        );
-        p.committed("g", "t", 0, 5);
-        p.fetched(7, ip(1), "c", "t", 0, 5, Some(9), 100);
-        p.fetched(8, ip(2), "c", "t", 1, 0, None, 0);
-        let s = p.snapshot();
-        assert_eq!(s.len(), 2);
-        assert_eq!(s[0].member.as_deref(), Some("m1"));
-        assert_eq!(s[0].connections, vec![7]);
-        assert_eq!(
-            s[0].partitions,
-            vec![PartitionView {
-                topic: "t".into(),
-                partition: 0,
-                position: 9,
-                committed: 5
-            }]
-        );
-        assert_eq!(s[0].delivered_records, 4);
-        assert_eq!(s[1].group, None);
-        assert_eq!(s[1].connections, vec![8]);
-    }
-
-    #[test]
-    fn members_sharing_a_client_id_are_told_apart_by_their_assignments() {
-        let p = Profiles::new(100);
-        p.assigned(
-            "g",
-            "a",
-            "rdkafka",
-            ip(1),
-            Protocol::Classic,
-            3,
-            tps(&[("t", 0)]),
-        );
-        p.assigned(
-            "g",
-            "b",
-            "rdkafka",
-            ip(1),
-            Protocol::Classic,
-            3,
-            tps(&[("t", 1)]),
-        );
-        p.fetched(1, ip(1), "rdkafka", "t", 1, 0, Some(2), 10);
-        let s = p.snapshot();
-        let b = s.iter().find(|c| c.member.as_deref() == Some("b")).unwrap();
-        assert_eq!(b.connections, vec![1]);
-        let a = s.iter().find(|c| c.member.as_deref() == Some("a")).unwrap();
-        assert!(a.connections.is_empty());
-    }
-
-    #[test]
-    fn a_new_classic_generation_drops_the_old_members_and_old_answers_are_ignored() {
-        let p = Profiles::new(100);
-        p.assigned("g", "a", "c", ip(1), Protocol::Classic, 1, tps(&[("t", 0)]));
-        p.assigned("g", "b", "c", ip(1), Protocol::Classic, 2, tps(&[("t", 1)]));
-        let s = p.snapshot();
-        assert_eq!(s.len(), 1);
-        assert_eq!(s[0].member.as_deref(), Some("b"));
-        p.assigned("g", "b", "c", ip(1), Protocol::Classic, 1, tps(&[("t", 9)]));
-        assert_eq!(p.snapshot()[0].partitions[0].partition, 1);
-        p.left("g", "b");
-        assert!(p.snapshot().is_empty());
-    }
-
-    #[test]
-    fn members_are_bounded() {
-        let p = Profiles::new(10);
-        for i in 0..50 {
-            p.assigned(
-                "g",
-                &format!("m{i}"),
-                "c",
-                ip(1),
-                Protocol::Consumer,
-                i,
-                vec![],
-            );
-        }
-        assert_eq!(p.sizes().0, 10);
-        for i in 0..20_000 {
-            p.committed("g", "t", i, 1);
-        }
-        assert!(p.lock().committed["g"].len() <= MAX_COMMITTED_PER_GROUP);
-    }
-}
+mod tests;

@@ -1,0 +1,119 @@
+//! Profiles without I/O: linking, generations, bounds.
+
+use super::*;
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+fn f(topic: &str, partition: i32, from: i64, next: Option<i64>, bytes: usize) -> Fetched<'_> {
+    Fetched {
+        topic,
+        partition,
+        from,
+        next,
+        bytes,
+    }
+}
+
+fn tps(list: &[(&str, i32)]) -> Vec<Tp> {
+    list.iter().map(|(t, p)| (t.to_string(), *p)).collect()
+}
+
+#[test]
+fn a_fetch_connection_joins_the_member_of_its_address_and_client_id() {
+    let p = Profiles::new(100);
+    p.assigned(
+        "g",
+        "m1",
+        "c",
+        ip(1),
+        Protocol::Classic,
+        1,
+        tps(&[("t", 0)]),
+    );
+    p.committed("g", "t", 0, 5);
+    p.fetched(7, ip(1), "c", [f("t", 0, 5, Some(9), 100)]);
+    p.fetched(8, ip(2), "c", [f("t", 1, 0, None, 0)]);
+    let s = p.snapshot();
+    assert_eq!(s.len(), 2);
+    assert_eq!(s[0].member.as_deref(), Some("m1"));
+    assert_eq!(s[0].connections, vec![7]);
+    assert_eq!(
+        s[0].partitions,
+        vec![PartitionView {
+            topic: "t".into(),
+            partition: 0,
+            position: 9,
+            committed: 5,
+            content_similarity: None
+        }]
+    );
+    assert_eq!(s[0].delivered_records, 4);
+    assert_eq!(s[1].group, None);
+    assert_eq!(s[1].connections, vec![8]);
+}
+
+#[test]
+fn members_sharing_a_client_id_are_told_apart_by_their_assignments() {
+    let p = Profiles::new(100);
+    p.assigned(
+        "g",
+        "a",
+        "rdkafka",
+        ip(1),
+        Protocol::Classic,
+        3,
+        tps(&[("t", 0)]),
+    );
+    p.assigned(
+        "g",
+        "b",
+        "rdkafka",
+        ip(1),
+        Protocol::Classic,
+        3,
+        tps(&[("t", 1)]),
+    );
+    p.fetched(1, ip(1), "rdkafka", [f("t", 1, 0, Some(2), 10)]);
+    let s = p.snapshot();
+    let b = s.iter().find(|c| c.member.as_deref() == Some("b")).unwrap();
+    assert_eq!(b.connections, vec![1]);
+    let a = s.iter().find(|c| c.member.as_deref() == Some("a")).unwrap();
+    assert!(a.connections.is_empty());
+}
+
+#[test]
+fn a_new_classic_generation_drops_the_old_members_and_old_answers_are_ignored() {
+    let p = Profiles::new(100);
+    p.assigned("g", "a", "c", ip(1), Protocol::Classic, 1, tps(&[("t", 0)]));
+    p.assigned("g", "b", "c", ip(1), Protocol::Classic, 2, tps(&[("t", 1)]));
+    let s = p.snapshot();
+    assert_eq!(s.len(), 1);
+    assert_eq!(s[0].member.as_deref(), Some("b"));
+    p.assigned("g", "b", "c", ip(1), Protocol::Classic, 1, tps(&[("t", 9)]));
+    assert_eq!(p.snapshot()[0].partitions[0].partition, 1);
+    p.left("g", "b");
+    assert!(p.snapshot().is_empty());
+}
+
+#[test]
+fn members_are_bounded() {
+    let p = Profiles::new(10);
+    for i in 0..50 {
+        p.assigned(
+            "g",
+            &format!("m{i}"),
+            "c",
+            ip(1),
+            Protocol::Consumer,
+            i,
+            vec![],
+        );
+    }
+    assert_eq!(p.sizes().0, 10);
+    for i in 0..20_000 {
+        p.committed("g", "t", i, 1);
+    }
+    assert!(p.lock().committed["g"].len() <= MAX_COMMITTED_PER_GROUP);
+}
