@@ -76,6 +76,10 @@ broker_port()     { echo $((BROKER_PORT_BASE + $1)); }
 controller_port() { echo $((CONTROLLER_PORT_BASE + $1)); }
 # SSL listener of node n (upstream TLS tests): 19392, 19393, 19394.
 ssl_port()        { echo $((19391 + $1)); }
+# "Far" listener of node n (19492..19494), advertised as the port of a delaying relay in
+# front of it (19592..19594, bench/delay_relay.py): Kafka at a distance, for bench/prefetch.
+far_port()        { echo $((19491 + $1)); }
+far_relay_port()  { echo $((19591 + $1)); }
 broker_addr()     { echo "127.0.0.1:$(broker_port "$1")"; }
 node_dir()        { echo "$RUN_DIR/kafka-$1"; }
 node_pidfile()    { echo "$RUN_DIR/kafka-$1.pid"; }

@@ -154,13 +154,14 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             tokio::join!(controller.clone().follow_store(), controller.clone().run());
         }));
     }
-    // Which client ids have a Kafka quota (their sockets get muted when throttled).
     tasks.push(tokio::spawn({
         let profiles = profiles.clone();
+        let shared_reads = ctx.shared_reads.clone();
         async move {
-            let mut every = tokio::time::interval(std::time::Duration::from_secs(30));
+            let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
             loop {
                 every.tick().await;
+                shared_reads.sweep();
                 profiles.sweep();
                 let (members, conns) = profiles.sizes();
                 metrics::gauge!("shardgate_prefetch_profiles", "kind" => "member")
@@ -170,6 +171,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             }
         }
     }));
+    // Which client ids have a Kafka quota (their sockets get muted when throttled).
     tasks.push(tokio::spawn(crate::proxy::quotas::run(
         pool.clone(),
         ctx.quotas.clone(),

@@ -239,6 +239,7 @@ mod tests {
             1,
             "127.0.0.1".parse().unwrap(),
             "c",
+            0,
             [super::super::profiles::Fetched {
                 topic: "t",
                 partition: 0,

@@ -98,6 +98,8 @@ pub struct Ctx {
     pub profiles: Arc<crate::prefetch::Profiles>,
     /// Samples delivered records into the profiles (None: prefetch or sampling off).
     pub sampler: Option<crate::prefetch::content::Sampler>,
+    /// Pre-reads every connection may take (rebalances).
+    pub shared_reads: Arc<fetch::shared::SharedReads>,
 }
 
 impl Ctx {
@@ -125,6 +127,7 @@ impl Ctx {
             groups,
             profiles,
             sampler,
+            shared_reads: Arc::default(),
         }
     }
 

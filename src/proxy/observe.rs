@@ -95,12 +95,44 @@ fn observe_assignment(
         body.generation_id,
         all.clone(),
     );
+    pre_read(ctx, client, req, group, &all);
     let managed = all
         .into_iter()
         .filter(|(t, _)| ctx.shards.is_managed(t))
         .collect();
     ctx.groups
         .assigned(group, body.generation_id, member, managed);
+}
+
+/// A member was just assigned `parts`: it will ask for its committed offsets and fetch from
+/// them. Where this instance saw the group's commits, those partitions are read now
+/// (`fetch::shared`), so the member's first fetch finds them read or under way.
+fn pre_read(
+    ctx: &Ctx,
+    client: &ClientConn,
+    req: &RequestFrame,
+    group: &str,
+    parts: &[(String, i32)],
+) {
+    if !ctx.settings.raw.prefetch.enabled {
+        return;
+    }
+    let known: Vec<(String, i32, i64)> = parts
+        .iter()
+        .filter_map(|(t, p)| {
+            let o = ctx.profiles.committed_offset(group, t, *p)?;
+            Some((t.clone(), *p, o))
+        })
+        .collect();
+    if known.is_empty() {
+        return;
+    }
+    let client_id = req.header.client_id.as_deref().unwrap_or("");
+    let isolation = ctx
+        .profiles
+        .isolation_of(client.peer.ip(), client_id)
+        .unwrap_or(0);
+    ctx.shared_reads.pre_read(ctx, known, isolation);
 }
 
 /// Membership the consumer profiles follow beyond assignments: heartbeats, leaving, and
@@ -156,7 +188,7 @@ fn observe_membership(
                 return;
             };
             let topo = ctx.topology().load();
-            let parts = a
+            let parts: Vec<(String, i32)> = a
                 .topic_partitions
                 .iter()
                 .filter_map(|t| topo.topic_name(&t.topic_id).map(|n| (n.to_string(), t)))
@@ -169,8 +201,9 @@ fn observe_membership(
                 client.peer.ip(),
                 Protocol::Consumer,
                 answer.member_epoch,
-                parts,
+                parts.clone(),
             );
+            pre_read(ctx, client, req, group, &parts);
         }
         _ => {}
     }

@@ -86,6 +86,8 @@ struct Conn {
     routing: HashMap<(String, String), u64>,
     /// Whether a record set delivered on it was offered for sampling yet.
     sampled: bool,
+    /// The isolation level of its last fetch.
+    isolation: i8,
 }
 
 /// One partition of a fetch answer, for `Profiles::fetched`.
@@ -122,6 +124,12 @@ struct Inner {
     committed: HashMap<String, HashMap<Tp, i64>>,
     /// Mean embedding of each partition's sampled recent content.
     partition_content: HashMap<Tp, Centroid>,
+    /// (client address, client id) → the isolation level of its last fetch (outlives its
+    /// connections: a member that rejoins from a new connection reads as before).
+    isolation: HashMap<(IpAddr, String), i8>,
+    /// When each group was last active here (assignment, commit): its commits are kept
+    /// `MEMBER_IDLE` after that, so a group whose members all left and rejoin finds them.
+    group_seen: HashMap<String, Instant>,
 }
 
 /// Consumer profiles of this instance.
@@ -202,6 +210,7 @@ impl Profiles {
         partitions.dedup();
         let now = Instant::now();
         let mut inner = self.lock();
+        inner.group_seen.insert(group.to_string(), now);
         let key = (group.to_string(), member.to_string());
         match inner.members.get_mut(&key) {
             Some(m) if generation < m.generation => {}
@@ -262,9 +271,10 @@ impl Profiles {
     /// acknowledgements); the sweep forgets them with the group.
     pub fn committed(&self, group: &str, topic: &str, partition: i32, offset: i64) {
         let mut inner = self.lock();
-        if !inner.members.keys().any(|(g, _)| g == group) {
+        if !inner.members.keys().any(|(g, _)| g == group) && !inner.group_seen.contains_key(group) {
             return;
         }
+        inner.group_seen.insert(group.to_string(), Instant::now());
         let c = inner.committed.entry(group.to_string()).or_default();
         if c.len() >= MAX_COMMITTED_PER_GROUP && !c.contains_key(&(topic.to_string(), partition)) {
             return;
@@ -289,6 +299,7 @@ impl Profiles {
         conn: u64,
         host: IpAddr,
         client_id: &str,
+        isolation: i8,
         parts: impl IntoIterator<Item = Fetched<'a>>,
     ) -> bool {
         let now = Instant::now();
@@ -304,8 +315,18 @@ impl Profiles {
             centroid: None,
             routing: HashMap::new(),
             sampled: false,
+            isolation,
         });
         c.seen = now;
+        c.isolation = isolation;
+        let who = (host, client_id.to_string());
+        if inner.isolation.get(&who) != Some(&isolation) {
+            if inner.isolation.len() >= self.max_members {
+                inner.isolation.clear();
+            }
+            inner.isolation.insert(who, isolation);
+        }
+        let c = inner.conns.get_mut(&conn).expect("inserted above");
         let mut delivered = false;
         for f in parts {
             let next = f.next.unwrap_or(f.from).max(f.from);
@@ -348,6 +369,15 @@ impl Profiles {
         first
     }
 
+    /// The isolation level the fetches of a client (address and client id) use, if one of
+    /// its connections fetched.
+    pub fn isolation_of(&self, host: IpAddr, client_id: &str) -> Option<i8> {
+        self.lock()
+            .isolation
+            .get(&(host, client_id.to_string()))
+            .copied()
+    }
+
     /// A sampled record delivered on `conn` carried `value` in routing field `field`.
     pub fn routed(&self, conn: u64, field: &str, value: &str) {
         let mut inner = self.lock();
@@ -379,11 +409,6 @@ impl Profiles {
             p.add(v);
             inner.partition_content.insert(tp, p);
         }
-    }
-
-    /// Forgets a deleted partition's content (and frees room for others).
-    pub fn forget_partition_content(&self, topic: &str) {
-        self.lock().partition_content.retain(|(t, _), _| t != topic);
     }
 
     pub fn connection_closed(&self, conn: u64) {
@@ -432,7 +457,12 @@ impl Profiles {
         });
         let groups: std::collections::HashSet<String> =
             inner.members.keys().map(|(g, _)| g.clone()).collect();
-        inner.committed.retain(|g, _| groups.contains(g));
+        inner
+            .group_seen
+            .retain(|g, at| groups.contains(g) || now.duration_since(*at) < MEMBER_IDLE);
+        let seen = std::mem::take(&mut inner.group_seen);
+        inner.committed.retain(|g, _| seen.contains_key(g));
+        inner.group_seen = seen;
     }
 
     fn bound(inner: &mut Inner, max: usize) {

@@ -33,8 +33,8 @@ fn a_fetch_connection_joins_the_member_of_its_address_and_client_id() {
         tps(&[("t", 0)]),
     );
     p.committed("g", "t", 0, 5);
-    p.fetched(7, ip(1), "c", [f("t", 0, 5, Some(9), 100)]);
-    p.fetched(8, ip(2), "c", [f("t", 1, 0, None, 0)]);
+    p.fetched(7, ip(1), "c", 0, [f("t", 0, 5, Some(9), 100)]);
+    p.fetched(8, ip(2), "c", 0, [f("t", 1, 0, None, 0)]);
     let s = p.snapshot();
     assert_eq!(s.len(), 2);
     assert_eq!(s[0].member.as_deref(), Some("m1"));
@@ -75,7 +75,7 @@ fn members_sharing_a_client_id_are_told_apart_by_their_assignments() {
         3,
         tps(&[("t", 1)]),
     );
-    p.fetched(1, ip(1), "rdkafka", [f("t", 1, 0, Some(2), 10)]);
+    p.fetched(1, ip(1), "rdkafka", 0, [f("t", 1, 0, Some(2), 10)]);
     let s = p.snapshot();
     let b = s.iter().find(|c| c.member.as_deref() == Some("b")).unwrap();
     assert_eq!(b.connections, vec![1]);

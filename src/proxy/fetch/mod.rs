@@ -21,6 +21,7 @@ mod assemble;
 mod plan;
 pub mod readahead;
 pub mod session;
+pub mod shared;
 mod upstream;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -98,6 +99,8 @@ pub async fn handle(
         throttle_ms: 0,
         held: HashSet::new(),
         polled: HashSet::new(),
+        covered: HashMap::new(),
+        hits: HashSet::new(),
     };
     for w in &wants {
         if let Err(code) = w.leader {
@@ -122,7 +125,25 @@ pub async fn handle(
         req.correlation_id(),
     )?;
     fetch.read_ahead(&wants, &advanced, Duration::from_millis(max_wait));
-    profile(ctx, client, req, &wants, &advanced);
+    if ctx.settings.raw.prefetch.enabled {
+        // Per partition that got records: from a pre-read (hit) or read for this request.
+        let mut hits = 0u64;
+        let mut records = 0u64;
+        for (k, (next, _)) in &advanced {
+            if fetch.hits.contains(k)
+                && let Some(w) = wants.iter().find(|w| &w.key == k)
+            {
+                hits += 1;
+                records += (next - w.part.fetch_offset).max(0) as u64;
+            }
+        }
+        metrics::counter!("shardgate_prefetch_hits_total").increment(hits);
+        metrics::counter!("shardgate_prefetch_misses_total")
+            .increment(advanced.len() as u64 - hits);
+        metrics::counter!("shardgate_prefetch_delivered_records_total").increment(records);
+    }
+    let isolation = fetch.template.body.isolation_level;
+    profile(ctx, client, req, &wants, &advanced, isolation);
     Ok(reply)
 }
 
@@ -133,12 +154,14 @@ fn profile(
     req: &RequestFrame,
     wants: &[Want],
     advanced: &assemble::Delivered,
+    isolation: i8,
 ) {
     let client_id = req.header.client_id.as_deref().unwrap_or("");
     let first = ctx.profiles.fetched(
         client.id,
         client.peer.ip(),
         client_id,
+        isolation,
         wants.iter().filter_map(|w| {
             let got = advanced.get(&w.key);
             Some(crate::prefetch::profiles::Fetched {
@@ -194,6 +217,10 @@ struct Fetch<'a> {
     held: HashSet<Key>,
     /// Brokers this request sent a poll to.
     polled: HashSet<i32>,
+    /// Partitions a shared pre-read in flight covers (not polled; its read is waited for).
+    covered: HashMap<Key, upstream::SubFuture>,
+    /// Partitions answered from a shared pre-read.
+    hits: HashSet<Key>,
 }
 
 impl Fetch<'_> {
@@ -234,13 +261,35 @@ impl Fetch<'_> {
     fn take_ready(&mut self, wants: &[Want]) {
         let state = &self.client.fetch;
         self.held.clear();
+        self.covered.clear();
+        let isolation = self.template.body.isolation_level;
+        let topo = self.ctx.topology().load();
         for w in wants {
             if self.got.contains_key(&w.key) {
                 continue;
             }
-            let Some(mut p) = state.take(&w.key, w.part.fetch_offset) else {
-                continue;
+            let p = match state.take(&w.key, w.part.fetch_offset) {
+                Some(p) => p,
+                None => match self.ctx.shared_reads.find(
+                    w,
+                    isolation,
+                    w.name
+                        .as_ref()
+                        .and_then(|n| topo.topics.get(n))
+                        .map_or(w.key.0.id, |t| t.id),
+                ) {
+                    shared::Found::Ready(p) => {
+                        self.hits.insert(w.key.clone());
+                        *p
+                    }
+                    shared::Found::InFlight(f) => {
+                        self.covered.insert(w.key.clone(), f);
+                        continue;
+                    }
+                    shared::Found::Nothing => continue,
+                },
             };
+            let mut p = p;
             plan::scrub(&mut p);
             if p.error_code != codes::NONE {
                 self.errors = true;
@@ -283,14 +332,18 @@ impl Fetch<'_> {
         let state = &self.client.fetch;
         let mut by_broker: BTreeMap<i32, Vec<&Want>> = BTreeMap::new();
         for w in wants {
-            if self.got.contains_key(&w.key) || self.held.contains(&w.key) {
+            if self.got.contains_key(&w.key)
+                || self.held.contains(&w.key)
+                || self.covered.contains_key(&w.key)
+            {
                 continue;
             }
             if let Ok(b) = w.leader {
                 by_broker.entry(b).or_default().push(w);
             }
         }
-        let mut waits = Vec::new();
+        // A shared pre-read under way answers its partitions (or, empty, lets them be polled).
+        let mut waits: Vec<upstream::SubFuture> = self.covered.values().cloned().collect();
         for (broker, ws) in by_broker {
             if let Some(f) = state.pending(broker) {
                 waits.push(f);

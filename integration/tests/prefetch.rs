@@ -1,0 +1,202 @@
+//! Prefetch (issue 11): a member assigned partitions finds them read from its group's commits
+//! before its first fetch (a rebalance pre-read), and what it gets is exactly what Kafka
+//! gives a consumer at those offsets: the same records, with read_committed and aborted
+//! transactions in the data.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+const PARTITIONS: i32 = 3;
+
+/// `txns` transactions of `per_txn` records spread over the partitions; every third one is
+/// aborted. Returns how many records were committed.
+fn produce_transactions(topic: &str, wave: &str, txns: usize, per_txn: usize) -> usize {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("transactional.id", unique("prefetch-txn"))
+        .create()
+        .unwrap();
+    let t = Duration::from_secs(30);
+    producer.init_transactions(t).unwrap();
+    let mut committed = 0;
+    for n in 0..txns {
+        producer.begin_transaction().unwrap();
+        for i in 0..per_txn {
+            let key = format!("{wave}-k{i}");
+            let value = format!("{wave} txn {n} record {i}");
+            let h = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                key: "wave",
+                value: Some(wave),
+            });
+            producer
+                .send(
+                    BaseRecord::to(topic)
+                        .partition((i % PARTITIONS as usize) as i32)
+                        .key(&key)
+                        .payload(&value)
+                        .headers(h),
+                )
+                .unwrap();
+        }
+        producer.flush(t).unwrap();
+        if n % 3 == 2 {
+            producer.abort_transaction(t).unwrap();
+        } else {
+            producer.commit_transaction(t).unwrap();
+            committed += per_txn;
+        }
+    }
+    committed
+}
+
+type Rec = (
+    i32,
+    i64,
+    Option<Vec<u8>>,
+    Option<Vec<u8>>,
+    Vec<(String, Vec<u8>)>,
+    i64,
+);
+
+fn rec(m: &rdkafka::message::BorrowedMessage<'_>) -> Rec {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|x| (x.key.to_string(), x.value.unwrap_or_default().to_vec()))
+                .collect()
+        })
+        .unwrap_or_default();
+    (
+        m.partition(),
+        m.offset(),
+        m.key().map(|k| k.to_vec()),
+        m.payload().map(|v| v.to_vec()),
+        headers,
+        m.timestamp().to_millis().unwrap_or(-1),
+    )
+}
+
+fn group_member(bootstrap: &str, group: &str, client_id: &str) -> BaseConsumer {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("client.id", client_id)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    c
+}
+
+/// Polls until `n` records came (or panics after `limit`).
+fn consume(c: &BaseConsumer, n: usize, limit: Duration) -> Vec<Rec> {
+    let started = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < n {
+        assert!(
+            started.elapsed() < limit,
+            "consumed {} of {n} within {limit:?}",
+            out.len()
+        );
+        if let Some(m) = c.poll(Duration::from_millis(100)) {
+            out.push(rec(&m.unwrap()));
+        }
+    }
+    // Nothing more arrives (aborted records must not).
+    let quiet = Instant::now();
+    while quiet.elapsed() < Duration::from_secs(2) {
+        if let Some(m) = c.poll(Duration::from_millis(100)) {
+            panic!("an extra record: {:?}", rec(&m.unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn a_rejoining_member_finds_its_partitions_read_from_its_commits_exactly() {
+    let topic = unique("prefetch-rejoin");
+    create_topic(&topic, PARTITIONS);
+    let first = produce_transactions(&topic, "w1", 6, 30);
+    let group = unique("g-prefetch");
+    let client_id = "prefetch-member";
+
+    // A member reads the first wave through shardgate, commits and leaves.
+    let a = group_member(&proxy(), &group, client_id);
+    a.subscribe(&[&topic]).unwrap();
+    let got = consume(&a, first, Duration::from_secs(60));
+    assert_eq!(got.len(), first);
+    a.commit_consumer_state(CommitMode::Sync).unwrap();
+    let committed: Vec<(i32, i64)> = a
+        .committed(Duration::from_secs(10))
+        .unwrap()
+        .elements()
+        .iter()
+        .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1)))
+        .collect();
+    a.unsubscribe();
+    drop(a);
+
+    // More records while no member runs.
+    let second = produce_transactions(&topic, "w2", 6, 30);
+    let reads = metric("shardgate_prefetch_reads_total", &["reason=\"rebalance\""]);
+    let hits = metric("shardgate_prefetch_hits_total", &[]);
+    let delivered = metric("shardgate_prefetch_delivered_records_total", &[]);
+
+    // The member rejoins: its assignment passes through shardgate, which reads its
+    // partitions from the commits it saw before the member asks for them.
+    let b = group_member(&proxy(), &group, client_id);
+    b.subscribe(&[&topic]).unwrap();
+    let through = consume(&b, second, Duration::from_secs(60));
+    let reads = metric("shardgate_prefetch_reads_total", &["reason=\"rebalance\""]) - reads;
+    let hits = metric("shardgate_prefetch_hits_total", &[]) - hits;
+    let delivered = metric("shardgate_prefetch_delivered_records_total", &[]) - delivered;
+    drop(b);
+
+    // The control: straight from Kafka, from the same committed offsets.
+    let direct: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", unique("g-prefetch-direct"))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in &committed {
+        tpl.add_partition_offset(&topic, *p, Offset::Offset(*o))
+            .unwrap();
+    }
+    direct.assign(&tpl).unwrap();
+    let straight = consume(&direct, second, Duration::from_secs(60));
+
+    eprintln!(
+        "rejoin: committed {committed:?}; {second} records of the second wave; pre-reads sent {reads}, partitions answered from them {hits}, records delivered from them {delivered}"
+    );
+    assert_eq!(through.len(), straight.len());
+    assert!(
+        through == straight,
+        "records through shardgate differ from Kafka's at the same offsets"
+    );
+    assert!(
+        through
+            .iter()
+            .all(|r| r.3.as_ref().is_some_and(|v| v.starts_with(b"w2"))),
+        "a record of the first wave or an aborted one came back"
+    );
+    assert!(reads >= 1.0, "no pre-read was sent at the rejoin");
+    assert!(
+        hits >= 1.0,
+        "the member's first fetches did not use the pre-read"
+    );
+    assert!(delivered > 0.0);
+}

@@ -1,0 +1,457 @@
+//! Pre-reads shared by every connection: records read from upstream before any client asked,
+//! kept by (topic, partition, offset) for the fetch that asks exactly there.
+//!
+//! The first prediction filled here: a rebalance. When a member's new assignment passes
+//! through (a SyncGroup answer, or a KIP-848 heartbeat answer with an assignment), each
+//! partition whose committed offset this instance saw is read from that offset at once. The
+//! member itself first asks the coordinator for its offsets (one round trip) and only then
+//! fetches: the pre-read is under way, or done, by then. A fetch at the same offset takes the
+//! answer (or waits for the read in flight instead of sending its own), and so does every
+//! other group reading that partition from there (one upstream read for all of them).
+//!
+//! Exactness: an answer is served only for the same offset and isolation level it was read
+//! with, and when the client's `current_leader_epoch` is unset or the one the read was made
+//! under (upstream checked that epoch); high watermark, last stable offset and log start are
+//! those upstream reported with the read (never ahead of upstream); records are cut at whole
+//! batches to the client's partition max_bytes (the first batch always, as Kafka does), and
+//! the aborted transactions kept are those starting within what is returned. Entries live
+//! `TTL`, and the bytes held are capped (a full store refuses new reads, counted).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::FutureExt;
+use kafka_protocol::messages::FetchRequest;
+use kafka_protocol::messages::fetch_request::FetchPartition;
+use kafka_protocol::messages::fetch_response::PartitionData;
+
+use super::plan::{self, Want};
+use super::upstream::{self, SubFuture, SubResult};
+use crate::protocol::{TopicRef, codes};
+use crate::proxy::Ctx;
+
+/// How long a pre-read waits to be asked for.
+const TTL: Duration = Duration::from_secs(10);
+/// Bytes of pre-read records held at once (all connections).
+const MAX_BYTES: usize = 64 * 1024 * 1024;
+/// Bytes one partition's pre-read may bring (Kafka's default max.partition.fetch.bytes).
+const PARTITION_MAX_BYTES: i32 = 1024 * 1024;
+/// Owner of the upstream sockets pre-reads use (one per broker; pre-reads are not held).
+const OWNER: u64 = u64::MAX - 1;
+/// Fetch version pre-reads use upstream (named topics; every field an answer needs).
+const VERSION: i16 = 12;
+
+enum State {
+    InFlight(SubFuture),
+    Ready(Box<PartitionData>),
+}
+
+struct Slot {
+    /// The topic's id when read: a topic deleted and created again is another topic.
+    topic_id: uuid::Uuid,
+    offset: i64,
+    isolation: i8,
+    /// The leader epoch the read was sent with (upstream refused it if stale).
+    epoch: i32,
+    at: Instant,
+    state: State,
+    /// Records bytes of a ready slot (for the cap).
+    bytes: usize,
+}
+
+/// What a fetch finds for one partition.
+pub enum Found {
+    Ready(Box<PartitionData>),
+    InFlight(SubFuture),
+    Nothing,
+}
+
+#[derive(Default)]
+pub struct SharedReads {
+    slots: Mutex<HashMap<(String, i32), Slot>>,
+    bytes: std::sync::atomic::AtomicUsize,
+}
+
+impl SharedReads {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), Slot>> {
+        self.slots.lock().expect("shared reads")
+    }
+
+    /// What is held for `want` (an exact match of offset, isolation level and epoch rules).
+    pub fn find(&self, want: &Want, isolation: i8, topic_id: uuid::Uuid) -> Found {
+        let Some(name) = &want.name else {
+            return Found::Nothing;
+        };
+        let mut slots = self.lock();
+        let key = (name.to_string(), want.key.1);
+        let Some(slot) = slots.get(&key) else {
+            return Found::Nothing;
+        };
+        if slot.at.elapsed() > TTL {
+            let gone = slots.remove(&key).expect("present");
+            self.evicted(&gone, "ttl");
+            return Found::Nothing;
+        }
+        let epoch = want.part.current_leader_epoch;
+        if slot.offset != want.part.fetch_offset
+            || slot.topic_id != topic_id
+            || slot.isolation != isolation
+            || (epoch >= 0 && epoch != slot.epoch)
+        {
+            return Found::Nothing;
+        }
+        match &slot.state {
+            State::InFlight(f) => Found::InFlight(f.clone()),
+            State::Ready(p) => {
+                let limit = want.part.partition_max_bytes.max(0) as usize;
+                Found::Ready(Box::new(cut(p, limit)))
+            }
+        }
+    }
+
+    fn evicted(&self, slot: &Slot, reason: &'static str) {
+        self.bytes
+            .fetch_sub(slot.bytes, std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!("shardgate_prefetch_bytes")
+            .set(self.bytes.load(std::sync::atomic::Ordering::Relaxed) as f64);
+        metrics::counter!("shardgate_prefetch_evictions_total", "reason" => reason).increment(1);
+    }
+
+    /// Files what a pre-read brought: partitions with records become ready, the rest (errors,
+    /// nothing there yet) are dropped so a fetch goes upstream itself.
+    fn file(&self, r: &SubResult, isolation: i8) {
+        let mut slots = self.lock();
+        let mut new_bytes = 0usize;
+        for (key, offset) in &r.asked {
+            let k = (key.0.name.to_string(), key.1);
+            let mine = slots.get(&k).is_some_and(|s| {
+                s.offset == *offset
+                    && s.isolation == isolation
+                    && matches!(s.state, State::InFlight(_))
+            });
+            if !mine {
+                continue;
+            }
+            let data = r.outcome.as_ref().ok().and_then(|resp| {
+                resp.responses
+                    .iter()
+                    .filter(|t| t.topic.0 == key.0.name)
+                    .flat_map(|t| t.partitions.iter())
+                    .find(|p| p.partition_index == key.1)
+            });
+            match data {
+                Some(p)
+                    if p.error_code == codes::NONE
+                        && p.records.as_ref().is_some_and(|r| !r.is_empty()) =>
+                {
+                    let n = p.records.as_ref().map_or(0, |r| r.len());
+                    let slot = slots.get_mut(&k).expect("checked");
+                    let mut p = p.clone();
+                    plan::scrub(&mut p);
+                    slot.state = State::Ready(Box::new(p));
+                    slot.bytes = n;
+                    new_bytes += n;
+                    metrics::counter!("shardgate_prefetch_prefetched_records_total")
+                        .increment(records_in(slot));
+                }
+                _ => {
+                    slots.remove(&k);
+                }
+            }
+        }
+        let total = self
+            .bytes
+            .fetch_add(new_bytes, std::sync::atomic::Ordering::Relaxed)
+            + new_bytes;
+        metrics::gauge!("shardgate_prefetch_bytes").set(total as f64);
+    }
+
+    /// Pre-reads `parts` (topic, partition, offset) for a member that was just assigned
+    /// them, unless held already; `isolation` is the level its client fetched with before
+    /// (read_uncommitted when unknown).
+    pub fn pre_read(self: &Arc<Self>, ctx: &Ctx, parts: Vec<(String, i32, i64)>, isolation: i8) {
+        let topo = ctx.topology().load();
+        let request_timeout = Duration::from_millis(ctx.settings.raw.upstream.request_timeout_ms);
+        self.sweep();
+        let mut slots = self.lock();
+        let mut by_broker: HashMap<i32, Vec<Want>> = HashMap::new();
+        for (topic, partition, offset) in parts {
+            if offset < 0 {
+                continue;
+            }
+            let Some(info) = topo.topics.get(topic.as_bytes()) else {
+                continue;
+            };
+            let Some(pi) = info.partitions.get(partition as usize) else {
+                continue;
+            };
+            if pi.leader < 0
+                || slots
+                    .get(&(topic.clone(), partition))
+                    .is_some_and(|s| s.offset == offset && s.isolation == isolation)
+            {
+                continue;
+            }
+            if self.bytes.load(std::sync::atomic::Ordering::Relaxed) >= MAX_BYTES {
+                metrics::counter!("shardgate_prefetch_refused_total", "reason" => "memory")
+                    .increment(1);
+                continue;
+            }
+            let name: kafka_protocol::protocol::StrBytes = topic.clone().into();
+            by_broker.entry(pi.leader).or_default().push(Want {
+                key: (
+                    TopicRef {
+                        name: name.clone(),
+                        id: info.id,
+                    },
+                    partition,
+                ),
+                part: FetchPartition::default()
+                    .with_partition(partition)
+                    .with_fetch_offset(offset)
+                    .with_current_leader_epoch(pi.leader_epoch)
+                    .with_log_start_offset(-1)
+                    .with_partition_max_bytes(PARTITION_MAX_BYTES),
+                name: Some(name),
+                leader: Ok(pi.leader),
+            });
+        }
+        for (broker, wants) in by_broker {
+            let body = FetchRequest::default()
+                .with_replica_id(kafka_protocol::messages::BrokerId(-1))
+                .with_max_bytes((MAX_BYTES / 4) as i32)
+                .with_isolation_level(isolation)
+                .with_min_bytes(1);
+            let template =
+                upstream::Template::new(body, VERSION, Some("shardgate-prefetch".into()));
+            let refs: Vec<&Want> = wants.iter().collect();
+            let read = upstream::start(
+                ctx.pool.clone(),
+                OWNER,
+                &template,
+                broker,
+                &refs,
+                Duration::ZERO,
+                request_timeout,
+                // No connection's poll has this sequence number: no connection files it.
+                u64::MAX,
+            );
+            // Whoever awaits the read finds it filed: the store files it before it resolves.
+            let store = self.clone();
+            let filed: SubFuture = async move {
+                let r = read.await;
+                store.file(&r, isolation);
+                r
+            }
+            .boxed()
+            .shared();
+            for w in &wants {
+                let old = slots.insert(
+                    (w.key.0.name.to_string(), w.key.1),
+                    Slot {
+                        topic_id: w.key.0.id,
+                        offset: w.part.fetch_offset,
+                        isolation,
+                        epoch: w.part.current_leader_epoch,
+                        at: Instant::now(),
+                        state: State::InFlight(filed.clone()),
+                        bytes: 0,
+                    },
+                );
+                if let Some(old) = old.filter(|o| o.bytes > 0) {
+                    self.evicted(&old, "replaced");
+                }
+            }
+            metrics::counter!("shardgate_prefetch_reads_total", "reason" => "rebalance")
+                .increment(1);
+            tokio::spawn(filed);
+        }
+    }
+
+    /// Drops entries past their TTL (also done on every pre-read; this bounds how long an
+    /// unasked entry holds memory when no pre-read follows).
+    pub fn sweep(&self) {
+        let mut slots = self.lock();
+        slots.retain(|_, s| {
+            let keep = s.at.elapsed() <= TTL;
+            if !keep {
+                self.evicted(s, "ttl");
+            }
+            keep
+        });
+    }
+}
+
+fn records_in(slot: &Slot) -> u64 {
+    match &slot.state {
+        State::Ready(p) => p
+            .records
+            .as_ref()
+            .and_then(|r| plan::batches_within(r, usize::MAX).1)
+            .map_or(0, |next| (next - slot.offset).max(0) as u64),
+        State::InFlight(_) => 0,
+    }
+}
+
+/// `p` with its records cut at whole batches to `limit` bytes (the first batch whole), and
+/// the aborted transactions that start within what is kept.
+fn cut(p: &PartitionData, limit: usize) -> PartitionData {
+    let mut out = p.clone();
+    let Some(records) = &p.records else {
+        return out;
+    };
+    let (mut keep, mut next) = plan::batches_within(records, limit);
+    if keep == 0 {
+        // The first batch goes whole, whatever the limit.
+        let first = records.slice(..first_batch_len(records));
+        (keep, next) = plan::batches_within(&first, usize::MAX);
+    }
+    if let (Some(aborted), Some(next)) = (out.aborted_transactions.as_mut(), next) {
+        aborted.retain(|a| a.first_offset < next);
+    }
+    out.records = Some(records.slice(..keep));
+    out
+}
+
+fn first_batch_len(records: &Bytes) -> usize {
+    if records.len() < 12 {
+        return records.len();
+    }
+    let len = i32::from_be_bytes(records[8..12].try_into().expect("4 bytes"));
+    (12 + len.max(0) as usize).min(records.len())
+}
+
+/// The key a fetch's want has, for matching pre-reads in tests.
+#[cfg(test)]
+fn key_of(name: &str, partition: i32) -> plan::Key {
+    (
+        TopicRef {
+            name: name.to_string().into(),
+            id: uuid::Uuid::nil(),
+        },
+        partition,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::{BufMut, BytesMut};
+    use kafka_protocol::messages::fetch_response::AbortedTransaction;
+
+    fn batch(base: i64, count: i32, len: usize) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        b.put_i64(base);
+        b.put_i32((len - 12) as i32);
+        b.put_i32(0);
+        b.put_i8(2);
+        b.put_i32(0);
+        b.put_i16(0);
+        b.put_i32(count - 1);
+        b.resize(len, 0);
+        b.to_vec()
+    }
+
+    fn data(batches: &[Vec<u8>], aborted: &[i64]) -> PartitionData {
+        let mut r = Vec::new();
+        for b in batches {
+            r.extend_from_slice(b);
+        }
+        PartitionData::default()
+            .with_records(Some(Bytes::from(r)))
+            .with_aborted_transactions(Some(
+                aborted
+                    .iter()
+                    .map(|o| AbortedTransaction::default().with_first_offset(*o))
+                    .collect(),
+            ))
+    }
+
+    #[test]
+    fn a_cut_keeps_whole_batches_and_the_first_one_always() {
+        let p = data(
+            &[batch(0, 10, 100), batch(10, 10, 100), batch(20, 5, 100)],
+            &[5, 15, 22],
+        );
+        let c = cut(&p, 250);
+        assert_eq!(c.records.as_ref().unwrap().len(), 200);
+        assert_eq!(
+            c.aborted_transactions
+                .unwrap()
+                .iter()
+                .map(|a| a.first_offset)
+                .collect::<Vec<_>>(),
+            vec![5, 15]
+        );
+        let c = cut(&p, 10);
+        assert_eq!(c.records.as_ref().unwrap().len(), 100, "first batch whole");
+        assert_eq!(c.aborted_transactions.unwrap().len(), 1);
+        let c = cut(&p, usize::MAX);
+        assert_eq!(c.records.as_ref().unwrap().len(), 300);
+    }
+
+    #[test]
+    fn only_the_exact_offset_isolation_and_epoch_match() {
+        let store = SharedReads::default();
+        store.lock().insert(
+            ("t".into(), 0),
+            Slot {
+                topic_id: uuid::Uuid::nil(),
+                offset: 10,
+                isolation: 1,
+                epoch: 4,
+                at: Instant::now(),
+                state: State::Ready(Box::new(data(&[batch(10, 5, 100)], &[]))),
+                bytes: 100,
+            },
+        );
+        let want = |offset: i64, epoch: i32| Want {
+            key: key_of("t", 0),
+            part: FetchPartition::default()
+                .with_partition(0)
+                .with_fetch_offset(offset)
+                .with_current_leader_epoch(epoch)
+                .with_partition_max_bytes(1 << 20),
+            name: Some("t".to_string().into()),
+            leader: Ok(1),
+        };
+        assert!(matches!(
+            store.find(&want(10, 4), 1, uuid::Uuid::nil()),
+            Found::Ready(_)
+        ));
+        assert!(
+            matches!(
+                store.find(&want(10, 4), 1, uuid::Uuid::from_u128(7)),
+                Found::Nothing
+            ),
+            "a topic created again under the same name"
+        );
+        assert!(matches!(
+            store.find(&want(10, -1), 1, uuid::Uuid::nil()),
+            Found::Ready(_)
+        ));
+        assert!(
+            matches!(
+                store.find(&want(10, 5), 1, uuid::Uuid::nil()),
+                Found::Nothing
+            ),
+            "another epoch"
+        );
+        assert!(
+            matches!(
+                store.find(&want(10, 4), 0, uuid::Uuid::nil()),
+                Found::Nothing
+            ),
+            "another isolation"
+        );
+        assert!(
+            matches!(
+                store.find(&want(11, 4), 1, uuid::Uuid::nil()),
+                Found::Nothing
+            ),
+            "another offset"
+        );
+    }
+}
