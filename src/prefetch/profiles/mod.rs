@@ -62,19 +62,13 @@ struct Member {
     seen: Instant,
 }
 
-#[derive(Debug, Default)]
-struct PartPos {
-    /// The offset the connection fetched from last.
-    fetched: i64,
-    /// Where it will fetch next (after what was delivered).
-    next: i64,
-}
-
 #[derive(Debug)]
 struct Conn {
     client_id: String,
     host: IpAddr,
-    positions: HashMap<Tp, PartPos>,
+    /// topic → partition → where it fetches next (after what was delivered); by topic
+    /// first, so a lookup does not allocate.
+    positions: HashMap<String, HashMap<i32, i64>>,
     /// Offsets delivered in total, and samples of that total for the rate.
     delivered: u64,
     bytes: u64,
@@ -86,8 +80,9 @@ struct Conn {
     routing: HashMap<(String, String), u64>,
     /// Whether a record set delivered on it was offered for sampling yet.
     sampled: bool,
-    /// The isolation level of its last fetch.
+    /// The isolation level of its last fetch, and whether it is filed under its client.
     isolation: i8,
+    isolation_filed: bool,
 }
 
 /// One partition of a fetch answer, for `Profiles::fetched`.
@@ -316,33 +311,33 @@ impl Profiles {
             routing: HashMap::new(),
             sampled: false,
             isolation,
+            isolation_filed: false,
         });
         c.seen = now;
+        // Filed per client when a connection starts or changes level (not on every fetch).
+        let file = c.isolation != isolation || !c.isolation_filed;
         c.isolation = isolation;
-        let who = (host, client_id.to_string());
-        if inner.isolation.get(&who) != Some(&isolation) {
+        c.isolation_filed = true;
+        if file {
             if inner.isolation.len() >= self.max_members {
                 inner.isolation.clear();
             }
-            inner.isolation.insert(who, isolation);
+            inner
+                .isolation
+                .insert((host, client_id.to_string()), isolation);
         }
         let c = inner.conns.get_mut(&conn).expect("inserted above");
         let mut delivered = false;
         for f in parts {
             let next = f.next.unwrap_or(f.from).max(f.from);
-            match c.positions.get_mut(&(f.topic.to_string(), f.partition)) {
-                Some(pos) => {
-                    pos.fetched = f.from;
-                    pos.next = next;
+            let pos = next;
+            match c.positions.get_mut(f.topic) {
+                Some(parts) => {
+                    parts.insert(f.partition, pos);
                 }
                 None => {
-                    c.positions.insert(
-                        (f.topic.to_string(), f.partition),
-                        PartPos {
-                            fetched: f.from,
-                            next,
-                        },
-                    );
+                    c.positions
+                        .insert(f.topic.to_string(), HashMap::from([(f.partition, pos)]));
                 }
             }
             if let Some(n) = f.next {
@@ -429,10 +424,15 @@ impl Profiles {
                 .iter()
                 .filter(|(_, m)| {
                     !conn.positions.is_empty()
-                        && conn
-                            .positions
-                            .keys()
-                            .all(|tp| m.assigned.binary_search(tp).is_ok())
+                        && conn.positions.iter().all(|(t, parts)| {
+                            parts.keys().all(|p| {
+                                m.assigned
+                                    .binary_search_by(|(at, ap)| {
+                                        (at.as_str(), *ap).cmp(&(t.as_str(), *p))
+                                    })
+                                    .is_ok()
+                            })
+                        })
                 })
                 .map(|(k, _)| *k)
                 .min(),
@@ -509,7 +509,7 @@ impl Profiles {
                     partition: tp.1,
                     position: conns
                         .iter()
-                        .filter_map(|(_, c)| c.positions.get(tp).map(|p| p.next))
+                        .filter_map(|(_, c)| c.positions.get(&tp.0)?.get(&tp.1).copied())
                         .max()
                         .unwrap_or(-1),
                     committed: committed.and_then(|c| c.get(tp)).copied().unwrap_or(-1),
@@ -539,12 +539,13 @@ impl Profiles {
             let mut partitions: Vec<PartitionView> = c
                 .positions
                 .iter()
-                .map(|(tp, p)| PartitionView {
-                    topic: tp.0.clone(),
-                    partition: tp.1,
-                    position: p.next,
+                .flat_map(|(t, parts)| parts.iter().map(move |(p, pos)| (t, *p, pos)))
+                .map(|(t, p, pos)| PartitionView {
+                    topic: t.clone(),
+                    partition: p,
+                    position: *pos,
                     committed: -1,
-                    content_similarity: similarity(&inner, centroid.as_ref(), tp),
+                    content_similarity: similarity(&inner, centroid.as_ref(), &(t.clone(), p)),
                 })
                 .collect();
             partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
