@@ -200,3 +200,136 @@ fn a_rejoining_member_finds_its_partitions_read_from_its_commits_exactly() {
     );
     assert!(delivered > 0.0);
 }
+
+/// Plain records, directly to Kafka, on partition 0: `{wave}-{i}`.
+fn produce_plain(topic: &str, wave: &str, n: usize) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    for i in 0..n {
+        let v = format!("{wave}-{i}");
+        producer
+            .send(BaseRecord::<(), _>::to(topic).partition(0).payload(&v))
+            .unwrap();
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+}
+
+fn delete_topic(topic: &str) {
+    run_ok(
+        std::process::Command::new(bin("kafka-topics")).args([
+            "--bootstrap-server",
+            &kafka(),
+            "--delete",
+            "--topic",
+            topic,
+        ]),
+        Duration::from_secs(60),
+    );
+}
+
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn a_pre_read_of_a_deleted_topic_never_answers_the_topic_created_after_it() {
+    let topic = unique("prefetch-recreate");
+    create_topic(&topic, 1);
+    produce_plain(&topic, "old", 100);
+    let group = unique("g-recreate");
+    let client_id = "prefetch-recreate";
+    // A member commits offset 50 and leaves; the next one's assignment pre-reads from 50.
+    let a = group_member(&proxy(), &group, client_id);
+    a.subscribe(&[&topic]).unwrap();
+    // It reads a little first: its fetches tell shardgate the isolation level this client
+    // uses, which the pre-read then uses too.
+    let started = Instant::now();
+    let mut read = 0;
+    while read < 10 {
+        assert!(started.elapsed() < Duration::from_secs(30), "nothing read");
+        if let Some(m) = a.poll(Duration::from_millis(50)) {
+            m.unwrap();
+            read += 1;
+        }
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Offset(50))
+        .unwrap();
+    a.commit(&tpl, CommitMode::Sync).unwrap();
+    drop(a);
+    let reads = metric("shardgate_prefetch_reads_total", &["reason=\"rebalance\""]);
+    let hits = metric("shardgate_prefetch_hits_total", &[]);
+    let pre_read_at = Instant::now();
+    let b = group_member(&proxy(), &group, client_id);
+    b.subscribe(&[&topic]).unwrap();
+    let got = consume(&b, 50, Duration::from_secs(30));
+    assert_eq!(got[0].1, 50);
+    drop(b);
+    assert!(
+        metric("shardgate_prefetch_reads_total", &["reason=\"rebalance\""]) > reads,
+        "no pre-read at the rejoin"
+    );
+    assert!(
+        metric("shardgate_prefetch_hits_total", &[]) > hits,
+        "the rejoining member did not use the pre-read"
+    );
+
+    // Within the pre-read's lifetime (10 s): the topic goes, a new one of the same name
+    // comes with other records at the same offsets.
+    let gone = Instant::now();
+    delete_topic(&topic);
+    eventually("the topic created again", Duration::from_secs(30), || {
+        std::process::Command::new(bin("kafka-topics"))
+            .args([
+                "--bootstrap-server",
+                &kafka(),
+                "--create",
+                "--topic",
+                &topic,
+                "--partitions",
+                "1",
+                "--replication-factor",
+                &rf().to_string(),
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    produce_plain(&topic, "new", 100);
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", proxy())
+        .set("group.id", unique("g-recreate-reader"))
+        .set("client.id", client_id)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Offset(50))
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let first = loop {
+        assert!(
+            gone.elapsed() < Duration::from_secs(60),
+            "no record of the new topic"
+        );
+        if let Some(m) = c.poll(Duration::from_millis(100)) {
+            break rec(&m.unwrap());
+        }
+    };
+    eprintln!(
+        "recreate: first record at offset 50 of the new topic {:.1} s after the delete: {:?}",
+        gone.elapsed().as_secs_f64(),
+        String::from_utf8_lossy(first.3.as_deref().unwrap_or_default())
+    );
+    assert_eq!(
+        first.3.as_deref(),
+        Some(&b"new-50"[..]),
+        "a record of the deleted topic was served"
+    );
+    // Otherwise the pre-read was gone (prefetch.ttl_ms, 10 s) before the new topic was read
+    // and nothing was provoked.
+    assert!(
+        pre_read_at.elapsed() < Duration::from_secs(9),
+        "the new topic was read {:.1} s after the pre-read: too late to tell",
+        pre_read_at.elapsed().as_secs_f64()
+    );
+}

@@ -43,6 +43,13 @@ pub struct PrefetchConfig {
     /// together) for content embeddings and routing values; 0 = no sampling.
     #[serde(default = "default_samples_per_sec")]
     pub samples_per_sec: u32,
+    /// Bytes of pre-read records held at once (all consumers); beyond, new pre-reads are
+    /// refused (counted).
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: usize,
+    /// How long a pre-read waits to be asked for before it is dropped (counted).
+    #[serde(default = "default_ttl_ms")]
+    pub ttl_ms: u64,
     /// Fields whose values make a consumer's routing-value histogram ("key", "header:NAME",
     /// "json:/pointer"), as in managed topics' `route_by`.
     #[serde(default = "default_routing_fields")]
@@ -76,6 +83,8 @@ impl Default for PrefetchConfig {
             embed_threads: default_embed_threads(),
             embed_queue: default_embed_queue(),
             samples_per_sec: default_samples_per_sec(),
+            max_bytes: default_max_bytes(),
+            ttl_ms: default_ttl_ms(),
             routing_fields: default_routing_fields(),
             minilm: MinilmConfig::default(),
         }
@@ -96,6 +105,12 @@ fn default_embed_threads() -> usize {
 }
 fn default_embed_queue() -> usize {
     1024
+}
+fn default_max_bytes() -> usize {
+    64 * 1024 * 1024
+}
+fn default_ttl_ms() -> u64 {
+    10_000
 }
 fn default_samples_per_sec() -> u32 {
     200
@@ -142,6 +157,20 @@ impl PrefetchConfig {
                 "embed_queue",
                 format!("{} is out of range", self.embed_queue),
                 "use a value from 1 to 1000000 (default 1024)",
+            );
+        }
+        if !(1024 * 1024..=64 * 1024 * 1024 * 1024).contains(&self.max_bytes) {
+            return bad(
+                "max_bytes",
+                format!("{} is out of range", self.max_bytes),
+                "use a value from 1048576 (1 MiB) to 68719476736 (64 GiB); default 67108864",
+            );
+        }
+        if !(100..=600_000).contains(&self.ttl_ms) {
+            return bad(
+                "ttl_ms",
+                format!("{} is out of range", self.ttl_ms),
+                "use a value from 100 to 600000 (10 minutes); default 10000",
             );
         }
         if self.samples_per_sec > 100_000 {

@@ -112,6 +112,10 @@ impl Ctx {
         profiles: Arc<crate::prefetch::Profiles>,
         sampler: Option<crate::prefetch::content::Sampler>,
     ) -> Self {
+        let shared_reads = Arc::new(fetch::shared::SharedReads::new(
+            std::time::Duration::from_millis(settings.raw.prefetch.ttl_ms),
+            settings.raw.prefetch.max_bytes,
+        ));
         Self {
             fetch_sessions: fetch::session::FetchSessions::new(
                 settings.raw.limits.max_fetch_sessions,
@@ -127,7 +131,7 @@ impl Ctx {
             groups,
             profiles,
             sampler,
-            shared_reads: Arc::default(),
+            shared_reads,
         }
     }
 

@@ -273,10 +273,16 @@ impl Fetch<'_> {
                 None => match self.ctx.shared_reads.find(
                     w,
                     isolation,
-                    w.name
-                        .as_ref()
-                        .and_then(|n| topo.topics.get(n))
-                        .map_or(w.key.0.id, |t| t.id),
+                    // The request's own topic id where it has one (Fetch v13+), else the
+                    // id the topology knows for the name.
+                    if w.key.0.id.is_nil() {
+                        w.name
+                            .as_ref()
+                            .and_then(|n| topo.topics.get(n))
+                            .map_or(w.key.0.id, |t| t.id)
+                    } else {
+                        w.key.0.id
+                    },
                 ) {
                     shared::Found::Ready(p) => {
                         self.hits.insert(w.key.clone());

@@ -9,13 +9,16 @@
 //! answer (or waits for the read in flight instead of sending its own), and so does every
 //! other group reading that partition from there (one upstream read for all of them).
 //!
-//! Exactness: an answer is served only for the same offset and isolation level it was read
-//! with, and when the client's `current_leader_epoch` is unset or the one the read was made
+//! Exactness: an answer is served only for the same offset, isolation level and topic id it
+//! was read with (the id a Fetch v13+ names, else the one the topology knows for the name: a
+//! name-based fetch of a topic deleted and created again by another client, directly at
+//! Kafka, could meet an older pre-read until the topology's next refresh, at most 10 s), and when the client's `current_leader_epoch` is unset or the one the read was made
 //! under (upstream checked that epoch); high watermark, last stable offset and log start are
 //! those upstream reported with the read (never ahead of upstream); records are cut at whole
 //! batches to the client's partition max_bytes (the first batch always, as Kafka does), and
 //! the aborted transactions kept are those starting within what is returned. Entries live
-//! `TTL`, and the bytes held are capped (a full store refuses new reads, counted).
+//! `prefetch.ttl_ms`, and the bytes held are capped by `prefetch.max_bytes` (a full store
+//! refuses new reads, counted).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,10 +35,6 @@ use super::upstream::{self, SubFuture, SubResult};
 use crate::protocol::{TopicRef, codes};
 use crate::proxy::Ctx;
 
-/// How long a pre-read waits to be asked for.
-const TTL: Duration = Duration::from_secs(10);
-/// Bytes of pre-read records held at once (all connections).
-const MAX_BYTES: usize = 64 * 1024 * 1024;
 /// Bytes one partition's pre-read may bring (Kafka's default max.partition.fetch.bytes).
 const PARTITION_MAX_BYTES: i32 = 1024 * 1024;
 /// Owner of the upstream sockets pre-reads use (one per broker; pre-reads are not held).
@@ -68,13 +67,25 @@ pub enum Found {
     Nothing,
 }
 
-#[derive(Default)]
 pub struct SharedReads {
     slots: Mutex<HashMap<(String, i32), Slot>>,
     bytes: std::sync::atomic::AtomicUsize,
+    /// `prefetch.ttl_ms`: how long a pre-read waits to be asked for.
+    ttl: Duration,
+    /// `prefetch.max_bytes`: bytes of pre-read records held at once (all connections).
+    max_bytes: usize,
 }
 
 impl SharedReads {
+    pub fn new(ttl: Duration, max_bytes: usize) -> Self {
+        Self {
+            slots: Mutex::default(),
+            bytes: Default::default(),
+            ttl,
+            max_bytes,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, i32), Slot>> {
         self.slots.lock().expect("shared reads")
     }
@@ -89,7 +100,7 @@ impl SharedReads {
         let Some(slot) = slots.get(&key) else {
             return Found::Nothing;
         };
-        if slot.at.elapsed() > TTL {
+        if slot.at.elapsed() > self.ttl {
             let gone = slots.remove(&key).expect("present");
             self.evicted(&gone, "ttl");
             return Found::Nothing;
@@ -194,7 +205,7 @@ impl SharedReads {
             {
                 continue;
             }
-            if self.bytes.load(std::sync::atomic::Ordering::Relaxed) >= MAX_BYTES {
+            if self.bytes.load(std::sync::atomic::Ordering::Relaxed) >= self.max_bytes {
                 metrics::counter!("shardgate_prefetch_refused_total", "reason" => "memory")
                     .increment(1);
                 continue;
@@ -221,7 +232,7 @@ impl SharedReads {
         for (broker, wants) in by_broker {
             let body = FetchRequest::default()
                 .with_replica_id(kafka_protocol::messages::BrokerId(-1))
-                .with_max_bytes((MAX_BYTES / 4) as i32)
+                .with_max_bytes((self.max_bytes / 4).min(i32::MAX as usize) as i32)
                 .with_isolation_level(isolation)
                 .with_min_bytes(1);
             let template =
@@ -275,7 +286,7 @@ impl SharedReads {
     pub fn sweep(&self) {
         let mut slots = self.lock();
         slots.retain(|_, s| {
-            let keep = s.at.elapsed() <= TTL;
+            let keep = s.at.elapsed() <= self.ttl;
             if !keep {
                 self.evicted(s, "ttl");
             }
@@ -394,7 +405,7 @@ mod tests {
 
     #[test]
     fn only_the_exact_offset_isolation_and_epoch_match() {
-        let store = SharedReads::default();
+        let store = SharedReads::new(Duration::from_secs(10), 1 << 26);
         store.lock().insert(
             ("t".into(), 0),
             Slot {
