@@ -333,3 +333,56 @@ fn a_pre_read_of_a_deleted_topic_never_answers_the_topic_created_after_it() {
         pre_read_at.elapsed().as_secs_f64()
     );
 }
+
+/// Kafka's console consumer through shardgate: the first `n` records from the group's commits
+/// (it commits what it read when it exits), one value per line.
+fn java_consume(topic: &str, group: &str, n: usize, extra: &[&str]) -> Vec<String> {
+    let out = run_ok(
+        std::process::Command::new(bin("kafka-console-consumer"))
+            .args([
+                "--bootstrap-server",
+                &proxy(),
+                "--topic",
+                topic,
+                "--group",
+                group,
+                "--max-messages",
+                &n.to_string(),
+                "--timeout-ms",
+                "60000",
+                "--consumer-property",
+                "auto.offset.reset=earliest",
+                "--consumer-property",
+                "client.id=prefetch-java",
+            ])
+            .args(extra.iter().flat_map(|p| ["--consumer-property", p])),
+        Duration::from_secs(120),
+    );
+    out.lines().map(str::to_string).collect()
+}
+
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn a_kip_848_member_rejoining_finds_its_partition_read_from_its_commits() {
+    // group.protocol=consumer: the assignment comes in a ConsumerGroupHeartbeat answer.
+    let topic = unique("prefetch-848");
+    create_topic(&topic, 1);
+    produce_plain(&topic, "r", 200);
+    let group = unique("g-848-prefetch");
+    let kip848 = ["group.protocol=consumer"];
+    let first = java_consume(&topic, &group, 80, &kip848);
+    assert_eq!(first.len(), 80);
+    let reads = metric("shardgate_prefetch_reads_total", &["reason=\"rebalance\""]);
+    let hits = metric("shardgate_prefetch_hits_total", &[]);
+    let second = java_consume(&topic, &group, 120, &kip848);
+    let reads = metric("shardgate_prefetch_reads_total", &["reason=\"rebalance\""]) - reads;
+    let hits = metric("shardgate_prefetch_hits_total", &[]) - hits;
+    eprintln!("kip-848 rejoin: pre-reads {reads}, partitions answered from them {hits}");
+    let want: Vec<String> = (80..200).map(|i| format!("r-{i}")).collect();
+    assert_eq!(second, want, "the second run resumes exactly at the commit");
+    assert!(reads >= 1.0, "no pre-read at the KIP-848 assignment");
+    assert!(
+        hits >= 1.0,
+        "the member's first fetch did not use the pre-read"
+    );
+}
