@@ -95,6 +95,8 @@ fn observe_assignment(
         body.generation_id,
         all.clone(),
     );
+    // Classic members may revoke everything at a rebalance (eager) and fetch it all again
+    // from the commits: every partition is read.
     pre_read(ctx, client, req, group, &all);
     let managed = all
         .into_iter()
@@ -194,16 +196,18 @@ fn observe_membership(
                 .filter_map(|t| topo.topic_name(&t.topic_id).map(|n| (n.to_string(), t)))
                 .flat_map(|(n, t)| t.partitions.iter().map(move |p| (n.clone(), *p)))
                 .collect();
-            ctx.profiles.assigned(
+            // KIP-848 answers carry the whole assignment; a member keeps fetching what it
+            // held, so only what it gained is read from the commits.
+            let added = ctx.profiles.assigned(
                 group,
                 member,
                 req.header.client_id.as_deref().unwrap_or(""),
                 client.peer.ip(),
                 Protocol::Consumer,
                 answer.member_epoch,
-                parts.clone(),
+                parts,
             );
-            pre_read(ctx, client, req, group, &parts);
+            pre_read(ctx, client, req, group, &added);
         }
         _ => {}
     }

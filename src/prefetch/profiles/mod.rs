@@ -186,7 +186,8 @@ impl Profiles {
     }
 
     /// A member's assignment arrived (SyncGroup answer, or a KIP-848 heartbeat answer that
-    /// carried one). An older generation than the one known is ignored.
+    /// carried one). An older generation than the one known is ignored. Returns the
+    /// partitions the member did not hold before.
     #[allow(clippy::too_many_arguments)]
     pub fn assigned(
         &self,
@@ -197,9 +198,9 @@ impl Profiles {
         protocol: Protocol,
         generation: i32,
         mut partitions: Vec<Tp>,
-    ) {
+    ) -> Vec<Tp> {
         if member.is_empty() {
-            return;
+            return vec![];
         }
         partitions.sort();
         partitions.dedup();
@@ -207,12 +208,18 @@ impl Profiles {
         let mut inner = self.lock();
         inner.group_seen.insert(group.to_string(), now);
         let key = (group.to_string(), member.to_string());
+        let mut added = vec![];
         match inner.members.get_mut(&key) {
             Some(m) if generation < m.generation => {}
             Some(m) => {
                 if m.assigned != partitions {
                     m.assigned_at = now;
                 }
+                added = partitions
+                    .iter()
+                    .filter(|tp| m.assigned.binary_search(tp).is_err())
+                    .cloned()
+                    .collect();
                 m.assigned = partitions;
                 m.generation = generation;
                 m.seen = now;
@@ -221,6 +228,7 @@ impl Profiles {
                 m.protocol = protocol;
             }
             None => {
+                added = partitions.clone();
                 inner.members.insert(
                     key,
                     Member {
@@ -242,6 +250,7 @@ impl Profiles {
                 g != group || m.protocol != Protocol::Classic || m.generation >= generation
             });
         }
+        added
     }
 
     /// A member showed it is alive (heartbeat, commit).
@@ -443,7 +452,7 @@ impl Profiles {
     pub fn sweep(&self) {
         let mut inner = self.lock();
         let now = Instant::now();
-        let fresh_conn: Vec<(IpAddr, String)> = inner
+        let fresh_conn: std::collections::HashSet<(IpAddr, String)> = inner
             .conns
             .values()
             .filter(|c| now.duration_since(c.seen) < MEMBER_IDLE)
@@ -451,9 +460,7 @@ impl Profiles {
             .collect();
         inner.members.retain(|_, m| {
             now.duration_since(m.seen) < MEMBER_IDLE
-                || fresh_conn
-                    .iter()
-                    .any(|(h, id)| *h == m.host && *id == m.client_id)
+                || fresh_conn.contains(&(m.host, m.client_id.clone()))
         });
         let groups: std::collections::HashSet<String> =
             inner.members.keys().map(|(g, _)| g.clone()).collect();

@@ -101,6 +101,7 @@ pub async fn handle(
         polled: HashSet::new(),
         covered: HashMap::new(),
         hits: HashSet::new(),
+        ever_covered: HashSet::new(),
     };
     for w in &wants {
         if let Err(code) = w.leader {
@@ -162,7 +163,8 @@ fn profile(
         client.peer.ip(),
         client_id,
         isolation,
-        wants.iter().filter_map(|w| {
+        // Partitions with a leader only: a name no topic has is not a position to keep.
+        wants.iter().filter(|w| w.leader.is_ok()).filter_map(|w| {
             let got = advanced.get(&w.key);
             Some(crate::prefetch::profiles::Fetched {
                 topic: w.name.as_ref()?.as_str(),
@@ -221,6 +223,9 @@ struct Fetch<'a> {
     covered: HashMap<Key, upstream::SubFuture>,
     /// Partitions answered from a shared pre-read.
     hits: HashSet<Key>,
+    /// Partitions a pre-read covered at some point: when it lands empty, their broker may
+    /// be polled once more in this request (it was skipped for them).
+    ever_covered: HashSet<Key>,
 }
 
 impl Fetch<'_> {
@@ -264,12 +269,14 @@ impl Fetch<'_> {
         self.covered.clear();
         let isolation = self.template.body.isolation_level;
         let topo = self.ctx.topology().load();
+        let prefetch = self.ctx.settings.raw.prefetch.enabled;
         for w in wants {
             if self.got.contains_key(&w.key) {
                 continue;
             }
             let p = match state.take(&w.key, w.part.fetch_offset) {
                 Some(p) => p,
+                None if !prefetch => continue,
                 None => match self.ctx.shared_reads.find(
                     w,
                     isolation,
@@ -290,6 +297,7 @@ impl Fetch<'_> {
                     }
                     shared::Found::InFlight(f) => {
                         self.covered.insert(w.key.clone(), f);
+                        self.ever_covered.insert(w.key.clone());
                         continue;
                     }
                     shared::Found::Nothing => continue,
@@ -355,7 +363,9 @@ impl Fetch<'_> {
                 waits.push(f);
                 continue;
             }
-            if self.polled.contains(&broker) {
+            // A partition left to a pre-read that then came back empty: poll for it now.
+            let uncovered = ws.iter().any(|w| self.ever_covered.remove(&w.key));
+            if self.polled.contains(&broker) && !uncovered {
                 // This request's poll of it came back with nothing: the broker waited what
                 // was left of the wait then (give or take its timer), no second poll.
                 continue;

@@ -48,6 +48,8 @@ enum State {
 }
 
 struct Slot {
+    /// Which read filled it (a slot replaced while a read was out is not filled by it).
+    generation: u64,
     /// The topic's id when read: a topic deleted and created again is another topic.
     topic_id: uuid::Uuid,
     offset: i64,
@@ -56,7 +58,8 @@ struct Slot {
     epoch: i32,
     at: Instant,
     state: State,
-    /// Records bytes of a ready slot (for the cap).
+    /// Record bytes of a ready slot, or the bytes reserved for a read in flight (the cap
+    /// counts both).
     bytes: usize,
 }
 
@@ -70,6 +73,9 @@ pub enum Found {
 pub struct SharedReads {
     slots: Mutex<HashMap<(String, i32), Slot>>,
     bytes: std::sync::atomic::AtomicUsize,
+    /// Slots held (read without the lock: fetches skip an empty store at no cost).
+    count: std::sync::atomic::AtomicUsize,
+    next_generation: std::sync::atomic::AtomicU64,
     /// `prefetch.ttl_ms`: how long a pre-read waits to be asked for.
     ttl: Duration,
     /// `prefetch.max_bytes`: bytes of pre-read records held at once (all connections).
@@ -81,6 +87,8 @@ impl SharedReads {
         Self {
             slots: Mutex::default(),
             bytes: Default::default(),
+            count: Default::default(),
+            next_generation: Default::default(),
             ttl,
             max_bytes,
         }
@@ -95,6 +103,9 @@ impl SharedReads {
         let Some(name) = &want.name else {
             return Found::Nothing;
         };
+        if self.count.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            return Found::Nothing;
+        }
         let mut slots = self.lock();
         let key = (name.to_string(), want.key.1);
         let Some(slot) = slots.get(&key) else {
@@ -103,10 +114,17 @@ impl SharedReads {
         if slot.at.elapsed() > self.ttl {
             let gone = slots.remove(&key).expect("present");
             self.evicted(&gone, "ttl");
+            self.count
+                .store(slots.len(), std::sync::atomic::Ordering::Relaxed);
             return Found::Nothing;
         }
         let epoch = want.part.current_leader_epoch;
-        if slot.offset != want.part.fetch_offset
+        // KIP-320: a client that names the epoch of its last fetched batch gets a divergence
+        // check upstream. Under the epoch the read was made with the log cannot have
+        // diverged below the offset read; any other epoch goes upstream.
+        let last = want.part.last_fetched_epoch;
+        if (last >= 0 && last != slot.epoch)
+            || slot.offset != want.part.fetch_offset
             || slot.topic_id != topic_id
             || slot.isolation != isolation
             || (epoch >= 0 && epoch != slot.epoch)
@@ -132,51 +150,51 @@ impl SharedReads {
 
     /// Files what a pre-read brought: partitions with records become ready, the rest (errors,
     /// nothing there yet) are dropped so a fetch goes upstream itself.
-    fn file(&self, r: &SubResult, isolation: i8) {
+    fn file(&self, r: &SubResult, generation: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let answered: HashMap<(&str, i32), &PartitionData> = match &r.outcome {
+            Ok(resp) => resp
+                .responses
+                .iter()
+                .flat_map(|t| {
+                    t.partitions
+                        .iter()
+                        .map(move |p| ((t.topic.0.as_str(), p.partition_index), p))
+                })
+                .collect(),
+            Err(_) => HashMap::new(),
+        };
         let mut slots = self.lock();
-        let mut new_bytes = 0usize;
-        for (key, offset) in &r.asked {
+        for (key, _) in &r.asked {
             let k = (key.0.name.to_string(), key.1);
-            let mine = slots.get(&k).is_some_and(|s| {
-                s.offset == *offset
-                    && s.isolation == isolation
-                    && matches!(s.state, State::InFlight(_))
-            });
-            if !mine {
+            // Only the slot this read was started for (not one that replaced it since).
+            let Some(slot) = slots.get_mut(&k).filter(|s| s.generation == generation) else {
                 continue;
-            }
-            let data = r.outcome.as_ref().ok().and_then(|resp| {
-                resp.responses
-                    .iter()
-                    .filter(|t| t.topic.0 == key.0.name)
-                    .flat_map(|t| t.partitions.iter())
-                    .find(|p| p.partition_index == key.1)
-            });
-            match data {
+            };
+            let reserved = slot.bytes;
+            match answered.get(&(key.0.name.as_str(), key.1)) {
                 Some(p)
                     if p.error_code == codes::NONE
                         && p.records.as_ref().is_some_and(|r| !r.is_empty()) =>
                 {
                     let n = p.records.as_ref().map_or(0, |r| r.len());
-                    let slot = slots.get_mut(&k).expect("checked");
-                    let mut p = p.clone();
+                    let mut p = (*p).clone();
                     plan::scrub(&mut p);
                     slot.state = State::Ready(Box::new(p));
                     slot.bytes = n;
-                    new_bytes += n;
+                    self.bytes.fetch_add(n, Relaxed);
+                    self.bytes.fetch_sub(reserved, Relaxed);
                     metrics::counter!("shardgate_prefetch_prefetched_records_total")
                         .increment(records_in(slot));
                 }
                 _ => {
                     slots.remove(&k);
+                    self.bytes.fetch_sub(reserved, Relaxed);
                 }
             }
         }
-        let total = self
-            .bytes
-            .fetch_add(new_bytes, std::sync::atomic::Ordering::Relaxed)
-            + new_bytes;
-        metrics::gauge!("shardgate_prefetch_bytes").set(total as f64);
+        self.count.store(slots.len(), Relaxed);
+        metrics::gauge!("shardgate_prefetch_bytes").set(self.bytes.load(Relaxed) as f64);
     }
 
     /// Pre-reads `parts` (topic, partition, offset) for a member that was just assigned
@@ -205,11 +223,15 @@ impl SharedReads {
             {
                 continue;
             }
-            if self.bytes.load(std::sync::atomic::Ordering::Relaxed) >= self.max_bytes {
+            // Reserved now: reads in flight count against the cap until they land.
+            let reserve = PARTITION_MAX_BYTES as usize;
+            if self.bytes.load(std::sync::atomic::Ordering::Relaxed) + reserve > self.max_bytes {
                 metrics::counter!("shardgate_prefetch_refused_total", "reason" => "memory")
                     .increment(1);
                 continue;
             }
+            self.bytes
+                .fetch_add(reserve, std::sync::atomic::Ordering::Relaxed);
             let name: kafka_protocol::protocol::StrBytes = topic.clone().into();
             by_broker.entry(pi.leader).or_default().push(Want {
                 key: (
@@ -251,9 +273,12 @@ impl SharedReads {
             );
             // Whoever awaits the read finds it filed: the store files it before it resolves.
             let store = self.clone();
+            let generation = self
+                .next_generation
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let filed: SubFuture = async move {
                 let r = read.await;
-                store.file(&r, isolation);
+                store.file(&r, generation);
                 r
             }
             .boxed()
@@ -262,19 +287,22 @@ impl SharedReads {
                 let old = slots.insert(
                     (w.key.0.name.to_string(), w.key.1),
                     Slot {
+                        generation,
                         topic_id: w.key.0.id,
                         offset: w.part.fetch_offset,
                         isolation,
                         epoch: w.part.current_leader_epoch,
                         at: Instant::now(),
                         state: State::InFlight(filed.clone()),
-                        bytes: 0,
+                        bytes: PARTITION_MAX_BYTES as usize,
                     },
                 );
-                if let Some(old) = old.filter(|o| o.bytes > 0) {
+                if let Some(old) = old {
                     self.evicted(&old, "replaced");
                 }
             }
+            self.count
+                .store(slots.len(), std::sync::atomic::Ordering::Relaxed);
             metrics::counter!("shardgate_prefetch_reads_total", "reason" => "rebalance")
                 .increment(1);
             tokio::spawn(filed);
@@ -292,6 +320,8 @@ impl SharedReads {
             }
             keep
         });
+        self.count
+            .store(slots.len(), std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -409,6 +439,7 @@ mod tests {
         store.lock().insert(
             ("t".into(), 0),
             Slot {
+                generation: 0,
                 topic_id: uuid::Uuid::nil(),
                 offset: 10,
                 isolation: 1,
@@ -418,18 +449,31 @@ mod tests {
                 bytes: 100,
             },
         );
+        store.count.store(1, std::sync::atomic::Ordering::Relaxed);
         let want = |offset: i64, epoch: i32| Want {
             key: key_of("t", 0),
             part: FetchPartition::default()
                 .with_partition(0)
                 .with_fetch_offset(offset)
                 .with_current_leader_epoch(epoch)
+                .with_last_fetched_epoch(-1)
                 .with_partition_max_bytes(1 << 20),
             name: Some("t".to_string().into()),
             leader: Ok(1),
         };
         assert!(matches!(
             store.find(&want(10, 4), 1, uuid::Uuid::nil()),
+            Found::Ready(_)
+        ));
+        let mut last = want(10, 4);
+        last.part.last_fetched_epoch = 3;
+        assert!(
+            matches!(store.find(&last, 1, uuid::Uuid::nil()), Found::Nothing),
+            "a last fetched epoch other than the read's: Kafka checks for divergence"
+        );
+        last.part.last_fetched_epoch = 4;
+        assert!(matches!(
+            store.find(&last, 1, uuid::Uuid::nil()),
             Found::Ready(_)
         ));
         assert!(
