@@ -24,7 +24,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use futures::FutureExt;
 use kafka_protocol::messages::FetchRequest;
 use kafka_protocol::messages::fetch_request::FetchPartition;
@@ -39,8 +38,9 @@ use crate::proxy::Ctx;
 const PARTITION_MAX_BYTES: i32 = 1024 * 1024;
 /// Owner of the upstream sockets pre-reads use (one per broker; pre-reads are not held).
 const OWNER: u64 = u64::MAX - 1;
-/// Fetch version pre-reads use upstream (named topics; every field an answer needs).
-const VERSION: i16 = 12;
+/// Fetch version pre-reads use upstream: topics by id (a topic deleted and created again
+/// under the same name is refused as UNKNOWN_TOPIC_ID, not read).
+const VERSION: i16 = 13;
 
 enum State {
     InFlight(SubFuture),
@@ -135,7 +135,10 @@ impl SharedReads {
             State::InFlight(f) => Found::InFlight(f.clone()),
             State::Ready(p) => {
                 let limit = want.part.partition_max_bytes.max(0) as usize;
-                Found::Ready(Box::new(cut(p, limit)))
+                match cut(p, limit) {
+                    Some(p) => Found::Ready(Box::new(p)),
+                    None => Found::Nothing,
+                }
             }
         }
     }
@@ -152,14 +155,14 @@ impl SharedReads {
     /// nothing there yet) are dropped so a fetch goes upstream itself.
     fn file(&self, r: &SubResult, generation: u64) {
         use std::sync::atomic::Ordering::Relaxed;
-        let answered: HashMap<(&str, i32), &PartitionData> = match &r.outcome {
+        let answered: HashMap<(uuid::Uuid, i32), &PartitionData> = match &r.outcome {
             Ok(resp) => resp
                 .responses
                 .iter()
                 .flat_map(|t| {
                     t.partitions
                         .iter()
-                        .map(move |p| ((t.topic.0.as_str(), p.partition_index), p))
+                        .map(move |p| ((t.topic_id, p.partition_index), p))
                 })
                 .collect(),
             Err(_) => HashMap::new(),
@@ -172,7 +175,7 @@ impl SharedReads {
                 continue;
             };
             let reserved = slot.bytes;
-            match answered.get(&(key.0.name.as_str(), key.1)) {
+            match answered.get(&(key.0.id, key.1)) {
                 Some(p)
                     if p.error_code == codes::NONE
                         && p.records.as_ref().is_some_and(|r| !r.is_empty()) =>
@@ -338,30 +341,24 @@ fn records_in(slot: &Slot) -> u64 {
 
 /// `p` with its records cut at whole batches to `limit` bytes (the first batch whole), and
 /// the aborted transactions that start within what is kept.
-fn cut(p: &PartitionData, limit: usize) -> PartitionData {
+/// `p` with its records cut at whole batches to `limit` bytes and the aborted transactions
+/// that start within what is kept; None when the first batch alone exceeds `limit` (Kafka
+/// sends such a batch only as the first partition with data in a response, which only the
+/// request's own read can know: the fetch goes upstream).
+fn cut(p: &PartitionData, limit: usize) -> Option<PartitionData> {
     let mut out = p.clone();
     let Some(records) = &p.records else {
-        return out;
+        return Some(out);
     };
-    let (mut keep, mut next) = plan::batches_within(records, limit);
+    let (keep, next) = plan::batches_within(records, limit);
     if keep == 0 {
-        // The first batch goes whole, whatever the limit.
-        let first = records.slice(..first_batch_len(records));
-        (keep, next) = plan::batches_within(&first, usize::MAX);
+        return None;
     }
     if let (Some(aborted), Some(next)) = (out.aborted_transactions.as_mut(), next) {
         aborted.retain(|a| a.first_offset < next);
     }
     out.records = Some(records.slice(..keep));
-    out
-}
-
-fn first_batch_len(records: &Bytes) -> usize {
-    if records.len() < 12 {
-        return records.len();
-    }
-    let len = i32::from_be_bytes(records[8..12].try_into().expect("4 bytes"));
-    (12 + len.max(0) as usize).min(records.len())
+    Some(out)
 }
 
 /// The key a fetch's want has, for matching pre-reads in tests.
@@ -379,7 +376,7 @@ fn key_of(name: &str, partition: i32) -> plan::Key {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::{BufMut, BytesMut};
+    use bytes::{BufMut, Bytes, BytesMut};
     use kafka_protocol::messages::fetch_response::AbortedTransaction;
 
     fn batch(base: i64, count: i32, len: usize) -> Vec<u8> {
@@ -411,12 +408,12 @@ mod tests {
     }
 
     #[test]
-    fn a_cut_keeps_whole_batches_and_the_first_one_always() {
+    fn a_cut_keeps_whole_batches_within_the_limit() {
         let p = data(
             &[batch(0, 10, 100), batch(10, 10, 100), batch(20, 5, 100)],
             &[5, 15, 22],
         );
-        let c = cut(&p, 250);
+        let c = cut(&p, 250).unwrap();
         assert_eq!(c.records.as_ref().unwrap().len(), 200);
         assert_eq!(
             c.aborted_transactions
@@ -426,10 +423,14 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![5, 15]
         );
-        let c = cut(&p, 10);
-        assert_eq!(c.records.as_ref().unwrap().len(), 100, "first batch whole");
+        assert!(
+            cut(&p, 10).is_none(),
+            "a first batch above the limit goes upstream"
+        );
+        let c = cut(&p, 100).unwrap();
+        assert_eq!(c.records.as_ref().unwrap().len(), 100);
         assert_eq!(c.aborted_transactions.unwrap().len(), 1);
-        let c = cut(&p, usize::MAX);
+        let c = cut(&p, usize::MAX).unwrap();
         assert_eq!(c.records.as_ref().unwrap().len(), 300);
     }
 
