@@ -476,29 +476,6 @@ fn java_produce(topic: &str, codec: &str) {
     }
 }
 
-fn java_consume(topic: &str, group: &str, n: usize, extra: &[&str]) -> Vec<String> {
-    let out = run_ok(
-        Command::new(bin("kafka-console-consumer"))
-            .args([
-                "--bootstrap-server",
-                &proxy(),
-                "--topic",
-                topic,
-                "--group",
-                group,
-                "--max-messages",
-                &n.to_string(),
-                "--timeout-ms",
-                "60000",
-                "--consumer-property",
-                "auto.offset.reset=earliest",
-            ])
-            .args(extra.iter().flat_map(|p| ["--consumer-property", p])),
-        Duration::from_secs(120),
-    );
-    out.lines().map(str::to_string).collect()
-}
-
 #[test]
 #[ignore = "needs the testbed: integration/run-tests"]
 fn java_console_tools_round_trip_every_codec_with_default_idempotence() {

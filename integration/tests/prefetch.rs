@@ -334,33 +334,6 @@ fn a_pre_read_of_a_deleted_topic_never_answers_the_topic_created_after_it() {
     );
 }
 
-/// Kafka's console consumer through shardgate: the first `n` records from the group's commits
-/// (it commits what it read when it exits), one value per line.
-fn java_consume(topic: &str, group: &str, n: usize, extra: &[&str]) -> Vec<String> {
-    let out = run_ok(
-        std::process::Command::new(bin("kafka-console-consumer"))
-            .args([
-                "--bootstrap-server",
-                &proxy(),
-                "--topic",
-                topic,
-                "--group",
-                group,
-                "--max-messages",
-                &n.to_string(),
-                "--timeout-ms",
-                "60000",
-                "--consumer-property",
-                "auto.offset.reset=earliest",
-                "--consumer-property",
-                "client.id=prefetch-java",
-            ])
-            .args(extra.iter().flat_map(|p| ["--consumer-property", p])),
-        Duration::from_secs(120),
-    );
-    out.lines().map(str::to_string).collect()
-}
-
 #[test]
 #[ignore = "needs the testbed: integration/run-tests"]
 fn a_kip_848_member_rejoining_finds_its_partition_read_from_its_commits() {
@@ -369,7 +342,7 @@ fn a_kip_848_member_rejoining_finds_its_partition_read_from_its_commits() {
     create_topic(&topic, 1);
     produce_plain(&topic, "r", 200);
     let group = unique("g-848-prefetch");
-    let kip848 = ["group.protocol=consumer"];
+    let kip848 = ["group.protocol=consumer", "client.id=prefetch-java"];
     let first = java_consume(&topic, &group, 80, &kip848);
     assert_eq!(first.len(), 80);
     let reads = metric("shardgate_prefetch_reads_total", &["reason=\"rebalance\""]);

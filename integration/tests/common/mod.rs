@@ -434,3 +434,29 @@ pub async fn produce_keyed_sequences(
         let _ = h.await;
     }
 }
+
+/// Kafka's console consumer through shardgate in `group`: the next `n` records from the
+/// group's commits (earliest without), one value per line; it commits what it read when it
+/// exits. `extra`: more consumer properties.
+pub fn java_consume(topic: &str, group: &str, n: usize, extra: &[&str]) -> Vec<String> {
+    let out = run_ok(
+        Command::new(bin("kafka-console-consumer"))
+            .args([
+                "--bootstrap-server",
+                &proxy(),
+                "--topic",
+                topic,
+                "--group",
+                group,
+                "--max-messages",
+                &n.to_string(),
+                "--timeout-ms",
+                "60000",
+                "--consumer-property",
+                "auto.offset.reset=earliest",
+            ])
+            .args(extra.iter().flat_map(|p| ["--consumer-property", p])),
+        Duration::from_secs(120),
+    );
+    out.lines().map(str::to_string).collect()
+}
