@@ -336,6 +336,21 @@ impl Profiles {
                 .insert((host, client_id.to_string()), isolation);
         }
         let c = inner.conns.get_mut(&conn).expect("inserted above");
+        // The rate's samples are the totals *before* this fetch: what it delivers counts
+        // from the first sample on (a consumer served in one fetch still shows a rate).
+        if c.history
+            .back()
+            .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_millis(500))
+        {
+            c.history.push_back((now, c.delivered));
+            while c
+                .history
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW * 2)
+            {
+                c.history.pop_front();
+            }
+        }
         let mut delivered = false;
         for f in parts {
             let next = f.next.unwrap_or(f.from).max(f.from);
@@ -353,19 +368,6 @@ impl Profiles {
                 c.delivered += (n - f.from).max(0) as u64;
                 c.bytes += f.bytes as u64;
                 delivered = true;
-            }
-        }
-        if c.history
-            .back()
-            .is_none_or(|(t, _)| now.duration_since(*t) >= Duration::from_millis(500))
-        {
-            c.history.push_back((now, c.delivered));
-            while c
-                .history
-                .front()
-                .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW * 2)
-            {
-                c.history.pop_front();
             }
         }
         let first = delivered && !c.sampled;

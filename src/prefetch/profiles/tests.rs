@@ -50,6 +50,10 @@ fn a_fetch_connection_joins_the_member_of_its_address_and_client_id() {
         }]
     );
     assert_eq!(s[0].delivered_records, 4);
+    assert!(
+        s[0].records_per_sec > 0.0,
+        "records of a connection's only fetch count in its rate"
+    );
     assert_eq!(s[1].group, None);
     assert_eq!(s[1].connections, vec![8]);
 }
