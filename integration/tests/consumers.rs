@@ -109,7 +109,21 @@ async fn two_members_sharing_a_client_id_each_show_their_partitions_positions_an
         c.subscribe(&[&topic]).unwrap();
         c
     };
-    let (a, b) = (member(), member());
+    // a joins alone and fetches every partition (empty yet) before b joins and takes half:
+    // a's connections fetched partitions that moved, and must still be linked to a.
+    let a = member();
+    let started = Instant::now();
+    while a.assignment().map_or(0, |t| t.count()) != PARTITIONS as usize {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the first member was not assigned within 60 s"
+        );
+        assert!(a.poll(Duration::from_millis(50)).is_none());
+    }
+    for _ in 0..10 {
+        assert!(a.poll(Duration::from_millis(50)).is_none());
+    }
+    let b = member();
     // Records only once both hold their share: a member that fetched a partition before the
     // rebalance moved it would count those records too.
     let started = Instant::now();
@@ -157,23 +171,36 @@ async fn two_members_sharing_a_client_id_each_show_their_partitions_positions_an
     a.commit_consumer_state(CommitMode::Sync).unwrap();
     b.commit_consumer_state(CommitMode::Sync).unwrap();
 
-    let mut seen = Vec::new();
-    eventually(
-        "both members with their commits and content samples",
-        Duration::from_secs(20),
-        || {
-            seen = consumers_of(&group);
-            seen.len() == 2
-                && seen.iter().all(|c| {
-                    let parts = partitions_of(c);
-                    parts.len() == 2
-                        && parts.values().all(|(pos, committed)| {
-                            *pos == PER_PARTITION && *committed == PER_PARTITION
-                        })
-                        && c["content_samples"].as_u64().unwrap_or(0) > 0
-                })
-        },
-    );
+    let mut seen;
+    let started = Instant::now();
+    while !{
+        seen = consumers_of(&group);
+        seen.len() == 2
+            && seen.iter().all(|c| {
+                let parts = partitions_of(c);
+                parts.len() == 2
+                    && parts.values().all(|(pos, committed)| {
+                        *pos == PER_PARTITION && *committed == PER_PARTITION
+                    })
+                    && c["content_samples"].as_u64().unwrap_or(0) > 0
+            })
+    } {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "both members with their commits and content samples, within 20 s: {}",
+            serde_json::to_string_pretty(
+                &admin_get("/api/v1/consumers").1["consumers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|c| c["group"].as_str() == Some(&group)
+                        || c["client_id"] == "profiles-shared-id")
+                    .collect::<Vec<_>>()
+            )
+            .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     eprintln!(
         "profiles: {}",
         serde_json::to_string_pretty(&seen).unwrap_or_default()

@@ -101,11 +101,16 @@ impl Sampler {
     }
 
     /// Offers a record set delivered on a connection; call only when `due()` said so.
-    pub fn offer(&self, key: SampleKey, records: Bytes) {
+    /// False when the queue was full (the sample is dropped and counted).
+    pub fn offer(&self, key: SampleKey, records: Bytes) -> bool {
         match self.tx.try_send(Sample { key, records }) {
-            Ok(()) => metrics::counter!("shardgate_prefetch_content_samples_total").increment(1),
+            Ok(()) => {
+                metrics::counter!("shardgate_prefetch_content_samples_total").increment(1);
+                true
+            }
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                metrics::counter!("shardgate_prefetch_content_dropped_total").increment(1)
+                metrics::counter!("shardgate_prefetch_content_dropped_total").increment(1);
+                false
             }
         }
     }
@@ -240,6 +245,7 @@ mod tests {
             "127.0.0.1".parse().unwrap(),
             "c",
             0,
+            Instant::now(),
             [super::super::profiles::Fetched {
                 topic: "t",
                 partition: 0,
@@ -272,7 +278,7 @@ mod tests {
             topic: "t".into(),
             partition: 0,
         };
-        sampler.offer(key, Bytes::from(set));
+        assert!(sampler.offer(key, Bytes::from(set)));
         let started = Instant::now();
         loop {
             let view = profiles.snapshot();

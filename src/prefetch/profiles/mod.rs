@@ -66,9 +66,9 @@ struct Member {
 struct Conn {
     client_id: String,
     host: IpAddr,
-    /// topic → partition → where it fetches next (after what was delivered); by topic
-    /// first, so a lookup does not allocate.
-    positions: HashMap<String, HashMap<i32, i64>>,
+    /// topic → partition → where it fetches next (after what was delivered) and when it
+    /// last fetched it; by topic first, so a lookup does not allocate.
+    positions: HashMap<String, HashMap<i32, (i64, Instant)>>,
     /// Offsets delivered in total, and samples of that total for the rate.
     delivered: u64,
     bytes: u64,
@@ -295,15 +295,17 @@ impl Profiles {
             .copied()
     }
 
-    /// A fetch answered on `conn`: per partition, where it was asked from and what went to
-    /// the client. Returns true the first time records were delivered on the connection (its
-    /// first record set is worth a content sample whatever the sampling rate).
+    /// A fetch answered on `conn` (asked at `asked`): per partition, where it was asked from
+    /// and what went to the client. Returns true when records were delivered and none of the connection's
+    /// were sampled yet (its first record set is worth a content sample whatever the
+    /// sampling rate; `sampled` records that one was taken).
     pub fn fetched<'a>(
         &self,
         conn: u64,
         host: IpAddr,
         client_id: &str,
         isolation: i8,
+        asked: Instant,
         parts: impl IntoIterator<Item = Fetched<'a>>,
     ) -> bool {
         let now = Instant::now();
@@ -357,11 +359,13 @@ impl Profiles {
             let pos = next;
             match c.positions.get_mut(f.topic) {
                 Some(parts) => {
-                    parts.insert(f.partition, pos);
+                    parts.insert(f.partition, (pos, asked));
                 }
                 None => {
-                    c.positions
-                        .insert(f.topic.to_string(), HashMap::from([(f.partition, pos)]));
+                    c.positions.insert(
+                        f.topic.to_string(),
+                        HashMap::from([(f.partition, (pos, asked))]),
+                    );
                 }
             }
             if let Some(n) = f.next {
@@ -370,9 +374,14 @@ impl Profiles {
                 delivered = true;
             }
         }
-        let first = delivered && !c.sampled;
-        c.sampled |= delivered;
-        first
+        delivered && !c.sampled
+    }
+
+    /// A content sample of what `conn` delivered was taken (see `fetched`).
+    pub fn sampled(&self, conn: u64) {
+        if let Some(c) = self.lock().conns.get_mut(&conn) {
+            c.sampled = true;
+        }
     }
 
     /// The isolation level the fetches of a client (address and client id) use, if one of
@@ -431,22 +440,28 @@ impl Profiles {
         match candidates.as_slice() {
             [] => None,
             [(k, _)] => Some(k),
+            // Only what the connection asked for since the member's current assignment
+            // counts (before a rebalance it fetched partitions that have moved since); the
+            // member whose assignment covers most of it, if more in than out.
             many => many
                 .iter()
-                .filter(|(_, m)| {
-                    !conn.positions.is_empty()
-                        && conn.positions.iter().all(|(t, parts)| {
-                            parts.keys().all(|p| {
-                                m.assigned
-                                    .binary_search_by(|(at, ap)| {
-                                        (at.as_str(), *ap).cmp(&(t.as_str(), *p))
-                                    })
-                                    .is_ok()
-                            })
-                        })
+                .filter_map(|(k, m)| {
+                    let mut score = 0i64;
+                    for (t, parts) in &conn.positions {
+                        for (p, _) in parts.iter().filter(|(_, (_, at))| *at >= m.assigned_at) {
+                            let owned = m
+                                .assigned
+                                .binary_search_by(|(at, ap)| {
+                                    (at.as_str(), *ap).cmp(&(t.as_str(), *p))
+                                })
+                                .is_ok();
+                            score += if owned { 1 } else { -1 };
+                        }
+                    }
+                    (score > 0).then_some((std::cmp::Reverse(score), *k))
                 })
-                .map(|(k, _)| *k)
-                .min(),
+                .min()
+                .map(|(_, k)| k),
         }
     }
 
@@ -460,6 +475,13 @@ impl Profiles {
             .filter(|c| now.duration_since(c.seen) < MEMBER_IDLE)
             .map(|c| (c.host, c.client_id.clone()))
             .collect();
+        // Positions of partitions a connection stopped fetching (moved away at a rebalance).
+        for c in inner.conns.values_mut() {
+            for parts in c.positions.values_mut() {
+                parts.retain(|_, (_, at)| now.duration_since(*at) < MEMBER_IDLE);
+            }
+            c.positions.retain(|_, parts| !parts.is_empty());
+        }
         inner.members.retain(|_, m| {
             now.duration_since(m.seen) < MEMBER_IDLE
                 || fresh_conn.contains(&(m.host, m.client_id.clone()))
@@ -518,7 +540,7 @@ impl Profiles {
                     partition: tp.1,
                     position: conns
                         .iter()
-                        .filter_map(|(_, c)| c.positions.get(&tp.0)?.get(&tp.1).copied())
+                        .filter_map(|(_, c)| Some(c.positions.get(&tp.0)?.get(&tp.1)?.0))
                         .max()
                         .unwrap_or(-1),
                     committed: committed.and_then(|c| c.get(tp)).copied().unwrap_or(-1),
@@ -552,7 +574,7 @@ impl Profiles {
                 .map(|(t, p, pos)| PartitionView {
                     topic: t.clone(),
                     partition: p,
-                    position: *pos,
+                    position: pos.0,
                     committed: -1,
                     content_similarity: similarity(&inner, centroid.as_ref(), &(t.clone(), p)),
                 })

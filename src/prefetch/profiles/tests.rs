@@ -33,8 +33,15 @@ fn a_fetch_connection_joins_the_member_of_its_address_and_client_id() {
         tps(&[("t", 0)]),
     );
     p.committed("g", "t", 0, 5);
-    p.fetched(7, ip(1), "c", 0, [f("t", 0, 5, Some(9), 100)]);
-    p.fetched(8, ip(2), "c", 0, [f("t", 1, 0, None, 0)]);
+    p.fetched(
+        7,
+        ip(1),
+        "c",
+        0,
+        Instant::now(),
+        [f("t", 0, 5, Some(9), 100)],
+    );
+    p.fetched(8, ip(2), "c", 0, Instant::now(), [f("t", 1, 0, None, 0)]);
     let s = p.snapshot();
     assert_eq!(s.len(), 2);
     assert_eq!(s[0].member.as_deref(), Some("m1"));
@@ -79,12 +86,125 @@ fn members_sharing_a_client_id_are_told_apart_by_their_assignments() {
         3,
         tps(&[("t", 1)]),
     );
-    p.fetched(1, ip(1), "rdkafka", 0, [f("t", 1, 0, Some(2), 10)]);
+    p.fetched(
+        1,
+        ip(1),
+        "rdkafka",
+        0,
+        Instant::now(),
+        [f("t", 1, 0, Some(2), 10)],
+    );
     let s = p.snapshot();
     let b = s.iter().find(|c| c.member.as_deref() == Some("b")).unwrap();
     assert_eq!(b.connections, vec![1]);
     let a = s.iter().find(|c| c.member.as_deref() == Some("a")).unwrap();
     assert!(a.connections.is_empty());
+}
+
+#[test]
+fn a_connection_that_fetched_partitions_before_a_rebalance_moved_them_stays_linked() {
+    // Member a held every partition first (it joined alone) and fetched them all; then b
+    // joined and took half. a's connection fetched partitions it no longer owns, but only
+    // before its current assignment: what it fetched since decides.
+    let p = Profiles::new(100);
+    let all = tps(&[("t", 0), ("t", 1), ("t", 2), ("t", 3)]);
+    p.assigned("g", "a", "c", ip(1), Protocol::Classic, 1, all);
+    p.fetched(
+        1,
+        ip(1),
+        "c",
+        0,
+        Instant::now(),
+        (0..4).map(|i| f("t", i, 0, None, 0)).collect::<Vec<_>>(),
+    );
+    // A long poll asked before the rebalance is answered after it.
+    let asked_before = Instant::now();
+    std::thread::sleep(Duration::from_millis(2));
+    p.assigned(
+        "g",
+        "a",
+        "c",
+        ip(1),
+        Protocol::Classic,
+        2,
+        tps(&[("t", 0), ("t", 1)]),
+    );
+    p.assigned(
+        "g",
+        "b",
+        "c",
+        ip(1),
+        Protocol::Classic,
+        2,
+        tps(&[("t", 2), ("t", 3)]),
+    );
+    p.fetched(
+        1,
+        ip(1),
+        "c",
+        0,
+        asked_before,
+        (0..4).map(|i| f("t", i, 0, None, 0)).collect::<Vec<_>>(),
+    );
+    std::thread::sleep(Duration::from_millis(2));
+    p.fetched(
+        1,
+        ip(1),
+        "c",
+        0,
+        Instant::now(),
+        [f("t", 0, 0, Some(5), 50), f("t", 1, 0, Some(5), 50)],
+    );
+    p.fetched(
+        2,
+        ip(1),
+        "c",
+        0,
+        Instant::now(),
+        [f("t", 2, 0, Some(5), 50), f("t", 3, 0, Some(5), 50)],
+    );
+    let s = p.snapshot();
+    let a = s.iter().find(|c| c.member.as_deref() == Some("a")).unwrap();
+    assert_eq!(a.connections, vec![1], "{s:?}");
+    assert!(a.partitions.iter().all(|v| v.position == 5), "{s:?}");
+    let b = s.iter().find(|c| c.member.as_deref() == Some("b")).unwrap();
+    assert_eq!(b.connections, vec![2], "{s:?}");
+    assert_eq!(s.len(), 2, "no connection left unlinked: {s:?}");
+}
+
+#[test]
+fn a_connection_asks_for_a_first_sample_until_one_is_taken() {
+    let p = Profiles::new(100);
+    assert!(
+        !p.fetched(1, ip(1), "c", 0, Instant::now(), [f("t", 0, 0, None, 0)]),
+        "nothing delivered"
+    );
+    assert!(p.fetched(
+        1,
+        ip(1),
+        "c",
+        0,
+        Instant::now(),
+        [f("t", 0, 0, Some(3), 30)]
+    ));
+    // The sampler's queue was full: the next delivery asks again.
+    assert!(p.fetched(
+        1,
+        ip(1),
+        "c",
+        0,
+        Instant::now(),
+        [f("t", 0, 3, Some(6), 30)]
+    ));
+    p.sampled(1);
+    assert!(!p.fetched(
+        1,
+        ip(1),
+        "c",
+        0,
+        Instant::now(),
+        [f("t", 0, 6, Some(9), 30)]
+    ));
 }
 
 #[test]

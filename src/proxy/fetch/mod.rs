@@ -144,7 +144,7 @@ pub async fn handle(
         metrics::counter!("shardgate_prefetch_delivered_records_total").increment(records);
     }
     let isolation = fetch.template.body.isolation_level;
-    profile(ctx, client, req, &wants, &advanced, isolation);
+    profile(ctx, client, req, &wants, &advanced, isolation, started);
     Ok(reply)
 }
 
@@ -156,6 +156,7 @@ fn profile(
     wants: &[Want],
     advanced: &assemble::Delivered,
     isolation: i8,
+    asked: Instant,
 ) {
     let client_id = req.header.client_id.as_deref().unwrap_or("");
     let first = ctx.profiles.fetched(
@@ -163,6 +164,7 @@ fn profile(
         client.peer.ip(),
         client_id,
         isolation,
+        asked,
         // Partitions with a leader only: a name no topic has is not a position to keep.
         wants.iter().filter(|w| w.leader.is_ok()).filter_map(|w| {
             let got = advanced.get(&w.key);
@@ -191,7 +193,7 @@ fn profile(
             .find(|w| &w.key == key)
             .and_then(|w| w.name.as_ref())
         {
-            sampler.offer(
+            let taken = sampler.offer(
                 crate::prefetch::content::SampleKey {
                     conn: client.id,
                     topic: name.as_str().into(),
@@ -199,6 +201,10 @@ fn profile(
                 },
                 records.clone(),
             );
+            // A dropped first sample is retried on the connection's next delivery.
+            if taken && first {
+                ctx.profiles.sampled(client.id);
+            }
         }
     }
 }
