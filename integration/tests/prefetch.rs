@@ -359,3 +359,244 @@ fn a_kip_848_member_rejoining_finds_its_partition_read_from_its_commits() {
         "the member's first fetch did not use the pre-read"
     );
 }
+
+/// Three groups read the same partitions at once, each with its own partition fetch size (so
+/// one asks from inside another's answers), read_committed over aborted transactions. Each
+/// gets exactly what a direct consumer gets, and upstream reads far less than three times
+/// what one group alone needs: the groups share reads (`prefetch.share_reads`).
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn groups_reading_the_same_partitions_share_reads_and_each_gets_exactly_kafkas_records() {
+    let topic = unique("prefetch-shared");
+    create_topic(&topic, PARTITIONS);
+    let committed = produce_transactions(&topic, "s", 60, 60);
+    let member = |bootstrap: &str, group: &str, max_partition_bytes: usize| {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("group.id", group)
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("max.partition.fetch.bytes", max_partition_bytes.to_string())
+            .create()
+            .unwrap();
+        c.subscribe(&[&topic]).unwrap();
+        c
+    };
+    let limit = Duration::from_secs(90);
+    let expected = consume(
+        &member(&kafka(), &unique("g-direct"), 4096),
+        committed,
+        limit,
+    );
+    assert_eq!(expected.len(), committed);
+
+    let upstream_bytes = || metric("shardgate_upstream_fetch_bytes_total", &[]);
+    let before = upstream_bytes();
+    let alone = consume(
+        &member(&proxy(), &unique("g-alone"), 4096),
+        committed,
+        limit,
+    );
+    let one_group = upstream_bytes() - before;
+    assert_eq!(alone, expected, "one group through shardgate");
+
+    let hits_before = metric("shardgate_prefetch_hits_total", &[]);
+    let before = upstream_bytes();
+    let got: Vec<Vec<Rec>> = std::thread::scope(|s| {
+        let handles: Vec<_> = [4096usize, 6000, 10_000]
+            .into_iter()
+            .map(|size| {
+                let c = member(&proxy(), &unique("g-shared"), size);
+                s.spawn(move || consume(&c, committed, limit))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let three_groups = upstream_bytes() - before;
+    let hits = metric("shardgate_prefetch_hits_total", &[]) - hits_before;
+    eprintln!(
+        "upstream record bytes: one group {one_group}, three groups together {three_groups} \
+         ({:.2}x one group); shared hits {hits}; reads registered {}, evicted (ttl/replaced/crowded) {}/{}/{}, refused {}",
+        three_groups / one_group,
+        metric("shardgate_prefetch_reads_total", &["reason=\"shared\""]),
+        metric("shardgate_prefetch_evictions_total", &["reason=\"ttl\""]),
+        metric(
+            "shardgate_prefetch_evictions_total",
+            &["reason=\"replaced\""]
+        ),
+        metric(
+            "shardgate_prefetch_evictions_total",
+            &["reason=\"crowded\""]
+        ),
+        metric("shardgate_prefetch_refused_total", &[]),
+    );
+    for (i, g) in got.iter().enumerate() {
+        assert_eq!(g.len(), expected.len(), "group {i}");
+        for (a, b) in g.iter().zip(&expected) {
+            assert_eq!(a, b, "group {i}");
+        }
+    }
+    assert!(hits > 0.0, "no fetch was answered from a shared read");
+    // Without sharing each group reads everything itself: 3x.
+    assert!(
+        three_groups < 2.0 * one_group,
+        "three groups read {three_groups} bytes upstream, one alone {one_group}"
+    );
+}
+
+/// A compacted topic (batches with offset gaps inside, offsets that no longer exist) read by
+/// groups sharing reads, one of which then seeks back into what the others' reads hold: every
+/// record is what a direct consumer gets at those offsets.
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn shared_reads_of_a_compacted_topic_and_a_seek_back_answer_exactly_what_kafka_does() {
+    let topic = unique("prefetch-compacted");
+    create_topic_direct(
+        &topic,
+        &[
+            "--partitions",
+            &PARTITIONS.to_string(),
+            "--replication-factor",
+            &rf().to_string(),
+            "--config",
+            "cleanup.policy=compact",
+            "--config",
+            "segment.ms=100",
+            "--config",
+            "min.cleanable.dirty.ratio=0.01",
+        ],
+    );
+    // Every key once, then the even ones again: compaction leaves the odd keys' first values
+    // and the even keys' second ones, gaps all through the log.
+    const KEYS: usize = 3000;
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let send = |key: &str, value: &str, partition: i32| {
+        producer
+            .send(
+                BaseRecord::to(&topic)
+                    .partition(partition)
+                    .key(key)
+                    .payload(value),
+            )
+            .unwrap();
+    };
+    for round in 0..2 {
+        for k in (0..KEYS).filter(|k| round == 0 || k % 2 == 0) {
+            send(
+                &format!("k{k}"),
+                &format!("round {round} of key {k}, some text to make it longer"),
+                (k % PARTITIONS as usize) as i32,
+            );
+        }
+        producer.flush(Duration::from_secs(30)).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // A last record per partition rolls the segment holding the rest: all of it cleanable.
+    for p in 0..PARTITIONS {
+        send(&format!("roll-{p}"), "roll", p);
+    }
+    producer.flush(Duration::from_secs(30)).unwrap();
+    let compacted = KEYS + PARTITIONS as usize;
+    let direct_read = |limit: Duration| -> Vec<Rec> {
+        let c = group_member(&kafka(), &unique("g-direct"), "compacted-direct");
+        c.subscribe(&[&topic]).unwrap();
+        let started = Instant::now();
+        let mut out = Vec::new();
+        let mut quiet = Instant::now();
+        while quiet.elapsed() < Duration::from_secs(3) && started.elapsed() < limit {
+            if let Some(m) = c.poll(Duration::from_millis(100)) {
+                out.push(rec(&m.unwrap()));
+                quiet = Instant::now();
+            }
+        }
+        out.sort();
+        out
+    };
+    // The cleaner runs every 15 s or so: wait until the log is compacted all through.
+    let started = Instant::now();
+    let expected = loop {
+        let got = direct_read(Duration::from_secs(30));
+        if got.len() == compacted {
+            break got;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the log was not compacted within 120 s: {} records, {compacted} expected",
+            got.len()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let gaps = expected
+        .windows(2)
+        .filter(|w| w[0].0 == w[1].0 && w[1].1 > w[0].1 + 1)
+        .count();
+    assert!(gaps > 1000, "the compacted log has {gaps} gaps");
+
+    let member = |size: usize| {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", proxy())
+            .set("group.id", unique("g-compacted"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("max.partition.fetch.bytes", size.to_string())
+            .create()
+            .unwrap();
+        c.subscribe(&[&topic]).unwrap();
+        c
+    };
+    let limit = Duration::from_secs(90);
+    let hits_before = metric("shardgate_prefetch_hits_total", &[]);
+    let (got, reread) = std::thread::scope(|s| {
+        let others: Vec<_> = [3000usize, 7000]
+            .into_iter()
+            .map(|size| {
+                let c = member(size);
+                s.spawn(move || consume(&c, compacted, limit))
+            })
+            .collect();
+        // This one reads it all, then seeks back to the middle of every partition (inside
+        // answers the others' reads left) and reads to the end again.
+        let c = member(5000);
+        let first = consume(&c, compacted, limit);
+        let middle = |p: i32| {
+            let offsets: Vec<i64> = first.iter().filter(|r| r.0 == p).map(|r| r.1).collect();
+            // An offset compaction removed, where there is one: Kafka answers from the next.
+            let o = offsets[offsets.len() / 2];
+            if offsets.contains(&(o + 1)) { o } else { o + 1 }
+        };
+        let from: Vec<(i32, i64)> = (0..PARTITIONS).map(|p| (p, middle(p))).collect();
+        for (p, o) in &from {
+            c.seek(&topic, *p, Offset::Offset(*o), Duration::from_secs(10))
+                .unwrap();
+        }
+        let want = first
+            .iter()
+            .filter(|r| from.iter().any(|(p, o)| r.0 == *p && r.1 >= *o))
+            .count();
+        let again = consume(&c, want, limit);
+        let mut got: Vec<Vec<Rec>> = others.into_iter().map(|h| h.join().unwrap()).collect();
+        got.push(first);
+        (got, (from, again))
+    });
+    for (i, g) in got.iter().enumerate() {
+        assert_eq!(g.len(), expected.len(), "group {i}");
+        for (a, b) in g.iter().zip(&expected) {
+            assert_eq!(a, b, "group {i}");
+        }
+    }
+    let (from, again) = reread;
+    let want: Vec<Rec> = expected
+        .iter()
+        .filter(|r| from.iter().any(|(p, o)| r.0 == *p && r.1 >= *o))
+        .cloned()
+        .collect();
+    assert_eq!(again, want, "after the seek back to {from:?}");
+    let hits = metric("shardgate_prefetch_hits_total", &[]) - hits_before;
+    eprintln!("compacted: {gaps} gaps; seek back to {from:?}; shared hits {hits}");
+    assert!(hits > 0.0, "no fetch was answered from a shared read");
+}

@@ -50,6 +50,10 @@ pub struct PrefetchConfig {
     /// How long a pre-read waits to be asked for before it is dropped (counted).
     #[serde(default = "default_ttl_ms")]
     pub ttl_ms: u64,
+    /// Partitions that several consumers (groups) fetch are read once for all of them: a
+    /// read in flight is waited for, answers are kept for those behind.
+    #[serde(default = "default_enabled")]
+    pub share_reads: bool,
     /// Fields whose values make a consumer's routing-value histogram ("key", "header:NAME",
     /// "json:/pointer"), as in managed topics' `route_by`.
     #[serde(default = "default_routing_fields")]
@@ -85,6 +89,7 @@ impl Default for PrefetchConfig {
             samples_per_sec: default_samples_per_sec(),
             max_bytes: default_max_bytes(),
             ttl_ms: default_ttl_ms(),
+            share_reads: true,
             routing_fields: default_routing_fields(),
             minilm: MinilmConfig::default(),
         }

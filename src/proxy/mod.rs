@@ -98,7 +98,8 @@ pub struct Ctx {
     pub profiles: Arc<crate::prefetch::Profiles>,
     /// Samples delivered records into the profiles (None: prefetch or sampling off).
     pub sampler: Option<crate::prefetch::content::Sampler>,
-    /// Pre-reads every connection may take (rebalances).
+    /// Reads every connection may take (rebalance pre-reads, partitions several consumers
+    /// read).
     pub shared_reads: Arc<fetch::shared::SharedReads>,
 }
 
@@ -115,6 +116,7 @@ impl Ctx {
         let shared_reads = Arc::new(fetch::shared::SharedReads::new(
             std::time::Duration::from_millis(settings.raw.prefetch.ttl_ms),
             settings.raw.prefetch.max_bytes,
+            settings.raw.prefetch.share_reads,
         ));
         Self {
             fetch_sessions: fetch::session::FetchSessions::new(

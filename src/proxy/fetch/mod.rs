@@ -284,22 +284,23 @@ impl Fetch<'_> {
                 Some(p) => p,
                 None if !prefetch => continue,
                 None => match self.ctx.shared_reads.find(
+                    self.client.id,
                     w,
                     isolation,
-                    // The request's own topic id where it has one (Fetch v13+), else the
-                    // id the topology knows for the name.
-                    if w.key.0.id.is_nil() {
-                        w.name
-                            .as_ref()
-                            .and_then(|n| topo.topics.get(n))
-                            .map_or(w.key.0.id, |t| t.id)
-                    } else {
-                        w.key.0.id
-                    },
+                    topic_id(&topo, w),
                 ) {
                     shared::Found::Ready(p) => {
                         self.hits.insert(w.key.clone());
-                        *p
+                        let mut p = *p;
+                        // Read earlier (maybe for another consumer): offsets this connection
+                        // was told since are still true and never go back.
+                        if let Some(seen) = state.seen(&w.key) {
+                            p.high_watermark = p.high_watermark.max(seen.high_watermark);
+                            p.last_stable_offset =
+                                p.last_stable_offset.max(seen.last_stable_offset);
+                            p.log_start_offset = p.log_start_offset.max(seen.log_start_offset);
+                        }
+                        p
                     }
                     shared::Found::InFlight(f) => {
                         self.covered.insert(w.key.clone(), f);
@@ -392,6 +393,10 @@ impl Fetch<'_> {
             return;
         }
         let state = &self.client.fetch;
+        let shared = &self.ctx.shared_reads;
+        let prefetch = self.ctx.settings.raw.prefetch.enabled;
+        let isolation = self.template.body.isolation_level;
+        let topo = self.ctx.topology().load();
         let mut by_broker: BTreeMap<i32, (bool, Vec<Want>)> = BTreeMap::new();
         for w in wants {
             let Ok(b) = w.leader else { continue };
@@ -399,11 +404,17 @@ impl Fetch<'_> {
                 continue; // the cut part of this answer is already waiting
             }
             let mut next = w.clone();
-            let entry = by_broker.entry(b).or_default();
-            if let Some((o, _)) = advanced.get(&w.key) {
+            let got = advanced.get(&w.key);
+            if let Some((o, _)) = got {
                 next.part.fetch_offset = *o;
-                entry.0 = true;
             }
+            // Another consumer's read of the same partition is out or kept: taken from
+            // there, not read again.
+            if prefetch && shared.covers(&next, isolation, topic_id(&topo, &next)) {
+                continue;
+            }
+            let entry = by_broker.entry(b).or_default();
+            entry.0 |= got.is_some();
             entry.1.push(next);
         }
         for (broker, (moved, ws)) in by_broker {
@@ -421,7 +432,7 @@ impl Fetch<'_> {
     fn start_poll(&self, broker: i32, wants: &[&Want], max_wait: Duration) -> upstream::SubFuture {
         let state = &self.client.fetch;
         let seq = state.next_seq();
-        let f = upstream::start(
+        let mut f = upstream::start(
             self.ctx.pool.clone(),
             self.client.id,
             &self.template,
@@ -431,6 +442,18 @@ impl Fetch<'_> {
             Duration::from_millis(self.ctx.settings.raw.upstream.request_timeout_ms),
             seq,
         );
+        if self.ctx.settings.raw.prefetch.enabled {
+            let topo = self.ctx.topology().load();
+            let ids: Vec<(&Want, uuid::Uuid)> =
+                wants.iter().map(|w| (*w, topic_id(&topo, w))).collect();
+            f = self.ctx.shared_reads.poll_started(
+                self.client.id,
+                self.template.body.isolation_level,
+                self.template.body.min_bytes,
+                &ids,
+                f,
+            );
+        }
         state.set_pending(broker, seq, f.clone());
         f
     }
@@ -492,6 +515,19 @@ impl Fetch<'_> {
         let state = self.client.fetch.clone();
         self.join_polls(wants, |w| state.seen(&w.key).is_none())
             .await;
+    }
+}
+
+/// The topic id a want's partition has: the request's own (Fetch v13+), else the one the
+/// topology knows for the name.
+fn topic_id(topo: &crate::upstream::topology::Topology, w: &Want) -> uuid::Uuid {
+    if w.key.0.id.is_nil() {
+        w.name
+            .as_ref()
+            .and_then(|n| topo.topics.get(n))
+            .map_or(w.key.0.id, |t| t.id)
+    } else {
+        w.key.0.id
     }
 }
 

@@ -119,6 +119,15 @@ pub fn start(
             )?)
         }
         .await
+        .inspect(|resp| {
+            let bytes: usize = resp
+                .responses
+                .iter()
+                .flat_map(|t| &t.partitions)
+                .map(|p| p.records.as_ref().map_or(0, |r| r.len()))
+                .sum();
+            metrics::counter!("shardgate_upstream_fetch_bytes_total").increment(bytes as u64);
+        })
         .map_err(|e| {
             tracing::debug!(broker, error = %e, "upstream fetch failed; answering retriable errors");
             e.to_string()
