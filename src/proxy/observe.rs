@@ -119,6 +119,7 @@ fn pre_read(
     if !ctx.settings.raw.prefetch.enabled {
         return;
     }
+    ctx.shared_reads.assigned(group, parts);
     let known: Vec<(String, i32, i64)> = parts
         .iter()
         .filter_map(|(t, p)| {

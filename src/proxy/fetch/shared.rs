@@ -54,8 +54,10 @@ const OWNER: u64 = u64::MAX - 1;
 const VERSION: i16 = 13;
 /// Entries kept per partition: consumers at different offsets each leave theirs.
 const MAX_ENTRIES: usize = 32;
-/// Connections remembered per partition as its recent readers.
-const MAX_READERS: usize = 4;
+/// Readers remembered per partition (connections that fetched it, groups assigned it).
+const MAX_READERS: usize = 6;
+/// Marks a reader id that is a group (hash of its name) rather than a connection id.
+const GROUP: u64 = 1 << 63;
 /// Partitions whose readers are tracked at once (beyond, all are forgotten and relearnt).
 const MAX_TRACKED: usize = 100_000;
 
@@ -313,31 +315,57 @@ impl SharedReads {
         metrics::gauge!("shardgate_prefetch_bytes").set(self.bytes.load(Relaxed) as f64);
     }
 
-    /// Notes `conn` as a reader of `wants`' partitions; returns, per want, whether another
-    /// connection read it within the TTL (the partition is shared).
-    fn note_readers<'a>(&self, conn: u64, wants: impl Iterator<Item = &'a Want>) -> Vec<bool> {
+    /// Notes `reader` (a connection id, or a group's id with `GROUP` set) as a reader of
+    /// the partitions `parts` names; returns, per partition, whether it is shared: another
+    /// connection fetched it, or two groups were assigned it, within the TTL.
+    fn note<'a>(
+        &self,
+        reader: u64,
+        parts: impl Iterator<Item = Option<(&'a str, i32)>>,
+    ) -> Vec<bool> {
         let now = Instant::now();
         let mut readers = self.readers.lock().expect("readers");
         if readers.len() >= MAX_TRACKED {
             readers.clear();
         }
-        wants
-            .map(|w| {
-                let Some(name) = &w.name else {
+        parts
+            .map(|part| {
+                let Some((name, partition)) = part else {
                     return false;
                 };
                 let mut h = std::collections::hash_map::DefaultHasher::new();
-                (name.as_str(), w.key.1).hash(&mut h);
+                (name, partition).hash(&mut h);
                 let rs = readers.entry(h.finish()).or_default();
-                rs.retain(|(c, at)| *c != conn && now.duration_since(*at) <= self.ttl);
-                let shared = !rs.is_empty();
+                rs.retain(|(r, at)| *r != reader && now.duration_since(*at) <= self.ttl);
                 if rs.len() >= MAX_READERS {
                     rs.remove(0);
                 }
-                rs.push((conn, now));
-                shared
+                rs.push((reader, now));
+                let conns = rs.iter().filter(|(r, _)| r & GROUP == 0).count();
+                conns >= 2 || rs.len() - conns >= 2
             })
             .collect()
+    }
+
+    fn note_readers<'a>(&self, conn: u64, wants: impl Iterator<Item = &'a Want>) -> Vec<bool> {
+        self.note(
+            conn & !GROUP,
+            wants.map(|w| w.name.as_ref().map(|n| (n.as_str(), w.key.1))),
+        )
+    }
+
+    /// A member of `group` was assigned `parts`: a partition assigned in two groups is
+    /// shared from their first fetch on (before either fetched it).
+    pub fn assigned(&self, group: &str, parts: &[(String, i32)]) {
+        if !self.share {
+            return;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        group.hash(&mut h);
+        self.note(
+            h.finish() | GROUP,
+            parts.iter().map(|(t, p)| Some((t.as_str(), *p))),
+        );
     }
 
     /// A connection's poll of `wants` is starting as `poll`. Partitions other connections
@@ -556,6 +584,7 @@ fn records_in(slot: &Slot) -> u64 {
 
 /// Batch header fields read here (v2 record batches; offsets from the batch start).
 const LEADER_EPOCH_AT: usize = 12;
+const MAGIC_AT: usize = 16;
 const ATTRIBUTES_AT: usize = 21;
 const LAST_DELTA_AT: usize = 23;
 const PRODUCER_ID_AT: usize = 43;
@@ -578,7 +607,8 @@ fn from_offset(p: &PartitionData, z: i64) -> Option<(PartitionData, i32)> {
     while records.len() >= pos + HEADER_LEN {
         let base = be_i64(pos);
         let len = be_i32(pos + 8);
-        if len < 0 || pos + 12 + len as usize > records.len() {
+        // Old message formats (magic 0 and 1) have no such header: not served from inside.
+        if len < 0 || pos + 12 + len as usize > records.len() || records[pos + MAGIC_AT] != 2 {
             return None;
         }
         let last = base + be_i32(pos + LAST_DELTA_AT) as i64;
@@ -978,5 +1008,37 @@ mod tests {
         assert_eq!(store.bytes.load(std::sync::atomic::Ordering::Relaxed), 200);
         store.sweep();
         assert_eq!(store.count.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_partition_two_groups_were_assigned_is_shared_from_the_first_fetch() {
+        let store = Arc::new(SharedReads::new(Duration::from_secs(10), 1 << 26, true));
+        let want = Want {
+            key: key_of("t", 0),
+            part: FetchPartition::default()
+                .with_partition(0)
+                .with_fetch_offset(0)
+                .with_current_leader_epoch(-1)
+                .with_last_fetched_epoch(-1)
+                .with_partition_max_bytes(1 << 20),
+            name: Some("t".to_string().into()),
+            leader: Ok(1),
+        };
+        let pending: SubFuture = futures::future::pending().boxed().shared();
+        let ids = [(&want, uuid::Uuid::nil())];
+        let parts = [("t".to_string(), 0)];
+        store.assigned("g1", &parts);
+        store.assigned("g1", &parts);
+        drop(store.poll_started(1, 0, 1, &ids, pending.clone()));
+        assert!(
+            matches!(store.find(2, &want, 0, uuid::Uuid::nil()), Found::Nothing),
+            "one group (assigned twice) and its connection: not shared"
+        );
+        store.assigned("g2", &parts);
+        drop(store.poll_started(1, 0, 1, &ids, pending));
+        assert!(matches!(
+            store.find(2, &want, 0, uuid::Uuid::nil()),
+            Found::InFlight(_)
+        ));
     }
 }
