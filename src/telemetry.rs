@@ -15,7 +15,118 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
         .set_buckets(&buckets)?
         .install_recorder()?;
     describe();
+    zero();
     Ok(handle)
+}
+
+/// Counters of rare events exist from the start at 0, with every label value they can
+/// take: "nothing happened" then reads as 0 (and rate() works), not as a missing series an
+/// alert or dashboard cannot tell from a scrape that failed.
+fn zero() {
+    use metrics::counter;
+    for name in [
+        "shardgate_requests_abandoned_total",
+        "shardgate_upstream_timeouts_closed_total",
+        "shardgate_upstream_fetches_total",
+        "shardgate_upstream_fetch_bytes_total",
+        "shardgate_pool_grown_total",
+        "shardgate_prefetch_hits_total",
+        "shardgate_prefetch_misses_total",
+        "shardgate_prefetch_prefetched_records_total",
+        "shardgate_prefetch_delivered_records_total",
+        "shardgate_fetch_readahead_polls_total",
+        "shardgate_fetch_readahead_dropped_total",
+    ] {
+        counter!(name).increment(0);
+    }
+    let labelled: [(&'static str, &'static str, &[&'static str]); 8] = [
+        (
+            "shardgate_connections_rejected_total",
+            "reason",
+            &["max_connections", "per_source"],
+        ),
+        (
+            "shardgate_connections_closed_total",
+            "reason",
+            &["no_first_request", "slow_request"],
+        ),
+        (
+            "shardgate_upstream_errors_total",
+            "kind",
+            &[
+                "connect",
+                "disconnected",
+                "timeout",
+                "unknown_broker",
+                "no_broker",
+                "protocol",
+            ],
+        ),
+        (
+            "shardgate_store_errors_total",
+            "op",
+            &["watch", "report", "campaign"],
+        ),
+        (
+            "shardgate_topology_refreshes_total",
+            "result",
+            &["ok", "error"],
+        ),
+        (
+            "shardgate_prefetch_reads_total",
+            "reason",
+            &["rebalance", "shared"],
+        ),
+        (
+            "shardgate_prefetch_evictions_total",
+            "reason",
+            &["ttl", "replaced", "crowded"],
+        ),
+        ("shardgate_prefetch_refused_total", "reason", &["memory"]),
+    ];
+    for (name, label, values) in labelled {
+        for v in values {
+            counter!(name, label => *v).increment(0);
+        }
+    }
+    // Gauges set only when something happens.
+    for name in [
+        "shardgate_prefetch_bytes",
+        "shardgate_memory_budget_waiting",
+    ] {
+        metrics::gauge!(name).set(0.0);
+    }
+}
+
+/// Reasons a split or merge is made for (`shards::controller`: "api" from the admin API,
+/// the autoscaler's measures, "hot_key" when one key is isolated, "cold" merges).
+const SPLIT_REASONS: [&str; 5] = [
+    "api",
+    "records_rate",
+    "bytes_rate",
+    "consumer_lag",
+    "hot_key",
+];
+const MERGE_REASONS: [&str; 2] = ["api", "cold"];
+
+/// A managed topic's rare-event counters at 0 from when this instance first knows it (see
+/// `zero`).
+pub fn zero_topic(topic: &str) {
+    for name in [
+        "shardgate_gate_fallback_opens_total",
+        "shardgate_gate_held_fetches_total",
+        "shardgate_pool_nudges_total",
+    ] {
+        metrics::counter!(name, "topic" => topic.to_string()).increment(0);
+    }
+    for reason in SPLIT_REASONS {
+        metrics::counter!("shardgate_shard_splits_total", "topic" => topic.to_string(), "reason" => reason)
+            .increment(0);
+    }
+    for reason in MERGE_REASONS {
+        metrics::counter!("shardgate_shard_merges_total", "topic" => topic.to_string(), "reason" => reason)
+            .increment(0);
+    }
 }
 
 fn describe() {

@@ -169,18 +169,6 @@ cluster = "{cluster}"
     }
 }
 
-fn active(map: &Value) -> Vec<Value> {
-    let mut v: Vec<Value> = map["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["state"] == "active")
-        .cloned()
-        .collect();
-    v.sort_by_key(|s| s["start"].as_str().unwrap().parse::<u128>().unwrap());
-    v
-}
-
 fn width(s: &Value) -> u128 {
     s["end"].as_str().unwrap().parse::<u128>().unwrap()
         - s["start"].as_str().unwrap().parse::<u128>().unwrap()

@@ -21,18 +21,6 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 
-fn active(map: &Value) -> Vec<Value> {
-    let mut v: Vec<Value> = map["shards"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["state"] == "active")
-        .cloned()
-        .collect();
-    v.sort_by_key(|s| s["start"].as_str().unwrap().parse::<u128>().unwrap());
-    v
-}
-
 /// Per key, the sequence numbers in the order a group received them.
 #[derive(Default)]
 struct Order {

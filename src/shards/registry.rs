@@ -280,6 +280,9 @@ impl Registry {
                 .expect("nudged")
                 .retain(|(_, t, _)| *t != config.name);
         }
+        if !cur.contains_key(&config.name) {
+            crate::telemetry::zero_topic(&config.name);
+        }
         let mut next = (**cur).clone();
         next.insert(config.name.clone(), Arc::new(Managed::new(config, map)));
         self.topics.store(Arc::new(next));

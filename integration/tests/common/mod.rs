@@ -123,11 +123,16 @@ pub fn run_ok(cmd: &mut Command, limit: Duration) -> String {
 pub fn http_get(path: &str) -> (u16, String) {
     let base = admin();
     let hostport = base.trim_start_matches("http://").trim_end_matches('/');
-    let mut s = TcpStream::connect(hostport).expect("admin port reachable");
+    http_get_at(hostport, path).expect("admin port reachable")
+}
+
+/// GET `path` from `hostport` (HTTP/1.0): status code and body; None when nothing listens.
+pub fn http_get_at(hostport: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(hostport).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     write!(s, "GET {path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").unwrap();
     let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
+    s.read_to_string(&mut resp).ok()?;
     let status = resp
         .split_whitespace()
         .nth(1)
@@ -137,7 +142,7 @@ pub fn http_get(path: &str) -> (u16, String) {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    (status, body)
+    Some((status, body))
 }
 
 /// Sum of a Prometheus counter/gauge over the series whose labels contain all `labels`
@@ -459,4 +464,18 @@ pub fn java_consume(topic: &str, group: &str, n: usize, extra: &[&str]) -> Vec<S
         Duration::from_secs(120),
     );
     out.lines().map(str::to_string).collect()
+}
+
+/// A shard map's active shards (`GET /api/v1/topics/{t}/shards`), in hash-range order.
+#[allow(dead_code)]
+pub fn active(map: &serde_json::Value) -> Vec<serde_json::Value> {
+    let mut v: Vec<serde_json::Value> = map["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["state"] == "active")
+        .cloned()
+        .collect();
+    v.sort_by_key(|s| s["start"].as_str().unwrap().parse::<u128>().unwrap());
+    v
 }

@@ -1,0 +1,383 @@
+//! Shared reads without I/O: lookups, epochs, transactions, sharing.
+
+use super::*;
+use bytes::{BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::fetch_response::AbortedTransaction;
+
+/// The key a fetch's want has, for matching pre-reads in tests.
+fn key_of(name: &str, partition: i32) -> plan::Key {
+    (
+        TopicRef {
+            name: name.to_string().into(),
+            id: uuid::Uuid::nil(),
+        },
+        partition,
+    )
+}
+
+fn batch(base: i64, count: i32, len: usize) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    b.put_i64(base);
+    b.put_i32((len - 12) as i32);
+    b.put_i32(0);
+    b.put_i8(2);
+    b.put_i32(0);
+    b.put_i16(0);
+    b.put_i32(count - 1);
+    b.resize(len, 0);
+    b.to_vec()
+}
+
+fn data(batches: &[Vec<u8>], aborted: &[i64]) -> PartitionData {
+    let mut r = Vec::new();
+    for b in batches {
+        r.extend_from_slice(b);
+    }
+    PartitionData::default()
+        .with_records(Some(Bytes::from(r)))
+        .with_aborted_transactions(Some(
+            aborted
+                .iter()
+                .map(|o| AbortedTransaction::default().with_first_offset(*o))
+                .collect(),
+        ))
+}
+
+/// A store holding `p`, read at offset 10, read_committed, under leader epoch `epoch`
+/// with last fetched epoch `last_epoch`.
+fn holding(p: PartitionData, epoch: i32, last_epoch: i32) -> SharedReads {
+    let store = SharedReads::new(Duration::from_secs(10), 1 << 26, true);
+    let bytes = p.records.as_ref().map_or(0, |r| r.len());
+    store.lock().insert(
+        ("t".into(), 0),
+        vec![Slot {
+            generation: 0,
+            topic_id: uuid::Uuid::nil(),
+            offset: 10,
+            isolation: 1,
+            epoch,
+            last_epoch,
+            at: Instant::now(),
+            state: State::Ready(Box::new(p)),
+            bytes,
+        }],
+    );
+    store.count.store(1, std::sync::atomic::Ordering::Relaxed);
+    store
+}
+
+#[test]
+fn a_cut_keeps_whole_batches_within_the_limit() {
+    let p = data(
+        &[batch(0, 10, 100), batch(10, 10, 100), batch(20, 5, 100)],
+        &[5, 15, 22],
+    );
+    let c = cut(&p, 250).unwrap();
+    assert_eq!(c.records.as_ref().unwrap().len(), 200);
+    assert_eq!(
+        c.aborted_transactions
+            .unwrap()
+            .iter()
+            .map(|a| a.first_offset)
+            .collect::<Vec<_>>(),
+        vec![5, 15]
+    );
+    assert!(
+        cut(&p, 10).is_none(),
+        "a first batch above the limit goes upstream"
+    );
+    let c = cut(&p, 100).unwrap();
+    assert_eq!(c.records.as_ref().unwrap().len(), 100);
+    assert_eq!(c.aborted_transactions.unwrap().len(), 1);
+    let c = cut(&p, usize::MAX).unwrap();
+    assert_eq!(c.records.as_ref().unwrap().len(), 300);
+}
+
+#[test]
+fn only_offsets_within_the_read_at_its_isolation_and_epoch_match() {
+    let store = holding(data(&[batch(10, 5, 100)], &[]), 4, -1);
+    let want = |offset: i64, epoch: i32| Want {
+        key: key_of("t", 0),
+        part: FetchPartition::default()
+            .with_partition(0)
+            .with_fetch_offset(offset)
+            .with_current_leader_epoch(epoch)
+            .with_last_fetched_epoch(-1)
+            .with_partition_max_bytes(1 << 20),
+        name: Some("t".to_string().into()),
+        leader: Ok(1),
+    };
+    assert!(matches!(
+        store.find(1, &want(10, 4), 1, uuid::Uuid::nil()),
+        Found::Ready(_)
+    ));
+    let mut last = want(10, 4);
+    last.part.last_fetched_epoch = 3;
+    assert!(
+        matches!(store.find(1, &last, 1, uuid::Uuid::nil()), Found::Nothing),
+        "a last fetched epoch other than the read's: Kafka checks for divergence"
+    );
+    last.part.last_fetched_epoch = 4;
+    assert!(matches!(
+        store.find(1, &last, 1, uuid::Uuid::nil()),
+        Found::Ready(_)
+    ));
+    assert!(
+        matches!(
+            store.find(1, &want(10, 4), 1, uuid::Uuid::from_u128(7)),
+            Found::Nothing
+        ),
+        "a topic created again under the same name"
+    );
+    assert!(matches!(
+        store.find(1, &want(10, -1), 1, uuid::Uuid::nil()),
+        Found::Ready(_)
+    ));
+    assert!(
+        matches!(
+            store.find(1, &want(10, 5), 1, uuid::Uuid::nil()),
+            Found::Nothing
+        ),
+        "another epoch"
+    );
+    assert!(
+        matches!(
+            store.find(1, &want(10, 4), 0, uuid::Uuid::nil()),
+            Found::Nothing
+        ),
+        "another isolation"
+    );
+    assert!(
+        matches!(
+            store.find(1, &want(11, 4), 1, uuid::Uuid::nil()),
+            Found::Ready(_)
+        ),
+        "an offset inside the answer"
+    );
+    for outside in [9, 15] {
+        assert!(
+            matches!(
+                store.find(1, &want(outside, 4), 1, uuid::Uuid::nil()),
+                Found::Nothing
+            ),
+            "an offset outside the answer"
+        );
+    }
+}
+
+/// A v2 batch header with the fields `from_offset` reads, `len` bytes in all.
+fn batch_of(base: i64, count: i32, len: usize, epoch: i32, control: bool, pid: i64) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    b.put_i64(base);
+    b.put_i32((len - 12) as i32);
+    b.put_i32(epoch);
+    b.put_i8(2);
+    b.put_i32(0);
+    b.put_i16(if control { 0x30 } else { 0x10 });
+    b.put_i32(count - 1);
+    b.put_i64(0);
+    b.put_i64(0);
+    b.put_i64(pid);
+    b.resize(len, 0);
+    b.to_vec()
+}
+
+fn aborted(list: &[(i64, i64)]) -> Vec<(i64, i64)> {
+    list.to_vec()
+}
+
+fn aborted_of(p: &PartitionData) -> Vec<(i64, i64)> {
+    p.aborted_transactions
+        .iter()
+        .flatten()
+        .map(|a| (a.producer_id.0, a.first_offset))
+        .collect()
+}
+
+fn txn_data() -> PartitionData {
+    // pid 7 writes 10..13 and aborts at 14; pid 8 writes 15..19 and aborts at 20.
+    let batches = [
+        batch_of(10, 4, 100, 3, false, 7),
+        batch_of(14, 1, 80, 3, true, 7),
+        batch_of(15, 5, 100, 4, false, 8),
+        batch_of(20, 1, 80, 4, true, 8),
+    ];
+    let mut p = data(&batches, &[]);
+    p.aborted_transactions = Some(
+        aborted(&[(7, 10), (8, 15)])
+            .into_iter()
+            .map(|(pid, first)| {
+                AbortedTransaction::default()
+                    .with_producer_id(kafka_protocol::messages::ProducerId(pid))
+                    .with_first_offset(first)
+            })
+            .collect(),
+    );
+    p
+}
+
+#[test]
+fn from_inside_an_answer_the_batches_and_open_transactions_from_there() {
+    let p = txn_data();
+    let (inside, epoch) = from_offset(&p, 16).unwrap();
+    assert_eq!(inside.records.as_ref().unwrap().len(), 180);
+    assert_eq!(&inside.records.as_ref().unwrap()[..8], &15i64.to_be_bytes());
+    assert_eq!(epoch, 4);
+    assert_eq!(
+        aborted_of(&inside),
+        vec![(8, 15)],
+        "pid 7's transaction ended before 15: a consumer would skip pid 7's next batches"
+    );
+    let (inside, epoch) = from_offset(&p, 12).unwrap();
+    assert_eq!(inside.records.as_ref().unwrap().len(), 360);
+    assert_eq!(epoch, 3);
+    assert_eq!(aborted_of(&inside), vec![(7, 10), (8, 15)]);
+    assert!(from_offset(&p, 21).is_none(), "beyond the answer");
+}
+
+#[test]
+fn a_fetch_inside_an_answer_needs_a_divergence_check_that_holds() {
+    let store = holding(txn_data(), 5, 3);
+    let want = |offset: i64, last: i32| Want {
+        key: key_of("t", 0),
+        part: FetchPartition::default()
+            .with_partition(0)
+            .with_fetch_offset(offset)
+            .with_current_leader_epoch(5)
+            .with_last_fetched_epoch(last)
+            .with_partition_max_bytes(1 << 20),
+        name: Some("t".to_string().into()),
+        leader: Ok(1),
+    };
+    let served = |w: Want| match store.find(2, &w, 1, uuid::Uuid::nil()) {
+        Found::Ready(p) => Some(p),
+        _ => None,
+    };
+    assert!(served(want(10, 3)).is_some(), "the read's own check");
+    assert!(
+        served(want(10, 4)).is_none(),
+        "another epoch at the read's offset"
+    );
+    assert!(served(want(15, -1)).is_some());
+    assert!(
+        served(want(15, 4)).is_some(),
+        "the first batch served has epoch 4"
+    );
+    assert!(
+        served(want(15, 5)).is_some(),
+        "the leader's epoch at the read"
+    );
+    assert!(
+        served(want(15, 3)).is_none(),
+        "epoch 3 may end before 15 upstream"
+    );
+    let p = served(want(17, -1)).unwrap();
+    assert_eq!(aborted_of(&p), vec![(8, 15)]);
+    assert!(served(want(9, -1)).is_none(), "before the answer");
+    assert!(served(want(21, -1)).is_none(), "after the answer");
+}
+
+#[tokio::test]
+async fn a_partition_two_connections_read_is_read_once_for_both() {
+    use kafka_protocol::messages::FetchResponse;
+    use kafka_protocol::messages::fetch_response::FetchableTopicResponse;
+    let store = Arc::new(SharedReads::new(Duration::from_secs(10), 1 << 26, true));
+    // Asked by topic id (Fetch v13): the key has no name, the answer names no topic.
+    let id = uuid::Uuid::from_u128(42);
+    let by_id = (
+        TopicRef {
+            name: Default::default(),
+            id,
+        },
+        0,
+    );
+    let want = Want {
+        key: by_id.clone(),
+        part: FetchPartition::default()
+            .with_partition(0)
+            .with_fetch_offset(10)
+            .with_current_leader_epoch(-1)
+            .with_last_fetched_epoch(-1)
+            .with_partition_max_bytes(1 << 20),
+        name: Some("t".to_string().into()),
+        leader: Ok(1),
+    };
+    let poll = |seq: u64| -> SubFuture {
+        let answer = FetchResponse::default().with_responses(vec![
+            FetchableTopicResponse::default()
+                .with_topic_id(id)
+                .with_partitions(vec![
+                    data(&[batch(10, 5, 100), batch(15, 5, 100)], &[]).with_high_watermark(20),
+                ]),
+        ]);
+        let r = Arc::new(SubResult {
+            broker: 1,
+            seq,
+            asked: vec![(by_id.clone(), 10)],
+            outcome: Ok(answer),
+        });
+        futures::future::ready(r).boxed().shared()
+    };
+    let ids = [(&want, id)];
+    // One reader: its poll is its own.
+    let first = store.poll_started(1, 0, 1, &ids, poll(1));
+    assert!(matches!(store.find(3, &want, 0, id), Found::Nothing));
+    first.await;
+    assert!(matches!(store.find(3, &want, 0, id), Found::Nothing));
+    // A second connection reads it: its poll is registered, then kept.
+    let second = store.poll_started(2, 0, 1, &ids, poll(2));
+    assert!(matches!(store.find(3, &want, 0, id), Found::InFlight(_)));
+    second.await;
+    let Found::Ready(p) = store.find(3, &want, 0, id) else {
+        panic!("the second poll's answer is kept");
+    };
+    assert_eq!(p.records.as_ref().unwrap().len(), 200);
+    let mut inside = want.clone();
+    inside.part.fetch_offset = 16;
+    let Found::Ready(p) = store.find(3, &inside, 0, id) else {
+        panic!("a consumer behind, inside the answer");
+    };
+    assert_eq!(p.records.as_ref().unwrap().len(), 100);
+    assert!(
+        matches!(store.find(3, &want, 1, id), Found::Nothing),
+        "another isolation level"
+    );
+    // A poll waiting for more than a byte is not waited on by others.
+    let third = store.poll_started(4, 0, 1024, &ids, poll(3));
+    third.await;
+    assert_eq!(store.bytes.load(std::sync::atomic::Ordering::Relaxed), 200);
+    store.sweep();
+    assert_eq!(store.count.load(std::sync::atomic::Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_partition_two_groups_were_assigned_is_shared_from_the_first_fetch() {
+    let store = Arc::new(SharedReads::new(Duration::from_secs(10), 1 << 26, true));
+    let want = Want {
+        key: key_of("t", 0),
+        part: FetchPartition::default()
+            .with_partition(0)
+            .with_fetch_offset(0)
+            .with_current_leader_epoch(-1)
+            .with_last_fetched_epoch(-1)
+            .with_partition_max_bytes(1 << 20),
+        name: Some("t".to_string().into()),
+        leader: Ok(1),
+    };
+    let pending: SubFuture = futures::future::pending().boxed().shared();
+    let ids = [(&want, uuid::Uuid::nil())];
+    let parts = [("t".to_string(), 0)];
+    store.assigned("g1", &parts);
+    store.assigned("g1", &parts);
+    drop(store.poll_started(1, 0, 1, &ids, pending.clone()));
+    assert!(
+        matches!(store.find(2, &want, 0, uuid::Uuid::nil()), Found::Nothing),
+        "one group (assigned twice) and its connection: not shared"
+    );
+    store.assigned("g2", &parts);
+    drop(store.poll_started(1, 0, 1, &ids, pending));
+    assert!(matches!(
+        store.find(2, &want, 0, uuid::Uuid::nil()),
+        Found::InFlight(_)
+    ));
+}
