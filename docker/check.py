@@ -92,6 +92,10 @@ targets = prom["scrape_configs"][0]["static_configs"][0]["targets"]
 check(sorted(targets) == sorted(f"{n}:{p}" for n, (p, _) in admin_ports.items()),
       f"prometheus targets {targets}")
 check(host_ports(services["prometheus"]).get(9090) == 9090, "prometheus port")
+mounted = {v.split(":")[1]: v.split(":")[0] for v in services["prometheus"]["volumes"]}
+for rules in prom.get("rule_files", []):
+    check(rules in mounted and (HERE / mounted[rules]).exists(),
+          f"prometheus rule file {rules} is not mounted from the repository")
 ds = yaml.safe_load((ROOT / "grafana/provisioning/datasources/prometheus.yaml").read_text())
 check(ds["datasources"][0]["url"] == "http://prometheus:9090", "grafana datasource url")
 prov = yaml.safe_load((ROOT / "grafana/provisioning/dashboards/shardgate.yaml").read_text())
