@@ -446,7 +446,9 @@ async fn a_fetch_long_poll_delays_no_other_client() {
     let (client, admin) = ("127.0.0.1:29187", "127.0.0.1:29287");
     let _sg = one_socket_per_broker("iso-longpoll", client, admin);
     let (idle, busy) = (unique("iso-idle"), unique("iso-busy"));
-    create(&idle, "1");
+    // One idle partition per consumer: consumers of the same partition would share one
+    // long-poll upstream (prefetch's shared reads), and this test wants five.
+    create(&idle, "1,1,1,1,1");
     create(&busy, "1");
     let upstream_fetches = || {
         let (_, body) =
@@ -470,7 +472,7 @@ async fn a_fetch_long_poll_delays_no_other_client() {
                     .create()
                     .unwrap();
                 let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&idle, 0, Offset::End).unwrap();
+                tpl.add_partition_offset(&idle, i, Offset::End).unwrap();
                 c.assign(&tpl).unwrap();
                 while !stop.load(Ordering::Relaxed) {
                     let _ = c.poll(Duration::from_millis(100));
