@@ -57,13 +57,6 @@ enum ShardsOp {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SHARDGATE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let config = match &cli.command {
         Command::Run { config } | Command::CheckConfig { config } => config,
         Command::Shards { admin, op } => return shards_cli(admin, op),
@@ -75,6 +68,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_logs(settings.raw.log.format);
     if matches!(cli.command, Command::CheckConfig { .. }) {
         println!("{}: ok", config.display());
         return ExitCode::SUCCESS;
@@ -102,6 +96,20 @@ fn main() -> ExitCode {
         running.stop().await;
         ExitCode::SUCCESS
     })
+}
+
+/// Log lines to stderr, filtered by `SHARDGATE_LOG` (default `info`), as text or JSON
+/// (`[log] format`).
+fn init_logs(format: shardgate::config::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHARDGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        shardgate::config::LogFormat::Text => logs.init(),
+        shardgate::config::LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
 }
 
 fn shards_cli(admin: &str, op: &ShardsOp) -> ExitCode {

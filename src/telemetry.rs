@@ -119,6 +119,10 @@ pub fn zero_topic(topic: &str) {
     ] {
         metrics::counter!(name, "topic" => topic.to_string()).increment(0);
     }
+    for reason in ["max_shards", "pool_exhausted"] {
+        metrics::gauge!("shardgate_split_blocked", "topic" => topic.to_string(), "reason" => reason)
+            .set(0.0);
+    }
     for reason in SPLIT_REASONS {
         metrics::counter!("shardgate_shard_splits_total", "topic" => topic.to_string(), "reason" => reason)
             .increment(0);

@@ -57,6 +57,27 @@ pub struct Config {
     pub topics: Vec<TopicConfig>,
     #[serde(default)]
     pub prefetch: PrefetchConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// How log lines are written to stderr (the level filter is `SHARDGATE_LOG`, e.g. `info`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, message and fields), for log
+    /// shippers.
+    Json,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -630,6 +651,18 @@ bootstrap = ["127.0.0.1:19092"]
         assert!(parse(&format!("{MINIMAL}\n[bogus]\nx=1")).is_err());
         assert!(parse("this is not toml [[").is_err());
         assert!(parse("").is_err());
+    }
+
+    #[test]
+    fn log_format_is_text_or_json() {
+        assert_eq!(parse(MINIMAL).unwrap().raw.log.format, LogFormat::Text);
+        let json = parse(&format!("{MINIMAL}\n[log]\nformat = \"json\"")).unwrap();
+        assert_eq!(json.raw.log.format, LogFormat::Json);
+        let e = parse(&format!("{MINIMAL}\n[log]\nformat = \"xml\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log.format") || e.contains("format"), "{e}");
+        assert!(e.contains("json"), "the error names the choices: {e}");
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct VirtualCluster {
 
 impl VirtualCluster {
     pub fn new(self_id: i32, instances: Vec<(i32, HostPort)>) -> Self {
+        // Configured vs live instances: alert ShardgateInstanceMissing compares the two.
+        metrics::gauge!("shardgate_instances_configured").set(instances.len() as f64);
+        metrics::gauge!("shardgate_instances_live").set(instances.len() as f64);
         Self {
             self_id,
             live: ArcSwap::from_pointee(instances.clone()),
@@ -47,6 +50,7 @@ impl VirtualCluster {
         }
         live.sort_by_key(|(id, _)| *id);
         live.dedup_by_key(|(id, _)| *id);
+        metrics::gauge!("shardgate_instances_live").set(live.len() as f64);
         if *self.live.load_full() != live {
             tracing::info!(instances = ?live.iter().map(|(i, _)| *i).collect::<Vec<_>>(), "virtual cluster membership changed");
             self.live.store(Arc::new(live));

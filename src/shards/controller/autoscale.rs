@@ -174,14 +174,55 @@ impl Controller {
         if !a.enabled {
             return Ok(None);
         }
+        // A hot shard the autoscaler may not split: operators see why (alert
+        // ShardgateSplitBlocked) instead of a shard that silently stays hot.
+        let at_max = (active.len() as u32) >= config.max_shards();
+        let no_pool = map.idle_partitions().is_empty() && config.max_pool <= map.pool;
+        let blocked = match (&hot, at_max, no_pool) {
+            (Some(_), true, _) => Some("max_shards"),
+            (Some(_), false, true) => Some("pool_exhausted"),
+            _ => None,
+        };
+        for reason in ["max_shards", "pool_exhausted"] {
+            let value = if blocked == Some(reason) { 1.0 } else { 0.0 };
+            metrics::gauge!("shardgate_split_blocked", "topic" => topic.to_string(), "reason" => reason)
+                .set(value);
+        }
+        {
+            let mut logged = self.split_blocked.lock().expect("split_blocked");
+            let before = logged.get(topic).copied();
+            if before != blocked {
+                match (blocked, &hot) {
+                    (Some(reason), Some((id, measure, value, limit, _))) => {
+                        tracing::warn!(
+                            topic,
+                            shard = id,
+                            reason,
+                            measure,
+                            value,
+                            limit,
+                            max_shards = config.max_shards(),
+                            pool = map.pool,
+                            max_pool = config.max_pool,
+                            "split needed but blocked"
+                        );
+                        logged.insert(topic.to_string(), reason);
+                    }
+                    _ => {
+                        tracing::info!(topic, was = before, "split no longer blocked");
+                        logged.remove(topic);
+                    }
+                }
+            }
+        }
         let last_change = self.cooldown.lock().expect("cooldown").get(topic).copied();
         let since_change = last_change
             .map(|t| now.duration_since(t))
             .unwrap_or(Duration::MAX);
         if let Some((id, measure, value, limit, held)) = hot
             && since_change >= Duration::from_secs(a.split_cooldown_secs)
-            && (active.len() as u32) < config.max_shards()
-            && (!map.idle_partitions().is_empty() || config.max_pool > map.pool)
+            && !at_max
+            && !no_pool
         {
             let s = map.shard(id)?.clone();
             let samples = self.shards.samples_in(topic, s.start, s.end);
@@ -245,5 +286,37 @@ impl Controller {
             }
         }
         Ok(None)
+    }
+}
+
+/// A shard's load as the autoscaler last sampled it (leader only), for the shard page.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct ShardLoad {
+    pub records_per_sec: f64,
+    pub bytes_per_sec: f64,
+    /// Largest lag of a live group (records), 0 when none is read.
+    pub lag: i64,
+}
+
+impl Controller {
+    /// Per partition of `topic`: its shard's load, from the autoscaler's samples (empty on an
+    /// instance that does not lead, or before the first sample).
+    pub fn loads(&self, topic: &str) -> HashMap<i32, ShardLoad> {
+        self.stats
+            .lock()
+            .expect("stats")
+            .iter()
+            .filter(|((t, _), _)| t == topic)
+            .map(|((_, p), st)| {
+                (
+                    *p,
+                    ShardLoad {
+                        records_per_sec: st.fast,
+                        bytes_per_sec: st.bytes_fast,
+                        lag: st.lag,
+                    },
+                )
+            })
+            .collect()
     }
 }

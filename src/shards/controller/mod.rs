@@ -23,8 +23,8 @@ mod leader;
 mod offsets;
 mod topics;
 
-pub use autoscale::Decision;
 use autoscale::ShardStats;
+pub use autoscale::{Decision, ShardLoad};
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -128,6 +128,8 @@ pub struct Controller {
     ops: tokio::sync::Mutex<()>,
     stats: Mutex<HashMap<(String, i32), ShardStats>>,
     cooldown: Mutex<HashMap<String, Instant>>,
+    /// Topics with a hot shard the autoscaler may not split, and why (logged on change).
+    split_blocked: Mutex<HashMap<String, &'static str>>,
     /// Whether this instance holds the leader lock (always, with the embedded store).
     leader: std::sync::atomic::AtomicBool,
 }
@@ -151,6 +153,7 @@ impl Controller {
             ops: tokio::sync::Mutex::new(()),
             stats: Mutex::new(HashMap::new()),
             cooldown: Mutex::new(HashMap::new()),
+            split_blocked: Mutex::new(HashMap::new()),
             leader,
         }
     }

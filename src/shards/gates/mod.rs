@@ -424,10 +424,12 @@ impl GroupTracker {
                 // The hold entry stays, so later fetches are judged by the fallback too
                 // instead of starting a new hold.
                 let mut held = self.held_since.lock().expect("held lock");
-                if let Some((_, counted)) = held.get_mut(&key)
+                if let Some((since, counted)) = held.get_mut(&key)
                     && !*counted
                 {
                     *counted = true;
+                    // Its own fetch positions passed the seal, with no commits past it.
+                    log_opened(topic, gate, &key.0, *since, "fallback");
                     metrics::counter!("shardgate_gate_fallback_opens_total", "topic" => topic.to_string())
                         .increment(1);
                 }
@@ -439,13 +441,25 @@ impl GroupTracker {
             if let Some((since, _)) = held.remove(&key) {
                 metrics::histogram!("shardgate_gate_wait_seconds", "topic" => topic.to_string())
                     .record(since.elapsed().as_secs_f64());
+                log_opened(topic, gate, &key.0, since, "passed");
             }
         } else {
             if held.len() > 100_000 {
                 // Holds of retired gates and gone consumers: forget the old ones.
                 held.retain(|_, (since, _)| since.elapsed() < Duration::from_secs(3600));
             }
-            held.entry(key).or_insert_with(|| (Instant::now(), false));
+            if let std::collections::hash_map::Entry::Vacant(v) = held.entry(key) {
+                let (who, ..) = v.key();
+                tracing::info!(
+                    topic,
+                    partition = gate.partition,
+                    consumer = %who,
+                    reason = "behind_seal",
+                    after = ?gate.after.iter().map(|p| (p.partition, p.seal_offset)).collect::<Vec<_>>(),
+                    "gate holds a consumer"
+                );
+                v.insert((Instant::now(), false));
+            }
         }
         open
     }
@@ -537,6 +551,18 @@ impl GroupTracker {
             .into_iter()
             .all(|g| self.judge(&Consumer::Groups(vec![g]), u64::MAX, topic, gate, None))
     }
+}
+
+/// One log line per gate opened for a consumer it held (the decision and how long it held).
+fn log_opened(topic: &str, gate: &Gate, who: &str, since: Instant, reason: &'static str) {
+    tracing::info!(
+        topic,
+        partition = gate.partition,
+        consumer = who,
+        held_secs = since.elapsed().as_secs_f64(),
+        reason,
+        "gate opened"
+    );
 }
 
 /// The batches of `records` that start below `from_offset` (a gate cuts only at batch

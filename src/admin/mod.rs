@@ -1,4 +1,5 @@
-//! Admin HTTP: health, readiness and Prometheus metrics on one port.
+//! Admin HTTP: health, readiness, Prometheus metrics, the shard-map API and the shard page
+//! (`/`, `shard_page.html`: plain HTML and JS, no external resources) on one port.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,11 +36,13 @@ pub struct AdminState {
 
 pub fn router(state: AdminState) -> Router {
     Router::new()
+        .route("/", get(shard_page))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/topics", get(list_topics).post(create_topic))
         .route("/api/v1/topics/{topic}/shards", get(get_shards))
+        .route("/api/v1/topics/{topic}/load", get(get_load))
         .route("/api/v1/topics/{topic}/shards/{id}/split", post(split))
         .route("/api/v1/topics/{topic}/merge", post(merge))
         .route("/api/v1/consumers", get(consumers))
@@ -180,6 +183,61 @@ async fn get_shards(State(s): State<AdminState>, Path(topic): Path<String>) -> R
         Some(m) => Json(map_json(&m.map)).into_response(),
         None => error(404, format!("topic {topic} is not managed")),
     }
+}
+
+async fn shard_page() -> Response {
+    (
+        [
+            ("content-type", "text/html; charset=utf-8"),
+            ("cache-control", "no-store"),
+        ],
+        include_str!("shard_page.html"),
+    )
+        .into_response()
+}
+
+/// Per shard of a managed topic: its load as the leader's autoscaler last sampled it, and per
+/// gate whether it is closed (some consumer group has not passed a parent's seal). Another
+/// instance forwards this to the leader, which holds the samples.
+async fn get_load(State(s): State<AdminState>, Path(topic): Path<String>) -> Response {
+    let Some(m) = s.shards.get(&topic) else {
+        return error(404, format!("topic {topic} is not managed"));
+    };
+    let path = format!("/api/v1/topics/{topic}/load");
+    if let Some(r) = forward_to_leader(&s, "GET", path, String::new()).await {
+        return r;
+    }
+    let loads = s.controller.loads(&topic);
+    let shards: Vec<_> = m
+        .active()
+        .iter()
+        .map(|sh| {
+            let l = loads.get(&sh.partition);
+            json!({
+                "id": sh.id,
+                "partition": sh.partition,
+                "records_per_sec": l.map(|l| l.records_per_sec),
+                "bytes_per_sec": l.map(|l| l.bytes_per_sec),
+                "lag": l.map(|l| l.lag),
+            })
+        })
+        .collect();
+    let gates: Vec<_> = m
+        .map
+        .gates
+        .iter()
+        .map(|g| {
+            let sealed = g.from_offset.is_some() && g.after.iter().all(|a| a.seal_offset.is_some());
+            json!({
+                "partition": g.partition,
+                "after": g.after.iter().map(|a| a.partition).collect::<Vec<_>>(),
+                "sealed": sealed,
+                "closed": !sealed || !s.groups.all_groups_passed(&topic, g),
+            })
+        })
+        .collect();
+    Json(json!({ "topic": topic, "epoch": m.map.epoch, "shards": shards, "gates": gates }))
+        .into_response()
 }
 
 #[derive(Deserialize, Default)]
