@@ -236,6 +236,12 @@ def proxy():
         panel("Store errors", [(f"sum by (op) (rate(shardgate_store_errors_total{{{I}}}[5m]))", "{{op}}")], w=8,
               desc="Consul (or file store) operations that failed: watch, report, campaign."),
         panel("Topology refreshes", [(f"sum(rate(shardgate_topology_refreshes_total{{{I}}}[5m]))", "refreshes/s")], w=8),
+        panel("Store reachable, instances live / configured",
+              [(f"min by (instance) (shardgate_store_reachable{{{I}}})", "store reachable {{instance}}"),
+               (f"max by (instance) (shardgate_instances_live{{{I}}})", "live {{instance}}"),
+               (f"max by (instance) (shardgate_instances_configured{{{I}}})", "configured {{instance}}")], w=8,
+              desc="1 while the instance's last report to the shard-map store succeeded (every 3 s); "
+                   "the virtual cluster's instances alive in the store's registry vs configured."),
     ]
     return dashboard(
         "shardgate-proxy",

@@ -57,7 +57,8 @@ fn metric_names(text: &str) -> BTreeSet<String> {
     out
 }
 
-/// Metric names the source code records (`counter!`, `gauge!`, `histogram!`).
+/// Metric names the source code records (`counter!`, `gauge!`, `histogram!`) or renders at
+/// scrape time (the names a file writing `# TYPE` lines spells out).
 fn exported() -> HashSet<String> {
     let mut out = HashSet::new();
     let mut dirs = vec![repo().join("src")];
@@ -68,6 +69,12 @@ fn exported() -> HashSet<String> {
                 dirs.push(p);
             } else if p.extension().is_some_and(|x| x == "rs") {
                 let text = std::fs::read_to_string(&p).unwrap();
+                if text.contains("# TYPE {name}") {
+                    for (i, _) in text.match_indices("\"shardgate_") {
+                        let name = &text[i + 1..];
+                        out.insert(name[..name.find('"').unwrap()].to_string());
+                    }
+                }
                 for macro_ in ["counter!(", "gauge!(", "histogram!("] {
                     for (i, _) in text.match_indices(macro_) {
                         let after = text[i + macro_.len()..].trim_start();
@@ -465,6 +472,31 @@ fn every_dashboard_expression_returns_data_from_prometheus() {
         empty.join("\n")
     );
     eprintln!("{checked} dashboard expressions evaluated by Prometheus, all with data");
+    // Per-shard gauges name active shards only: the split's and the merge's sealed shards
+    // left the output (recorded gauges would keep their last values forever).
+    let (_, map) = admin_get(&format!("/api/v1/topics/{topic}/shards"));
+    let active_ids: BTreeSet<String> = active(&map)
+        .iter()
+        .map(|s| s["id"].as_u64().unwrap().to_string())
+        .collect();
+    let (_, text) = http_get_at(admin().trim_start_matches("http://"), "/metrics").unwrap();
+    let shown: BTreeSet<String> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("shardgate_shard_range_start_fraction{")
+                && l.contains(&format!("topic=\"{topic}\""))
+        })
+        .map(|l| {
+            l.split("shard=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(shown, active_ids, "range gauges vs active shards:\n{text}");
 }
 
 /// An admin API call to `base` (`http://host:port`): the status and the JSON body (Null when

@@ -600,3 +600,197 @@ fn shared_reads_of_a_compacted_topic_and_a_seek_back_answer_exactly_what_kafka_d
     eprintln!("compacted: {gaps} gaps; seek back to {from:?}; shared hits {hits}");
     assert!(hits > 0.0, "no fetch was answered from a shared read");
 }
+
+/// Polls `c` until `n` records came, in the order they were delivered (panics after `limit`).
+fn consume_in_order(c: &BaseConsumer, n: usize, limit: Duration) -> Vec<Rec> {
+    let started = Instant::now();
+    let mut out: Vec<Rec> = Vec::new();
+    while out.len() < n {
+        if started.elapsed() > limit {
+            let mut per: std::collections::BTreeMap<i32, (usize, i64, i64)> = Default::default();
+            for r in &out {
+                let e = per.entry(r.0).or_insert((0, i64::MAX, -1));
+                *e = (e.0 + 1, e.1.min(r.1), e.2.max(r.1));
+            }
+            panic!(
+                "consumed {} of {n} within {limit:?}; per partition (count, first, last offset): {per:?}; position {:?}",
+                out.len(),
+                c.position().ok()
+            );
+        }
+        if let Some(m) = c.poll(Duration::from_millis(100)) {
+            out.push(rec(&m.unwrap()));
+        }
+    }
+    out
+}
+
+/// A split with a gate while groups share reads of a managed topic: group A has read
+/// everything before the split, group B a tenth of it. After the split A and a third group
+/// read on (the new partition's reads are kept for others), then B comes back: it is held at
+/// the gate, and gets its keys' old records before their new ones, every record exactly once,
+/// each byte for byte what Kafka holds at its offset, while fetches are answered from shared
+/// reads.
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn a_split_gate_holds_a_group_behind_it_even_when_answers_are_shared() {
+    let topic = unique("prefetch-gate");
+    let (code, body) = admin_post(
+        "/api/v1/topics",
+        &serde_json::json!({
+            "name": topic, "route_by": ["key"], "initial_shards": 1, "pool": 4,
+            "replication_factor": rf(), "autoscale": {"enabled": false}
+        }),
+    );
+    assert_eq!(code, 201, "{body}");
+    // `n` records over 50 keys; record i is key i % 50's number i / 50.
+    let produce = |from: usize, n: usize| {
+        let p: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", proxy())
+            .set("linger.ms", "5")
+            .create()
+            .unwrap();
+        for i in from..from + n {
+            let key = format!("k{}", i % 50);
+            let value = format!("{key}:{}", i / 50);
+            loop {
+                // A full local queue: let it drain and send again.
+                match p.send(BaseRecord::to(&topic).key(&key).payload(&value)) {
+                    Ok(()) => break,
+                    Err(_) => {
+                        p.poll(Duration::from_millis(10));
+                    }
+                }
+            }
+            p.poll(Duration::ZERO);
+        }
+        p.flush(Duration::from_secs(60)).unwrap();
+    };
+    produce(0, 3000);
+    let (group_a, group_b) = (unique("g-gate-a"), unique("g-gate-b"));
+    // Each group is its own application (client id): shardgate links fetch connections to
+    // groups by address and client id, and groups it cannot tell apart must all pass a gate.
+    // Before the split they commit by hand (B exactly what it got), after it every second.
+    // Partition fetches of 32 KiB: B needs several fetches to read its old records.
+    let member = |group: &str, auto_commit: bool| {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", proxy())
+            .set("group.id", group)
+            .set("client.id", group)
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", auto_commit.to_string())
+            .set("auto.commit.interval.ms", "1000")
+            .set("max.partition.fetch.bytes", "32768")
+            .create()
+            .unwrap();
+        c.subscribe(&[&topic]).unwrap();
+        c
+    };
+    let limit = Duration::from_secs(120);
+    let hits_before = metric("shardgate_prefetch_hits_total", &[]);
+    // Before the split, together: A reads all, B a tenth, both commit and leave.
+    let b_first: Vec<Rec> = std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            let c = member(&group_a, false);
+            consume_in_order(&c, 3000, limit);
+            c.commit_consumer_state(CommitMode::Sync).unwrap();
+        });
+        let b = s.spawn(|| {
+            let c = member(&group_b, false);
+            let got = consume_in_order(&c, 300, limit);
+            // Commit exactly what was delivered (the client may hold more).
+            let mut tpl = TopicPartitionList::new();
+            let last = got.iter().map(|r| r.1).max().unwrap();
+            tpl.add_partition_offset(&topic, got[0].0, Offset::Offset(last + 1))
+                .unwrap();
+            c.commit(&tpl, CommitMode::Sync).unwrap();
+            got
+        });
+        a.join().unwrap();
+        b.join().unwrap()
+    });
+    let (_, map) = admin_get(&format!("/api/v1/topics/{topic}/shards"));
+    let id = active(&map)[0]["id"].as_u64().unwrap();
+    let (code, body) = admin_post(
+        &format!("/api/v1/topics/{topic}/shards/{id}/split"),
+        &serde_json::json!({}),
+    );
+    assert_eq!(code, 200, "split: {body}");
+    produce(3000, 3000);
+    // After it: A (past the seal) reads the new records at once, next to a third group C
+    // reading from the start (two groups assigned the new partition: its reads are kept for
+    // others). Then B comes back and asks the new partition from offset 0, which A's kept
+    // read answers: B must finish its old partition before that answer gives it anything.
+    let group_c = unique("g-gate-c");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let b_rest: Vec<Rec> = std::thread::scope(|s| {
+        let (assigned_tx, assigned) = std::sync::mpsc::channel();
+        let (stop, member, group_c) = (&stop, &member, &group_c);
+        let c = s.spawn(move || {
+            let c = member(group_c, true);
+            let mut told = false;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = c.poll(Duration::from_millis(100));
+                if !told && c.assignment().is_ok_and(|a| a.count() > 0) {
+                    told = assigned_tx.send(()).is_ok();
+                }
+            }
+        });
+        // C is assigned first, so A's first read of the new partition is already kept.
+        assigned
+            .recv_timeout(Duration::from_secs(30))
+            .expect("group C assigned");
+        consume_in_order(&member(&group_a, true), 3000, limit);
+        let b = consume_in_order(&member(&group_b, true), 5700, limit);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        c.join().unwrap();
+        b
+    });
+    let hits = metric("shardgate_prefetch_hits_total", &[]) - hits_before;
+    let held = metric(
+        "shardgate_gate_held_fetches_total",
+        &[&format!("topic=\"{topic}\"")],
+    );
+    // Per key, B's records come in order, each once, from where it left off to the end.
+    let mut next: std::collections::HashMap<String, usize> = Default::default();
+    for r in b_first.iter().chain(&b_rest) {
+        let v = String::from_utf8(r.3.clone().unwrap()).unwrap();
+        let (key, n) = v.split_once(':').unwrap();
+        let n: usize = n.parse().unwrap();
+        let want = next.entry(key.to_string()).or_insert(0);
+        assert_eq!(
+            n, *want,
+            "group B got {key}'s record {n} while expecting {want} (partition {}, offset {})",
+            r.0, r.1
+        );
+        *want += 1;
+    }
+    assert_eq!(next.values().sum::<usize>(), 6000, "every record once");
+    // Byte for byte what a direct consumer reads at the same offsets.
+    let direct: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", unique("g-gate-direct"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..4 {
+        tpl.add_partition_offset(&topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    direct.assign(&tpl).unwrap();
+    let all: std::collections::HashMap<(i32, i64), Rec> = consume_in_order(&direct, 6000, limit)
+        .into_iter()
+        .map(|r| ((r.0, r.1), r))
+        .collect();
+    for r in b_first.iter().chain(&b_rest) {
+        assert_eq!(Some(r), all.get(&(r.0, r.1)), "record at {}:{}", r.0, r.1);
+    }
+    eprintln!(
+        "group B: {} + {} records in key order, all as Kafka holds them; fetches answered from shared reads: {hits}; held at the gate: {held}",
+        b_first.len(),
+        b_rest.len()
+    );
+    assert!(hits > 0.0, "no fetch was answered from a shared read");
+    assert!(held > 0.0, "group B was never held at the gate");
+}

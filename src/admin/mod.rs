@@ -16,7 +16,7 @@ use serde_json::json;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::{Settings, TopicConfig};
-use crate::shards::controller::{ControlError, Controller};
+use crate::shards::controller::{ControlError, Controller, ShardLoad};
 use crate::shards::gates::GroupTracker;
 use crate::shards::registry::Registry;
 use crate::shards::{HASH_END, ShardMap};
@@ -80,7 +80,73 @@ async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
 
 async fn metrics(State(s): State<AdminState>) -> String {
     metrics::gauge!("shardgate_huge_allocations").set(crate::alloc::huge_allocations() as f64);
-    s.prometheus.render()
+    let mut text = s.prometheus.render();
+    shard_gauges(&s, &mut text);
+    text
+}
+
+/// Gauges of each active shard, from the current maps (and, on the leader, the autoscaler's
+/// last samples): range bounds as fractions of the hash space, records/s, bytes/s and the
+/// most-behind group's lag. Rendered here rather than recorded, so a shard sealed by a split
+/// or merge leaves the output with its series instead of keeping its last values.
+fn shard_gauges(s: &AdminState, out: &mut String) {
+    use std::fmt::Write;
+    type Value = fn(&crate::shards::Shard, Option<&ShardLoad>) -> Option<f64>;
+    let families: [(&str, &str, Value); 5] = [
+        (
+            "shardgate_shard_range_start_fraction",
+            "Start of an active shard's hash range, as a fraction of the hash space",
+            |sh, _| Some(sh.start as f64 / HASH_END as f64),
+        ),
+        (
+            "shardgate_shard_range_end_fraction",
+            "End (exclusive) of an active shard's hash range, as a fraction of the hash space",
+            |sh, _| Some(sh.end as f64 / HASH_END as f64),
+        ),
+        (
+            "shardgate_shard_records_per_second",
+            "Records/s of an active shard (the leader's autoscaler samples)",
+            |_, l| l.map(|l| l.records_per_sec),
+        ),
+        (
+            "shardgate_shard_bytes_per_second",
+            "Stored bytes/s of an active shard (the leader's autoscaler samples)",
+            |_, l| l.map(|l| l.bytes_per_sec),
+        ),
+        (
+            "shardgate_shard_consumer_lag",
+            "Records the most-behind live group has not committed on an active shard",
+            |_, l| l.map(|l| l.lag as f64),
+        ),
+    ];
+    let topics = s.shards.all();
+    let loads: Vec<_> = topics
+        .iter()
+        .map(|m| s.controller.loads(&m.config.name))
+        .collect();
+    for (name, help, value) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for (m, loads) in topics.iter().zip(&loads) {
+            for sh in m.active() {
+                if let Some(v) = value(sh, loads.get(&sh.partition)) {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{topic=\"{}\",shard=\"{}\",partition=\"{}\"}} {v}",
+                        label(&m.config.name),
+                        sh.id,
+                        sh.partition
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A Prometheus label value, escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn error(status: u16, message: impl std::fmt::Display) -> Response {

@@ -78,13 +78,11 @@ impl Controller {
             for s in &active {
                 let st = stats.entry((topic.to_string(), s.partition)).or_default();
                 let end = ends.get(&s.partition).copied().unwrap_or(0);
-                let labels = [("topic", topic.to_string()), ("shard", s.id.to_string())];
                 if let Some((t0, o0)) = st.last_offset {
                     let dt = now.duration_since(t0).as_secs_f64().max(0.001);
                     let rate = (end - o0).max(0) as f64 / dt;
                     st.fast = ema(st.fast, rate, 0.6);
                     st.slow = ema(st.slow, rate, 0.1);
-                    metrics::gauge!("shardgate_shard_records_per_second", &labels).set(st.fast);
                 }
                 st.last_offset = Some((now, end));
                 if let Some(size) = sizes.as_ref().and_then(|m| m.get(&s.partition)) {
@@ -97,8 +95,6 @@ impl Controller {
                         let rate = (*size - b0) as f64 / dt;
                         st.bytes_fast = ema(st.bytes_fast, rate, 0.6);
                         st.bytes_slow = ema(st.bytes_slow, rate, 0.1);
-                        metrics::gauge!("shardgate_shard_bytes_per_second", &labels)
-                            .set(st.bytes_fast);
                     }
                     st.last_size = Some((now, *size));
                 }
@@ -119,7 +115,6 @@ impl Controller {
                         st.lag_rising_since = None;
                     }
                     st.lag = lag;
-                    metrics::gauge!("shardgate_shard_consumer_lag", &labels).set(lag as f64);
                 }
                 let over = if st.fast > split_rec {
                     Some(("records_rate", st.fast, split_rec))

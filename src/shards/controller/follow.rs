@@ -108,6 +108,7 @@ impl Controller {
                     let fence_before = self.shards.fence_generation();
                     match self.store.report(&me).await {
                         Ok(()) => {
+                            metrics::gauge!("shardgate_store_reachable").set(1.0);
                             last = Some(me.clone());
                             last_sent = Instant::now();
                             let now = self.store.session_generation();
@@ -119,6 +120,7 @@ impl Controller {
                             self.reread_if_fenced(fence_before).await;
                         }
                         Err(e) => {
+                            metrics::gauge!("shardgate_store_reachable").set(0.0);
                             metrics::counter!("shardgate_store_errors_total", "op" => "report")
                                 .increment(1);
                             tracing::warn!(error = %e, "cannot report to the shard store");

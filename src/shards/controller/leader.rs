@@ -113,15 +113,9 @@ fn export_map_metrics(shards: &Registry, groups: &GroupTracker, topic: &str) {
         .set(m.map.epoch as f64);
     metrics::gauge!("shardgate_shards_active", "topic" => topic.to_string())
         .set(m.active().len() as f64);
-    for s in m.active() {
-        metrics::gauge!(
-            "shardgate_shard_range_start_fraction",
-            "topic" => topic.to_string(),
-            "shard" => s.id.to_string(),
-            "partition" => s.partition.to_string()
-        )
-        .set(s.start as f64 / HASH_END as f64);
-    }
+    // Per-shard gauges (range, load) are rendered at scrape time from the current map
+    // (admin::shard_gauges): a sealed shard's series then end with it instead of staying at
+    // their last value.
     for g in &m.map.gates {
         let sealed = g.from_offset.is_some() && g.after.iter().all(|a| a.seal_offset.is_some());
         let closed = !sealed || !groups.all_groups_passed(topic, g);

@@ -50,7 +50,7 @@ use super::registry::Registry;
 use super::registry::{hottest, weighted_median};
 use super::sampler;
 use super::stored::{StoredTopic, TopicStore};
-use super::{HASH_END, MapError, ShardMap, TopicConfig};
+use super::{MapError, ShardMap, TopicConfig};
 use crate::config::{HostPort, Settings};
 use crate::store::{InstanceInfo, ShardStore, StoreError};
 use crate::upstream::UpstreamError;
