@@ -123,6 +123,10 @@ def shards():
               unit="ops", stack=True),
         panel("Consumer lag per shard (records, most behind group)",
               [(f"max by (topic, shard) (shardgate_shard_consumer_lag{{{T}}})", "{{topic}} shard {{shard}}")]),
+        panel("Consumer lag per group per shard (records)",
+              [(f"max by (topic, shard, group) (shardgate_shard_group_lag{{{T}}})", "{{group}} shard {{shard}}")],
+              desc="Per live group with commits on the topic (the 20 most behind per shard), "
+                   "as the leader last sampled Kafka's committed offsets."),
         row("Splits, merges and ordering gates"),
         panel("Splits and merges by reason",
               [(f"sum by (topic, reason) (increase(shardgate_shard_splits_total{{{T}}}[5m]))", "split {{topic}} {{reason}}"),

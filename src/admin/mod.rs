@@ -140,6 +140,25 @@ fn shard_gauges(s: &AdminState, out: &mut String) {
             }
         }
     }
+    let name = "shardgate_shard_group_lag";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Records a live group has not committed on an active shard (the 20 most behind per shard)\n# TYPE {name} gauge"
+    );
+    for (m, loads) in topics.iter().zip(&loads) {
+        for sh in m.active() {
+            for (group, lag) in loads.get(&sh.partition).map_or(&[][..], |l| &l.groups) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{topic=\"{}\",shard=\"{}\",partition=\"{}\",group=\"{}\"}} {lag}",
+                    label(&m.config.name),
+                    sh.id,
+                    sh.partition,
+                    label(group)
+                );
+            }
+        }
+    }
 }
 
 /// A Prometheus label value, escaped.

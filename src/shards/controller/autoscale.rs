@@ -16,6 +16,8 @@ pub(super) struct ShardStats {
     bytes_slow: f64,
     /// Largest lag of a live group; since when it rose at every sample.
     lag: i64,
+    /// Lag per live group (the 20 most behind), for the per-group lag gauge.
+    group_lags: Vec<(String, i64)>,
     lag_rising_since: Option<Instant>,
     hot_since: Option<Instant>,
     cold_since: Option<Instant>,
@@ -99,16 +101,19 @@ impl Controller {
                     st.last_size = Some((now, *size));
                 }
                 if let Some(c) = &committed {
-                    let lag = c
+                    let mut lags: Vec<(String, i64)> = c
                         .get(&s.partition)
                         .map(|groups| {
                             groups
                                 .iter()
-                                .map(|(_, o)| (end - o).max(0))
-                                .max()
-                                .unwrap_or(0)
+                                .map(|(g, o)| (g.to_string(), (end - o).max(0)))
+                                .collect()
                         })
-                        .unwrap_or(0);
+                        .unwrap_or_default();
+                    lags.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                    lags.truncate(20);
+                    let lag = lags.first().map_or(0, |(_, l)| *l);
+                    st.group_lags = lags;
                     if lag > st.lag && lag > 0 {
                         st.lag_rising_since.get_or_insert(now);
                     } else {
@@ -285,12 +290,14 @@ impl Controller {
 }
 
 /// A shard's load as the autoscaler last sampled it (leader only), for the shard page.
-#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct ShardLoad {
     pub records_per_sec: f64,
     pub bytes_per_sec: f64,
     /// Largest lag of a live group (records), 0 when none is read.
     pub lag: i64,
+    /// Lag per live group, most behind first (at most 20).
+    pub groups: Vec<(String, i64)>,
 }
 
 impl Controller {
@@ -309,6 +316,7 @@ impl Controller {
                         records_per_sec: st.fast,
                         bytes_per_sec: st.bytes_fast,
                         lag: st.lag,
+                        groups: st.group_lags.clone(),
                     },
                 )
             })
