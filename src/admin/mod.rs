@@ -317,7 +317,7 @@ async fn get_load(State(s): State<AdminState>, Path(topic): Path<String>) -> Res
                 "partition": g.partition,
                 "after": g.after.iter().map(|a| a.partition).collect::<Vec<_>>(),
                 "sealed": sealed,
-                "closed": !sealed || !s.groups.all_groups_passed(&topic, g),
+                "closed": s.groups.gate_closed(&topic, g),
             })
         })
         .collect();

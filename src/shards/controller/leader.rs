@@ -117,8 +117,7 @@ fn export_map_metrics(shards: &Registry, groups: &GroupTracker, topic: &str) {
     // (admin::shard_gauges): a sealed shard's series then end with it instead of staying at
     // their last value.
     for g in &m.map.gates {
-        let sealed = g.from_offset.is_some() && g.after.iter().all(|a| a.seal_offset.is_some());
-        let closed = !sealed || !groups.all_groups_passed(topic, g);
+        let closed = groups.gate_closed(topic, g);
         metrics::gauge!("shardgate_gate_closed", "topic" => topic.to_string(), "partition" => g.partition.to_string())
             .set(if closed { 1.0 } else { 0.0 });
     }

@@ -545,6 +545,14 @@ impl GroupTracker {
             .collect()
     }
 
+    /// Whether `gate` still holds records: not sealed yet, or some group seen on `topic` has
+    /// not passed a parent's seal.
+    pub fn gate_closed(&self, topic: &str, gate: &Gate) -> bool {
+        let sealed =
+            gate.from_offset.is_some() && gate.after.iter().all(|a| a.seal_offset.is_some());
+        !sealed || !self.all_groups_passed(topic, gate)
+    }
+
     /// Whether every group seen on `topic` has passed every parent of `gate`.
     pub fn all_groups_passed(&self, topic: &str, gate: &Gate) -> bool {
         self.groups_on(topic)
