@@ -56,6 +56,7 @@ enum ShardsOp {
 }
 
 fn main() -> ExitCode {
+    shardgate::proxy::server::tune_allocator();
     let cli = Cli::parse();
     let config = match &cli.command {
         Command::Run { config } | Command::CheckConfig { config } => config,

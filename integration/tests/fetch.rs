@@ -452,6 +452,12 @@ struct Sessions {
     sessionless: Option<f64>,
     req_partitions: Option<f64>,
     resp_partitions: Option<f64>,
+    /// shardgate's own polls of the brokers: how many, by session use, and the partitions
+    /// they listed and got back.
+    up_fetches: Option<f64>,
+    up_incremental: Option<f64>,
+    up_listed: Option<f64>,
+    up_answered: Option<f64>,
 }
 
 fn sessions(admin: &str) -> Sessions {
@@ -477,6 +483,18 @@ fn sessions(admin: &str) -> Sessions {
         sessionless: kind("sessionless"),
         req_partitions: dir("request"),
         resp_partitions: dir("response"),
+        up_fetches: series(admin, "shardgate_upstream_fetches_total", &[]),
+        up_incremental: series(
+            admin,
+            "shardgate_upstream_fetch_polls_total",
+            &["session=\"incremental\""],
+        ),
+        up_listed: series(admin, "shardgate_upstream_fetch_partitions_total", &[]),
+        up_answered: series(
+            admin,
+            "shardgate_upstream_fetch_answered_partitions_total",
+            &[],
+        ),
     }
 }
 
@@ -734,6 +752,10 @@ struct Phase {
     incremental: Option<f64>,
     req: Option<f64>,
     resp: Option<f64>,
+    up_fetches: Option<f64>,
+    up_incremental: Option<f64>,
+    up_listed: Option<f64>,
+    up_answered: Option<f64>,
 }
 
 fn phase(a: &Sessions, b: &Sessions) -> Phase {
@@ -743,6 +765,10 @@ fn phase(a: &Sessions, b: &Sessions) -> Phase {
         incremental: delta(a.incremental, b.incremental),
         req: delta(a.req_partitions, b.req_partitions),
         resp: delta(a.resp_partitions, b.resp_partitions),
+        up_fetches: delta(a.up_fetches, b.up_fetches),
+        up_incremental: delta(a.up_incremental, b.up_incremental),
+        up_listed: delta(a.up_listed, b.up_listed),
+        up_answered: delta(a.up_answered, b.up_answered),
     }
 }
 
@@ -760,7 +786,7 @@ fn show_mean(m: Option<f64>) -> String {
 impl Phase {
     fn describe(&self) -> String {
         format!(
-            "{:.0} client fetches, full {}, incremental {}; partitions in incremental requests {} (mean {}), in their responses {} (mean {})",
+            "{:.0} client fetches, full {}, incremental {}; partitions in incremental requests {} (mean {}), in their responses {} (mean {}); upstream polls {} (incremental {}), partitions listed {} (mean {}), answered {} (mean {})",
             self.fetches,
             show(self.full),
             show(self.incremental),
@@ -768,6 +794,12 @@ impl Phase {
             show_mean(mean(self.req, self.incremental)),
             show(self.resp),
             show_mean(mean(self.resp, self.incremental)),
+            show(self.up_fetches),
+            show(self.up_incremental),
+            show(self.up_listed),
+            show_mean(mean(self.up_listed, self.up_fetches)),
+            show(self.up_answered),
+            show_mean(mean(self.up_answered, self.up_fetches)),
         )
     }
 }
@@ -779,7 +811,8 @@ impl Phase {
 /// reads every record produced before its end exactly once (through shardgate the same as
 /// direct, plus its own bursts); through shardgate, incremental fetches list only what
 /// changed: the burst records come in incremental responses listing a few partitions, and in
-/// the idle phase after the last record nothing.
+/// the idle phase after the last record nothing; shardgate's own polls of the brokers, in
+/// sessions of their own, then list and get back next to nothing as well.
 #[test]
 #[ignore = "needs the testbed: integration/run-tests"]
 fn a_java_consumer_of_1000_partitions_uses_incremental_fetch_sessions() {
@@ -987,6 +1020,22 @@ fn a_java_consumer_of_1000_partitions_uses_incremental_fetch_sessions() {
     assert!(
         idle_req < 10.0 && idle_resp < 10.0,
         "idle incremental fetches listed {idle_req:.1} partitions and were answered with {idle_resp:.1} on average: a session sends and receives only what changed"
+    );
+    // shardgate's own polls of the brokers are in fetch sessions too: idle, they list and get
+    // back next to nothing (without a session each would list every partition of its broker,
+    // hundreds here).
+    let up_incremental = idle.up_incremental.unwrap_or(0.0);
+    assert!(
+        up_incremental > 0.0,
+        "no upstream poll in a fetch session in the idle phase ({})",
+        idle.describe()
+    );
+    let up_listed = mean(idle.up_listed, idle.up_fetches).unwrap_or(f64::MAX);
+    let up_answered = mean(idle.up_answered, idle.up_fetches).unwrap_or(f64::MAX);
+    assert!(
+        up_listed < 10.0 && up_answered < 10.0,
+        "idle upstream polls listed {up_listed:.1} partitions and got {up_answered:.1} back on average ({})",
+        idle.describe()
     );
 }
 

@@ -176,6 +176,10 @@ pub struct UpstreamConfig {
     /// How often the topology (brokers, leaders) is refreshed even without errors.
     #[serde(default = "default_metadata_refresh_ms")]
     pub metadata_refresh_ms: u64,
+    /// KIP-227 fetch sessions on shardgate's own polls of the brokers (polls of 16 partitions
+    /// or more): a poll lists only what changed. Off: every poll lists every partition.
+    #[serde(default = "default_fetch_sessions")]
+    pub fetch_sessions: bool,
     #[serde(default)]
     pub tls: Option<TlsClientConfig>,
 }
@@ -305,6 +309,9 @@ fn default_max_fetch_sessions() -> usize {
 }
 fn default_fetch_poll_max_ms() -> u64 {
     50
+}
+fn default_fetch_sessions() -> bool {
+    true
 }
 fn default_memory_budget() -> usize {
     512 * 1024 * 1024

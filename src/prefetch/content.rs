@@ -25,6 +25,8 @@ use crate::protocol::records;
 const QUEUE: usize = 64;
 /// Records of one sampled set that are looked at (spread over the set).
 const RECORDS_PER_SAMPLE: usize = 8;
+/// Bytes of whole batches one sample decodes (at least one batch).
+const SAMPLE_BYTES: usize = 64 * 1024;
 /// Decompressed bytes one sample may cost (a set of large compressed batches is cut short).
 const DECOMPRESS_ALLOWANCE: usize = 4 * 1024 * 1024;
 /// Longest routing value kept (longer ones are cut).
@@ -117,21 +119,16 @@ impl Sampler {
 }
 
 fn sample(s: &Sample, fields: &[RouteField], profiles: &Profiles, pool: &Pool<SampleKey>) {
+    // Only the whole batches at the start of the set (a fetch answer may end in a partial
+    // batch; Kafka cuts at max_bytes), within SAMPLE_BYTES: a delivered set can be megabytes,
+    // and decoding all of it for RECORDS_PER_SAMPLE records cost more CPU than the copying
+    // of the whole fetch path (`bench/consume --perf`, session 9).
+    let Some(prefix) = whole_batches_within(&s.records, SAMPLE_BYTES) else {
+        return;
+    };
     let mut allowance = DECOMPRESS_ALLOWANCE;
-    let batches = match records::decode_batches_limited(s.records.clone(), &mut allowance) {
-        Ok(b) => b,
-        // A fetch answer may end in a partial batch (Kafka cuts at max_bytes): use what
-        // decoded before it, if anything; the sample is only a sample.
-        Err(_) => match whole_batches(&s.records) {
-            Some(prefix) => {
-                let mut allowance = DECOMPRESS_ALLOWANCE;
-                match records::decode_batches_limited(prefix, &mut allowance) {
-                    Ok(b) => b,
-                    Err(_) => return,
-                }
-            }
-            None => return,
-        },
+    let Ok(batches) = records::decode_batches_limited(prefix, &mut allowance) else {
+        return;
     };
     let all: Vec<&records::Record> = batches
         .iter()
@@ -155,8 +152,9 @@ fn sample(s: &Sample, fields: &[RouteField], profiles: &Profiles, pool: &Pool<Sa
     }
 }
 
-/// The prefix of `data` made of complete batches, if any.
-fn whole_batches(data: &Bytes) -> Option<Bytes> {
+/// The prefix of `data` made of complete batches within `limit` bytes, or the first batch
+/// alone when it is larger; None when not even one batch is complete.
+fn whole_batches_within(data: &Bytes, limit: usize) -> Option<Bytes> {
     let mut pos = 0usize;
     while data.len() >= pos + 12 {
         let len = i32::from_be_bytes(data[pos + 8..pos + 12].try_into().ok()?);
@@ -165,7 +163,7 @@ fn whole_batches(data: &Bytes) -> Option<Bytes> {
             break;
         }
         let end = pos + 12 + len as usize;
-        if end > data.len() {
+        if end > data.len() || (pos > 0 && end > limit) {
             break;
         }
         pos = end;
@@ -294,5 +292,26 @@ mod tests {
         }
         // The rate: at 1000/s, a second call within the same millisecond is not due.
         assert!(!sampler.due() || !sampler.due());
+    }
+
+    #[test]
+    fn a_sample_decodes_only_whole_batches_within_its_bytes() {
+        let recs: Vec<Record> = (0..4).map(|i| record(&format!("value {i}"))).collect();
+        let refs: Vec<&Record> = recs.iter().collect();
+        let one = encode_batch(&refs[..2], &info()).unwrap();
+        let two = encode_batch(&refs[2..], &info()).unwrap();
+        let mut set = one.to_vec();
+        set.extend_from_slice(&two);
+        set.extend_from_slice(&[0u8; 20]);
+        let set = Bytes::from(set);
+        let both = one.len() + two.len();
+        assert_eq!(whole_batches_within(&set, both).unwrap().len(), both);
+        assert_eq!(
+            whole_batches_within(&set, both - 1).unwrap().len(),
+            one.len()
+        );
+        // The first batch is taken even when it alone is over the limit.
+        assert_eq!(whole_batches_within(&set, 1).unwrap().len(), one.len());
+        assert!(whole_batches_within(&set.slice(..one.len() - 1), 1 << 20).is_none());
     }
 }

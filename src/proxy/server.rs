@@ -57,6 +57,7 @@ pub async fn run(
         limit.clone(),
         limits.max_connections,
         peak.clone(),
+        ctx.budget.clone(),
     ));
     loop {
         let accepted = tokio::select! {
@@ -148,17 +149,32 @@ pub async fn run(
 /// held some tens of KiB: task, TLS state, read-ahead).
 const TRIM_AFTER_DEPARTURES: usize = 64;
 
+/// Budget bytes (buffered frames) that must have been released since the peak before the
+/// allocator is trimmed: freed frames stay in the allocator's heaps for reuse (see
+/// `tune_allocator`) until then.
+const TRIM_AFTER_RELEASED: usize = 64 * 1024 * 1024;
+
 /// glibc gives memory freed inside its per-thread arenas back to the system only from the top
 /// of a heap: after 2,000 hostile connections left, RSS stayed ~85 MiB above the baseline until
 /// `malloc_trim(0)` (`memory` test). Trims once the open connections fell well below their
-/// peak since the last trim, checked every few seconds.
-async fn trim_after_departures(limit: Arc<Semaphore>, max: usize, peak: Arc<AtomicUsize>) {
+/// peak since the last trim, or the bytes buffered for clients did, checked every few seconds.
+async fn trim_after_departures(
+    limit: Arc<Semaphore>,
+    max: usize,
+    peak: Arc<AtomicUsize>,
+    budget: Arc<super::budget::MemoryBudget>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(3));
+    let mut peak_bytes = 0usize;
     loop {
         tick.tick().await;
         let open = max - limit.available_permits();
-        if peak.load(Ordering::Relaxed) >= open + TRIM_AFTER_DEPARTURES {
+        let used = budget.used();
+        peak_bytes = peak_bytes.max(used);
+        let departed = peak.load(Ordering::Relaxed) >= open + TRIM_AFTER_DEPARTURES;
+        if departed || peak_bytes >= used + TRIM_AFTER_RELEASED {
             peak.store(open, Ordering::Relaxed);
+            peak_bytes = used;
             // Walks every arena (milliseconds for ~100 MiB): off the worker threads.
             let _ = tokio::task::spawn_blocking(release_freed_memory).await;
             metrics::counter!("shardgate_allocator_trims_total").increment(1);
@@ -174,6 +190,24 @@ fn release_freed_memory() {
 
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn release_freed_memory() {}
+
+/// Frames (produce requests of hundreds of KiB, fetch answers of megabytes) are allocated
+/// and freed thousands of times a second. Above glibc's mmap threshold each one was a fresh
+/// mapping: page faults and zeroing of every page, then an unmap, about 9 % of shardgate's
+/// CPU while producing (`bench/produce --perf`). With a fixed threshold of 32 MiB (glibc's
+/// maximum) and a high trim threshold they are served from the heaps and reused; what stays
+/// cached is given back by `trim_after_departures`. Call before any thread starts.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn tune_allocator() {
+    // SAFETY: mallopt only sets allocator parameters; called before other threads exist.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 * 1024 * 1024);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn tune_allocator() {}
 
 /// The per-source count of one connection, released when its task ends.
 struct SourceSlot(Arc<PerSource>, IpAddr);

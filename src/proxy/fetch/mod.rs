@@ -23,6 +23,7 @@ pub mod readahead;
 pub mod session;
 pub mod shared;
 mod upstream;
+mod upstream_sessions;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -432,6 +433,9 @@ impl Fetch<'_> {
     fn start_poll(&self, broker: i32, wants: &[&Want], max_wait: Duration) -> upstream::SubFuture {
         let state = &self.client.fetch;
         let seq = state.next_seq();
+        let sessions = (self.ctx.settings.raw.upstream.fetch_sessions
+            && self.template.version >= 7)
+            .then(|| state.sessions.clone());
         let mut f = upstream::start(
             self.ctx.pool.clone(),
             self.client.id,
@@ -441,6 +445,7 @@ impl Fetch<'_> {
             max_wait,
             Duration::from_millis(self.ctx.settings.raw.upstream.request_timeout_ms),
             seq,
+            sessions,
         );
         if self.ctx.settings.raw.prefetch.enabled {
             let topo = self.ctx.topology().load();

@@ -25,6 +25,8 @@ const ERROR_TTL: Duration = Duration::from_secs(2);
 pub struct ConnFetch {
     inner: Mutex<Inner>,
     seq: AtomicU64,
+    /// The connection's fetch sessions with the brokers (its polls).
+    pub sessions: std::sync::Arc<super::upstream_sessions::Sessions>,
 }
 
 #[derive(Default)]

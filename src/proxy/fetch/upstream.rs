@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use kafka_protocol::messages::fetch_request::FetchTopic;
+use kafka_protocol::messages::fetch_request::{FetchTopic, ForgottenTopic};
 use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse, TopicName};
 use kafka_protocol::protocol::StrBytes;
 
 use super::plan::{Key, Want};
-use crate::protocol::{decode_response, encode_request};
+use super::upstream_sessions::{Planned, Sessions, Use};
+use crate::protocol::{codes, decode_response, encode_request};
 use crate::upstream::UpstreamError;
 use crate::upstream::pool::{Pool, Socket};
 
@@ -45,7 +46,7 @@ impl Template {
         // Taken apart rather than cloned: a request may list thousands of partitions.
         body.topics.clear();
         body.forgotten_topics_data.clear();
-        // Sessionless upstream: the partitions a connection reads change from poll to poll.
+        // Each poll sets its own (upstream_sessions.rs).
         body.session_id = 0;
         body.session_epoch = -1;
         Self {
@@ -58,7 +59,8 @@ impl Template {
 }
 
 /// Starts (lazily: on first poll) a fetch of `wants` from `broker` that the broker may hold
-/// up to `max_wait` for the client's `min_bytes`.
+/// up to `max_wait` for the client's `min_bytes`; with `sessions`, in the connection's fetch
+/// session with the broker (only what changed is listed).
 #[allow(clippy::too_many_arguments)]
 pub fn start(
     pool: Arc<Pool>,
@@ -69,69 +71,90 @@ pub fn start(
     max_wait: Duration,
     request_timeout: Duration,
     seq: u64,
+    sessions: Option<Arc<Sessions>>,
 ) -> SubFuture {
-    let mut r = template.body.clone();
-    r.max_wait_ms = max_wait.as_millis().min(i32::MAX as u128) as i32;
-    r.min_bytes = r.min_bytes.max(1);
-    let mut asked = Vec::with_capacity(wants.len());
-    for w in wants {
-        asked.push((w.key.clone(), w.part.fetch_offset));
-        let same = |t: &FetchTopic| {
-            if template.by_id {
-                t.topic_id == w.key.0.id
-            } else {
-                t.topic.0 == w.key.0.name
-            }
-        };
-        match r.topics.last_mut().filter(|t| same(t)) {
-            Some(t) => t.partitions.push(w.part.clone()),
-            None => r.topics.push(
-                FetchTopic::default()
-                    .with_topic(TopicName(w.key.0.name.clone()))
-                    .with_topic_id(w.key.0.id)
-                    .with_partitions(vec![w.part.clone()]),
-            ),
-        }
-    }
+    let mut base = template.body.clone();
+    base.max_wait_ms = max_wait.as_millis().min(i32::MAX as u128) as i32;
+    base.min_bytes = base.min_bytes.max(1);
+    let asked: Vec<(Key, i64)> = wants
+        .iter()
+        .map(|w| (w.key.clone(), w.part.fetch_offset))
+        .collect();
+    let planned = match &sessions {
+        Some(s) => s.plan(broker, true, wants),
+        None => Planned::sessionless(wants.len()),
+    };
+    let by_id = template.by_id;
+    let request = body(&base, by_id, wants, &planned);
+    // Without the session, should the broker have lost it.
+    let fallback = (planned.used != Use::None)
+        .then(|| body(&base, by_id, wants, &Planned::sessionless(wants.len())));
     let version = template.version;
     let client_id = template.client_id.clone();
+    let used = planned.used;
     metrics::counter!("shardgate_upstream_fetches_total").increment(1);
+    metrics::counter!("shardgate_upstream_fetch_polls_total", "session" => used.label())
+        .increment(1);
+    metrics::counter!("shardgate_upstream_fetch_partitions_total", "session" => used.label())
+        .increment(planned.listed.len() as u64);
     async move {
-        let outcome = async {
-            let frame = encode_request(ApiKey::Fetch, version, client_id, &r)?;
-            let raw = pool
-                .send(
-                    broker,
-                    Socket::Fetch(owner),
+        let send = |r: FetchRequest| {
+            let pool = pool.clone();
+            let client_id = client_id.clone();
+            async move {
+                let frame = encode_request(ApiKey::Fetch, version, client_id, &r)?;
+                let raw = pool
+                    .send(
+                        broker,
+                        Socket::Fetch(owner),
+                        ApiKey::Fetch,
+                        frame,
+                        true,
+                        Some(max_wait + request_timeout),
+                    )
+                    .await?
+                    .wait()
+                    .await?
+                    .ok_or(UpstreamError::Protocol("no response".into()))?;
+                Ok::<_, super::HandlerError>(decode_response::<FetchResponse>(
                     ApiKey::Fetch,
-                    frame,
-                    true,
-                    Some(max_wait + request_timeout),
-                )
-                .await?
-                .wait()
-                .await?
-                .ok_or(UpstreamError::Protocol("no response".into()))?;
-            Ok::<_, super::HandlerError>(decode_response::<FetchResponse>(
-                ApiKey::Fetch,
-                version,
-                raw,
-            )?)
+                    version,
+                    raw,
+                )?)
+            }
+        };
+        let mut outcome = send(request).await;
+        if let Some(s) = &sessions {
+            match &outcome {
+                Ok(resp) => s.answered(broker, used, resp.error_code, resp.session_id),
+                Err(_) => s.failed(broker, used),
+            }
         }
-        .await
-        .inspect(|resp| {
-            let bytes: usize = resp
-                .responses
-                .iter()
-                .flat_map(|t| &t.partitions)
-                .map(|p| p.records.as_ref().map_or(0, |r| r.len()))
-                .sum();
-            metrics::counter!("shardgate_upstream_fetch_bytes_total").increment(bytes as u64);
-        })
-        .map_err(|e| {
-            tracing::debug!(broker, error = %e, "upstream fetch failed; answering retriable errors");
-            e.to_string()
-        });
+        if let (Ok(resp), Some(full)) = (&outcome, fallback)
+            && matches!(
+                resp.error_code,
+                codes::FETCH_SESSION_ID_NOT_FOUND | codes::INVALID_FETCH_SESSION_EPOCH
+            )
+        {
+            outcome = send(full).await;
+        }
+        let outcome = outcome
+            .inspect(|resp| {
+                let (bytes, parts) = resp
+                    .responses
+                    .iter()
+                    .flat_map(|t| &t.partitions)
+                    .fold((0usize, 0u64), |(b, n), p| {
+                        (b + p.records.as_ref().map_or(0, |r| r.len()), n + 1)
+                    });
+                metrics::counter!("shardgate_upstream_fetch_bytes_total").increment(bytes as u64);
+                metrics::counter!("shardgate_upstream_fetch_answered_partitions_total", "session" => used.label())
+                    .increment(parts);
+            })
+            .map_err(|e| {
+                tracing::debug!(broker, error = %e, "upstream fetch failed; answering retriable errors");
+                e.to_string()
+            });
         Arc::new(SubResult {
             broker,
             seq,
@@ -141,4 +164,50 @@ pub fn start(
     }
     .boxed()
     .shared()
+}
+
+/// The request of a poll: `base` with the partitions `planned` lists, what it forgets, and
+/// its session fields.
+fn body(base: &FetchRequest, by_id: bool, wants: &[&Want], planned: &Planned) -> FetchRequest {
+    let mut r = base.clone();
+    (r.session_id, r.session_epoch) = planned.used.fields();
+    let same = |k: &Key, id: &uuid::Uuid, name: &TopicName| {
+        if by_id {
+            *id == k.0.id
+        } else {
+            name.0 == k.0.name
+        }
+    };
+    for &i in &planned.listed {
+        let w = wants[i];
+        match r
+            .topics
+            .last_mut()
+            .filter(|t| same(&w.key, &t.topic_id, &t.topic))
+        {
+            Some(t) => t.partitions.push(w.part.clone()),
+            None => r.topics.push(
+                FetchTopic::default()
+                    .with_topic(TopicName(w.key.0.name.clone()))
+                    .with_topic_id(w.key.0.id)
+                    .with_partitions(vec![w.part.clone()]),
+            ),
+        }
+    }
+    for k in &planned.forgotten {
+        match r
+            .forgotten_topics_data
+            .iter_mut()
+            .find(|t| same(k, &t.topic_id, &t.topic))
+        {
+            Some(t) => t.partitions.push(k.1),
+            None => r.forgotten_topics_data.push(
+                ForgottenTopic::default()
+                    .with_topic(TopicName(k.0.name.clone()))
+                    .with_topic_id(k.0.id)
+                    .with_partitions(vec![k.1]),
+            ),
+        }
+    }
+    r
 }

@@ -507,6 +507,8 @@ impl SharedReads {
                 request_timeout,
                 // No connection's poll has this sequence number: no connection files it.
                 u64::MAX,
+                // One-off reads of partitions just assigned: nothing to keep a session for.
+                None,
             );
             // Whoever awaits the read finds it filed: the store files it before it resolves.
             let store = self.clone();
