@@ -34,6 +34,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Prefetch(#[from] crate::prefetch::embed::EmbedError),
+    #[error("listener.sasl.credentials: {0}")]
+    Credentials(#[from] crate::auth::credentials::CredentialsError),
 }
 
 pub struct Running {
@@ -87,7 +89,16 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             managed: managed.clone(),
         },
     ));
-    let ctx = Arc::new(Ctx::new(
+    let sasl = match &settings.raw.listener.sasl {
+        Some(cfg) => Some(Arc::new(crate::auth::Authenticator::new(
+            settings.sasl_mechanisms.clone(),
+            crate::auth::Credentials::load(&cfg.credentials)?,
+            Duration::from_millis(cfg.session_lifetime_ms),
+            cfg.max_failures_per_minute,
+        ))),
+        None => None,
+    };
+    let mut ctx = Ctx::new(
         settings.clone(),
         pool.clone(),
         shards.clone(),
@@ -95,7 +106,9 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         managed,
         profiles.clone(),
         sampler,
-    ));
+    );
+    ctx.sasl = sasl;
+    let ctx = Arc::new(ctx);
 
     let listener = TcpListener::bind(settings.bind)
         .await
@@ -203,11 +216,14 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     });
     let mut admin_shutdown = shutdown_rx;
     tasks.push(tokio::spawn(async move {
-        let r = axum::serve(admin, router)
-            .with_graceful_shutdown(async move {
-                let _ = admin_shutdown.changed().await;
-            })
-            .await;
+        let r = axum::serve(
+            admin,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = admin_shutdown.changed().await;
+        })
+        .await;
         if let Err(e) = r {
             tracing::error!(error = %e, "admin HTTP server failed");
         }

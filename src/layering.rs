@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 /// Top-level modules and what each may depend on. `app` is the composition root.
 const ALLOWED: &[(&str, &[&str])] = &[
     ("alloc", &[]),
+    ("auth", &[]),
     ("protocol", &[]),
     ("telemetry", &[]),
     ("tls", &[]),
-    ("config", &["protocol"]),
+    ("config", &["auth", "protocol"]),
     ("store", &["config"]),
     ("prefetch", &["config", "protocol", "telemetry"]),
     ("upstream", &["config", "protocol", "telemetry", "tls"]),
@@ -22,6 +23,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "proxy",
         &[
+            "auth",
             "config",
             "prefetch",
             "protocol",
@@ -32,12 +34,13 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     (
         "admin",
-        &["alloc", "config", "prefetch", "shards", "upstream"],
+        &["alloc", "auth", "config", "prefetch", "shards", "upstream"],
     ),
     (
         "app",
         &[
             "admin",
+            "auth",
             "config",
             "prefetch",
             "proxy",

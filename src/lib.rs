@@ -1,7 +1,8 @@
 //! shardgate: a Kafka wire-protocol proxy with elastic shards.
 //!
 //! Layers, lowest first (`layering.rs` checks them; docs/ARCHITECTURE.md has the module map):
-//! - `protocol`, `telemetry`, `alloc`, `tls`: wire format, metrics, allocation guard, TLS.
+//! - `protocol`, `telemetry`, `alloc`, `tls`, `auth`: wire format, metrics, allocation guard,
+//!   TLS, client authentication (SASL mechanisms, credentials).
 //! - `config`: the validated configuration, managed topics' config included.
 //! - `store`: versioned documents (shard maps), instance registry, leader lock.
 //! - `upstream`: connections to the real cluster and its topology.
@@ -13,6 +14,7 @@
 pub mod admin;
 pub mod alloc;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod prefetch;
 pub mod protocol;

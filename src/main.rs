@@ -35,8 +35,22 @@ enum Command {
         /// Admin address of a shardgate instance.
         #[arg(long, default_value = "http://127.0.0.1:29100", global = true)]
         admin: String,
+        /// Environment variable holding the admin token to present (when the instance has
+        /// [[admin.tokens]]); the token itself is never a command-line argument.
+        #[arg(long, default_value = "SHARDGATE_ADMIN_TOKEN", global = true)]
+        token_env: String,
         #[command(subcommand)]
         op: ShardsOp,
+    },
+    /// Print a credentials-file entry for USER (listener.sasl.credentials): the password,
+    /// read from the first line of standard input, in SCRAM's salted form only.
+    Credentials {
+        user: String,
+        /// SCRAM-SHA-256, SCRAM-SHA-512 or both (PLAIN is checked against either).
+        #[arg(long, default_value = "both")]
+        mechanism: String,
+        #[arg(long, default_value_t = 8192)]
+        iterations: u32,
     },
 }
 
@@ -60,7 +74,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match &cli.command {
         Command::Run { config } | Command::CheckConfig { config } => config,
-        Command::Shards { admin, op } => return shards_cli(admin, op),
+        Command::Shards {
+            admin,
+            token_env,
+            op,
+        } => return shards_cli(admin, std::env::var(token_env).ok().as_deref(), op),
+        Command::Credentials {
+            user,
+            mechanism,
+            iterations,
+        } => return credentials_cli(user, mechanism, *iterations),
     };
     let settings = match Config::load(config) {
         Ok(s) => s,
@@ -113,7 +136,37 @@ fn init_logs(format: shardgate::config::LogFormat) {
     }
 }
 
-fn shards_cli(admin: &str, op: &ShardsOp) -> ExitCode {
+fn credentials_cli(user: &str, mechanism: &str, iterations: u32) -> ExitCode {
+    use shardgate::auth::scram::{Hash, MIN_ITERATIONS};
+    let hashes = match mechanism {
+        "both" => vec![Hash::Sha256, Hash::Sha512],
+        "SCRAM-SHA-256" => vec![Hash::Sha256],
+        "SCRAM-SHA-512" => vec![Hash::Sha512],
+        other => {
+            eprintln!(
+                "shardgate credentials: --mechanism {other:?}: use SCRAM-SHA-256, SCRAM-SHA-512 or both"
+            );
+            return ExitCode::from(2);
+        }
+    };
+    if iterations < MIN_ITERATIONS {
+        eprintln!("shardgate credentials: --iterations {iterations}: at least {MIN_ITERATIONS}");
+        return ExitCode::from(2);
+    }
+    let mut password = String::new();
+    if std::io::stdin().read_line(&mut password).is_err() || password.trim_end().is_empty() {
+        eprintln!("shardgate credentials: give the password on the first line of standard input");
+        return ExitCode::from(2);
+    }
+    let password = password.trim_end_matches(['\r', '\n']);
+    print!(
+        "{}",
+        shardgate::auth::credentials::entry(user, password, &hashes, iterations)
+    );
+    ExitCode::SUCCESS
+}
+
+fn shards_cli(admin: &str, token: Option<&str>, op: &ShardsOp) -> ExitCode {
     let (method, path, body) = match op {
         ShardsOp::List { topic: None } => ("GET", "/api/v1/topics".to_string(), None),
         ShardsOp::List { topic: Some(t) } => ("GET", format!("/api/v1/topics/{t}/shards"), None),
@@ -131,7 +184,7 @@ fn shards_cli(admin: &str, op: &ShardsOp) -> ExitCode {
             Some(serde_json::json!({ "shards": [a, b] }).to_string()),
         ),
     };
-    match shardgate::admin::http_request(admin, method, &path, body.as_deref()) {
+    match shardgate::admin::http_request_as(admin, method, &path, body.as_deref(), token) {
         Ok((status, text)) => {
             let pretty = serde_json::from_str::<serde_json::Value>(&text)
                 .and_then(|v| serde_json::to_string_pretty(&v))

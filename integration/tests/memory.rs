@@ -44,21 +44,6 @@ fn rss(pid: i32) -> u64 {
     kib * 1024
 }
 
-/// Sum of a metric's series (with all `labels`) on the admin HTTP of an instance.
-fn metric_of(admin: &str, name: &str, labels: &[&str]) -> f64 {
-    let Ok((_, body)) = shardgate::admin::http_request(admin, "GET", "/metrics", None) else {
-        return f64::NAN;
-    };
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            let series = l.split_whitespace().next().unwrap_or("");
-            series.split('{').next() == Some(name) && labels.iter().all(|x| series.contains(x))
-        })
-        .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn mib(b: u64) -> f64 {
     b as f64 / MIB as f64
 }

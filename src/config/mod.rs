@@ -8,9 +8,13 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+mod admin;
 mod prefetch;
+mod sasl;
 mod topic;
+pub use admin::{AdminAuth, AdminConfig, AdminRole, AdminToken, ResolvedToken};
 pub use prefetch::{EMBEDDERS, HASHING_DIMS, MINILM_TOKENIZER_FILES, MinilmConfig, PrefetchConfig};
+pub use sasl::SaslListenerConfig;
 pub use topic::{AutoscaleConfig, RouteField, TopicConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +138,9 @@ pub struct ListenerConfig {
     pub node_id: i32,
     #[serde(default)]
     pub tls: Option<TlsServerConfig>,
+    /// SASL authentication of clients (with `tls`: SASL_SSL).
+    #[serde(default)]
+    pub sasl: Option<SaslListenerConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -182,21 +189,6 @@ pub struct UpstreamConfig {
     pub fetch_sessions: bool,
     #[serde(default)]
     pub tls: Option<TlsClientConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdminConfig {
-    #[serde(default = "default_admin_bind")]
-    pub bind: String,
-}
-
-impl Default for AdminConfig {
-    fn default() -> Self {
-        Self {
-            bind: default_admin_bind(),
-        }
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -286,9 +278,6 @@ fn default_request_timeout_ms() -> u64 {
 fn default_metadata_refresh_ms() -> u64 {
     30_000
 }
-fn default_admin_bind() -> String {
-    "127.0.0.1:29100".to_string()
-}
 fn default_max_frame_bytes() -> usize {
     100 * 1024 * 1024
 }
@@ -372,6 +361,10 @@ pub struct Settings {
     pub raw: Config,
     pub bind: SocketAddr,
     pub admin_bind: SocketAddr,
+    /// Admin API tokens, resolved (secrets read from the environment where named).
+    pub admin_auth: AdminAuth,
+    /// The listener's SASL mechanisms (empty: no SASL).
+    pub sasl_mechanisms: Vec<crate::auth::Mechanism>,
     pub node_id: i32,
     pub advertised: HostPort,
     /// All instances of the virtual cluster, this one included, sorted by node id.
@@ -411,6 +404,11 @@ impl Config {
                 "use an address such as \"127.0.0.1:29100\"",
             )
         })?;
+        let admin_auth = self.admin.resolve(admin_bind)?;
+        let sasl_mechanisms = match &self.listener.sasl {
+            Some(s) => s.validate()?,
+            None => Vec::new(),
+        };
         let advertised = match &self.listener.advertised {
             Some(a) => parse_host_port("listener.advertised", a)?,
             None => {
@@ -604,6 +602,8 @@ impl Config {
             node_id: self.listener.node_id,
             bind,
             admin_bind,
+            admin_auth,
+            sasl_mechanisms,
             advertised,
             instances,
             bootstrap,

@@ -25,6 +25,9 @@ pub enum Route {
     AnyBroker,
     /// Sent to every broker, responses merged (ListGroups).
     AllBrokers,
+    /// The connection's own authentication (SaslHandshake, SaslAuthenticate): answered in its
+    /// read loop, in order, never forwarded.
+    Sasl,
 }
 
 pub struct Supported {
@@ -64,6 +67,9 @@ pub const SUPPORTED: &[Supported] = &[
     row(ApiKey::DescribeGroups, 0, 6, GroupCoordinator, 6),
     row(ApiKey::ListGroups, 0, 5, AllBrokers, 5),
     row(ApiKey::ApiVersions, 0, 4, Local, 4),
+    // v0 handshakes are followed by unframed SASL tokens; v1 (KIP-152) by SaslAuthenticate.
+    row(ApiKey::SaslHandshake, 1, 1, Sasl, 1),
+    row(ApiKey::SaslAuthenticate, 0, 2, Sasl, 2),
     row(ApiKey::CreateTopics, 2, 7, AnyBroker, 7),
     row(ApiKey::DeleteTopics, 1, 6, AnyBroker, 6),
     row(ApiKey::DeleteRecords, 0, 2, PartitionLeaders, 2),
@@ -134,10 +140,8 @@ mod tests {
     }
 
     #[test]
-    fn sasl_and_broker_internal_apis_are_not_offered() {
+    fn broker_internal_apis_are_not_offered() {
         for api in [
-            ApiKey::SaslHandshake,
-            ApiKey::SaslAuthenticate,
             ApiKey::WriteTxnMarkers,
             ApiKey::BrokerRegistration,
             ApiKey::Vote,

@@ -5,7 +5,7 @@ use kafka_protocol::messages::api_versions_response::ApiVersion;
 use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, ApiVersionsResponse};
 
 use super::{Ctx, HandlerError, Reply};
-use crate::protocol::versions::{SUPPORTED, local_range};
+use crate::protocol::versions::{Route, SUPPORTED, local_range};
 use crate::protocol::{ProtocolError, RequestFrame, codes, encode_response};
 use crate::upstream::topology::Topology;
 
@@ -46,7 +46,7 @@ pub fn ranges(upstream: Option<&Topology>) -> Vec<ApiVersion> {
         let mut r = local_range(s);
         if let Some(t) = upstream
             && !t.api_versions.is_empty()
-            && s.api != ApiKey::ApiVersions
+            && !matches!(s.route, Route::Local | Route::Sasl)
         {
             match t.api_versions.get(&(s.api as i16)) {
                 Some(u) => r = r.intersect(u),
@@ -83,9 +83,16 @@ mod tests {
         assert_eq!((produce.min_version, produce.max_version), (3, 11));
         let fetch = r.iter().find(|a| a.api_key == 1).unwrap();
         assert_eq!((fetch.min_version, fetch.max_version), (4, 17));
+        // What shardgate answers itself (ApiVersions, the SASL exchange) is offered whatever
+        // upstream has.
+        let local = [
+            ApiKey::ApiVersions as i16,
+            ApiKey::SaslHandshake as i16,
+            ApiKey::SaslAuthenticate as i16,
+        ];
         assert!(
             r.iter()
-                .all(|a| [0, 1, ApiKey::ApiVersions as i16].contains(&a.api_key))
+                .all(|a| [0, 1].contains(&a.api_key) || local.contains(&a.api_key))
         );
     }
 

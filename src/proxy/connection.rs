@@ -37,6 +37,8 @@ pub struct ClientConn {
     throttled_until_ms: Arc<std::sync::atomic::AtomicU64>,
     /// Fetch read-ahead and upstream polls of this connection.
     pub fetch: Arc<super::fetch::readahead::ConnFetch>,
+    /// The user the client authenticated as (SASL), once it has.
+    principal: Arc<std::sync::OnceLock<String>>,
 }
 
 /// How long a client stays on its own sockets after its last throttled answer.
@@ -75,7 +77,13 @@ impl ClientConn {
             rewrote: Arc::default(),
             throttled_until_ms: Arc::default(),
             fetch: Arc::default(),
+            principal: Arc::default(),
         }
+    }
+
+    /// The user the client authenticated as (None: no SASL on the listener, or not yet).
+    pub fn principal(&self) -> Option<&str> {
+        self.principal.get().map(String::as_str)
     }
 
     /// Notes a throttled answer (throttle_time_ms > 0) from upstream.
@@ -144,6 +152,7 @@ pub async fn serve<S>(
     let first_wait = Duration::from_millis(limits.handshake_timeout_ms);
     let frame_wait = Duration::from_millis(limits.request_read_timeout_ms);
     let mut first = true;
+    let mut sasl = super::sasl::SaslConn::new(ctx.sasl.clone(), client.peer.ip());
     // Requests running for this client (produces excepted: the lane answers those). Reaped as
     // they end; aborted if the client goes away, so a fetch waiting up to its max wait or a
     // call held upstream does not outlive the connection.
@@ -185,7 +194,33 @@ pub async fn serve<S>(
         metrics::counter!("shardgate_bytes_in_total").increment(frame.len() as u64 + 4);
         let started = Instant::now();
         let slot = responses.slot(Some(charge), Some(permit));
-        match admit(&client, frame) {
+        let admitted = match admit(&client, frame) {
+            Admitted::Request(req) if super::sasl::is_sasl(req.api_key) => {
+                // In the read loop: the exchange's steps are in order and nothing else is
+                // served before it ends.
+                let a = sasl.answer(&req).await;
+                if let Some(p) = a.principal {
+                    // Re-authentication is checked to be the same user.
+                    let _ = client.principal.set(p);
+                }
+                slot.complete(a.reply);
+                if a.close {
+                    break Stop::Bad;
+                }
+                continue;
+            }
+            Admitted::Request(req) => match sasl.check(req.api_key) {
+                Ok(()) => Admitted::Request(req),
+                Err(reason) => {
+                    metrics::counter!("shardgate_sasl_failures_total", "reason" => if reason.contains("expired") { "expired" } else { "unauthenticated_request" }, "mechanism" => "")
+                        .increment(1);
+                    tracing::warn!(conn = client.id, peer = %client.peer, api = ?req.api_key, reason, "closing");
+                    Admitted::Refuse(reason.to_string())
+                }
+            },
+            other => other,
+        };
+        match admitted {
             Admitted::Request(req) if req.api_key == ApiKey::Produce => {
                 if produce_tx.send((req, slot, started)).await.is_err() {
                     break Stop::Closed;
@@ -229,6 +264,9 @@ pub async fn serve<S>(
     }
     drop(reader);
     drop(produce_tx);
+    // Finished tasks stay in the set until reaped: only requests still running are
+    // abandoned (abandoning drops the answers not yet written, such as a SASL refusal's).
+    while running.try_join_next().is_some() {}
     if !matches!(stop, Stop::Shutdown) && !running.is_empty() {
         // The client is gone (or being closed): nobody will read these answers.
         metrics::counter!("shardgate_requests_abandoned_total").increment(running.len() as u64);
@@ -345,6 +383,10 @@ async fn run(ctx: &Ctx, client: &ClientConn, req: RequestFrame, started: Instant
             _ => super::admin_apis::forward_to_any(ctx, client, &req).await,
         },
         Some(Route::AllBrokers) => super::admin_apis::list_groups(ctx, client, &req).await,
+        // Answered by the read loop before requests are dispatched.
+        Some(Route::Sasl) => Err(super::HandlerError::Protocol(
+            crate::protocol::ProtocolError::UnknownApiKey(api as i16),
+        )),
         None => Ok(Reply::Close("unroutable api".into())),
     };
     finish(client, api, started, result)

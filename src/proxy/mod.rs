@@ -23,6 +23,7 @@ pub mod partitioned;
 pub mod produce;
 pub mod quotas;
 pub mod responses;
+pub mod sasl;
 pub mod server;
 pub mod sockets;
 
@@ -101,6 +102,8 @@ pub struct Ctx {
     /// Reads every connection may take (rebalance pre-reads, partitions several consumers
     /// read).
     pub shared_reads: Arc<fetch::shared::SharedReads>,
+    /// SASL on the client listener (None: clients do not authenticate); set by `app`.
+    pub sasl: Option<Arc<crate::auth::Authenticator>>,
 }
 
 impl Ctx {
@@ -134,6 +137,7 @@ impl Ctx {
             profiles,
             sampler,
             shared_reads,
+            sasl: None,
         }
     }
 

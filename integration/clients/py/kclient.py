@@ -7,24 +7,71 @@ Python clients the same way as kcat, franz-go and the Java tools.
              [--keys K --rate R]   (K keys, value "<key>:<seq>" with a per-key sequence, R records/s)
   kclient.py --lib ... consume --brokers B --topic T --group G --count N [--timeout S] [--idle S]
   kclient.py --lib ... admin create|describe|delete --brokers B --topic T [--partitions P] [--rf R]
+  kclient.py --lib ... probe --brokers B     (connect and read metadata: {"ok": ..., "error": ...})
+
+Security (before the command): --ca PEM (TLS), --sasl MECHANISM --user U (SASL; the password
+from the environment variable KCLIENT_PASSWORD, so it is not on a command line).
 
 Every command prints one JSON object on stdout. `consume` commits exactly the offsets it
 processed (synchronously, before exiting), so a second run resumes right after them.
 """
 import argparse
 import json
+import os
 import sys
 import time
 
 
 def kp_tls(a):
-    """kafka-python TLS settings when --ca is given."""
-    return {"security_protocol": "SSL", "ssl_cafile": a.ca} if a.ca else {}
+    """kafka-python TLS and SASL settings (--ca, --sasl)."""
+    s = {"security_protocol": "SSL", "ssl_cafile": a.ca} if a.ca else {}
+    if a.sasl:
+        s["security_protocol"] = "SASL_SSL" if a.ca else "SASL_PLAINTEXT"
+        s.update(sasl_mechanism=a.sasl, sasl_plain_username=a.user,
+                 sasl_plain_password=os.environ.get("KCLIENT_PASSWORD", ""))
+    return s
 
 
 def ck_tls(a):
-    """confluent-kafka TLS settings when --ca is given."""
-    return {"security.protocol": "ssl", "ssl.ca.location": a.ca} if a.ca else {}
+    """confluent-kafka TLS and SASL settings (--ca, --sasl)."""
+    s = {"security.protocol": "ssl", "ssl.ca.location": a.ca} if a.ca else {}
+    if a.sasl:
+        s["security.protocol"] = "sasl_ssl" if a.ca else "sasl_plaintext"
+        s["sasl.mechanism"] = a.sasl
+        if a.sasl == "OAUTHBEARER":
+            s.update({"enable.sasl.oauthbearer.unsecure.jwt": True,
+                      "sasl.oauthbearer.config": f"principal={a.user}"})
+        else:
+            s.update({"sasl.username": a.user,
+                      "sasl.password": os.environ.get("KCLIENT_PASSWORD", "")})
+    return s
+
+
+def probe_kafka_python(a):
+    from kafka.admin import KafkaAdminClient
+    try:
+        adm = KafkaAdminClient(bootstrap_servers=a.brokers, request_timeout_ms=10000,
+                               **kp_tls(a))
+        topics = adm.list_topics()
+        adm.close()
+        return {"ok": True, "topics": len(topics)}
+    except Exception as e:  # noqa: BLE001 - the error is the result
+        return {"ok": False, "error": repr(e)}
+
+
+def probe_confluent(a):
+    from confluent_kafka import Producer
+    errors = []
+    p = Producer({"bootstrap.servers": a.brokers, **ck_tls(a),
+                  "error_cb": lambda e: errors.append(str(e))})
+    try:
+        md = p.list_topics(timeout=8)
+        return {"ok": True, "topics": len(md.topics), "errors": errors[:5]}
+    except Exception as e:  # noqa: BLE001 - the error is the result
+        # Error callbacks (the broker's reason) are served by poll.
+        for _ in range(10):
+            p.poll(0.2)
+        return {"ok": False, "error": str(e), "errors": errors[:5]}
 
 
 def record(a, i):
@@ -192,6 +239,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--lib", choices=["kafka-python", "confluent"], required=True)
     ap.add_argument("--ca", help="CA certificate (PEM): connect with TLS")
+    ap.add_argument("--sasl", help="SASL mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, OAUTHBEARER)")
+    ap.add_argument("--user", default="")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("produce")
     p.add_argument("--brokers", required=True)
@@ -215,6 +264,8 @@ def main():
     d.add_argument("--topic", required=True)
     d.add_argument("--partitions", type=int, default=6)
     d.add_argument("--rf", type=int, default=1)
+    q = sub.add_parser("probe")
+    q.add_argument("--brokers", required=True)
     a = ap.parse_args()
     lib = "kafka_python" if a.lib == "kafka-python" else "confluent"
     fn = globals()[f"{a.cmd}_{lib}"]

@@ -146,15 +146,21 @@ pub fn http_get_at(hostport: &str, path: &str) -> Option<(u16, String)> {
 }
 
 /// Sum of a Prometheus counter/gauge over the series whose labels contain all `labels`
-/// (e.g. `kind="too_large"`).
+/// (e.g. `kind="too_large"`), on the testbed's instance.
 pub fn metric(name: &str, labels: &[&str]) -> f64 {
-    let (_, body) = http_get("/metrics");
+    metric_of(&admin(), name, labels)
+}
+
+/// `metric` on the admin HTTP at `admin` (a URL); NaN when it does not answer.
+pub fn metric_of(admin: &str, name: &str, labels: &[&str]) -> f64 {
+    let Ok((_, body)) = shardgate::admin::http_request(admin, "GET", "/metrics", None) else {
+        return f64::NAN;
+    };
     body.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
             let series = l.split_whitespace().next().unwrap_or("");
-            let base = series.split('{').next().unwrap_or("");
-            base == name && labels.iter().all(|lab| series.contains(lab))
+            series.split('{').next() == Some(name) && labels.iter().all(|x| series.contains(x))
         })
         .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
         .sum()

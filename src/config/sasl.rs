@@ -1,0 +1,122 @@
+//! `[listener.sasl]`: SASL authentication of clients on the listener.
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::{ConfigError, invalid};
+use crate::auth::{Credentials, Mechanism};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaslListenerConfig {
+    /// Mechanisms offered: "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512".
+    pub mechanisms: Vec<String>,
+    /// The users, their passwords in SCRAM's salted form (`shardgate credentials` writes
+    /// entries).
+    pub credentials: PathBuf,
+    /// KIP-368: how long an authentication lasts; clients re-authenticate before it ends, and
+    /// a connection that did not is closed at its next request. 0: for the connection's life.
+    #[serde(default)]
+    pub session_lifetime_ms: u64,
+    /// Failed authentications allowed per source address within a minute; beyond, its
+    /// attempts are refused without being checked.
+    #[serde(default = "default_max_failures")]
+    pub max_failures_per_minute: u32,
+}
+
+fn default_max_failures() -> u32 {
+    10
+}
+
+impl SaslListenerConfig {
+    /// The mechanisms, parsed; the credentials file is read to check it.
+    pub fn validate(&self) -> Result<Vec<Mechanism>, ConfigError> {
+        if self.mechanisms.is_empty() {
+            return Err(invalid(
+                "listener.sasl.mechanisms",
+                "is empty",
+                "list at least one of \"PLAIN\", \"SCRAM-SHA-256\", \"SCRAM-SHA-512\"",
+            ));
+        }
+        let mut out = Vec::new();
+        for m in &self.mechanisms {
+            let Some(parsed) = Mechanism::parse(m) else {
+                return Err(invalid(
+                    "listener.sasl.mechanisms",
+                    format!("\"{m}\" is not supported"),
+                    "use \"PLAIN\", \"SCRAM-SHA-256\" or \"SCRAM-SHA-512\"",
+                ));
+            };
+            if !out.contains(&parsed) {
+                out.push(parsed);
+            }
+        }
+        let creds = Credentials::load(&self.credentials).map_err(|e| {
+            invalid(
+                "listener.sasl.credentials",
+                e.to_string(),
+                "point it at a credentials file (entries from `shardgate credentials USER`)",
+            )
+        })?;
+        if creds.is_empty() {
+            return Err(invalid(
+                "listener.sasl.credentials",
+                format!("{} lists no user", self.credentials.display()),
+                "add users with `shardgate credentials USER >> FILE`",
+            ));
+        }
+        if self.max_failures_per_minute == 0 {
+            return Err(invalid(
+                "listener.sasl.max_failures_per_minute",
+                "is 0: nobody could ever fail once",
+                "use 10 (the default) or another positive number",
+            ));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{MINIMAL, parse};
+
+    #[test]
+    fn sasl_settings_are_checked() {
+        let dir = std::env::temp_dir().join(format!("sg-sasl-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let creds = dir.join("users.toml");
+        std::fs::write(
+            &creds,
+            crate::auth::credentials::entry("u", "p", &[crate::auth::scram::Hash::Sha256], 4096),
+        )
+        .unwrap();
+        let with = |sasl: &str| {
+            parse(&MINIMAL.replacen(
+                "[upstream]",
+                &format!("[listener.sasl]\n{sasl}\n[upstream]"),
+                1,
+            ))
+        };
+        let ok = format!(
+            "mechanisms = [\"SCRAM-SHA-256\", \"PLAIN\"]\ncredentials = \"{}\"",
+            creds.display()
+        );
+        with(&ok).unwrap();
+        let e = with(&format!(
+            "mechanisms = [\"GSSAPI\"]\ncredentials = \"{}\"",
+            creds.display()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("listener.sasl.mechanisms") && e.contains("GSSAPI"),
+            "{e}"
+        );
+        let e = with("mechanisms = [\"PLAIN\"]\ncredentials = \"/nonexistent/users.toml\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listener.sasl.credentials"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
