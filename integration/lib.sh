@@ -80,6 +80,13 @@ ssl_port()        { echo $((19391 + $1)); }
 # front of it (19592..19594, bench/delay_relay.py): Kafka at a distance, for bench/prefetch.
 far_port()        { echo $((19491 + $1)); }
 far_relay_port()  { echo $((19591 + $1)); }
+# SASL_SSL listener of node n (19692..19694): SCRAM-SHA-256/512 and PLAIN for the user below,
+# whose SCRAM credentials are written at format time; shardgate authenticates upstream as it
+# (integration/tests/security.rs). Sessions last 10 s there (KIP-368), so re-authentication
+# is exercised within a test.
+sasl_port()       { echo $((19691 + $1)); }
+UPSTREAM_SASL_USER="shardgate"
+UPSTREAM_SASL_PASSWORD="shardgate-upstream-secret"
 broker_addr()     { echo "127.0.0.1:$(broker_port "$1")"; }
 node_dir()        { echo "$RUN_DIR/kafka-$1"; }
 node_pidfile()    { echo "$RUN_DIR/kafka-$1.pid"; }

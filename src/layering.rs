@@ -15,7 +15,10 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &["auth", "protocol"]),
     ("store", &["config"]),
     ("prefetch", &["config", "protocol", "telemetry"]),
-    ("upstream", &["config", "protocol", "telemetry", "tls"]),
+    (
+        "upstream",
+        &["auth", "config", "protocol", "telemetry", "tls"],
+    ),
     (
         "shards",
         &["config", "protocol", "store", "telemetry", "upstream"],

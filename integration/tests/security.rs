@@ -730,3 +730,148 @@ fn clients_authenticate_with_scram_or_plain_and_everything_else_is_refused() {
         cases.len()
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// shardgate's own identity towards Kafka
+
+/// The testbed's SASL user (integration/lib.sh: UPSTREAM_SASL_USER / _PASSWORD).
+const UPSTREAM_USER: &str = "shardgate";
+const UPSTREAM_PW: &str = "shardgate-upstream-secret";
+
+/// An instance whose upstream is the brokers' SASL_SSL listeners (19692..), authenticating
+/// with `mechanism` and the password from `SHARDGATE_TEST_UPSTREAM_PW_<n>`.
+fn upstream_sasl_instance(
+    n: u16,
+    dir: &std::path::Path,
+    mechanism: &str,
+    pw: &str,
+) -> (Shardgate, String, String) {
+    let var = format!("SHARDGATE_TEST_UPSTREAM_PW_{n}");
+    // SAFETY: set before the instance is spawned; no other thread reads it.
+    unsafe { std::env::set_var(&var, pw) };
+    let (client, admin) = (
+        format!("127.0.0.1:{}", 29170 + n),
+        format!("127.0.0.1:{}", 29270 + n),
+    );
+    let bootstrap: Vec<String> = (1..=brokers())
+        .map(|i| format!("\"127.0.0.1:{}\"", 19691 + i))
+        .collect();
+    let config = format!(
+        "[listener]\nbind = \"{client}\"\n[upstream]\nbootstrap = [{}]\nconnect_timeout_ms = 3000\n[upstream.tls]\nca = \"{}\"\n[upstream.sasl]\nmechanism = \"{mechanism}\"\nusername = \"{UPSTREAM_USER}\"\npassword_env = \"{var}\"\n[admin]\nbind = \"{admin}\"\n[store]\npath = \"{}\"\n",
+        bootstrap.join(", "),
+        cache().join("run/tls/ca.pem").display(),
+        dir.join(format!("data-{n}")).display()
+    );
+    let sg = spawn_shardgate(dir, &format!("upstream-sasl-{n}"), &config);
+    (sg, client, format!("http://{admin}"))
+}
+
+/// shardgate authenticates to Kafka's SASL_SSL listeners as its own SCRAM-SHA-512 user; the
+/// brokers end sessions after 10 s (KIP-368), and shardgate moves new requests to freshly
+/// authenticated connections before that, so a producer and a consumer running through it
+/// for 15 s lose nothing. With a wrong password it does not become ready, and says why.
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn shardgate_authenticates_upstream_as_its_own_user_and_renews_before_sessions_end() {
+    let dir = cache().join("run").join("upstream-sasl-test");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (_d, d, d_admin) = upstream_sasl_instance(6, &dir, "SCRAM-SHA-512", UPSTREAM_PW);
+    eventually(
+        "the SASL upstream instance ready",
+        Duration::from_secs(60),
+        || {
+            shardgate::admin::http_request(&d_admin, "GET", "/readyz", None)
+                .is_ok_and(|(c, _)| c == 200)
+        },
+    );
+    let auths = |result: &str| {
+        metric_of(
+            &d_admin,
+            "shardgate_upstream_sasl_authentications_total",
+            &[&format!("result=\"{result}\"")],
+        )
+    };
+    let first = auths("ok");
+    assert!(first >= 1.0, "no upstream SASL authentication counted");
+
+    let topic = unique("upstream-sasl");
+    create_topic_direct(&topic, &["--partitions", "2", "--replication-factor", "1"]);
+    // 60 records at 4/s: 15 s, past the 10 s session of every connection.
+    let p = py(
+        "confluent",
+        &[],
+        "",
+        &[
+            "produce",
+            "--brokers",
+            &d,
+            "--topic",
+            &topic,
+            "--count",
+            "60",
+            "--rate",
+            "4",
+        ],
+    );
+    assert_eq!(
+        p["acked"], 60,
+        "produce through an upstream-SASL shardgate: {p}"
+    );
+    let group = unique("upstream-sasl-g");
+    let r = py(
+        "confluent",
+        &[],
+        "",
+        &[
+            "consume",
+            "--brokers",
+            &d,
+            "--topic",
+            &topic,
+            "--group",
+            &group,
+            "--count",
+            "60",
+            "--timeout",
+            "60",
+        ],
+    );
+    assert_eq!(
+        r["consumed"], 60,
+        "consume through an upstream-SASL shardgate: {r}"
+    );
+    let renewed = auths("ok") - first;
+    assert!(
+        renewed >= 1.0,
+        "no connection authenticated anew within 15 s of 10 s sessions"
+    );
+    assert_eq!(
+        auths("failed"),
+        0.0,
+        "an upstream SASL authentication failed"
+    );
+
+    // A wrong password: not ready, counted, and the log says why.
+    let (_e, _, e_admin) = upstream_sasl_instance(7, &dir, "SCRAM-SHA-256", "not-the-password");
+    eventually("the failure counted", Duration::from_secs(30), || {
+        metric_of(
+            &e_admin,
+            "shardgate_upstream_sasl_authentications_total",
+            &["result=\"failed\""],
+        ) >= 1.0
+    });
+    let (code, _) = shardgate::admin::http_request(&e_admin, "GET", "/readyz", None).unwrap();
+    assert_ne!(code, 200, "ready with a wrong upstream password");
+    let log = std::fs::read_to_string(dir.join("upstream-sasl-7.log")).unwrap();
+    assert!(
+        log.contains("SASL authentication to broker"),
+        "the log names the cause"
+    );
+    assert!(
+        !log.contains(UPSTREAM_PW) && !log.contains("not-the-password"),
+        "a password in the log"
+    );
+    println!(
+        "upstream SASL: SCRAM-SHA-512 as {UPSTREAM_USER} over TLS; 60 records produced and consumed over 15 s with 10 s broker sessions; {first} authentications at start, {renewed} more while running; a wrong password leaves the instance unready"
+    );
+}

@@ -293,6 +293,103 @@ impl ScramServer {
     }
 }
 
+/// One SCRAM exchange, client side (shardgate authenticating to Kafka).
+pub struct ScramClient {
+    hash: Hash,
+    password: String,
+    client_first_bare: String,
+    nonce: String,
+    /// Set by `respond`: the ServerSignature the server-final message must carry.
+    expected: Option<Vec<u8>>,
+}
+
+impl ScramClient {
+    /// The exchange and its client-first message.
+    pub fn start(hash: Hash, user: &str, password: &str) -> (Self, Vec<u8>) {
+        let nonce = random_b64(18);
+        let escaped = user.replace('=', "=3D").replace(',', "=2C");
+        let client_first_bare = format!("n={escaped},r={nonce}");
+        let first = format!("n,,{client_first_bare}").into_bytes();
+        (
+            Self {
+                hash,
+                password: password.to_string(),
+                client_first_bare,
+                nonce,
+                expected: None,
+            },
+            first,
+        )
+    }
+
+    /// The client-final message answering `server_first` (PBKDF2: milliseconds of CPU).
+    pub fn respond(&mut self, server_first: &[u8]) -> Result<Vec<u8>, ScramError> {
+        let msg = std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("utf-8"))?;
+        let (mut nonce, mut salt, mut iterations) = (None, None, None);
+        for part in msg.split(',') {
+            if let Some(v) = attr(part, 'r') {
+                nonce = Some(v);
+            } else if let Some(v) = attr(part, 's') {
+                salt = Some(v);
+            } else if let Some(v) = attr(part, 'i') {
+                iterations = v.parse::<u32>().ok();
+            } else if attr(part, 'e').is_some() {
+                return Err(ScramError::Invalid);
+            }
+        }
+        let nonce = nonce.ok_or(ScramError::Malformed("no r="))?;
+        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
+            return Err(ScramError::Malformed("server nonce does not extend ours"));
+        }
+        let salt = B64
+            .decode(salt.ok_or(ScramError::Malformed("no s="))?)
+            .map_err(|_| ScramError::Malformed("salt is not base64"))?;
+        let iterations = iterations.ok_or(ScramError::Malformed("no i="))?;
+        if iterations < MIN_ITERATIONS {
+            return Err(ScramError::Malformed(
+                "fewer iterations than Kafka's minimum",
+            ));
+        }
+        let mut salted = vec![0u8; self.hash.len()];
+        pbkdf2::derive(
+            self.hash.pbkdf2(),
+            NonZeroU32::new(iterations).expect(">= MIN_ITERATIONS"),
+            &salt,
+            self.password.as_bytes(),
+            &mut salted,
+        );
+        let client_key = sign(self.hash, &salted, b"Client Key");
+        let stored_key = digest::digest(self.hash.digest(), &client_key);
+        let without_proof = format!("c=biws,r={nonce}");
+        let auth_message = format!("{},{msg},{without_proof}", self.client_first_bare);
+        let signature = sign(self.hash, stored_key.as_ref(), auth_message.as_bytes());
+        let proof: Vec<u8> = client_key
+            .iter()
+            .zip(&signature)
+            .map(|(a, b)| a ^ b)
+            .collect();
+        let server_key = sign(self.hash, &salted, b"Server Key");
+        self.expected = Some(sign(self.hash, &server_key, auth_message.as_bytes()));
+        Ok(format!("{without_proof},p={}", B64.encode(proof)).into_bytes())
+    }
+
+    /// Checks the server-final message: the server knew the password's salted form too.
+    pub fn verify(&self, server_final: &[u8]) -> Result<(), ScramError> {
+        let msg = std::str::from_utf8(server_final).map_err(|_| ScramError::Malformed("utf-8"))?;
+        let v = msg
+            .split(',')
+            .find_map(|p| attr(p, 'v'))
+            .ok_or(ScramError::Invalid)?;
+        let got = B64
+            .decode(v)
+            .map_err(|_| ScramError::Malformed("verifier"))?;
+        match &self.expected {
+            Some(e) if super::same(e, &got) => Ok(()),
+            _ => Err(ScramError::Invalid),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,6 +421,27 @@ mod tests {
             String::from_utf8(last).unwrap(),
             "v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
         );
+    }
+
+    #[test]
+    fn the_client_side_completes_an_exchange_with_the_server_side() {
+        for hash in [Hash::Sha256, Hash::Sha512] {
+            let cred = ScramCredential::derive(hash, "p,=w", b"salt-salt-salt", 4096);
+            let lookup = |u: &str| (u == "svc,x=y").then(|| cred.clone());
+            let (mut client, first) = ScramClient::start(hash, "svc,x=y", "p,=w");
+            let (server, server_first) =
+                ScramServer::start(hash, &first, lookup, |_| vec![0; 16], None).unwrap();
+            let last = client.respond(&server_first).unwrap();
+            let server_final = server.finish(&last).unwrap();
+            client.verify(&server_final).unwrap();
+            assert!(client.verify(b"v=AAAA").is_err());
+            // A wrong password fails at the server.
+            let (mut wrong, first) = ScramClient::start(hash, "svc,x=y", "nope");
+            let (server, server_first) =
+                ScramServer::start(hash, &first, lookup, |_| vec![0; 16], None).unwrap();
+            let last = wrong.respond(&server_first).unwrap();
+            assert_eq!(server.finish(&last), Err(ScramError::Invalid));
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ mod sasl;
 mod topic;
 pub use admin::{AdminAuth, AdminConfig, AdminRole, AdminToken, ResolvedToken};
 pub use prefetch::{EMBEDDERS, HASHING_DIMS, MINILM_TOKENIZER_FILES, MinilmConfig, PrefetchConfig};
-pub use sasl::SaslListenerConfig;
+pub use sasl::{SaslListenerConfig, UpstreamSasl, UpstreamSaslConfig};
 pub use topic::{AutoscaleConfig, RouteField, TopicConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -189,6 +189,9 @@ pub struct UpstreamConfig {
     pub fetch_sessions: bool,
     #[serde(default)]
     pub tls: Option<TlsClientConfig>,
+    /// shardgate's own SASL identity towards the brokers.
+    #[serde(default)]
+    pub sasl: Option<UpstreamSaslConfig>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -365,6 +368,8 @@ pub struct Settings {
     pub admin_auth: AdminAuth,
     /// The listener's SASL mechanisms (empty: no SASL).
     pub sasl_mechanisms: Vec<crate::auth::Mechanism>,
+    /// How shardgate authenticates to the brokers (None: it does not).
+    pub upstream_sasl: Option<UpstreamSasl>,
     pub node_id: i32,
     pub advertised: HostPort,
     /// All instances of the virtual cluster, this one included, sorted by node id.
@@ -408,6 +413,10 @@ impl Config {
         let sasl_mechanisms = match &self.listener.sasl {
             Some(s) => s.validate()?,
             None => Vec::new(),
+        };
+        let upstream_sasl = match &self.upstream.sasl {
+            Some(s) => Some(s.resolve()?),
+            None => None,
         };
         let advertised = match &self.listener.advertised {
             Some(a) => parse_host_port("listener.advertised", a)?,
@@ -604,6 +613,7 @@ impl Config {
             admin_bind,
             admin_auth,
             sasl_mechanisms,
+            upstream_sasl,
             advertised,
             instances,
             bootstrap,

@@ -1,4 +1,5 @@
-//! `[listener.sasl]`: SASL authentication of clients on the listener.
+//! `[listener.sasl]`: SASL authentication of clients on the listener; `[upstream.sasl]`:
+//! shardgate's own SASL identity towards Kafka.
 
 use std::path::PathBuf;
 
@@ -77,6 +78,81 @@ impl SaslListenerConfig {
     }
 }
 
+/// `[upstream.sasl]`: how shardgate authenticates to the brokers (its service principal).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSaslConfig {
+    /// "PLAIN", "SCRAM-SHA-256" or "SCRAM-SHA-512".
+    pub mechanism: String,
+    pub username: String,
+    /// The password, or
+    #[serde(default)]
+    pub password: Option<String>,
+    /// the environment variable holding it.
+    #[serde(default)]
+    pub password_env: Option<String>,
+}
+
+/// `[upstream.sasl]` validated, its password read.
+#[derive(Clone)]
+pub struct UpstreamSasl {
+    pub mechanism: Mechanism,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for UpstreamSasl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "UpstreamSasl({} as {})",
+            self.mechanism.name(),
+            self.username
+        )
+    }
+}
+
+impl UpstreamSaslConfig {
+    pub fn resolve(&self) -> Result<UpstreamSasl, ConfigError> {
+        let mechanism = Mechanism::parse(&self.mechanism).ok_or_else(|| {
+            invalid(
+                "upstream.sasl.mechanism",
+                format!("\"{}\" is not supported", self.mechanism),
+                "use \"PLAIN\", \"SCRAM-SHA-256\" or \"SCRAM-SHA-512\"",
+            )
+        })?;
+        if self.username.is_empty() {
+            return Err(invalid(
+                "upstream.sasl.username",
+                "is empty",
+                "give the user shardgate authenticates to Kafka as",
+            ));
+        }
+        let password = match (&self.password, &self.password_env) {
+            (Some(p), None) => p.clone(),
+            (None, Some(var)) => std::env::var(var).map_err(|_| {
+                invalid(
+                    "upstream.sasl.password_env",
+                    format!("environment variable {var} is not set"),
+                    "set it before starting shardgate, or give `password`",
+                )
+            })?,
+            _ => {
+                return Err(invalid(
+                    "upstream.sasl",
+                    "needs exactly one of `password` and `password_env`",
+                    "give the password, or the environment variable holding it",
+                ));
+            }
+        };
+        Ok(UpstreamSasl {
+            mechanism,
+            username: self.username.clone(),
+            password,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::tests::{MINIMAL, parse};
@@ -118,5 +194,17 @@ mod tests {
             .to_string();
         assert!(e.contains("listener.sasl.credentials"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+        let up = |sasl: &str| parse(&format!("{MINIMAL}[upstream.sasl]\n{sasl}\n"));
+        let ok =
+            up("mechanism = \"SCRAM-SHA-512\"\nusername = \"svc\"\npassword = \"pw\"").unwrap();
+        assert_eq!(ok.upstream_sasl.unwrap().username, "svc");
+        let e = up("mechanism = \"GSSAPI\"\nusername = \"svc\"\npassword = \"pw\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstream.sasl.mechanism"), "{e}");
+        let e = up("mechanism = \"PLAIN\"\nusername = \"svc\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("password"), "{e}");
     }
 }

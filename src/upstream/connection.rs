@@ -27,10 +27,16 @@ struct Outgoing {
 
 type Pending = Arc<Mutex<HashMap<i32, oneshot::Sender<Answer>>>>;
 
+/// How long a connection nobody holds waits for the answers still due before it closes.
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+
 pub struct UpstreamConn {
     pub broker: i32,
     tx: mpsc::Sender<Outgoing>,
     alive: Arc<AtomicBool>,
+    /// When new requests must go elsewhere: the broker's SASL session (KIP-368) ends soon
+    /// after. The connection finishes what it carries and closes once nobody holds it.
+    retire_at: Option<std::time::Instant>,
     /// Tells the writer and reader to stop (a request timed out on this socket).
     closing: tokio::sync::watch::Sender<bool>,
 }
@@ -47,6 +53,7 @@ impl UpstreamConn {
         connect_timeout: Duration,
         max_frame: usize,
         tls: Option<(&TlsConnector, &str)>,
+        sasl: Option<&crate::config::UpstreamSasl>,
     ) -> Result<Self, UpstreamError> {
         let err = |message: String| UpstreamError::Connect {
             broker,
@@ -73,7 +80,7 @@ impl UpstreamConn {
             .with_interval(Duration::from_secs(10))
             .with_retries(3);
         let _ = socket2::SockRef::from(&tcp).set_tcp_keepalive(&keepalive);
-        let stream: Box<dyn Stream> = match tls {
+        let mut stream: Box<dyn Stream> = match tls {
             None => Box::new(tcp),
             Some((connector, name)) => {
                 let server_name =
@@ -86,7 +93,29 @@ impl UpstreamConn {
                 Box::new(s)
             }
         };
-        Ok(Self::start(broker, stream, max_frame))
+        let mut retire_at = None;
+        if let Some(sasl) = sasl {
+            let result = tokio::time::timeout(
+                connect_timeout,
+                super::sasl::authenticate(&mut stream, sasl, broker),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(UpstreamError::Sasl {
+                    broker,
+                    message: format!("no answer within {} ms", connect_timeout.as_millis()),
+                })
+            });
+            let label = if result.is_ok() { "ok" } else { "failed" };
+            metrics::counter!("shardgate_upstream_sasl_authentications_total", "result" => label)
+                .increment(1);
+            // New requests move to a fresh connection at 80 % of the session, so what this one
+            // carries ends well before the broker would refuse its next request.
+            retire_at = result?.map(|lifetime| std::time::Instant::now() + lifetime.mul_f64(0.8));
+        }
+        let mut conn = Self::start(broker, stream, max_frame);
+        conn.retire_at = retire_at;
+        Ok(conn)
     }
 
     fn start(broker: i32, stream: Box<dyn Stream>, max_frame: usize) -> Self {
@@ -114,6 +143,7 @@ impl UpstreamConn {
             broker,
             tx,
             alive,
+            retire_at: None,
             closing,
         }
     }
@@ -127,7 +157,9 @@ impl UpstreamConn {
     }
 
     pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::Acquire) && !self.tx.is_closed()
+        self.alive.load(Ordering::Acquire)
+            && !self.tx.is_closed()
+            && self.retire_at.is_none_or(|t| std::time::Instant::now() < t)
     }
 
     /// Queues a request. Requests queued by one caller are written in the order queued, which
@@ -182,6 +214,19 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             _ = closed.wait_for(|c| *c) => 0,
         };
         if n == 0 {
+            if !*closed.borrow() {
+                // Nobody holds the connection any more (retired, replaced): the answers of
+                // what it carries are still to come; closing the socket now would lose them.
+                let drained = async {
+                    while !pending.lock().expect("pending lock").is_empty() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::time::timeout(DRAIN_LIMIT, drained) => {}
+                    _ = closed.wait_for(|c| *c) => {}
+                }
+            }
             break;
         }
         if !alive.load(Ordering::Acquire) {

@@ -4,6 +4,7 @@
 pub mod connection;
 pub mod pool;
 pub mod refresh;
+pub mod sasl;
 pub mod topology;
 
 use crate::protocol::ProtocolError;
@@ -26,6 +27,8 @@ pub enum UpstreamError {
     NoBroker,
     #[error("upstream protocol error: {0}")]
     Protocol(String),
+    #[error("SASL authentication to broker {broker} failed: {message}")]
+    Sasl { broker: i32, message: String },
 }
 
 impl From<ProtocolError> for UpstreamError {
@@ -43,6 +46,7 @@ impl UpstreamError {
             UpstreamError::UnknownBroker(_) => "unknown_broker",
             UpstreamError::NoBroker => "no_broker",
             UpstreamError::Protocol(_) => "protocol",
+            UpstreamError::Sasl { .. } => "sasl",
         }
     }
 }

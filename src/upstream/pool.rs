@@ -36,6 +36,8 @@ pub struct Pool {
     bootstrap: Vec<HostPort>,
     pub topology: Arc<TopologyHandle>,
     tls: Option<(TlsConnector, Option<String>)>,
+    /// shardgate's own SASL identity towards the brokers.
+    sasl: Option<crate::config::UpstreamSasl>,
 }
 
 /// Which upstream socket a request goes on. A broker serves one request per socket at a
@@ -81,6 +83,7 @@ impl Pool {
             bootstrap: settings.bootstrap.clone(),
             topology,
             tls,
+            sasl: settings.upstream_sasl.clone(),
         }
     }
 
@@ -144,6 +147,7 @@ impl Pool {
             self.connect_timeout,
             self.max_frame,
             tls.as_ref().map(|(c, n)| (*c, n.as_str())),
+            self.sasl.as_ref(),
         )
         .await;
         match result {
@@ -188,6 +192,7 @@ impl Pool {
                 self.connect_timeout,
                 self.max_frame,
                 tls.as_ref().map(|(c, n)| (*c, n.as_str())),
+                self.sasl.as_ref(),
             )
             .await?,
         );
