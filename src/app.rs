@@ -89,6 +89,25 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
             managed: managed.clone(),
         },
     ));
+    if settings.raw.listener.tls.is_none()
+        && settings
+            .sasl_mechanisms
+            .contains(&crate::auth::Mechanism::Plain)
+    {
+        tracing::warn!(
+            "listener.sasl offers PLAIN without listener.tls: clients send passwords in clear"
+        );
+    }
+    if settings.raw.upstream.tls.is_none()
+        && settings
+            .upstream_sasl
+            .as_ref()
+            .is_some_and(|s| s.mechanism == crate::auth::Mechanism::Plain)
+    {
+        tracing::warn!(
+            "upstream.sasl uses PLAIN without upstream.tls: the password goes to Kafka in clear"
+        );
+    }
     let sasl = match &settings.raw.listener.sasl {
         Some(cfg) => Some(Arc::new(crate::auth::Authenticator::new(
             settings.sasl_mechanisms.clone(),

@@ -768,8 +768,8 @@ fn upstream_sasl_instance(
 
 /// shardgate authenticates to Kafka's SASL_SSL listeners as its own SCRAM-SHA-512 user; the
 /// brokers end sessions after 10 s (KIP-368), and shardgate moves new requests to freshly
-/// authenticated connections before that, so a producer and a consumer running through it
-/// for 15 s lose nothing. With a wrong password it does not become ready, and says why.
+/// authenticated connections before that, so an idempotent producer and a consumer running
+/// through it for 15 s lose nothing and see every partition in order. With a wrong password it does not become ready, and says why.
 #[test]
 #[ignore = "needs the testbed: integration/run-tests"]
 fn shardgate_authenticates_upstream_as_its_own_user_and_renews_before_sessions_end() {
@@ -796,7 +796,9 @@ fn shardgate_authenticates_upstream_as_its_own_user_and_renews_before_sessions_e
 
     let topic = unique("upstream-sasl");
     create_topic_direct(&topic, &["--partitions", "2", "--replication-factor", "1"]);
-    // 60 records at 4/s: 15 s, past the 10 s session of every connection.
+    // 3,000 records at 200/s from an idempotent producer: 15 s, past the 10 s session of
+    // every connection, with produces in flight when connections are retired (a produce on the
+    // new connection overtaking one still on the old would break the producer's sequence).
     let p = py(
         "confluent",
         &[],
@@ -808,15 +810,16 @@ fn shardgate_authenticates_upstream_as_its_own_user_and_renews_before_sessions_e
             "--topic",
             &topic,
             "--count",
-            "60",
+            "3000",
             "--rate",
-            "4",
+            "200",
         ],
     );
     assert_eq!(
-        p["acked"], 60,
+        p["acked"], 3000,
         "produce through an upstream-SASL shardgate: {p}"
     );
+    assert_eq!(p["errors"], serde_json::json!([]), "{p}");
     let group = unique("upstream-sasl-g");
     let r = py(
         "confluent",
@@ -831,15 +834,28 @@ fn shardgate_authenticates_upstream_as_its_own_user_and_renews_before_sessions_e
             "--group",
             &group,
             "--count",
-            "60",
+            "3000",
             "--timeout",
-            "60",
+            "90",
         ],
     );
     assert_eq!(
-        r["consumed"], 60,
-        "consume through an upstream-SASL shardgate: {r}"
+        r["consumed"], 3000,
+        "consume through an upstream-SASL shardgate"
     );
+    // Per partition, in the order produced (values v-<i>).
+    let mut last: std::collections::HashMap<i64, i64> = Default::default();
+    for rec in r["records"].as_array().unwrap() {
+        let i: i64 = rec[1]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("v-")
+            .parse()
+            .unwrap();
+        let part = rec[2].as_i64().unwrap();
+        let prev = last.insert(part, i).unwrap_or(-1);
+        assert!(i > prev, "partition {part}: v-{i} after v-{prev}");
+    }
     let renewed = auths("ok") - first;
     assert!(
         renewed >= 1.0,
@@ -871,7 +887,8 @@ fn shardgate_authenticates_upstream_as_its_own_user_and_renews_before_sessions_e
         !log.contains(UPSTREAM_PW) && !log.contains("not-the-password"),
         "a password in the log"
     );
+    let waited = metric_of(&d_admin, "shardgate_produce_socket_changes_total", &[]);
     println!(
-        "upstream SASL: SCRAM-SHA-512 as {UPSTREAM_USER} over TLS; 60 records produced and consumed over 15 s with 10 s broker sessions; {first} authentications at start, {renewed} more while running; a wrong password leaves the instance unready"
+        "upstream SASL: SCRAM-SHA-512 as {UPSTREAM_USER} over TLS; 3000 records from an idempotent producer over 15 s with 10 s broker sessions, all consumed in order; {first} authentications at start, {renewed} more while running; produces that waited for those in flight on a retired connection: {waited}; a wrong password leaves the instance unready"
     );
 }

@@ -147,6 +147,18 @@ impl Credentials {
             .find_map(|h| self.scram(user, h).map(|c| (h, c)))
     }
 
+    /// The iteration count most users have (what an unknown user is shown).
+    pub fn usual_iterations(&self) -> u32 {
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        for c in self.users.values() {
+            *counts.entry(c.iterations).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .max_by_key(|(i, n)| (*n, *i))
+            .map_or(super::scram::MIN_ITERATIONS, |(i, _)| i)
+    }
+
     pub fn len(&self) -> usize {
         self.users.len()
     }
@@ -156,11 +168,14 @@ impl Credentials {
     }
 }
 
+/// Bytes of salt in written entries (and in the decoys shown for unknown users).
+pub const SALT_LEN: usize = 24;
+
 /// A credentials-file entry for `user` with `password` salted for each of `hashes`.
 pub fn entry(user: &str, password: &str, hashes: &[Hash], iterations: u32) -> String {
     let mut out = format!("[[users]]\nname = {}\n", toml_string(user));
     for h in hashes {
-        let salt = B64.decode(random_b64(24)).expect("own base64");
+        let salt = B64.decode(random_b64(SALT_LEN)).expect("own base64");
         let c = ScramCredential::derive(*h, password, &salt, iterations);
         out.push_str(&format!(
             "[users.{}]\nsalt = \"{}\"\niterations = {}\nstored_key = \"{}\"\nserver_key = \"{}\"\n",

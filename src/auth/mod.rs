@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub use credentials::Credentials;
-use scram::{Hash, ScramError, ScramServer};
+use scram::{Hash, ScramCredential, ScramError, ScramServer};
 
 /// Equality whose time does not depend on where the inputs first differ.
 pub fn same(a: &[u8], b: &[u8]) -> bool {
@@ -58,6 +58,10 @@ pub struct Authenticator {
     failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     /// Keys the made-up salts of unknown users (stable per process and user).
     decoy_key: ring::hmac::Key,
+    decoy_iterations: u32,
+    /// PLAIN checks (PBKDF2, milliseconds each) running at once, so a flood of logins from
+    /// many connections cannot take every core.
+    pub plain_checks: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// The outcome of one SASL token.
@@ -90,11 +94,13 @@ impl Authenticator {
         let seed = scram::random_b64(32);
         Self {
             mechanisms,
+            decoy_iterations: credentials.usual_iterations(),
             credentials,
             session_lifetime,
             max_failures,
             failures: Mutex::default(),
             decoy_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, seed.as_bytes()),
+            plain_checks: std::sync::Arc::new(tokio::sync::Semaphore::new(2)),
         }
     }
 
@@ -123,7 +129,14 @@ impl Authenticator {
                     Some((h, c)) if c.verify_password(h, password) => {
                         Ok(Step::Done(user.to_string(), Vec::new()))
                     }
-                    _ => Err(AuthError::Invalid),
+                    Some(_) => Err(AuthError::Invalid),
+                    None => {
+                        // The same work as for a known user: the answer's time must not tell
+                        // which user names exist.
+                        let (salt, iterations) = self.decoy(user);
+                        ScramCredential::derive(Hash::Sha512, password, &salt, iterations);
+                        Err(AuthError::Invalid)
+                    }
                 }
             }
             Mechanism::Scram(h) => {
@@ -131,7 +144,7 @@ impl Authenticator {
                     h,
                     token,
                     |u| self.credentials.scram(u, h),
-                    |u| self.decoy_salt(u),
+                    |u| self.decoy(u),
                     None,
                 )?;
                 Ok(Step::Continue(first, server))
@@ -146,15 +159,30 @@ impl Authenticator {
         Ok(Step::Done(user, last))
     }
 
-    fn decoy_salt(&self, user: &str) -> Vec<u8> {
-        ring::hmac::sign(&self.decoy_key, user.as_bytes()).as_ref()[..16].to_vec()
+    /// A made-up salt (stable per user) and the usual iteration count, for unknown users.
+    fn decoy(&self, user: &str) -> (Vec<u8>, u32) {
+        let salt = ring::hmac::sign(&self.decoy_key, user.as_bytes()).as_ref()
+            [..credentials::SALT_LEN]
+            .to_vec();
+        (salt, self.decoy_iterations)
+    }
+
+    /// Failures are counted per address, IPv6 per /64 (one host holds a whole /64).
+    fn source(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V6(v6) => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+            v4 => v4,
+        }
     }
 
     /// Whether `ip` may try (again): fewer than the limit of failures in the window.
     pub fn may_try(&self, ip: IpAddr) -> bool {
         let now = Instant::now();
         let map = self.failures.lock().expect("failures");
-        map.get(&ip).is_none_or(|(since, n)| {
+        map.get(&Self::source(ip)).is_none_or(|(since, n)| {
             now.duration_since(*since) > FAILURE_WINDOW || *n < self.max_failures
         })
     }
@@ -166,10 +194,15 @@ impl Authenticator {
         if map.len() >= MAX_TRACKED {
             map.retain(|_, (since, _)| now.duration_since(*since) <= FAILURE_WINDOW);
             if map.len() >= MAX_TRACKED {
-                map.clear();
+                // Still full: forget the oldest half, not everyone (clearing all would let
+                // an attacker with many addresses reset everybody's count).
+                let mut starts: Vec<Instant> = map.values().map(|(s, _)| *s).collect();
+                starts.sort();
+                let cut = starts[starts.len() / 2];
+                map.retain(|_, (since, _)| *since > cut);
             }
         }
-        let e = map.entry(ip).or_insert((now, 0));
+        let e = map.entry(Self::source(ip)).or_insert((now, 0));
         if now.duration_since(e.0) > FAILURE_WINDOW {
             *e = (now, 0);
         }
@@ -239,6 +272,12 @@ mod tests {
         a.failed(ip);
         assert!(!a.may_try(ip));
         assert!(a.may_try(other));
+        // IPv6: one /64 is one source.
+        let v6a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8:1:2::ffff".parse().unwrap();
+        a.failed(v6a);
+        a.failed(v6a);
+        assert!(!a.may_try(v6b));
         assert_eq!(
             Mechanism::parse("SCRAM-SHA-512"),
             Some(Mechanism::Scram(Hash::Sha512))

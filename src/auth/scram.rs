@@ -9,8 +9,10 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use ring::{digest, hmac, pbkdf2, rand::SecureRandom};
 
-/// Kafka refuses SCRAM credentials with fewer iterations.
+/// Kafka refuses SCRAM credentials with fewer iterations,
 pub const MIN_ITERATIONS: u32 = 4096;
+/// or more (a broker asking for more is refused: each one costs CPU here).
+pub const MAX_ITERATIONS: u32 = 16384;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Hash {
@@ -188,12 +190,13 @@ fn attr(part: &str, name: char) -> Option<&str> {
 
 impl ScramServer {
     /// Reads the client-first message and answers the server-first one. `lookup` gives the
-    /// stored form of a user's password; `decoy_salt` a stable made-up salt for unknown users.
+    /// stored form of a user's password; `decoy` a stable made-up salt and the usual
+    /// iteration count for unknown users (they must look like known ones).
     pub fn start(
         hash: Hash,
         client_first: &[u8],
         lookup: impl Fn(&str) -> Option<ScramCredential>,
-        decoy_salt: impl Fn(&str) -> Vec<u8>,
+        decoy: impl Fn(&str) -> (Vec<u8>, u32),
         server_nonce: Option<&str>,
     ) -> Result<(Self, Vec<u8>), ScramError> {
         let msg = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("utf-8"))?;
@@ -222,7 +225,7 @@ impl ScramServer {
         let cred = lookup(&user);
         let (salt, iterations) = match &cred {
             Some(c) => (c.salt.clone(), c.iterations),
-            None => (decoy_salt(&user), MIN_ITERATIONS),
+            None => decoy(&user),
         };
         let nonce = format!(
             "{cnonce}{}",
@@ -406,7 +409,7 @@ mod tests {
             Hash::Sha256,
             b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO",
             lookup,
-            |_| vec![0; 16],
+            |_| (vec![0; 16], MIN_ITERATIONS),
             Some("%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"),
         )
         .unwrap();
@@ -429,16 +432,28 @@ mod tests {
             let cred = ScramCredential::derive(hash, "p,=w", b"salt-salt-salt", 4096);
             let lookup = |u: &str| (u == "svc,x=y").then(|| cred.clone());
             let (mut client, first) = ScramClient::start(hash, "svc,x=y", "p,=w");
-            let (server, server_first) =
-                ScramServer::start(hash, &first, lookup, |_| vec![0; 16], None).unwrap();
+            let (server, server_first) = ScramServer::start(
+                hash,
+                &first,
+                lookup,
+                |_| (vec![0; 16], MIN_ITERATIONS),
+                None,
+            )
+            .unwrap();
             let last = client.respond(&server_first).unwrap();
             let server_final = server.finish(&last).unwrap();
             client.verify(&server_final).unwrap();
             assert!(client.verify(b"v=AAAA").is_err());
             // A wrong password fails at the server.
             let (mut wrong, first) = ScramClient::start(hash, "svc,x=y", "nope");
-            let (server, server_first) =
-                ScramServer::start(hash, &first, lookup, |_| vec![0; 16], None).unwrap();
+            let (server, server_first) = ScramServer::start(
+                hash,
+                &first,
+                lookup,
+                |_| (vec![0; 16], MIN_ITERATIONS),
+                None,
+            )
+            .unwrap();
             let last = wrong.respond(&server_first).unwrap();
             assert_eq!(server.finish(&last), Err(ScramError::Invalid));
         }
@@ -450,7 +465,13 @@ mod tests {
         let cred = ScramCredential::derive(Hash::Sha512, "secret", salt, 4096);
         let lookup = |u: &str| (u == "alice").then(|| cred.clone());
         let start = |first: &[u8]| {
-            ScramServer::start(Hash::Sha512, first, lookup, |_| salt.to_vec(), Some("S"))
+            ScramServer::start(
+                Hash::Sha512,
+                first,
+                lookup,
+                |_| (salt.to_vec(), MIN_ITERATIONS),
+                Some("S"),
+            )
         };
         let (server, _) = start(b"n,,n=alice,r=C").unwrap();
         let bogus = B64.encode([7u8; 64]);

@@ -43,7 +43,7 @@ fn default_public_metrics() -> bool {
     true
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminToken {
     /// Shown in logs (never the token).
@@ -55,6 +55,16 @@ pub struct AdminToken {
     /// the environment variable holding it (keeps it out of the file).
     #[serde(default)]
     pub env: Option<String>,
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "AdminToken({}, {:?}, env {:?})",
+            self.name, self.role, self.env
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -81,12 +91,24 @@ impl std::fmt::Debug for ResolvedToken {
 }
 
 /// Who may use the admin API, validated.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct AdminAuth {
     pub tokens: Vec<ResolvedToken>,
     pub public_metrics: bool,
     /// The secret presented when forwarding to the leader.
     pub forward: Option<String>,
+}
+
+impl std::fmt::Debug for AdminAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "AdminAuth({:?}, public_metrics {}, forwards with a token: {})",
+            self.tokens,
+            self.public_metrics,
+            self.forward.is_some()
+        )
+    }
 }
 
 /// Shorter tokens are refused: a bearer token is the whole credential.

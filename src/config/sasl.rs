@@ -79,7 +79,7 @@ impl SaslListenerConfig {
 }
 
 /// `[upstream.sasl]`: how shardgate authenticates to the brokers (its service principal).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSaslConfig {
     /// "PLAIN", "SCRAM-SHA-256" or "SCRAM-SHA-512".
@@ -91,6 +91,22 @@ pub struct UpstreamSaslConfig {
     /// the environment variable holding it.
     #[serde(default)]
     pub password_env: Option<String>,
+}
+
+impl std::fmt::Debug for UpstreamSaslConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "UpstreamSaslConfig({} as {}, password {})",
+            self.mechanism,
+            self.username,
+            if self.password.is_some() {
+                "given"
+            } else {
+                "from the environment"
+            }
+        )
+    }
 }
 
 /// `[upstream.sasl]` validated, its password read.

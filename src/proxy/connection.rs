@@ -177,6 +177,14 @@ pub async fn serve<S>(
             Ok(Ok(None)) => break Stop::Eof,
             Ok(Err(e)) => break bad_frame(&client, e),
         };
+        if let Some(limit) = sasl.frame_limit()
+            && size > limit
+        {
+            metrics::counter!("shardgate_sasl_failures_total", "reason" => "large_frame_before_authentication", "mechanism" => "")
+                .increment(1);
+            tracing::warn!(conn = client.id, peer = %client.peer, size, limit, "frame larger than allowed before authentication; closing");
+            break Stop::Bad;
+        }
         // The frame is held (and its buffer allocated) only within the memory budget.
         let charge = tokio::select! {
             biased;
@@ -424,9 +432,9 @@ async fn produce_lane(
     use futures::StreamExt;
     use futures::stream::FuturesUnordered;
     let mut answers = FuturesUnordered::new();
-    // Whether the produces in flight went on the client's own sockets (acks=all, throttled)
-    // or the shared ones.
-    let mut own: Option<bool> = None;
+    // What the produces in flight went on: own sockets (acks=all, throttled) or shared ones,
+    // and which connection per broker.
+    let mut lane = super::produce::Lane::default();
     loop {
         let next = tokio::select! {
             biased;
@@ -437,7 +445,7 @@ async fn produce_lane(
             break;
         };
         let mut queued = {
-            let send = super::produce::send(&ctx, &client, &req, &mut own, !answers.is_empty());
+            let send = super::produce::send(&ctx, &client, &req, &mut lane, !answers.is_empty());
             tokio::pin!(send);
             loop {
                 tokio::select! {
@@ -448,11 +456,11 @@ async fn produce_lane(
             }
         };
         if matches!(queued, Err(super::produce::SendError::SocketChange)) {
-            // This produce goes on another kind of socket than those still in flight: let
-            // them be answered first, or it could overtake them upstream.
+            // This produce goes on another socket than those still in flight: let them be
+            // answered first, or it could overtake them upstream.
             metrics::counter!("shardgate_produce_socket_changes_total").increment(1);
             while answers.next().await.is_some() {}
-            queued = super::produce::send(&ctx, &client, &req, &mut own, false).await;
+            queued = super::produce::send(&ctx, &client, &req, &mut lane, false).await;
         }
         let queued = queued.map_err(|e| match e {
             super::produce::SendError::Handler(h) => h,

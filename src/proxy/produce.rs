@@ -39,12 +39,21 @@ pub struct PendingProduce {
     managed: BTreeMap<(TopicRef, i32), ManagedPart>,
 }
 
+/// What the produces a client connection has in flight went on: the kind of socket and, per
+/// broker, the connection. A produce that would go elsewhere waits until they are answered
+/// (`SendError::SocketChange`): on two sockets to one broker it could overtake them.
+#[derive(Default)]
+pub struct Lane {
+    own: Option<bool>,
+    conns: std::collections::HashMap<i32, u64>,
+}
+
 pub async fn handle(
     ctx: &Ctx,
     client: &ClientConn,
     req: RequestFrame,
 ) -> Result<Reply, HandlerError> {
-    match send(ctx, client, &req, &mut None, false).await {
+    match send(ctx, client, &req, &mut Lane::default(), false).await {
         Ok(p) => p.finish(ctx).await,
         Err(SendError::Handler(e)) => Err(e),
         Err(SendError::SocketChange) => unreachable!("nothing in flight"),
@@ -55,9 +64,11 @@ pub async fn handle(
 pub enum SendError {
     #[error(transparent)]
     Handler(#[from] HandlerError),
-    /// The request would go on another kind of upstream socket (own or shared) than the
-    /// produces still in flight; the caller lets those be answered, then sends again.
-    #[error("produce socket kind changes while produces are in flight")]
+    /// The request would go on another upstream socket (another kind, or a connection that
+    /// replaced the one the produces in flight went on: retired at the end of its SASL
+    /// session, reconnected) than the produces still in flight; the caller lets those be
+    /// answered, then sends again.
+    #[error("produce socket changes while produces are in flight")]
     SocketChange,
 }
 
@@ -70,22 +81,25 @@ impl From<crate::protocol::ProtocolError> for SendError {
 /// Routes and queues the request upstream. Only queueing is awaited here, so the caller can
 /// keep the client's produce order while answers are awaited concurrently.
 ///
-/// `own` is the kind of socket (the client's own, or shared) the client's produces in flight
-/// went on; with `in_flight`, a produce needing the other kind is not sent
-/// (`SendError::SocketChange`): two sockets to one broker could reorder the client's batches.
+/// `lane` is what the client's produces in flight went on; with `in_flight`, a produce needing
+/// another socket is not sent (`SendError::SocketChange`): two sockets to one broker could
+/// reorder the client's batches.
 pub async fn send(
     ctx: &Ctx,
     client: &ClientConn,
     req: &RequestFrame,
-    own: &mut Option<bool>,
+    lane: &mut Lane,
     in_flight: bool,
 ) -> Result<PendingProduce, SendError> {
     let body: ProduceRequest = req.decode_body()?;
     let wants_own = super::sockets::produce_on_own(ctx, client, req, body.acks);
-    if in_flight && own.is_some_and(|o| o != wants_own) {
+    if !in_flight {
+        lane.conns.clear();
+    }
+    if in_flight && lane.own.is_some_and(|o| o != wants_own) {
         return Err(SendError::SocketChange);
     }
-    *own = Some(wants_own);
+    lane.own = Some(wants_own);
     let by_id = req.api_version >= 13;
     let mut topo = ctx.topology().load();
     let resolve =
@@ -199,8 +213,22 @@ pub async fn send(
 
     let expect_response = body.acks != 0;
     let single = by_broker.len() == 1 && local_errors.is_empty() && managed.is_empty();
-    let mut subs = Vec::with_capacity(by_broker.len());
-    for (broker, (sub, parts)) in by_broker {
+    // Every part's connection first: if one changed under produces in flight, nothing of
+    // this request is sent yet.
+    let (socket, timeout) = super::sockets::for_produce(client, wants_own, body.timeout_ms);
+    let mut parts = Vec::with_capacity(by_broker.len());
+    for (broker, part) in by_broker {
+        let conn = ctx.pool.connection(broker, socket).await;
+        if let Ok(c) = &conn
+            && in_flight
+            && lane.conns.get(&broker).is_some_and(|id| *id != c.id)
+        {
+            return Err(SendError::SocketChange);
+        }
+        parts.push((broker, part, conn));
+    }
+    let mut subs = Vec::with_capacity(parts.len());
+    for (broker, (sub, parts), conn) in parts {
         // One leader for everything: forward the client's own bytes untouched.
         let frame = if single {
             Ok(req.frame.clone())
@@ -212,16 +240,16 @@ pub async fn send(
                 &sub,
             )
         };
-        let pending = match frame {
-            Ok(f) => {
-                let (socket, timeout) =
-                    super::sockets::for_produce(client, wants_own, body.timeout_ms);
+        let pending = match (frame, conn) {
+            (Ok(f), Ok(conn)) => {
+                lane.conns.insert(broker, conn.id);
                 ctx.pool
-                    .send(broker, socket, ApiKey::Produce, f, expect_response, timeout)
+                    .send_on(conn, ApiKey::Produce, f, expect_response, timeout)
                     .await
                     .map_err(HandlerError::from)
             }
-            Err(e) => Err(e.into()),
+            (Err(e), _) => Err(e.into()),
+            (_, Err(e)) => Err(e.into()),
         };
         subs.push((parts, pending));
     }

@@ -25,6 +25,10 @@ use crate::protocol::{RequestFrame, codes, encode_response};
 /// late, so guessing costs time.
 const FAILURE_DELAY: Duration = Duration::from_millis(100);
 
+/// Before authentication nothing larger is read: an unauthenticated peer must not hold the
+/// memory budget with announced 100 MiB frames.
+const PRE_AUTH_MAX_FRAME: usize = 512 * 1024;
+
 pub struct SaslConn {
     auth: Option<Arc<Authenticator>>,
     peer: IpAddr,
@@ -62,6 +66,12 @@ impl SaslConn {
             principal: None,
             expires: None,
         }
+    }
+
+    /// The largest frame read from a client that has not authenticated (Kafka's
+    /// `sasl.server.max.receive.size`); None when there is no such limit.
+    pub fn frame_limit(&self) -> Option<usize> {
+        (self.auth.is_some() && self.principal.is_none()).then_some(PRE_AUTH_MAX_FRAME)
     }
 
     /// Whether a request of `api` may be served now; the reason to close if not.
@@ -127,7 +137,8 @@ impl SaslConn {
                 respond(codes::NONE, false)
             }
             None => {
-                tracing::warn!(peer = %self.peer, mechanism = %asked, "SASL mechanism not enabled on this listener; closing");
+                let shown: String = asked.chars().take(64).collect();
+                tracing::warn!(peer = %self.peer, mechanism = %shown, "SASL mechanism not enabled on this listener; closing");
                 self.refused(
                     "unsupported_mechanism",
                     None,
@@ -177,10 +188,14 @@ impl SaslConn {
                 let step = match m {
                     // PBKDF2 of the given password: off the worker threads.
                     Mechanism::Plain => {
+                        let permit = auth.plain_checks.clone().acquire_owned().await;
                         let a = auth.clone();
-                        tokio::task::spawn_blocking(move || a.first(m, &token))
-                            .await
-                            .unwrap_or(Err(AuthError::Invalid))
+                        tokio::task::spawn_blocking(move || {
+                            let _running = permit;
+                            a.first(m, &token)
+                        })
+                        .await
+                        .unwrap_or(Err(AuthError::Invalid))
                     }
                     Mechanism::Scram(_) => auth.first(m, &token),
                 };

@@ -32,6 +32,8 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 pub struct UpstreamConn {
     pub broker: i32,
+    /// Tells connections apart (a replaced connection gets a new one).
+    pub id: u64,
     tx: mpsc::Sender<Outgoing>,
     alive: Arc<AtomicBool>,
     /// When new requests must go elsewhere: the broker's SASL session (KIP-368) ends soon
@@ -139,8 +141,10 @@ impl UpstreamConn {
             alive.clone(),
             closed,
         ));
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Self {
             broker,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             tx,
             alive,
             retire_at: None,
@@ -187,6 +191,14 @@ impl UpstreamConn {
     }
 }
 
+/// Resolves when the connection is closed by `UpstreamConn::close`, never because the
+/// `UpstreamConn` itself was dropped (its answers still due are awaited then).
+async fn closing(closed: &mut tokio::sync::watch::Receiver<bool>) {
+    if closed.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 fn fail_all(pending: &Pending, broker: i32, message: &str) {
     let drained: Vec<_> = pending.lock().expect("pending lock").drain().collect();
     for (_, tx) in drained {
@@ -211,7 +223,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     loop {
         let n = tokio::select! {
             n = rx.recv_many(&mut batch, 64) => n,
-            _ = closed.wait_for(|c| *c) => 0,
+            _ = closing(&mut closed) => 0,
         };
         if n == 0 {
             if !*closed.borrow() {
@@ -224,7 +236,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                 };
                 tokio::select! {
                     _ = tokio::time::timeout(DRAIN_LIMIT, drained) => {}
-                    _ = closed.wait_for(|c| *c) => {}
+                    _ = closing(&mut closed) => {}
                 }
             }
             break;
@@ -258,7 +270,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         // A broker that stopped reading blocks the write; closing must still interrupt it.
         let written = tokio::select! {
             r = buf.write_to(&mut wr) => r,
-            _ = closed.wait_for(|c| *c) => break,
+            _ = closing(&mut closed) => break,
         };
         if let Err(e) = written {
             tracing::warn!(broker, error = %e, "upstream write failed");
@@ -281,7 +293,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let reason = loop {
         let next = tokio::select! {
             next = reader.next() => next,
-            _ = closed.wait_for(|c| *c) => break "closed by shardgate (a request timed out)".to_string(),
+            _ = closing(&mut closed) => break "closed by shardgate (a request timed out)".to_string(),
         };
         match next {
             Ok(Some(frame)) => {

@@ -216,14 +216,38 @@ impl Pool {
         expect_response: bool,
         timeout: Option<Duration>,
     ) -> Result<PendingReply, UpstreamError> {
-        let conn = match socket {
-            Socket::Shared(pin) => self.conn(broker, pin).await?,
-            Socket::Own(owner) => self.own_conn(broker, owner).await?,
-            Socket::Fetch(owner) => self.own_conn(broker, owner | FETCH_OWNER).await?,
-        };
+        let conn = self.connection(broker, socket).await?;
+        self.send_on(conn, api, frame, expect_response, timeout)
+            .await
+    }
+
+    /// The connection a request on `socket` to `broker` would go on now (connecting if
+    /// needed). With `send_on`, a caller can see that it changed before sending: the produce
+    /// lane must not let a request overtake those in flight on another connection.
+    pub async fn connection(
+        &self,
+        broker: i32,
+        socket: Socket,
+    ) -> Result<Arc<UpstreamConn>, UpstreamError> {
+        match socket {
+            Socket::Shared(pin) => self.conn(broker, pin).await,
+            Socket::Own(owner) => self.own_conn(broker, owner).await,
+            Socket::Fetch(owner) => self.own_conn(broker, owner | FETCH_OWNER).await,
+        }
+    }
+
+    /// Queues a request on `conn` (from `connection`).
+    pub async fn send_on(
+        &self,
+        conn: Arc<UpstreamConn>,
+        api: ApiKey,
+        frame: Bytes,
+        expect_response: bool,
+        timeout: Option<Duration>,
+    ) -> Result<PendingReply, UpstreamError> {
         let rx = conn.enqueue(frame, expect_response).await?;
         Ok(PendingReply {
-            broker,
+            broker: conn.broker,
             api,
             rx,
             timeout: timeout.unwrap_or(self.request_timeout),
