@@ -631,6 +631,26 @@ fn clients_authenticate_with_scram_or_plain_and_everything_else_is_refused() {
         !metadata_answered(&mut raw, 1),
         "Metadata before authenticating is not served"
     );
+    // Before authenticating, a frame above 512 KiB is not even read: the connection closes
+    // at its length prefix (an unauthenticated peer cannot hold the memory budget).
+    {
+        use std::io::{Read as _, Write as _};
+        let mut big = std::net::TcpStream::connect(&a).unwrap();
+        big.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        big.write_all(&(1u32 << 20).to_be_bytes()).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(
+            matches!(big.read(&mut buf), Ok(0) | Err(_)),
+            "a 1 MiB frame before authentication is refused by closing"
+        );
+    }
+    assert!(
+        metric_of(
+            &a_admin,
+            "shardgate_sasl_failures_total",
+            &["reason=\"large_frame_before_authentication\""]
+        ) >= 1.0
+    );
 
     // Refusals on C and B, and on the testbed's listener without SASL.
     let probe = |addr: &str, sec: &[&str], pw: &str| {
@@ -887,7 +907,7 @@ fn shardgate_authenticates_upstream_as_its_own_user_and_renews_before_sessions_e
         !log.contains(UPSTREAM_PW) && !log.contains("not-the-password"),
         "a password in the log"
     );
-    let waited = metric_of(&d_admin, "shardgate_produce_socket_changes_total", &[]);
+    let waited = metric_of(&d_admin, "shardgate_produce_socket_changes_total", &[]) + 0.0;
     println!(
         "upstream SASL: SCRAM-SHA-512 as {UPSTREAM_USER} over TLS; 3000 records from an idempotent producer over 15 s with 10 s broker sessions, all consumed in order; {first} authentications at start, {renewed} more while running; produces that waited for those in flight on a retired connection: {waited}; a wrong password leaves the instance unready"
     );

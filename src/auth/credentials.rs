@@ -118,10 +118,7 @@ impl Credentials {
                         cred.iterations
                     )));
                 }
-                let len = match hash {
-                    Hash::Sha256 => 32,
-                    Hash::Sha512 => 64,
-                };
+                let len = hash.digest_len();
                 if cred.stored_key.len() != len || cred.server_key.len() != len {
                     return Err(bad(format!(
                         "{}: keys must be {len} bytes",

@@ -49,7 +49,8 @@ impl Hash {
         }
     }
 
-    fn len(self) -> usize {
+    /// Bytes of its digests (StoredKey, ServerKey).
+    pub fn digest_len(self) -> usize {
         match self {
             Hash::Sha256 => 32,
             Hash::Sha512 => 64,
@@ -81,7 +82,7 @@ fn sign(hash: Hash, key: &[u8], data: &[u8]) -> Vec<u8> {
 impl ScramCredential {
     /// The salted form of `password` (PBKDF2: milliseconds of CPU; not for a runtime thread).
     pub fn derive(hash: Hash, password: &str, salt: &[u8], iterations: u32) -> Self {
-        let mut salted = vec![0u8; hash.len()];
+        let mut salted = vec![0u8; hash.digest_len()];
         pbkdf2::derive(
             hash.pbkdf2(),
             NonZeroU32::new(iterations.max(1)).expect("max(1)"),
@@ -353,7 +354,7 @@ impl ScramClient {
                 "fewer iterations than Kafka's minimum",
             ));
         }
-        let mut salted = vec![0u8; self.hash.len()];
+        let mut salted = vec![0u8; self.hash.digest_len()];
         pbkdf2::derive(
             self.hash.pbkdf2(),
             NonZeroU32::new(iterations).expect(">= MIN_ITERATIONS"),

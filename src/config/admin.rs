@@ -133,26 +133,7 @@ impl AdminConfig {
                     "give each token a name of its own",
                 ));
             }
-            let secret = match (&t.value, &t.env) {
-                (Some(v), None) => v.clone(),
-                (None, Some(var)) => std::env::var(var).map_err(|_| {
-                    invalid(
-                        &format!("{key}.env"),
-                        format!("environment variable {var} is not set"),
-                        "set it before starting shardgate, or give the token as `value`",
-                    )
-                })?,
-                _ => {
-                    return Err(invalid(
-                        &key,
-                        format!(
-                            "token \"{}\" needs exactly one of `value` and `env`",
-                            t.name
-                        ),
-                        "give the token itself as `value`, or the variable holding it as `env`",
-                    ));
-                }
-            };
+            let secret = super::sasl::secret(("value", &t.value), ("env", &t.env), &key)?;
             let secret = secret.trim().to_string();
             if secret.len() < MIN_TOKEN_LEN || secret.chars().any(|c| c.is_whitespace()) {
                 return Err(invalid(

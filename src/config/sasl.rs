@@ -144,28 +144,43 @@ impl UpstreamSaslConfig {
                 "give the user shardgate authenticates to Kafka as",
             ));
         }
-        let password = match (&self.password, &self.password_env) {
-            (Some(p), None) => p.clone(),
-            (None, Some(var)) => std::env::var(var).map_err(|_| {
-                invalid(
-                    "upstream.sasl.password_env",
-                    format!("environment variable {var} is not set"),
-                    "set it before starting shardgate, or give `password`",
-                )
-            })?,
-            _ => {
-                return Err(invalid(
-                    "upstream.sasl",
-                    "needs exactly one of `password` and `password_env`",
-                    "give the password, or the environment variable holding it",
-                ));
-            }
-        };
+        let password = secret(
+            ("password", &self.password),
+            ("password_env", &self.password_env),
+            "upstream.sasl",
+        )?;
         Ok(UpstreamSasl {
             mechanism,
             username: self.username.clone(),
             password,
         })
+    }
+}
+
+/// A secret given in the file (`value.0`) or named as an environment variable (`env.0`):
+/// exactly one of them, and the variable set.
+pub(super) fn secret(
+    value: (&str, &Option<String>),
+    env: (&str, &Option<String>),
+    table: &str,
+) -> Result<String, ConfigError> {
+    match (value.1, env.1) {
+        (Some(v), None) => Ok(v.clone()),
+        (None, Some(var)) => std::env::var(var).map_err(|_| {
+            invalid(
+                &format!("{table}.{}", env.0),
+                format!("environment variable {var} is not set"),
+                format!("set it before starting shardgate, or give `{}`", value.0),
+            )
+        }),
+        _ => Err(invalid(
+            table,
+            format!("needs exactly one of `{}` and `{}`", value.0, env.0),
+            format!(
+                "give the secret as `{}`, or the environment variable holding it as `{}`",
+                value.0, env.0
+            ),
+        )),
     }
 }
 

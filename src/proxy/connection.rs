@@ -219,8 +219,8 @@ pub async fn serve<S>(
             }
             Admitted::Request(req) => match sasl.check(req.api_key) {
                 Ok(()) => Admitted::Request(req),
-                Err(reason) => {
-                    metrics::counter!("shardgate_sasl_failures_total", "reason" => if reason.contains("expired") { "expired" } else { "unauthenticated_request" }, "mechanism" => "")
+                Err((label, reason)) => {
+                    metrics::counter!("shardgate_sasl_failures_total", "reason" => label, "mechanism" => "")
                         .increment(1);
                     tracing::warn!(conn = client.id, peer = %client.peer, api = ?req.api_key, reason, "closing");
                     Admitted::Refuse(reason.to_string())

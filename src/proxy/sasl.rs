@@ -74,16 +74,19 @@ impl SaslConn {
         (self.auth.is_some() && self.principal.is_none()).then_some(PRE_AUTH_MAX_FRAME)
     }
 
-    /// Whether a request of `api` may be served now; the reason to close if not.
-    pub fn check(&self, api: ApiKey) -> Result<(), &'static str> {
+    /// Whether a request of `api` may be served now; if not, (metric label, reason to close).
+    pub fn check(&self, api: ApiKey) -> Result<(), (&'static str, &'static str)> {
         if self.auth.is_none() || api == ApiKey::ApiVersions || is_sasl(api) {
             return Ok(());
         }
         if self.principal.is_none() {
-            return Err("request before authentication");
+            return Err(("unauthenticated_request", "request before authentication"));
         }
         if self.expires.is_some_and(|e| Instant::now() >= e) {
-            return Err("authentication expired (no re-authentication in time)");
+            return Err((
+                "expired",
+                "authentication expired (no re-authentication in time)",
+            ));
         }
         Ok(())
     }
