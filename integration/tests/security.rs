@@ -260,30 +260,9 @@ const BOB_PW: &str = "bob-pw-2b8d4e6f";
 /// A credentials file for alice and bob written by `shardgate credentials` (password on
 /// standard input).
 fn credentials_file(dir: &std::path::Path) -> std::path::PathBuf {
-    use std::io::Write as _;
     let path = dir.join("users.toml");
-    let mut text = String::new();
-    for (user, pw) in [("alice", ALICE_PW), ("bob", BOB_PW)] {
-        let mut child = std::process::Command::new(shardgate_bin())
-            .args(["credentials", user])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        writeln!(child.stdin.take().unwrap(), "{pw}").unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "shardgate credentials {user}");
-        text.push_str(&String::from_utf8(out.stdout).unwrap());
-    }
-    assert!(!text.contains(ALICE_PW) && !text.contains(BOB_PW));
-    std::fs::write(&path, text).unwrap();
+    write_credentials(&path, &[("alice", ALICE_PW), ("bob", BOB_PW)], &[]);
     path
-}
-
-fn shardgate_bin() -> std::path::PathBuf {
-    std::env::var("SHARDGATE_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| repo().join("target/debug/shardgate"))
 }
 
 /// kclient.py with `--sasl mech --user user` (password in the environment), JSON out.

@@ -2,6 +2,7 @@
 //! SCRAM-SHA-256/512) checked against salted credentials, and the limit on failed attempts per
 //! source address. `proxy::sasl` speaks SaslHandshake/SaslAuthenticate on top of it.
 
+pub mod acl;
 pub mod credentials;
 pub mod scram;
 

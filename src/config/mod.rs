@@ -9,10 +9,12 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 mod admin;
+mod authorization;
 mod prefetch;
 mod sasl;
 mod topic;
 pub use admin::{AdminAuth, AdminConfig, AdminRole, AdminToken, ResolvedToken};
+pub use authorization::{AclConfig, Authorization, AuthorizationConfig};
 pub use prefetch::{EMBEDDERS, HASHING_DIMS, MINILM_TOKENIZER_FILES, MinilmConfig, PrefetchConfig};
 pub use sasl::{SaslListenerConfig, UpstreamSasl, UpstreamSaslConfig};
 pub use topic::{AutoscaleConfig, RouteField, TopicConfig};
@@ -52,6 +54,8 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub authorization: AuthorizationConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
     #[serde(default)]
@@ -370,6 +374,8 @@ pub struct Settings {
     pub sasl_mechanisms: Vec<crate::auth::Mechanism>,
     /// How shardgate authenticates to the brokers (None: it does not).
     pub upstream_sasl: Option<UpstreamSasl>,
+    /// What each client principal may do (ACLs off unless `[authorization] enabled`).
+    pub authorization: Authorization,
     pub node_id: i32,
     pub advertised: HostPort,
     /// All instances of the virtual cluster, this one included, sorted by node id.
@@ -418,6 +424,7 @@ impl Config {
             Some(s) => Some(s.resolve()?),
             None => None,
         };
+        let authorization = self.authorization.resolve()?;
         let advertised = match &self.listener.advertised {
             Some(a) => parse_host_port("listener.advertised", a)?,
             None => {
@@ -614,6 +621,7 @@ impl Config {
             admin_auth,
             sasl_mechanisms,
             upstream_sasl,
+            authorization,
             advertised,
             instances,
             bootstrap,
@@ -623,70 +631,4 @@ impl Config {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    pub(super) fn parse(text: &str) -> Result<Settings, ConfigError> {
-        Config::parse(text, Path::new("test.toml"))
-    }
-
-    /// The smallest valid config (the section tests of submodules append theirs).
-    pub(super) const MINIMAL: &str = r#"
-[listener]
-bind = "127.0.0.1:29092"
-[upstream]
-bootstrap = ["127.0.0.1:19092"]
-"#;
-
-    #[test]
-    fn minimal_config_gets_defaults_and_a_single_instance() {
-        let s = parse(MINIMAL).unwrap();
-        assert_eq!(s.advertised.to_string(), "127.0.0.1:29092");
-        assert_eq!(s.instances.len(), 1);
-        assert_eq!(s.raw.limits.max_frame_bytes, 100 * 1024 * 1024);
-        assert_eq!(s.admin_bind.to_string(), "127.0.0.1:29100");
-    }
-
-    #[test]
-    fn bad_values_name_the_key() {
-        let e = parse(&MINIMAL.replace("19092\"]", "19092\"]\nconnections_per_broker = 0"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("upstream.connections_per_broker"), "{e}");
-        let e = parse(&MINIMAL.replace("127.0.0.1:19092", "nohost"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("upstream.bootstrap[0]"), "{e}");
-        let e = parse(&MINIMAL.replace("bind = \"127.0.0.1:29092\"", "bind = \"x\""))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("listener.bind"), "{e}");
-    }
-
-    #[test]
-    fn unknown_keys_and_garbage_are_rejected() {
-        assert!(parse(&format!("{MINIMAL}\n[bogus]\nx=1")).is_err());
-        assert!(parse("this is not toml [[").is_err());
-        assert!(parse("").is_err());
-    }
-
-    #[test]
-    fn log_format_is_text_or_json() {
-        assert_eq!(parse(MINIMAL).unwrap().raw.log.format, LogFormat::Text);
-        let json = parse(&format!("{MINIMAL}\n[log]\nformat = \"json\"")).unwrap();
-        assert_eq!(json.raw.log.format, LogFormat::Json);
-        let e = parse(&format!("{MINIMAL}\n[log]\nformat = \"xml\""))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("log.format") || e.contains("format"), "{e}");
-        assert!(e.contains("json"), "the error names the choices: {e}");
-    }
-
-    #[test]
-    fn wildcard_bind_needs_advertised() {
-        let e = parse(&MINIMAL.replace("127.0.0.1:29092", "0.0.0.0:29092"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("listener.advertised"), "{e}");
-    }
-}
+mod tests;

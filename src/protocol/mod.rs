@@ -109,6 +109,25 @@ impl RequestFrame {
         self.header.correlation_id
     }
 
+    /// The same request (header as the client sent it) with another body: what is left of
+    /// it after resources the client may not touch were taken out.
+    pub fn with_body<T: Encodable + HeaderVersion>(&self, body: &T) -> Result<Self, ProtocolError> {
+        let hv = T::header_version(self.api_version);
+        let what = || format!("{:?} v{} request", self.api_key, self.api_version);
+        let size = self
+            .header
+            .compute_size(hv)
+            .and_then(|h| body.compute_size(self.api_version).map(|b| h + b))
+            .map_err(|e| encode_err(what(), e))?;
+        let mut buf = BytesMut::with_capacity(size);
+        self.header
+            .encode(&mut buf, hv)
+            .map_err(|e| encode_err(what(), e))?;
+        body.encode(&mut buf, self.api_version)
+            .map_err(|e| encode_err(what(), e))?;
+        Self::parse(self.api_key, self.api_version, buf.freeze())
+    }
+
     pub fn decode_body<T: Decodable>(&self) -> Result<T, ProtocolError> {
         let mut b = self.body.clone();
         T::decode(&mut b, self.api_version).map_err(|e| {
@@ -222,7 +241,6 @@ mod tests {
     }
 }
 
-/// Kafka error codes shardgate produces or reacts to.
 /// Kafka error codes shardgate answers or acts on (the one place they are defined).
 pub mod codes {
     pub const NONE: i16 = 0;
@@ -239,6 +257,9 @@ pub mod codes {
     pub const NOT_ENOUGH_REPLICAS: i16 = 19;
     pub const NOT_ENOUGH_REPLICAS_AFTER_APPEND: i16 = 20;
     pub const REBALANCE_IN_PROGRESS: i16 = 27;
+    pub const TOPIC_AUTHORIZATION_FAILED: i16 = 29;
+    pub const GROUP_AUTHORIZATION_FAILED: i16 = 30;
+    pub const CLUSTER_AUTHORIZATION_FAILED: i16 = 31;
     pub const UNSUPPORTED_SASL_MECHANISM: i16 = 33;
     pub const ILLEGAL_SASL_STATE: i16 = 34;
     pub const UNSUPPORTED_VERSION: i16 = 35;
@@ -247,6 +268,8 @@ pub mod codes {
     pub const DUPLICATE_SEQUENCE: i16 = 46;
     pub const INVALID_PRODUCER_EPOCH: i16 = 47;
     pub const INVALID_PRODUCER_ID_MAPPING: i16 = 49;
+    pub const TRANSACTIONAL_ID_AUTHORIZATION_FAILED: i16 = 53;
+    pub const OPERATION_NOT_ATTEMPTED: i16 = 55;
     pub const KAFKA_STORAGE_ERROR: i16 = 56;
     pub const SASL_AUTHENTICATION_FAILED: i16 = 58;
     pub const UNKNOWN_PRODUCER_ID: i16 = 59;

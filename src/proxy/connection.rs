@@ -86,6 +86,12 @@ impl ClientConn {
         self.principal.get().map(String::as_str)
     }
 
+    /// Who the client is for authorization: its SASL user ("User:ANONYMOUS" without one) and
+    /// address.
+    pub fn subject(&self) -> crate::auth::acl::Subject {
+        crate::auth::acl::Subject::new(self.principal(), self.peer.ip())
+    }
+
     /// Notes a throttled answer (throttle_time_ms > 0) from upstream.
     pub fn note_throttle(&self, throttle_ms: i32) {
         if throttle_ms > 0 {
@@ -372,6 +378,14 @@ fn admit(client: &ClientConn, frame: Bytes) -> Admitted {
 /// Runs a request to completion and records its metrics.
 async fn run(ctx: &Ctx, client: &ClientConn, req: RequestFrame, started: Instant) -> Reply {
     let api = req.api_key;
+    let (req, fix) = match super::authorize::check(ctx, client, &req) {
+        Ok(super::authorize::Verdict::Allow) => (req, None),
+        Ok(super::authorize::Verdict::Answer(reply)) => {
+            return finish(client, api, started, Ok(reply));
+        }
+        Ok(super::authorize::Verdict::Rewrite { req, fix }) => (req, Some(fix)),
+        Err(e) => return finish(client, api, started, Err(e)),
+    };
     let route = versions::lookup(api as i16).map(|s| s.route);
     let result = match route {
         Some(Route::Local) => super::api_versions::handle(ctx, &req),
@@ -396,6 +410,10 @@ async fn run(ctx: &Ctx, client: &ClientConn, req: RequestFrame, started: Instant
             crate::protocol::ProtocolError::UnknownApiKey(api as i16),
         )),
         None => Ok(Reply::Close("unroutable api".into())),
+    };
+    let result = match fix {
+        Some(fix) => result.and_then(|reply| fix(&req, reply)),
+        None => result,
     };
     finish(client, api, started, result)
 }

@@ -284,7 +284,7 @@ pub async fn forward_to_coordinator(
             for k in &keys {
                 ctx.coordinators.forget(key_type, k);
             }
-            return match coordinator_unavailable(req, &keys)? {
+            return match error_answer(req, &keys, codes::COORDINATOR_NOT_AVAILABLE)? {
                 Some(reply) => {
                     tracing::warn!(api = ?req.api_key, broker, error = %e, "coordinator unreachable; answering COORDINATOR_NOT_AVAILABLE");
                     telemetry::request_upstream_failure(req.api_key, e.kind());
@@ -313,14 +313,14 @@ pub async fn forward_to_coordinator(
     })
 }
 
-/// A COORDINATOR_NOT_AVAILABLE answer in the API's own shape, for APIs with a top-level or
-/// per-group error code. `None` where the API has no such field (the connection is closed
-/// instead, which clients also retry).
-fn coordinator_unavailable(
+/// An answer with `code` in the API's own shape (COORDINATOR_NOT_AVAILABLE, or an
+/// authorization failure), for APIs with a top-level or per-group error code. `None` where
+/// the API has no such field.
+pub(super) fn error_answer(
     req: &RequestFrame,
     keys: &[String],
+    code: i16,
 ) -> Result<Option<Reply>, HandlerError> {
-    let code = codes::COORDINATOR_NOT_AVAILABLE;
     let reply = match req.api_key {
         ApiKey::JoinGroup => typed_reply(req, &JoinGroupResponse::default().with_error_code(code))?,
         ApiKey::SyncGroup => typed_reply(req, &SyncGroupResponse::default().with_error_code(code))?,

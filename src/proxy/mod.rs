@@ -7,6 +7,7 @@
 
 pub mod admin_apis;
 pub mod api_versions;
+pub mod authorize;
 pub mod budget;
 pub mod client_fields;
 pub mod cluster;

@@ -18,6 +18,7 @@ use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 
 use super::connection::ClientConn;
 use super::{Ctx, HandlerError, Reply};
+use crate::auth::acl::Operation;
 use crate::protocol::{RequestFrame, codes, decode_response, encode_request, encode_response};
 use crate::telemetry;
 use crate::upstream::pool::Socket;
@@ -232,10 +233,33 @@ async fn split_merge<R: Splittable>(
         req.header.client_id.as_deref(),
         &forced,
     );
+    let mut merged = R::Resp::default();
+    if let Some(access) = super::authorize::Access::of(ctx, client, req.api_key) {
+        let op = match req.api_key {
+            ApiKey::DeleteRecords => Operation::Delete,
+            _ => Operation::Describe,
+        };
+        let parts = body.partitions();
+        let mut names: Vec<&str> = parts.iter().map(|(t, _)| t.as_str()).collect();
+        names.dedup();
+        let denied: Vec<String> = access
+            .denied_topics(op, &names)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        if !denied.is_empty() {
+            for (t, p) in parts
+                .iter()
+                .filter(|(t, _)| denied.iter().any(|d| d == t.as_str()))
+            {
+                R::error(&mut merged, t, *p, codes::TOPIC_AUTHORIZATION_FAILED);
+            }
+            body.retain(&|t, _| !denied.iter().any(|d| d == t));
+        }
+    }
     let parts = body.partitions();
     let leaders = leaders(ctx, &parts).await;
     let mut by_broker: BTreeMap<i32, R> = BTreeMap::new();
-    let mut merged = R::Resp::default();
     for ((topic, partition), leader) in &leaders {
         match leader {
             Some(b) => {

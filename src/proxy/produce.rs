@@ -15,6 +15,7 @@ use kafka_protocol::protocol::StrBytes;
 
 use super::connection::ClientConn;
 use super::{Ctx, HandlerError, Reply};
+use crate::auth::acl::{Operation, ResourceType};
 use crate::protocol::{
     RequestFrame, TopicRef, codes, decode_response, encode_request, encode_response,
 };
@@ -135,12 +136,41 @@ pub async fn send(
         transactional: body.transactional_id.is_some(),
         allowance: ctx.managed.decompression_allowance(),
     };
+    // Authorization: WRITE on the transactional id (every partition refused) and on each topic.
+    let access = super::authorize::Access::of(ctx, client, ApiKey::Produce);
+    let txn_denied = access.as_ref().is_some_and(|a| {
+        body.transactional_id.as_ref().is_some_and(|t| {
+            let ok = a.allows(Operation::Write, ResourceType::TransactionalId, t.as_str());
+            if !ok {
+                a.refused(
+                    Operation::Write,
+                    ResourceType::TransactionalId,
+                    &[t.as_str()],
+                );
+            }
+            !ok
+        })
+    });
     for t in &body.topic_data {
         let name = resolve(&topo, t);
         let tref = TopicRef {
             name: t.name.0.clone(),
             id: t.topic_id,
         };
+        let denied = match (&access, &name) {
+            _ if txn_denied => Some(codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED),
+            (Some(a), Some(n)) if !a.denied_topics(Operation::Write, &[n.as_str()]).is_empty() => {
+                Some(codes::TOPIC_AUTHORIZATION_FAILED)
+            }
+            _ => None,
+        };
+        if let Some(code) = denied {
+            for p in &t.partition_data {
+                order.push((tref.clone(), p.index));
+                local_errors.insert((tref.clone(), p.index), (code, None));
+            }
+            continue;
+        }
         if !loaded {
             // Until the stored shard maps are loaded we cannot tell managed topics from
             // plain ones: a retriable error beats writing records to the wrong partition.

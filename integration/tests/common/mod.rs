@@ -485,3 +485,32 @@ pub fn active(map: &serde_json::Value) -> Vec<serde_json::Value> {
     v.sort_by_key(|s| s["start"].as_str().unwrap().parse::<u128>().unwrap());
     v
 }
+
+/// A SASL credentials file at `path` for `users` (user, password), written by
+/// `shardgate credentials USER [extra]` with each password on standard input (never on a
+/// command line).
+pub fn write_credentials(path: &std::path::Path, users: &[(&str, &str)], extra: &[&str]) {
+    use std::io::Write as _;
+    let bin = std::env::var("SHARDGATE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| repo().join("target/debug/shardgate"));
+    let mut text = String::new();
+    for (user, pw) in users {
+        let mut child = Command::new(&bin)
+            .arg("credentials")
+            .arg(user)
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        writeln!(child.stdin.take().unwrap(), "{pw}").unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "shardgate credentials {user}");
+        text.push_str(&String::from_utf8(out.stdout).unwrap());
+    }
+    for (_, pw) in users {
+        assert!(!text.contains(pw), "a password in the credentials file");
+    }
+    std::fs::write(path, text).unwrap();
+}

@@ -87,6 +87,9 @@ pub async fn handle(
         let parts = wants.into_iter().map(|w| (w.key, w.part)).collect();
         wants = plan::resolve(&ctx.topology().load(), parts, by_id, loaded);
     }
+    if let Some(access) = crate::proxy::authorize::Access::of(ctx, client, ApiKey::Fetch) {
+        plan::refuse_unreadable(&access, &mut wants);
+    }
     let who = observe_positions(ctx, client, req, &wants);
 
     let mut fetch = Fetch {

@@ -83,12 +83,39 @@ pub fn resolve(
         .collect()
 }
 
+/// Partitions of topics the client may not READ are answered TOPIC_AUTHORIZATION_FAILED.
+pub fn refuse_unreadable(access: &crate::proxy::authorize::Access, wants: &mut [Want]) {
+    let mut names: Vec<&str> = wants
+        .iter()
+        .filter_map(|w| w.name.as_ref().map(|n| n.as_str()))
+        .collect();
+    names.dedup();
+    let denied: Vec<String> = access
+        .denied_topics(crate::auth::acl::Operation::Read, &names)
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    if denied.is_empty() {
+        return;
+    }
+    for w in wants.iter_mut() {
+        if w.name
+            .as_ref()
+            .is_some_and(|n| denied.iter().any(|d| d == n.as_str()))
+        {
+            w.leader = Err(codes::TOPIC_AUTHORIZATION_FAILED);
+        }
+    }
+}
+
 /// Whether any partition lacks a known leader (worth one topology refresh before answering).
 pub fn any_unknown(wants: &[Want]) -> bool {
     wants.iter().any(|w| w.leader.is_err())
 }
 
-/// The answer for a partition that cannot be read.
+/// The answer for a partition that cannot be read. Records are empty, not null, as Kafka
+/// sends them: librdkafka takes a null record set for a malformed response and retries at
+/// once, without surfacing the error.
 pub fn error_answer(partition: i32, code: i16) -> PartitionData {
     PartitionData::default()
         .with_partition_index(partition)
@@ -97,7 +124,7 @@ pub fn error_answer(partition: i32, code: i16) -> PartitionData {
         .with_last_stable_offset(-1)
         .with_log_start_offset(-1)
         .with_preferred_read_replica(BrokerId(-1))
-        .with_records(None)
+        .with_records(Some(Default::default()))
 }
 
 /// The answer for a partition with nothing new: the offsets upstream last reported.
