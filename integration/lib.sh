@@ -85,6 +85,9 @@ far_relay_port()  { echo $((19591 + $1)); }
 # (integration/tests/security.rs). Sessions last 10 s there (KIP-368), so re-authentication
 # is exercised within a test.
 sasl_port()       { echo $((19691 + $1)); }
+# mTLS listener of node n (19792..19794): SSL with client certificates required, signed by the
+# testbed CA ($RUN_DIR/tls/client.pem + client.key is shardgate's, CN=shardgate-upstream).
+mtls_port()       { echo $((19791 + $1)); }
 UPSTREAM_SASL_USER="shardgate"
 UPSTREAM_SASL_PASSWORD="shardgate-upstream-secret"
 broker_addr()     { echo "127.0.0.1:$(broker_port "$1")"; }

@@ -51,11 +51,24 @@ pub struct Running {
 pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let prometheus = crate::telemetry::install().map_err(|e| StartError::Metrics(e.to_string()))?;
     let upstream_tls = match &settings.raw.upstream.tls {
-        Some(t) => Some((crate::tls::connector(&t.ca)?, t.server_name.clone())),
+        Some(t) => {
+            let identity = t.cert.as_deref().zip(t.key.as_deref());
+            Some((
+                crate::tls::connector(&t.ca, identity)?,
+                t.server_name.clone(),
+            ))
+        }
         None => None,
     };
     let client_tls = match &settings.raw.listener.tls {
-        Some(t) => Some(crate::tls::acceptor(&t.cert, &t.key)?),
+        Some(t) => Some(crate::tls::acceptor(
+            &t.cert,
+            &t.key,
+            t.client_ca.as_deref().map(|ca| crate::tls::ClientCerts {
+                ca,
+                required: t.client_auth == crate::config::ClientAuth::Required,
+            }),
+        )?),
         None => None,
     };
     let topology = Arc::new(TopologyHandle::new());
@@ -80,7 +93,7 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         settings.raw.limits.max_decompressed_request_bytes,
     ));
     let controller = Arc::new(Controller::new(
-        store,
+        store.clone(),
         Handles {
             settings: settings.clone(),
             pool: pool.clone(),
@@ -111,7 +124,11 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let sasl = match &settings.raw.listener.sasl {
         Some(cfg) => Some(Arc::new(crate::auth::Authenticator::new(
             settings.sasl_mechanisms.clone(),
-            crate::auth::Credentials::load(&cfg.credentials)?,
+            match &cfg.credentials {
+                Some(path) => crate::auth::Credentials::load(path)?,
+                // Filled from the store before the listener opens (`security`).
+                None => crate::auth::Credentials::none(),
+            },
             Duration::from_millis(cfg.session_lifetime_ms),
             cfg.max_failures_per_minute,
         ))),
@@ -128,6 +145,36 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     );
     ctx.sasl = sasl;
     let ctx = Arc::new(ctx);
+    // Users and rules kept in the store: read before the listener opens, followed after.
+    let security = Arc::new(crate::security::Targets {
+        authenticator: ctx.sasl.clone(),
+        acls: ctx.acls.clone(),
+        authorization: settings.raw.authorization.clone(),
+        file_rules: settings.authorization.rules.clone(),
+    });
+    let mut followed = Vec::new();
+    for (on, key) in [
+        (
+            settings
+                .raw
+                .listener
+                .sasl
+                .as_ref()
+                .is_some_and(|s| s.credentials_in_store),
+            crate::security::CREDENTIALS_KEY,
+        ),
+        (
+            settings.raw.authorization.acls_in_store,
+            crate::security::ACLS_KEY,
+        ),
+    ] {
+        if on {
+            let index =
+                crate::security::load(store.as_ref(), &security, key, Duration::from_secs(10))
+                    .await;
+            followed.push((key, index));
+        }
+    }
 
     let listener = TcpListener::bind(settings.bind)
         .await
@@ -156,6 +203,14 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
     let (shutdown, shutdown_rx) = watch::channel(false);
 
     let mut tasks = Vec::new();
+    for (key, index) in followed {
+        tasks.push(tokio::spawn(crate::security::follow(
+            store.clone(),
+            security.clone(),
+            key,
+            index,
+        )));
+    }
     tasks.push(tokio::spawn(run_refresher(
         pool.clone(),
         Duration::from_millis(settings.raw.upstream.metadata_refresh_ms),

@@ -14,6 +14,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("tls", &[]),
     ("config", &["auth", "protocol"]),
     ("store", &["config"]),
+    ("security", &["auth", "config", "store"]),
     ("prefetch", &["config", "protocol", "telemetry"]),
     (
         "upstream",
@@ -32,6 +33,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "protocol",
             "shards",
             "telemetry",
+            "tls",
             "upstream",
         ],
     ),
@@ -47,6 +49,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "config",
             "prefetch",
             "proxy",
+            "security",
             "shards",
             "store",
             "telemetry",

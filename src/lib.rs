@@ -5,6 +5,7 @@
 //!   TLS, client authentication (SASL mechanisms, credentials).
 //! - `config`: the validated configuration, managed topics' config included.
 //! - `store`: versioned documents (shard maps), instance registry, leader lock.
+//! - `security`: users and ACL rules kept in the store, followed by every instance.
 //! - `upstream`: connections to the real cluster and its topology.
 //! - `shards`: shard maps, routing, gates, the controller, managed-topic produce.
 //! - `prefetch`: consumer profiles, content embedders and their background pool.
@@ -19,6 +20,7 @@ pub mod config;
 pub mod prefetch;
 pub mod protocol;
 pub mod proxy;
+pub mod security;
 pub mod shards;
 pub mod store;
 pub mod telemetry;

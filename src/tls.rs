@@ -52,42 +52,161 @@ fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>,
     Ok(certs)
 }
 
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    let chain = certs("listener.tls.cert", cert)?;
-    let data = std::fs::read(key).map_err(|e| TlsError::Read {
-        key: "listener.tls.key",
-        path: key.display().to_string(),
+fn private_key(key_name: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let data = std::fs::read(path).map_err(|e| TlsError::Read {
+        key: key_name,
+        path: path.display().to_string(),
         message: e.to_string(),
     })?;
-    let private: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut data.as_slice())
+    rustls_pemfile::private_key(&mut data.as_slice())
         .map_err(|e| TlsError::Read {
-            key: "listener.tls.key",
-            path: key.display().to_string(),
+            key: key_name,
+            path: path.display().to_string(),
             message: e.to_string(),
         })?
         .ok_or(TlsError::Empty {
-            key: "listener.tls.key",
-            path: key.display().to_string(),
+            key: key_name,
+            path: path.display().to_string(),
             what: "private key",
-        })?;
-    let config = rustls::ServerConfig::builder_with_provider(provider())
+        })
+}
+
+fn roots(key: &'static str, ca: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in certs(key, ca)? {
+        roots.add(c).map_err(|e| TlsError::Config(e.to_string()))?;
+    }
+    Ok(roots)
+}
+
+/// Client certificates on the listener (mTLS): the CAs that sign them, and whether a client
+/// without one may connect.
+pub struct ClientCerts<'a> {
+    pub ca: &'a Path,
+    pub required: bool,
+}
+
+pub fn acceptor(
+    cert: &Path,
+    key: &Path,
+    clients: Option<ClientCerts<'_>>,
+) -> Result<TlsAcceptor, TlsError> {
+    let chain = certs("listener.tls.cert", cert)?;
+    let private = private_key("listener.tls.key", key)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_no_client_auth()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let builder = match clients {
+        None => builder.with_no_client_auth(),
+        Some(c) => {
+            let roots = Arc::new(roots("listener.tls.client_ca", c.ca)?);
+            let verifier =
+                rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider());
+            let verifier = if c.required {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(
+                verifier
+                    .build()
+                    .map_err(|e| TlsError::Config(e.to_string()))?,
+            )
+        }
+    };
+    let config = builder
         .with_single_cert(chain, private)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-pub fn connector(ca: &Path) -> Result<TlsConnector, TlsError> {
-    let mut roots = RootCertStore::empty();
-    for c in certs("upstream.tls.ca", ca)? {
-        roots.add(c).map_err(|e| TlsError::Config(e.to_string()))?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(provider())
+/// A connector trusting `ca`, presenting `identity` (certificate chain, key) when given.
+pub fn connector(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<TlsConnector, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots("upstream.tls.ca", ca)?);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                certs("upstream.tls.cert", cert)?,
+                private_key("upstream.tls.key", key)?,
+            )
+            .map_err(|e| TlsError::Config(e.to_string()))?,
+    };
     Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// The principal name a client certificate carries: its subject as RFC 2253 writes it (the
+/// most specific part first, as Kafka's `X500Principal.getName()`: "CN=app,OU=eng,O=Acme"),
+/// or its common name alone. None when the certificate cannot be read or has no CN.
+pub fn certificate_principal(der: &[u8], common_name_only: bool) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let subject = cert.subject();
+    if common_name_only {
+        return subject
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string);
+    }
+    let registry = x509_parser::objects::oid_registry();
+    let rdns: Vec<String> = subject
+        .iter_rdn()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|attr| {
+                    let name = x509_parser::objects::oid2abbrev(attr.attr_type(), registry)
+                        .map(str::to_string)
+                        .unwrap_or_else(|_| attr.attr_type().to_id_string());
+                    let value = attr.as_str().map(escape_dn_value).unwrap_or_default();
+                    format!("{name}={value}")
+                })
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect();
+    let dn: Vec<String> = rdns.into_iter().rev().collect();
+    (!dn.is_empty()).then(|| dn.join(","))
+}
+
+/// RFC 2253 escaping of an attribute value.
+fn escape_dn_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for (i, c) in v.chars().enumerate() {
+        let edge = (i == 0 && (c == ' ' || c == '#')) || (i + 1 == v.chars().count() && c == ' ');
+        if edge || matches!(c, ',' | '+' | '"' | '\\' | '<' | '>' | ';') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    /// `openssl req -x509 -subj "/C=US/O=Acme, Inc./OU=eng/CN=dave"` (EC P-256).
+    const DAVE: &str = "-----BEGIN CERTIFICATE-----\nMIIB1DCCAXugAwIBAgIUQJ6kqS0Syrt5I3tOQ5R/Trfl2ygwCgYIKoZIzj0EAwIw\nPzELMAkGA1UEBhMCVVMxEzARBgNVBAoMCkFjbWUsIEluYy4xDDAKBgNVBAsMA2Vu\nZzENMAsGA1UEAwwEZGF2ZTAgFw0yNjEyMDExOTIzNTZaGA8yMTI2MTEwNzE5MjM1\nNlowPzELMAkGA1UEBhMCVVMxEzARBgNVBAoMCkFjbWUsIEluYy4xDDAKBgNVBAsM\nA2VuZzENMAsGA1UEAwwEZGF2ZTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABLg/\nxeNvh3iCc1kJ+XFiSxkzBNVI5nY74vHuw2Ls+UXh5qcekHMdJAEPibfdDfzeOF/M\ngXzVyJCm8n//ljXE2YejUzBRMB0GA1UdDgQWBBRMzajphAEcYxyG1G4pM6pY+S4I\n2zAfBgNVHSMEGDAWgBRMzajphAEcYxyG1G4pM6pY+S4I2zAPBgNVHRMBAf8EBTAD\nAQH/MAoGCCqGSM49BAMCA0cAMEQCIG6diX9H7U2doW+vzlFxaySSV8sLedR4RBnP\ngzKDuQpEAiAR58Aq04I+iVUcHNyJlZXUjN0n3dmuBzUj24XDH4cWSw==\n-----END CERTIFICATE-----";
+
+    #[test]
+    fn a_certificate_names_its_principal_as_kafka_does() {
+        let der = rustls_pemfile::certs(&mut DAVE.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        // `openssl x509 -subject -nameopt RFC2253` and Java's X500Principal agree on this.
+        assert_eq!(
+            super::certificate_principal(der.as_ref(), false).as_deref(),
+            Some("CN=dave,OU=eng,O=Acme\\, Inc.,C=US")
+        );
+        assert_eq!(
+            super::certificate_principal(der.as_ref(), true).as_deref(),
+            Some("dave")
+        );
+        assert_eq!(
+            super::certificate_principal(b"not a certificate", false),
+            None
+        );
+    }
 }

@@ -37,31 +37,31 @@ fn credentials_file(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
-/// Runs authz.py steps as `user`; the answer of each step.
-fn as_user(user: &str, steps: &[String]) -> Value {
+/// Runs authz.py with `args` (who and how it connects) and `steps`; the answer of each step.
+fn authz(args: &[String], password: &str, steps: &[String]) -> Value {
     let out = run(
         std::process::Command::new(python())
             .arg(repo().join("integration/clients/py/authz.py"))
-            .args(["--brokers", CLIENT, "--user", user])
+            .args(args)
             .args(steps)
-            .env("KCLIENT_PASSWORD", password(user))
+            .env("KCLIENT_PASSWORD", password)
             .env("RF", rf().to_string()),
         Duration::from_secs(300),
     );
     let text = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(text.trim()).unwrap_or_else(|e| {
         panic!(
-            "authz.py as {user} {steps:?}: {e}: {text}; stderr {}",
+            "authz.py {args:?} {steps:?}: {e}: {text}; stderr {}",
             String::from_utf8_lossy(&out.stderr)
         )
     })
 }
 
-/// Checks each (step, expected) of `user`: "OK", "OK:<detail>" or an error name the answer
-/// contains.
-fn expect(user: &str, cases: &[(String, &str)]) -> Value {
+/// Checks each (step, expected) of the client `args` describe (`who` in messages): "OK",
+/// "OK:<detail>" or an error name the answer contains.
+fn expect_as(who: &str, args: &[String], password: &str, cases: &[(String, &str)]) -> Value {
     let steps: Vec<String> = cases.iter().map(|(s, _)| s.clone()).collect();
-    let got = as_user(user, &steps);
+    let got = authz(args, password, &steps);
     let mut wrong = Vec::new();
     for (step, want) in cases {
         let answer = got[step.as_str()].as_str().unwrap_or("<none>").to_string();
@@ -71,11 +71,17 @@ fn expect(user: &str, cases: &[(String, &str)]) -> Value {
             answer.split(',').any(|a| a == *want)
         };
         if !ok {
-            wrong.push(format!("{user} {step}: want {want}, got {answer}"));
+            wrong.push(format!("{who} {step}: want {want}, got {answer}"));
         }
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     got
+}
+
+/// `expect_as` for a SASL user of the ACL test's instance.
+fn expect(user: &str, cases: &[(String, &str)]) -> Value {
+    let args = ["--brokers", CLIENT, "--user", user].map(String::from);
+    expect_as(user, &args, password(user), cases)
 }
 
 fn listed(answer: &Value, step: &str) -> Vec<String> {
@@ -401,4 +407,356 @@ fn clients_cannot_change_the_real_clusters_acls_or_delete_records_by_default() {
             &["api=\"DeleteRecords\""]
         ) >= 1.0
     );
+}
+
+const MTLS_CLIENT: &str = "127.0.0.1:29178";
+const MTLS_ADMIN: &str = "127.0.0.1:29278";
+
+/// A CA of the test's own, a server certificate for 127.0.0.1 and client certificates with
+/// the given subjects, signed by it: the directory holding `ca.pem`, `server.pem`/`.key`,
+/// `<name>.pem`/`.key`.
+fn certificates(dir: &std::path::Path, clients: &[(&str, &str)]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let openssl = |args: &[&str]| {
+        run_ok(
+            std::process::Command::new("openssl")
+                .current_dir(dir)
+                .args(args),
+            Duration::from_secs(60),
+        )
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=authz-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    std::fs::write(dir.join("server.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    let mut all = vec![("server", "/CN=127.0.0.1", "server.ext")];
+    all.extend(clients.iter().map(|(n, subj)| (*n, *subj, "client.ext")));
+    for (name, subject, ext) in all {
+        let (key, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        openssl(&[
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", subject, "-keyout", &key, "-out", &csr,
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            ext,
+            "-out",
+            &pem,
+        ]);
+    }
+}
+
+#[test]
+#[ignore = "needs the testbed"]
+fn client_certificates_are_principals_and_shardgate_shows_its_own_to_brokers_that_ask() {
+    let dir = cache().join("run").join("mtls-test");
+    certificates(
+        &dir,
+        &[("dave", "/O=Acme/OU=eng/CN=dave"), ("erin", "/CN=erin")],
+    );
+    let tb = cache().join("run").join("tls");
+    let mtls: Vec<String> = (1..=brokers())
+        .map(|n| format!("\"127.0.0.1:{}\"", 19791 + n))
+        .collect();
+    let config = |client: &str, admin: &str, identity: &str| {
+        format!(
+            r#"[listener]
+bind = "{client}"
+[listener.tls]
+cert = "{d}/server.pem"
+key = "{d}/server.key"
+client_ca = "{d}/ca.pem"
+[upstream]
+bootstrap = [{boot}]
+[upstream.tls]
+ca = "{tb}/ca.pem"
+{identity}
+[admin]
+bind = "{admin}"
+[store]
+path = "{d}/store-{client}"
+[authorization]
+enabled = true
+[[authorization.acls]]
+principal = "User:CN=dave,OU=eng,O=Acme"
+operations = ["Write", "Read"]
+resource_type = "Topic"
+resource_name = "mtls-"
+pattern_type = "prefixed"
+[[authorization.acls]]
+principal = "User:CN=dave,OU=eng,O=Acme"
+operations = ["Read"]
+resource_type = "Group"
+resource_name = "dave-"
+pattern_type = "prefixed"
+"#,
+            d = dir.display(),
+            tb = tb.display(),
+            boot = mtls.join(", "),
+        )
+    };
+    let identity = format!(
+        "cert = \"{}/client.pem\"\nkey = \"{}/client.key\"",
+        tb.display(),
+        tb.display()
+    );
+    let _sg = start_shardgate(
+        &dir,
+        "mtls",
+        &config(MTLS_CLIENT, MTLS_ADMIN, &identity),
+        &format!("http://{MTLS_ADMIN}"),
+    );
+    let topic = unique("mtls-t");
+    create_topic_direct(
+        &topic,
+        &[
+            "--partitions",
+            "2",
+            "--replication-factor",
+            &rf().to_string(),
+        ],
+    );
+    let tls = |name: &str| {
+        let d = dir.display();
+        let mut a = vec![
+            "--brokers".to_string(),
+            MTLS_CLIENT.to_string(),
+            "--ca".into(),
+            format!("{d}/ca.pem"),
+        ];
+        if !name.is_empty() {
+            a.extend([
+                "--cert".into(),
+                format!("{d}/{name}.pem"),
+                "--key".into(),
+                format!("{d}/{name}.key"),
+            ]);
+        }
+        a
+    };
+    // dave's certificate is his principal (RFC 2253, as Kafka names it): his rules apply, and
+    // every record went through the brokers' mTLS listeners with shardgate's certificate.
+    expect_as(
+        "dave",
+        &tls("dave"),
+        "",
+        &[
+            (format!("produce:{topic}:10"), "OK:10"),
+            (format!("consume:{topic}:dave-g:10"), "OK:10"),
+        ],
+    );
+    expect_as(
+        "erin",
+        &tls("erin"),
+        "",
+        &[(format!("produce:{topic}:1"), "TOPIC_AUTHORIZATION_FAILED")],
+    );
+    let nobody = authz(&tls(""), "", &[format!("describe:{topic}")]);
+    let answer = nobody[format!("describe:{topic}").as_str()]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        !answer.starts_with("OK"),
+        "a client without a certificate got {answer}"
+    );
+    let log = std::fs::read_to_string(dir.join("mtls.log")).unwrap();
+    assert!(
+        log.contains("TLS handshake failed"),
+        "the refused handshake is logged"
+    );
+
+    // Without its certificate shardgate cannot reach brokers that require one: never ready.
+    let _bare = spawn_shardgate(
+        &dir,
+        "mtls-bare",
+        &config("127.0.0.1:29179", "127.0.0.1:29279", ""),
+    );
+    std::thread::sleep(Duration::from_secs(15));
+    let ready = shardgate::admin::http_request("http://127.0.0.1:29279", "GET", "/readyz", None)
+        .map(|(c, _)| c)
+        .unwrap_or(0);
+    assert_ne!(ready, 200, "ready without reaching any broker");
+}
+
+/// A Consul KV write (the operator's `consul kv put`).
+fn kv_put(key: &str, text: &str) {
+    let consul = var("CONSUL_HTTP_ADDR", "http://127.0.0.1:28500");
+    let (code, body) =
+        shardgate::admin::http_request(&consul, "PUT", &format!("/v1/kv/{key}"), Some(text))
+            .unwrap();
+    assert_eq!(code, 200, "consul kv put {key}: {body}");
+}
+
+/// Users and rules kept in Consul (`credentials_in_store`, `acls_in_store`): two instances
+/// authenticate the same users and apply the same rules, follow changes within seconds, and
+/// keep the previous rules when a new document does not parse.
+#[test]
+#[ignore = "needs the testbed with Consul"]
+fn instances_follow_users_and_rules_kept_in_consul() {
+    let dir = cache().join("run").join("authz-consul");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cluster = unique("authz-kv");
+    let (frank, grace) = (("frank", "frank-kv-pw-5d1e"), ("grace", "grace-kv-pw-8c2a"));
+    let creds = |users: &[(&str, &str)]| {
+        let path = dir.join("users.toml");
+        write_credentials(&path, users, &["--mechanism", "SCRAM-SHA-256"]);
+        std::fs::read_to_string(path).unwrap()
+    };
+    let writer = |user: &str| {
+        format!(
+            "[[acls]]\nprincipal = \"User:{user}\"\noperations = [\"Write\"]\nresource_type = \"Topic\"\nresource_name = \"kvauthz-\"\npattern_type = \"prefixed\"\n"
+        )
+    };
+    let prefix = format!("shardgate/{cluster}/security");
+    kv_put(&format!("{prefix}/credentials"), &creds(&[frank]));
+    kv_put(&format!("{prefix}/acls"), &writer("frank"));
+
+    let bootstrap: Vec<String> = kafka().split(',').map(|b| format!("\"{b}\"")).collect();
+    let config = |n: u16| {
+        format!(
+            r#"[listener]
+bind = "127.0.0.1:{c}"
+node_id = {n}
+[listener.sasl]
+mechanisms = ["SCRAM-SHA-256"]
+credentials_in_store = true
+# librdkafka retries a refused login every ~100 ms: the default per-address limit would
+# refuse everyone on 127.0.0.1 after grace's attempts (the limit has its own test).
+max_failures_per_minute = 100000
+[[instances]]
+node_id = 1
+advertised = "127.0.0.1:29161"
+[[instances]]
+node_id = 2
+advertised = "127.0.0.1:29162"
+[upstream]
+bootstrap = [{boot}]
+[admin]
+bind = "127.0.0.1:{a}"
+[store]
+kind = "consul"
+consul_addr = "{consul}"
+cluster = "{cluster}"
+[authorization]
+enabled = true
+acls_in_store = true
+"#,
+            c = 29160 + n,
+            a = 29260 + n,
+            boot = bootstrap.join(", "),
+            consul = var("CONSUL_HTTP_ADDR", "http://127.0.0.1:28500"),
+        )
+    };
+    let admin = |n: u16| format!("http://127.0.0.1:{}", 29260 + n);
+    let _one = start_shardgate(&dir, "kv-1", &config(1), &admin(1));
+    let _two = start_shardgate(&dir, "kv-2", &config(2), &admin(2));
+    let topic = unique("kvauthz-t");
+    create_topic_direct(
+        &topic,
+        &[
+            "--partitions",
+            "2",
+            "--replication-factor",
+            &rf().to_string(),
+        ],
+    );
+    let on = |n: u16, user: (&str, &str), cases: &[(String, &str)]| {
+        let args = [
+            "--brokers",
+            &format!("127.0.0.1:{}", 29160 + n),
+            "--user",
+            user.0,
+        ]
+        .map(String::from);
+        expect_as(&format!("{} on instance {n}", user.0), &args, user.1, cases)
+    };
+    let produce = |n| format!("produce:{topic}:{n}");
+    on(1, frank, &[(produce(5), "OK:5")]);
+    on(2, frank, &[(produce(5), "OK:5")]);
+    let refused = authz(
+        &["--brokers", "127.0.0.1:29162", "--user", "grace"].map(String::from),
+        grace.1,
+        &[produce(1)],
+    );
+    let answer = refused[produce(1).as_str()]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(!answer.starts_with("OK"), "grace is no user yet: {answer}");
+    assert!(
+        metric_of(&admin(2), "shardgate_sasl_failures_total", &[]) >= 1.0,
+        "grace's attempts are refused by instance 2"
+    );
+
+    // Change both documents: every instance follows.
+    let applied = |n: u16, doc: &str| {
+        metric_of(
+            &admin(n),
+            "shardgate_security_documents_total",
+            &[
+                &format!("document=\"security/{doc}\""),
+                "result=\"applied\"",
+            ],
+        )
+    };
+    kv_put(&format!("{prefix}/credentials"), &creds(&[frank, grace]));
+    kv_put(&format!("{prefix}/acls"), &writer("grace"));
+    for n in [1, 2] {
+        eventually(
+            &format!("instance {n} follows"),
+            Duration::from_secs(30),
+            || applied(n, "credentials") >= 2.0 && applied(n, "acls") >= 2.0,
+        );
+    }
+    on(1, frank, &[(produce(1), "TOPIC_AUTHORIZATION_FAILED")]);
+    on(2, grace, &[(produce(5), "OK:5")]);
+
+    // A document that does not parse is refused; the rules in force stay.
+    kv_put(
+        &format!("{prefix}/acls"),
+        "[[acls]]\nprincipal = \"grace\"\n",
+    );
+    for n in [1, 2] {
+        eventually(
+            &format!("instance {n} refuses"),
+            Duration::from_secs(30),
+            || {
+                metric_of(
+                    &admin(n),
+                    "shardgate_security_documents_total",
+                    &["document=\"security/acls\"", "result=\"refused\""],
+                ) >= 1.0
+            },
+        );
+    }
+    on(1, grace, &[(produce(5), "OK:5")]);
+    on(2, frank, &[(produce(1), "TOPIC_AUTHORIZATION_FAILED")]);
 }

@@ -306,7 +306,7 @@ max_connections = 2200
     }
 
     // Slow producers.
-    let connector = shardgate::tls::connector(&ca).unwrap();
+    let connector = shardgate::tls::connector(&ca, None).unwrap();
     let head = Arc::new(slow_produce_head());
     let body = Arc::new(vec![0u8; 64 * 1024]);
     let handshaken = Arc::new(AtomicUsize::new(0));

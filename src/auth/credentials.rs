@@ -63,12 +63,22 @@ struct Salted {
 }
 
 /// Users and their salted passwords.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Credentials {
     users: HashMap<(String, Hash), ScramCredential>,
+    /// The iteration count most users have (what an unknown user is shown).
+    usual: u32,
 }
 
 impl Credentials {
+    /// Nobody (until the store's copy is read).
+    pub fn none() -> Self {
+        Self {
+            users: HashMap::new(),
+            usual: super::scram::MIN_ITERATIONS,
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self, CredentialsError> {
         let p = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| CredentialsError::Read {
@@ -130,7 +140,15 @@ impl Credentials {
                 }
             }
         }
-        Ok(Self { users })
+        let mut counts: HashMap<u32, usize> = HashMap::new();
+        for c in users.values() {
+            *counts.entry(c.iterations).or_default() += 1;
+        }
+        let usual = counts
+            .into_iter()
+            .max_by_key(|(i, n)| (*n, *i))
+            .map_or(super::scram::MIN_ITERATIONS, |(i, _)| i);
+        Ok(Self { users, usual })
     }
 
     pub fn scram(&self, user: &str, hash: Hash) -> Option<ScramCredential> {
@@ -146,14 +164,7 @@ impl Credentials {
 
     /// The iteration count most users have (what an unknown user is shown).
     pub fn usual_iterations(&self) -> u32 {
-        let mut counts: HashMap<u32, usize> = HashMap::new();
-        for c in self.users.values() {
-            *counts.entry(c.iterations).or_default() += 1;
-        }
-        counts
-            .into_iter()
-            .max_by_key(|(i, n)| (*n, *i))
-            .map_or(super::scram::MIN_ITERATIONS, |(i, _)| i)
+        self.usual
     }
 
     pub fn len(&self) -> usize {

@@ -52,14 +52,14 @@ const MAX_TRACKED: usize = 10_000;
 /// What a listener accepts and from whom.
 pub struct Authenticator {
     pub mechanisms: Vec<Mechanism>,
-    credentials: Credentials,
+    /// Replaced whole when the store's copy changes (`replace_credentials`).
+    credentials: arc_swap::ArcSwap<Credentials>,
     /// How long an authentication lasts (KIP-368); zero: for the connection's life.
     pub session_lifetime: Duration,
     max_failures: u32,
     failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
     /// Keys the made-up salts of unknown users (stable per process and user).
     decoy_key: ring::hmac::Key,
-    decoy_iterations: u32,
     /// PLAIN checks (PBKDF2, milliseconds each) running at once, so a flood of logins from
     /// many connections cannot take every core.
     pub plain_checks: std::sync::Arc<tokio::sync::Semaphore>,
@@ -95,14 +95,24 @@ impl Authenticator {
         let seed = scram::random_b64(32);
         Self {
             mechanisms,
-            decoy_iterations: credentials.usual_iterations(),
-            credentials,
+            credentials: arc_swap::ArcSwap::from_pointee(credentials),
             session_lifetime,
             max_failures,
             failures: Mutex::default(),
             decoy_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, seed.as_bytes()),
             plain_checks: std::sync::Arc::new(tokio::sync::Semaphore::new(2)),
         }
+    }
+
+    /// Takes new credentials (the store's copy changed); exchanges under way finish with the
+    /// credential they started with.
+    pub fn replace_credentials(&self, credentials: Credentials) {
+        self.credentials.store(std::sync::Arc::new(credentials));
+    }
+
+    /// How many users can authenticate.
+    pub fn users(&self) -> usize {
+        self.credentials.load().len()
     }
 
     /// The first token of an exchange with `mechanism`. PLAIN derives the salted password:
@@ -126,7 +136,7 @@ impl Authenticator {
                 if !authzid.is_empty() && authzid != user {
                     return Err(AuthError::PlainAuthzId);
                 }
-                match self.credentials.any(user) {
+                match self.credentials.load().any(user) {
                     Some((h, c)) if c.verify_password(h, password) => {
                         Ok(Step::Done(user.to_string(), Vec::new()))
                     }
@@ -144,7 +154,7 @@ impl Authenticator {
                 let (server, first) = ScramServer::start(
                     h,
                     token,
-                    |u| self.credentials.scram(u, h),
+                    |u| self.credentials.load().scram(u, h),
                     |u| self.decoy(u),
                     None,
                 )?;
@@ -165,7 +175,7 @@ impl Authenticator {
         let salt = ring::hmac::sign(&self.decoy_key, user.as_bytes()).as_ref()
             [..credentials::SALT_LEN]
             .to_vec();
-        (salt, self.decoy_iterations)
+        (salt, self.credentials.load().usual_iterations())
     }
 
     /// Failures are counted per address, IPv6 per /64 (one host holds a whole /64).

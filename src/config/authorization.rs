@@ -26,6 +26,19 @@ pub struct AuthorizationConfig {
     pub allow_cluster_changes: bool,
     #[serde(default)]
     pub acls: Vec<AclConfig>,
+    /// More rules from the Consul store (key `shardgate/<cluster>/security/acls`: a TOML text
+    /// of `[[acls]]` entries as below), followed while running, so every instance applies the
+    /// same rules.
+    #[serde(default)]
+    pub acls_in_store: bool,
+}
+
+/// The store's ACL document: `[[acls]]` entries as in `[[authorization.acls]]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclDocument {
+    #[serde(default)]
+    pub acls: Vec<AclConfig>,
 }
 
 /// One `[[authorization.acls]]` entry: like `kafka-acls --add`, one rule per operation.
@@ -61,6 +74,8 @@ fn allow() -> String {
 pub struct Authorization {
     /// None: authorization is off (every client acts as shardgate's principal).
     pub acls: Option<std::sync::Arc<Authorizer>>,
+    /// The config file's rules (the store's are added to them).
+    pub rules: Vec<AclRule>,
     pub super_users: Vec<String>,
     pub allow_cluster_changes: bool,
 }
@@ -69,6 +84,13 @@ impl AuthorizationConfig {
     pub fn resolve(&self) -> Result<Authorization, ConfigError> {
         for (i, p) in self.super_users.iter().enumerate() {
             check_principal(&format!("authorization.super_users[{i}]"), p)?;
+        }
+        if !self.enabled && self.acls_in_store {
+            return Err(invalid(
+                "authorization.acls_in_store",
+                "is true but authorization.enabled is false: the rules would not apply",
+                "set authorization.enabled = true, or acls_in_store = false",
+            ));
         }
         if !self.enabled && !self.acls.is_empty() {
             return Err(invalid(
@@ -82,16 +104,36 @@ impl AuthorizationConfig {
             rules.extend(a.rules(&format!("authorization.acls[{i}]"))?);
         }
         Ok(Authorization {
-            acls: self.enabled.then(|| {
-                std::sync::Arc::new(Authorizer::new(
-                    rules,
-                    self.super_users.clone(),
-                    self.allow_if_no_acl,
-                ))
-            }),
+            acls: self
+                .enabled
+                .then(|| std::sync::Arc::new(self.authorizer(rules.clone()))),
+            rules,
             super_users: self.super_users.clone(),
             allow_cluster_changes: self.allow_cluster_changes,
         })
+    }
+
+    /// The decision with `rules` and this section's super users and default.
+    pub fn authorizer(&self, rules: Vec<AclRule>) -> Authorizer {
+        Authorizer::new(rules, self.super_users.clone(), self.allow_if_no_acl)
+    }
+}
+
+impl AclDocument {
+    /// The rules of the store's ACL document (`what` names it in errors).
+    pub fn parse(text: &str, what: &str) -> Result<Vec<AclRule>, ConfigError> {
+        let doc: AclDocument = toml::from_str(text).map_err(|e| {
+            invalid(
+                what,
+                format!("is not a valid ACL document: {e}"),
+                "write [[acls]] entries as in [[authorization.acls]]",
+            )
+        })?;
+        let mut rules = Vec::new();
+        for (i, a) in doc.acls.iter().enumerate() {
+            rules.extend(a.rules(&format!("{what}: acls[{i}]"))?);
+        }
+        Ok(rules)
     }
 }
 
@@ -270,5 +312,35 @@ resource_type = "Cluster"
         .unwrap_err()
         .to_string();
         assert!(e.contains("authorization.enabled"), "{e}");
+    }
+
+    #[test]
+    fn store_documents_need_the_consul_store_and_parse_like_the_config() {
+        let e = parse(&format!(
+            "{MINIMAL}\n[authorization]\nenabled = true\nacls_in_store = true\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("authorization.acls_in_store") && e.contains("Consul"),
+            "{e}"
+        );
+        assert!(
+            parse(&format!(
+                "{MINIMAL}\n[store]\nkind = \"consul\"\n[authorization]\nenabled = true\nacls_in_store = true\n"
+            ))
+            .is_ok()
+        );
+        let entry = "[[acls]]\nprincipal = \"User:a\"\noperations = [\"Read\", \"Write\"]\nresource_type = \"Topic\"\nresource_name = \"t\"\n";
+        assert_eq!(
+            super::AclDocument::parse(entry, "security/acls")
+                .unwrap()
+                .len(),
+            2
+        );
+        let e = super::AclDocument::parse("[[acls]]\nprincipal = \"a\"\n", "security/acls")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("security/acls"), "{e}");
     }
 }

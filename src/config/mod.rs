@@ -12,11 +12,13 @@ mod admin;
 mod authorization;
 mod prefetch;
 mod sasl;
+mod tls;
 mod topic;
 pub use admin::{AdminAuth, AdminConfig, AdminRole, AdminToken, ResolvedToken};
-pub use authorization::{AclConfig, Authorization, AuthorizationConfig};
+pub use authorization::{AclConfig, AclDocument, Authorization, AuthorizationConfig};
 pub use prefetch::{EMBEDDERS, HASHING_DIMS, MINILM_TOKENIZER_FILES, MinilmConfig, PrefetchConfig};
 pub use sasl::{SaslListenerConfig, UpstreamSasl, UpstreamSaslConfig};
+pub use tls::{ClientAuth, PrincipalFrom, TlsClientConfig, TlsServerConfig};
 pub use topic::{AutoscaleConfig, RouteField, TopicConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -145,23 +147,6 @@ pub struct ListenerConfig {
     /// SASL authentication of clients (with `tls`: SASL_SSL).
     #[serde(default)]
     pub sasl: Option<SaslListenerConfig>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsServerConfig {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsClientConfig {
-    /// PEM file with the CA certificates that sign the brokers' certificates.
-    pub ca: PathBuf,
-    /// Name to verify in the brokers' certificates; defaults to each broker's host.
-    #[serde(default)]
-    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -561,6 +546,28 @@ impl Config {
                 ));
             }
         }
+        let in_store = [
+            (
+                "listener.sasl.credentials_in_store",
+                self.listener
+                    .sasl
+                    .as_ref()
+                    .is_some_and(|s| s.credentials_in_store),
+            ),
+            (
+                "authorization.acls_in_store",
+                self.authorization.acls_in_store,
+            ),
+        ];
+        for (key, on) in in_store {
+            if on && self.store.kind != "consul" {
+                return Err(invalid(
+                    key,
+                    "needs the Consul store (instances share it)",
+                    "set store.kind = \"consul\", or keep the file in the config",
+                ));
+            }
+        }
         if self.store.kind == "consul" && !self.store.consul_addr.starts_with("http://") {
             return Err(invalid(
                 "store.consul_addr",
@@ -592,27 +599,10 @@ impl Config {
             .validate()
             .map_err(|(field, problem, fix)| invalid(&format!("prefetch.{field}"), problem, fix))?;
         if let Some(tls) = &self.listener.tls {
-            for (key, p) in [
-                ("listener.tls.cert", &tls.cert),
-                ("listener.tls.key", &tls.key),
-            ] {
-                if !p.is_file() {
-                    return Err(invalid(
-                        key,
-                        format!("{} is not a readable file", p.display()),
-                        "point it at a PEM file",
-                    ));
-                }
-            }
+            tls.validate()?;
         }
-        if let Some(tls) = &self.upstream.tls
-            && !tls.ca.is_file()
-        {
-            return Err(invalid(
-                "upstream.tls.ca",
-                format!("{} is not a readable file", tls.ca.display()),
-                "point it at a PEM file with the brokers' CA certificates",
-            ));
+        if let Some(tls) = &self.upstream.tls {
+            tls.validate()?;
         }
         Ok(Settings {
             node_id: self.listener.node_id,

@@ -14,8 +14,13 @@ pub struct SaslListenerConfig {
     /// Mechanisms offered: "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512".
     pub mechanisms: Vec<String>,
     /// The users, their passwords in SCRAM's salted form (`shardgate credentials` writes
-    /// entries).
-    pub credentials: PathBuf,
+    /// entries). Not with `credentials_in_store`.
+    #[serde(default)]
+    pub credentials: Option<PathBuf>,
+    /// The same file's text from the Consul store (key `shardgate/<cluster>/security/credentials`),
+    /// followed while running, so every instance knows the same users.
+    #[serde(default)]
+    pub credentials_in_store: bool,
     /// KIP-368: how long an authentication lasts; clients re-authenticate before it ends, and
     /// a connection that did not is closed at its next request. 0: for the connection's life.
     #[serde(default)]
@@ -53,19 +58,39 @@ impl SaslListenerConfig {
                 out.push(parsed);
             }
         }
-        let creds = Credentials::load(&self.credentials).map_err(|e| {
-            invalid(
-                "listener.sasl.credentials",
-                e.to_string(),
-                "point it at a credentials file (entries from `shardgate credentials USER`)",
-            )
-        })?;
-        if creds.is_empty() {
-            return Err(invalid(
-                "listener.sasl.credentials",
-                format!("{} lists no user", self.credentials.display()),
-                "add users with `shardgate credentials USER >> FILE`",
-            ));
+        match (&self.credentials, self.credentials_in_store) {
+            (Some(_), true) => {
+                return Err(invalid(
+                    "listener.sasl.credentials",
+                    "is set while listener.sasl.credentials_in_store is true",
+                    "keep one: a file, or the store's copy",
+                ));
+            }
+            (None, false) => {
+                return Err(invalid(
+                    "listener.sasl.credentials",
+                    "is missing",
+                    "point it at a credentials file (entries from `shardgate credentials USER`), \
+                     or set credentials_in_store = true with the Consul store",
+                ));
+            }
+            (Some(path), false) => {
+                let creds = Credentials::load(path).map_err(|e| {
+                    invalid(
+                        "listener.sasl.credentials",
+                        e.to_string(),
+                        "point it at a credentials file (entries from `shardgate credentials USER`)",
+                    )
+                })?;
+                if creds.is_empty() {
+                    return Err(invalid(
+                        "listener.sasl.credentials",
+                        format!("{} lists no user", path.display()),
+                        "add users with `shardgate credentials USER >> FILE`",
+                    ));
+                }
+            }
+            (None, true) => {}
         }
         if self.max_failures_per_minute == 0 {
             return Err(invalid(

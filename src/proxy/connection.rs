@@ -86,6 +86,11 @@ impl ClientConn {
         self.principal.get().map(String::as_str)
     }
 
+    /// Sets the client's principal once (from its certificate; SASL sets it in the read loop).
+    pub fn set_principal(&self, name: String) {
+        let _ = self.principal.set(name);
+    }
+
     /// Who the client is for authorization: its SASL user ("User:ANONYMOUS" without one) and
     /// address.
     pub fn subject(&self) -> crate::auth::acl::Subject {

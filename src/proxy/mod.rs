@@ -105,6 +105,8 @@ pub struct Ctx {
     pub shared_reads: Arc<fetch::shared::SharedReads>,
     /// SASL on the client listener (None: clients do not authenticate); set by `app`.
     pub sasl: Option<Arc<crate::auth::Authenticator>>,
+    /// The ACL rules in force (None: authorization off); replaced when the store's change.
+    pub acls: Arc<arc_swap::ArcSwapOption<crate::auth::acl::Authorizer>>,
 }
 
 impl Ctx {
@@ -117,6 +119,7 @@ impl Ctx {
         profiles: Arc<crate::prefetch::Profiles>,
         sampler: Option<crate::prefetch::content::Sampler>,
     ) -> Self {
+        let settings_acls = settings.authorization.acls.clone();
         let shared_reads = Arc::new(fetch::shared::SharedReads::new(
             std::time::Duration::from_millis(settings.raw.prefetch.ttl_ms),
             settings.raw.prefetch.max_bytes,
@@ -139,6 +142,7 @@ impl Ctx {
             sampler,
             shared_reads,
             sasl: None,
+            acls: Arc::new(arc_swap::ArcSwapOption::new(settings_acls)),
         }
     }
 

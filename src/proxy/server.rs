@@ -109,7 +109,10 @@ pub async fn run(
                 None => serve(tcp, client.clone(), ctx, shutdown).await,
                 Some(acceptor) => match tokio::time::timeout(handshake, acceptor.accept(tcp)).await
                 {
-                    Ok(Ok(s)) => serve(s, client.clone(), ctx, shutdown).await,
+                    Ok(Ok(s)) => {
+                        certificate_principal(&ctx, &client, &s);
+                        serve(s, client.clone(), ctx, shutdown).await
+                    }
                     Ok(Err(e)) => {
                         crate::telemetry::frame_error("tls_handshake");
                         tracing::warn!(%peer, error = %e, "TLS handshake failed");
@@ -215,5 +218,33 @@ struct SourceSlot(Arc<PerSource>, IpAddr);
 impl Drop for SourceSlot {
     fn drop(&mut self) {
         self.0.release(self.1);
+    }
+}
+
+/// On a listener with client certificates and without SASL, the certificate's subject is the
+/// client's principal (Kafka's SSL principal). With SASL the SASL user is, as in Kafka.
+fn certificate_principal(
+    ctx: &Ctx,
+    client: &ClientConn,
+    s: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+) {
+    let Some(tls) = ctx.settings.raw.listener.tls.as_ref() else {
+        return;
+    };
+    if tls.client_ca.is_none() || ctx.sasl.is_some() {
+        return;
+    }
+    let Some(cert) = s.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        return;
+    };
+    let cn_only = tls.principal == crate::config::PrincipalFrom::Cn;
+    match crate::tls::certificate_principal(cert.as_ref(), cn_only) {
+        Some(name) => {
+            tracing::debug!(conn = client.id, principal = %name, "client certificate principal");
+            client.set_principal(name);
+        }
+        None => {
+            tracing::warn!(conn = client.id, peer = %client.peer, "client certificate names no principal; the client is User:ANONYMOUS");
+        }
     }
 }

@@ -267,6 +267,29 @@ impl ShardStore for ConsulStore {
         .boxed()
     }
 
+    fn watch_text<'a>(
+        &'a self,
+        key: &'a str,
+        index: u64,
+    ) -> BoxFuture<'a, Result<(u64, Option<String>), StoreError>> {
+        async move {
+            let wait = if index == 0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs(20)
+            };
+            let (new_index, entries) = self
+                .read(&self.key(key), false, (index > 0).then_some(index), wait)
+                .await?;
+            if entries.is_empty() && new_index == index {
+                // A missing key answers at once: do not spin on it.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Ok((new_index, entries.into_iter().next().and_then(|e| e.value)))
+        }
+        .boxed()
+    }
+
     fn elects(&self) -> bool {
         true
     }

@@ -76,6 +76,22 @@ pub trait ShardStore: Send + Sync {
         .boxed()
     }
 
+    /// Waits (bounded) until the text at `key` (a document outside the shard maps, e.g.
+    /// `security/credentials`) changes after `index` (0: answer at once); the new index and
+    /// the text (None: no such key). Only a shared store has such documents.
+    fn watch_text<'a>(
+        &'a self,
+        key: &'a str,
+        _index: u64,
+    ) -> BoxFuture<'a, Result<(u64, Option<String>), StoreError>> {
+        async move {
+            Err(StoreError::Unavailable(format!(
+                "{key} is kept only in the Consul store"
+            )))
+        }
+        .boxed()
+    }
+
     /// How long the store keeps this instance's session after its last renewal; `None`: no
     /// sessions (one instance). With sessions, managed writes are fenced when it may be lost.
     fn session_ttl(&self) -> Option<Duration> {

@@ -3,9 +3,10 @@
 each, what Kafka's answer was: "OK" (with a detail) or the error's name, so the authorization
 tests can check every rule, allowed and denied, through a real client.
 
-  authz.py --brokers B --user U [--mechanism SCRAM-SHA-256] STEP...
+  authz.py --brokers B [--user U [--mechanism SCRAM-SHA-256]] [--ca PEM [--cert PEM --key PEM]] STEP...
 
-The password comes from the environment variable KCLIENT_PASSWORD. Steps (":"-separated):
+With --user the client authenticates with SASL (password from the environment variable
+KCLIENT_PASSWORD); with --ca over TLS, with --cert/--key presenting a client certificate. Steps (":"-separated):
   produce:T:N  idempotent:T:N   N records (keys k0..), acks=all
   fetch:T:P:G                   assign partitions 0..P-1 from offset 0 (G: group.id, no commits)
   consume:T:G:N                 subscribe in group G, read N, commit them
@@ -152,13 +153,22 @@ def step(conf, adm, s):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--brokers", required=True)
-    ap.add_argument("--user", required=True)
+    ap.add_argument("--user", default="", help="SASL user (none: no SASL)")
     ap.add_argument("--mechanism", default="SCRAM-SHA-256")
+    ap.add_argument("--ca", help="TLS: the listener's CA (PEM)")
+    ap.add_argument("--cert", help="TLS: this client's certificate (PEM), for mTLS")
+    ap.add_argument("--key", help="TLS: this client's key (PEM)")
     ap.add_argument("steps", nargs="+")
     a = ap.parse_args()
-    conf = {"bootstrap.servers": a.brokers, "security.protocol": "sasl_plaintext",
-            "sasl.mechanism": a.mechanism, "sasl.username": a.user,
-            "sasl.password": os.environ.get("KCLIENT_PASSWORD", "")}
+    conf = {"bootstrap.servers": a.brokers,
+            "security.protocol": ("sasl_" if a.user else "") + ("ssl" if a.ca else "plaintext")}
+    if a.user:
+        conf.update({"sasl.mechanism": a.mechanism, "sasl.username": a.user,
+                     "sasl.password": os.environ.get("KCLIENT_PASSWORD", "")})
+    if a.ca:
+        conf["ssl.ca.location"] = a.ca
+    if a.cert:
+        conf.update({"ssl.certificate.location": a.cert, "ssl.key.location": a.key})
     adm = AdminClient(conf)
     out = {}
     for s in a.steps:

@@ -107,7 +107,7 @@ pub(super) fn check(ctx: &Ctx, a: &Access, req: &RequestFrame) -> Result<Verdict
         ApiKey::AddPartitionsToTxn => groups::add_partitions_to_txn(a, req),
         ApiKey::OffsetCommit => groups::offset_commit(ctx, a, req),
         ApiKey::TxnOffsetCommit => groups::txn_offset_commit(a, req),
-        ApiKey::OffsetFetch => groups::offset_fetch(a, req),
+        ApiKey::OffsetFetch => groups::offset_fetch(ctx, a, req),
         ApiKey::OffsetDelete => groups::offset_delete(a, req),
         ApiKey::DescribeGroups => groups::describe_groups(a, req),
         ApiKey::ConsumerGroupDescribe => groups::consumer_group_describe(a, req),

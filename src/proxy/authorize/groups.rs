@@ -209,27 +209,42 @@ pub(super) fn txn_offset_commit(a: &Access, req: &RequestFrame) -> Result<Verdic
     )
 }
 
-pub(super) fn offset_fetch(a: &Access, req: &RequestFrame) -> Result<Verdict, HandlerError> {
+pub(super) fn offset_fetch(
+    ctx: &Ctx,
+    a: &Access,
+    req: &RequestFrame,
+) -> Result<Verdict, HandlerError> {
     let body: OffsetFetchRequest = req.decode_body()?;
-    let topic_visible = seen_by(a, Topic);
+    let visible = seen_by(a, Topic);
+    // v10 names topics by id in its answer.
+    let topo = ctx.topology().load();
+    let name = move |name: &TopicName, id: &uuid::Uuid| -> String {
+        if name.is_empty() && !id.is_nil() {
+            topo.topic_name(id)
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        } else {
+            name.to_string()
+        }
+    };
     if req.api_version < 8 {
         if !one(a, Describe, Group, s(&body.group_id)) {
             return whole(req, s(&body.group_id), GROUP_DENIED);
         }
+        let all = body.topics.is_none();
         return Ok(Verdict::Rewrite {
             req: req.clone(),
             fix: fix_with(move |r: &mut OffsetFetchResponse| {
-                hide_offsets(
-                    &mut r.topics,
-                    |t| s(&t.name),
-                    |t| &mut t.partitions,
-                    &topic_visible,
-                    |p| {
-                        p.error_code = TOPIC_DENIED;
-                        p.committed_offset = -1;
-                        p.metadata = None;
-                    },
-                )
+                r.topics.retain_mut(|t| {
+                    let ok = visible(&name(&t.name, &uuid::Uuid::nil()));
+                    if !ok {
+                        for p in &mut t.partitions {
+                            (p.error_code, p.committed_offset, p.metadata) =
+                                (TOPIC_DENIED, -1, None);
+                        }
+                    }
+                    ok || !all
+                })
             }),
         });
     }
@@ -241,6 +256,14 @@ pub(super) fn offset_fetch(a: &Access, req: &RequestFrame) -> Result<Verdict, Ha
         .filter(|g| !group_visible(g))
         .collect();
     a.refused(Describe, Group, &denied);
+    // Groups asking for all their topics: those it may not describe are left out (as Kafka
+    // does); topics asked by name are answered TOPIC_AUTHORIZATION_FAILED.
+    let all: HashSet<GroupId> = body
+        .groups
+        .iter()
+        .filter(|g| g.topics.is_none())
+        .map(|g| g.group_id.clone())
+        .collect();
     Ok(Verdict::Rewrite {
         req: req.clone(),
         fix: fix_with(move |r: &mut OffsetFetchResponse| {
@@ -250,36 +273,20 @@ pub(super) fn offset_fetch(a: &Access, req: &RequestFrame) -> Result<Verdict, Ha
                     g.error_code = GROUP_DENIED;
                     continue;
                 }
-                hide_offsets(
-                    &mut g.topics,
-                    |t| s(&t.name),
-                    |t| &mut t.partitions,
-                    &topic_visible,
-                    |p| {
-                        p.error_code = TOPIC_DENIED;
-                        p.committed_offset = -1;
-                        p.metadata = None;
-                    },
-                )
+                let all = all.contains(&g.group_id);
+                g.topics.retain_mut(|t| {
+                    let ok = visible(&name(&t.name, &t.topic_id));
+                    if !ok {
+                        for p in &mut t.partitions {
+                            (p.error_code, p.committed_offset, p.metadata) =
+                                (TOPIC_DENIED, -1, None);
+                        }
+                    }
+                    ok || !all
+                });
             }
         }),
     })
-}
-
-/// Committed offsets of topics the principal may not describe: their partitions answered with
-/// TOPIC_AUTHORIZATION_FAILED (a topic by id keeps its entry the same way).
-fn hide_offsets<T, P>(
-    topics: &mut [T],
-    name: impl Fn(&T) -> &str,
-    parts: impl Fn(&mut T) -> &mut Vec<P>,
-    visible: &impl Fn(&str) -> bool,
-    deny: impl Fn(&mut P),
-) {
-    for t in topics {
-        if !visible(name(t)) {
-            parts(t).iter_mut().for_each(&deny);
-        }
-    }
 }
 
 pub(super) fn offset_delete(a: &Access, req: &RequestFrame) -> Result<Verdict, HandlerError> {

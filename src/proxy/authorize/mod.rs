@@ -39,17 +39,17 @@ pub enum Verdict {
 pub type Fix = Box<dyn FnOnce(&RequestFrame, Reply) -> Result<Reply, HandlerError> + Send>;
 
 /// A client principal's rights for one request.
-pub struct Access<'a> {
-    acls: &'a std::sync::Arc<Authorizer>,
+pub struct Access {
+    acls: std::sync::Arc<Authorizer>,
     pub who: Subject,
     api: ApiKey,
     conn: u64,
 }
 
-impl<'a> Access<'a> {
+impl Access {
     /// None: authorization is off.
-    pub fn of(ctx: &'a Ctx, client: &ClientConn, api: ApiKey) -> Option<Self> {
-        let acls = ctx.settings.authorization.acls.as_ref()?;
+    pub fn of(ctx: &Ctx, client: &ClientConn, api: ApiKey) -> Option<Self> {
+        let acls = ctx.acls.load_full()?;
         Some(Self {
             acls,
             who: client.subject(),
