@@ -152,6 +152,13 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         authorization: settings.raw.authorization.clone(),
         file_rules: settings.authorization.rules.clone(),
     });
+    if settings.raw.authorization.acls_in_store {
+        // Closed until the store's rules are read (`security::load`).
+        ctx.acls
+            .store(Some(Arc::new(crate::auth::acl::Authorizer::closed(
+                settings.raw.authorization.super_users.clone(),
+            ))));
+    }
     let mut followed = Vec::new();
     for (on, key) in [
         (

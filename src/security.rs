@@ -3,8 +3,9 @@
 //! `authorization.acls_in_store`). Operators write the documents with Consul's own tools
 //! (`consul kv put shardgate/<cluster>/security/credentials @users.toml`); each instance
 //! follows them with blocking queries and swaps them in whole. A document that does not parse
-//! is refused (logged, counted) and the previous one stays; a deleted one leaves nobody
-//! (credentials) or only the config file's rules (ACLs): closed, not open.
+//! is refused (logged, counted) and the previous one stays; until the ACL document has been
+//! read, or once it is deleted, only super users are allowed, and a deleted credentials
+//! document leaves no users: closed, not open.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,10 +47,15 @@ impl Targets {
                 Ok(format!("{users} credentials"))
             }
             _ => {
-                let extra = match text {
-                    Some(t) => AclDocument::parse(t, key).map_err(|e| e.to_string())?,
-                    None => Vec::new(),
+                let Some(t) = text else {
+                    // Without the store's rules (its DENYs among them) the file's alone could
+                    // open what the store closes: nobody but super users until it is back.
+                    self.acls.store(Some(Arc::new(Authorizer::closed(
+                        self.authorization.super_users.clone(),
+                    ))));
+                    return Ok("no document: only super users are allowed".into());
                 };
+                let extra = AclDocument::parse(t, key).map_err(|e| e.to_string())?;
                 let n = extra.len();
                 let mut rules = self.file_rules.clone();
                 rules.extend(extra);

@@ -138,37 +138,81 @@ pub fn connector(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<TlsConne
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
-/// The principal name a client certificate carries: its subject as RFC 2253 writes it (the
-/// most specific part first, as Kafka's `X500Principal.getName()`: "CN=app,OU=eng,O=Acme"),
-/// or its common name alone. None when the certificate cannot be read or has no CN.
+/// The principal name a client certificate carries: its subject as Java's
+/// `X500Principal.getName()` writes it (RFC 2253, the most specific part first:
+/// "CN=app,OU=eng,O=Acme"; keywords only for CN, C, L, ST, O, OU, STREET, DC and UID, other
+/// attributes as `OID=#<DER hex>`), so Kafka's ACL principals carry over; or its common name
+/// alone. None when the certificate cannot be read, has no CN, or holds a value that cannot be
+/// decoded (two certificates must never share a principal by accident).
 pub fn certificate_principal(der: &[u8], common_name_only: bool) -> Option<String> {
+    use x509_parser::asn1_rs::ToDer;
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let subject = cert.subject();
     if common_name_only {
-        return subject
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .map(str::to_string);
+        return subject.iter_common_name().next().and_then(attribute_text);
     }
-    let registry = x509_parser::objects::oid_registry();
-    let rdns: Vec<String> = subject
-        .iter_rdn()
-        .map(|rdn| {
-            rdn.iter()
-                .map(|attr| {
-                    let name = x509_parser::objects::oid2abbrev(attr.attr_type(), registry)
-                        .map(str::to_string)
-                        .unwrap_or_else(|_| attr.attr_type().to_id_string());
-                    let value = attr.as_str().map(escape_dn_value).unwrap_or_default();
-                    format!("{name}={value}")
-                })
-                .collect::<Vec<_>>()
-                .join("+")
-        })
-        .collect();
-    let dn: Vec<String> = rdns.into_iter().rev().collect();
-    (!dn.is_empty()).then(|| dn.join(","))
+    let mut rdns = Vec::new();
+    for rdn in subject.iter_rdn() {
+        let mut parts = Vec::new();
+        for attr in rdn.iter() {
+            let oid = attr.attr_type().to_id_string();
+            let keyword = match oid.as_str() {
+                "2.5.4.3" => Some("CN"),
+                "2.5.4.6" => Some("C"),
+                "2.5.4.7" => Some("L"),
+                "2.5.4.8" => Some("ST"),
+                "2.5.4.10" => Some("O"),
+                "2.5.4.11" => Some("OU"),
+                "2.5.4.9" => Some("STREET"),
+                "0.9.2342.19200300.100.1.25" => Some("DC"),
+                "0.9.2342.19200300.100.1.1" => Some("UID"),
+                _ => None,
+            };
+            parts.push(match keyword {
+                Some(k) => format!("{k}={}", escape_dn_value(&attribute_text(attr)?)),
+                None => {
+                    let der = attr.attr_value().to_der_vec().ok()?;
+                    let hex: String = der.iter().map(|b| format!("{b:02x}")).collect();
+                    format!("{oid}=#{hex}")
+                }
+            });
+        }
+        rdns.push(parts.join("+"));
+    }
+    rdns.reverse();
+    (!rdns.is_empty()).then(|| rdns.join(","))
+}
+
+/// An attribute's string value, whichever ASN.1 string type holds it.
+fn attribute_text(attr: &x509_parser::x509::AttributeTypeAndValue<'_>) -> Option<String> {
+    use x509_parser::asn1_rs::Tag;
+    let value = attr.attr_value();
+    let data = value.data;
+    match value.tag() {
+        Tag::Utf8String
+        | Tag::PrintableString
+        | Tag::Ia5String
+        | Tag::NumericString
+        | Tag::VisibleString => std::str::from_utf8(data).ok().map(str::to_string),
+        // Java reads a T61String as ISO-8859-1.
+        Tag::T61String => Some(data.iter().map(|b| *b as char).collect()),
+        Tag::BmpString => {
+            let units: Vec<u16> = data
+                .chunks(2)
+                .map(|c| (c.len() == 2).then(|| u16::from_be_bytes([c[0], c[1]])))
+                .collect::<Option<_>>()?;
+            String::from_utf16(&units).ok()
+        }
+        Tag::UniversalString => data
+            .chunks(4)
+            .map(|c| {
+                (c.len() == 4)
+                    .then(|| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+                    .and_then(char::from_u32)
+            })
+            .collect(),
+        _ => None,
+    }
 }
 
 /// RFC 2253 escaping of an attribute value.

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1053,10 +1053,19 @@ async fn managed_topics_keep_codec_keys_timestamps_and_headers() {
     c.subscribe(&[&topic]).unwrap();
     let mut seen = BTreeSet::new();
     let deadline = Instant::now() + Duration::from_secs(60);
+    let mut errors = BTreeSet::new();
+    let mut by_partition: BTreeMap<i32, (usize, i64)> = BTreeMap::new();
     while seen.len() < codecs.len() * per_codec && Instant::now() < deadline {
-        let Some(Ok(m)) = c.poll(Duration::from_millis(200)) else {
-            continue;
+        let m = match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                errors.insert(e.to_string());
+                continue;
+            }
+            None => continue,
         };
+        let e = by_partition.entry(m.partition()).or_default();
+        (e.0, e.1) = (e.0 + 1, m.offset());
         let key = String::from_utf8_lossy(m.key().unwrap()).into_owned();
         let value = String::from_utf8_lossy(m.payload().unwrap()).into_owned();
         let (codec, i) = key.split_once("-k").unwrap();
@@ -1091,7 +1100,27 @@ async fn managed_topics_keep_codec_keys_timestamps_and_headers() {
         );
         seen.insert(key);
     }
-    assert_eq!(seen.len(), codecs.len() * per_codec, "records missing");
+    if seen.len() < codecs.len() * per_codec {
+        // Where the consumer stopped, against what each partition holds.
+        let ends: Vec<(i32, i64, i64)> = (0..4)
+            .map(|p| {
+                let (lo, hi) = c
+                    .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                    .unwrap_or((-1, -1));
+                (p, lo, hi)
+            })
+            .collect();
+        let position = c
+            .position()
+            .map(|tpl| format!("{tpl:?}"))
+            .unwrap_or_default();
+        panic!(
+            "records missing: {} of {}; per partition (count, last offset) {by_partition:?}; \
+             watermarks {ends:?}; position {position}; consumer errors {errors:?}",
+            seen.len(),
+            codecs.len() * per_codec
+        );
+    }
 
     // Upstream, every codec appears in the batches shardgate wrote.
     let mut found = BTreeSet::new();

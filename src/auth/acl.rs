@@ -187,7 +187,8 @@ impl Subject {
     pub fn new(user: Option<&str>, addr: IpAddr) -> Self {
         Self {
             principal: format!("User:{}", user.unwrap_or("ANONYMOUS")),
-            host: addr.to_string(),
+            // An IPv4 client on a dual-stack listener arrives as ::ffff:a.b.c.d.
+            host: addr.to_canonical().to_string(),
         }
     }
 }
@@ -237,27 +238,53 @@ impl Authorizer {
         allowed || (!any_rule && self.allow_if_no_acl)
     }
 
-    /// Whether some topic may be written (KIP-679: enough for an idempotent producer): an
-    /// ALLOW of WRITE on topics for this principal not undone by a DENY on every topic.
+    /// Whether some topic may be written (KIP-679: enough for an idempotent producer), as
+    /// Kafka's `authorizeByResourceType`: an ALLOW of WRITE on topics for this principal that
+    /// no DENY covers (a DENY on every topic, on the same literal name, or on a prefix of the
+    /// ALLOW's pattern); with no topic rule at all, `allow_if_no_acl`.
     pub fn may_write_some_topic(&self, who: &Subject) -> bool {
         if self.is_super_user(who) {
             return true;
         }
-        let covers = |r: &&AclRule| {
-            r.resource_type == ResourceType::Topic && r.covers_who(&who.principal, &who.host)
-        };
-        let denied_everywhere = self.rules.iter().filter(covers).any(|r| {
-            r.permission == Permission::Deny
+        let writes = |r: &&AclRule| {
+            r.resource_type == ResourceType::Topic
+                && r.covers_who(&who.principal, &who.host)
                 && matches!(r.operation, Operation::Write | Operation::All)
-                && r.pattern_type == PatternType::Literal
-                && r.resource_name == "*"
-        });
-        !denied_everywhere
-            && self
+        };
+        let denies: Vec<&AclRule> = self
+            .rules
+            .iter()
+            .filter(writes)
+            .filter(|r| r.permission == Permission::Deny)
+            .collect();
+        let covered = |allow: &AclRule| {
+            denies.iter().any(|d| match d.pattern_type {
+                PatternType::Literal => {
+                    d.resource_name == "*"
+                        || (allow.pattern_type == PatternType::Literal
+                            && d.resource_name == allow.resource_name)
+                }
+                PatternType::Prefixed => allow.resource_name.starts_with(&d.resource_name),
+            })
+        };
+        if self
+            .rules
+            .iter()
+            .filter(writes)
+            .any(|r| r.permission == Permission::Allow && !covered(r))
+        {
+            return true;
+        }
+        self.allow_if_no_acl
+            && !self
                 .rules
                 .iter()
-                .filter(covers)
-                .any(|r| r.permission == Permission::Allow && r.operation.allows(Operation::Write))
+                .any(|r| r.resource_type == ResourceType::Topic)
+    }
+
+    /// Nobody but super users may do anything (store rules not read yet, or deleted).
+    pub fn closed(super_users: Vec<String>) -> Self {
+        Self::new(Vec::new(), super_users, false)
     }
 
     /// Kafka's authorized-operations bit field for a resource (bit = AclOperation code).
@@ -455,5 +482,54 @@ mod tests {
             a.authorized_operations(&alice(), Topic, "t"),
             (1 << 3) | (1 << 8)
         );
+    }
+
+    #[test]
+    fn idempotent_producers_need_some_uncovered_write_and_mapped_ipv4_is_ipv4() {
+        use PatternType::{Literal, Prefixed};
+        let covered = Authorizer::new(
+            vec![
+                rule(
+                    "User:alice",
+                    Write,
+                    Topic,
+                    Prefixed,
+                    "orders.",
+                    Permission::Allow,
+                ),
+                rule(
+                    "User:alice",
+                    Write,
+                    Topic,
+                    Prefixed,
+                    "orders",
+                    Permission::Deny,
+                ),
+            ],
+            vec![],
+            false,
+        );
+        assert!(!covered.may_write_some_topic(&alice()));
+        let one = Authorizer::new(
+            vec![rule(
+                "User:alice",
+                Write,
+                Topic,
+                Literal,
+                "t",
+                Permission::Allow,
+            )],
+            vec![],
+            false,
+        );
+        assert!(one.may_write_some_topic(&alice()));
+        assert!(Authorizer::new(vec![], vec![], true).may_write_some_topic(&alice()));
+        assert!(!Authorizer::closed(vec![]).may_write_some_topic(&alice()));
+
+        let mut r = rule("User:alice", Read, Group, Literal, "g", Permission::Allow);
+        r.host = "10.0.0.1".into();
+        let a = Authorizer::new(vec![r], vec![], false);
+        let mapped = Subject::new(Some("alice"), "::ffff:10.0.0.1".parse().unwrap());
+        assert!(a.authorize(&mapped, Read, Group, "g"));
     }
 }

@@ -225,7 +225,10 @@ impl AclConfig {
                 })?;
                 Ok(AclRule {
                     principal: self.principal.clone(),
-                    host: self.host.clone(),
+                    host: match self.host.parse::<std::net::IpAddr>() {
+                        Ok(ip) => ip.to_canonical().to_string(),
+                        Err(_) => self.host.clone(),
+                    },
                     operation,
                     resource_type,
                     pattern_type,

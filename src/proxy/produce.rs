@@ -427,7 +427,20 @@ impl PendingProduce {
             ctx.topology().request_refresh();
         }
         if self.acks == 0 {
-            return Ok(Reply::Nothing);
+            // Kafka closes a connection whose acks=0 produce it refused: the only signal such
+            // a producer gets.
+            let refused = local.values().any(|p: &PartitionProduceResponse| {
+                matches!(
+                    p.error_code,
+                    codes::TOPIC_AUTHORIZATION_FAILED
+                        | codes::TRANSACTIONAL_ID_AUTHORIZATION_FAILED
+                )
+            });
+            return Ok(if refused {
+                Reply::Close("acks=0 produce refused by authorization".into())
+            } else {
+                Reply::Nothing
+            });
         }
         let mut resp = ProduceResponse::default().with_throttle_time_ms(throttle);
         for (tref, index) in self.order {

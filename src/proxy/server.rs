@@ -110,8 +110,9 @@ pub async fn run(
                 Some(acceptor) => match tokio::time::timeout(handshake, acceptor.accept(tcp)).await
                 {
                     Ok(Ok(s)) => {
-                        certificate_principal(&ctx, &client, &s);
-                        serve(s, client.clone(), ctx, shutdown).await
+                        if certificate_principal(&ctx, &client, &s) {
+                            serve(s, client.clone(), ctx, shutdown).await
+                        }
                     }
                     Ok(Err(e)) => {
                         crate::telemetry::frame_error("tls_handshake");
@@ -222,29 +223,34 @@ impl Drop for SourceSlot {
 }
 
 /// On a listener with client certificates and without SASL, the certificate's subject is the
-/// client's principal (Kafka's SSL principal). With SASL the SASL user is, as in Kafka.
+/// client's principal (Kafka's SSL principal). With SASL the SASL user is, as in Kafka. False
+/// (the connection is closed) when a certificate names no principal shardgate can read: two
+/// such clients must not share one by accident.
 fn certificate_principal(
     ctx: &Ctx,
     client: &ClientConn,
     s: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-) {
+) -> bool {
     let Some(tls) = ctx.settings.raw.listener.tls.as_ref() else {
-        return;
+        return true;
     };
     if tls.client_ca.is_none() || ctx.sasl.is_some() {
-        return;
+        return true;
     }
     let Some(cert) = s.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
-        return;
+        return true;
     };
     let cn_only = tls.principal == crate::config::PrincipalFrom::Cn;
     match crate::tls::certificate_principal(cert.as_ref(), cn_only) {
         Some(name) => {
             tracing::debug!(conn = client.id, principal = %name, "client certificate principal");
             client.set_principal(name);
+            true
         }
         None => {
-            tracing::warn!(conn = client.id, peer = %client.peer, "client certificate names no principal; the client is User:ANONYMOUS");
+            crate::telemetry::frame_error("certificate_principal");
+            tracing::warn!(conn = client.id, peer = %client.peer, "client certificate names no principal shardgate can read; closing");
+            false
         }
     }
 }

@@ -71,6 +71,17 @@ pub(super) fn check(ctx: &Ctx, a: &Access, req: &RequestFrame) -> Result<Verdict
             if !a.denied_topics(Describe, &names).is_empty() {
                 return whole(req, s(&body.group_id), TOPIC_DENIED);
             }
+            // Upstream resolves a regex with shardgate's rights: only a principal that may
+            // describe every topic may subscribe by pattern.
+            if body
+                .subscribed_topic_regex
+                .as_ref()
+                .is_some_and(|r| !r.is_empty())
+                && !a.allows(Describe, ResourceType::Topic, "*")
+            {
+                a.refused(Describe, ResourceType::Topic, &["(regex subscription)"]);
+                return whole(req, s(&body.group_id), TOPIC_DENIED);
+            }
             Ok(Verdict::Allow)
         }
         ApiKey::FindCoordinator => groups::find_coordinator(a, req),

@@ -128,31 +128,46 @@ pub(super) fn offset_commit(
     };
     let body: OffsetCommitRequest = req.decode_body()?;
     let topo = ctx.topology().load();
-    let name_of = |t: &offset_commit_request::OffsetCommitRequestTopic| -> String {
+    // v10 names topics by id; an id shardgate cannot name yet is never authorized blindly.
+    let name_of = |t: &offset_commit_request::OffsetCommitRequestTopic| -> Option<String> {
         if t.topic_id.is_nil() {
-            t.name.0.to_string()
+            Some(t.name.0.to_string())
         } else {
-            topo.topic_name(&t.topic_id)
-                .map(|n| n.to_string())
-                .unwrap_or_default()
+            topo.topic_name(&t.topic_id).map(|n| n.to_string())
         }
     };
-    let names: Vec<String> = body.topics.iter().map(name_of).collect();
+    if body.topics.iter().any(|t| name_of(t).is_none()) {
+        ctx.topology().request_refresh();
+    }
+    let names: Vec<String> = body.topics.iter().filter_map(name_of).collect();
     let (code, denied) = topic_refusals(a, &body.group_id, None, &names);
+    let refusal = |t: &offset_commit_request::OffsetCommitRequestTopic| {
+        let code = if name_of(t).is_none() {
+            codes::UNKNOWN_TOPIC_ID
+        } else {
+            code
+        };
+        let parts: Vec<i32> = t.partitions.iter().map(|p| p.partition_index).collect();
+        T::default()
+            .with_name(t.name.clone())
+            .with_topic_id(t.topic_id)
+            .with_partitions(partitions_with(&parts, |p: P, i| {
+                p.with_partition_index(i).with_error_code(code)
+            }))
+    };
+    if code != TOPIC_DENIED {
+        // The group is denied: nothing goes to its coordinator, even a commit of no topic.
+        let errors: Vec<T> = body.topics.iter().map(refusal).collect();
+        return partial(req, &body, true, move |r: &mut OffsetCommitResponse| {
+            r.topics.extend(errors)
+        });
+    }
     without(
         req,
         &body,
         |r: &mut OffsetCommitRequest| &mut r.topics,
-        |t| denied.contains(&name_of(t)),
-        |t| {
-            let parts: Vec<i32> = t.partitions.iter().map(|p| p.partition_index).collect();
-            T::default()
-                .with_name(t.name.clone())
-                .with_topic_id(t.topic_id)
-                .with_partitions(partitions_with(&parts, |p: P, i| {
-                    p.with_partition_index(i).with_error_code(code)
-                }))
-        },
+        |t| name_of(t).is_none_or(|n| denied.contains(&n)),
+        refusal,
         |r: &mut OffsetCommitResponse| &mut r.topics,
     )
 }
@@ -192,6 +207,24 @@ pub(super) fn txn_offset_commit(a: &Access, req: &RequestFrame) -> Result<Verdic
     let body: TxnOffsetCommitRequest = req.decode_body()?;
     let names: Vec<String> = body.topics.iter().map(|t| t.name.to_string()).collect();
     let (code, denied) = topic_refusals(a, &body.group_id, Some(&body.transactional_id), &names);
+    if code != TOPIC_DENIED {
+        // The transactional id or group is denied: nothing goes to the coordinator.
+        let errors: Vec<T> = body
+            .topics
+            .iter()
+            .map(|t| {
+                let parts: Vec<i32> = t.partitions.iter().map(|p| p.partition_index).collect();
+                T::default()
+                    .with_name(t.name.clone())
+                    .with_partitions(partitions_with(&parts, |p: P, i| {
+                        p.with_partition_index(i).with_error_code(code)
+                    }))
+            })
+            .collect();
+        return partial(req, &body, true, move |r: &mut TxnOffsetCommitResponse| {
+            r.topics.extend(errors)
+        });
+    }
     without(
         req,
         &body,
@@ -218,13 +251,12 @@ pub(super) fn offset_fetch(
     let visible = seen_by(a, Topic);
     // v10 names topics by id in its answer.
     let topo = ctx.topology().load();
-    let name = move |name: &TopicName, id: &uuid::Uuid| -> String {
+    // An id shardgate cannot name is not shown (never authorized blindly).
+    let name = move |name: &TopicName, id: &uuid::Uuid| -> Option<String> {
         if name.is_empty() && !id.is_nil() {
-            topo.topic_name(id)
-                .map(|n| n.to_string())
-                .unwrap_or_default()
+            topo.topic_name(id).map(|n| n.to_string())
         } else {
-            name.to_string()
+            Some(name.to_string())
         }
     };
     if req.api_version < 8 {
@@ -236,7 +268,7 @@ pub(super) fn offset_fetch(
             req: req.clone(),
             fix: fix_with(move |r: &mut OffsetFetchResponse| {
                 r.topics.retain_mut(|t| {
-                    let ok = visible(&name(&t.name, &uuid::Uuid::nil()));
+                    let ok = name(&t.name, &uuid::Uuid::nil()).is_some_and(|n| visible(&n));
                     if !ok {
                         for p in &mut t.partitions {
                             (p.error_code, p.committed_offset, p.metadata) =
@@ -275,7 +307,7 @@ pub(super) fn offset_fetch(
                 }
                 let all = all.contains(&g.group_id);
                 g.topics.retain_mut(|t| {
-                    let ok = visible(&name(&t.name, &t.topic_id));
+                    let ok = name(&t.name, &t.topic_id).is_some_and(|n| visible(&n));
                     if !ok {
                         for p in &mut t.partitions {
                             (p.error_code, p.committed_offset, p.metadata) =

@@ -66,8 +66,17 @@ pub(super) fn delete_topics(
             .name
             .clone()
             .or_else(|| topo.topic_name(&t.topic_id).cloned().map(TopicName));
-        // An id Kafka does not know: its own answer (UNKNOWN_TOPIC_ID) tells nothing.
-        let Some(name) = name else { return true };
+        // An id shardgate cannot name yet (a topic created since its last refresh) is not
+        // authorized blindly: UNKNOWN_TOPIC_ID (retriable), and the topology is refreshed.
+        let Some(name) = name else {
+            ctx.topology().request_refresh();
+            errors.push(
+                R::default()
+                    .with_topic_id(t.topic_id)
+                    .with_error_code(crate::protocol::codes::UNKNOWN_TOPIC_ID),
+            );
+            return false;
+        };
         let ok = a.allows(Delete, Topic, s(&name));
         if !ok {
             refused.push(name.to_string());

@@ -339,7 +339,7 @@ impl Fetch<'_> {
                     // The pool grew: a retriable error makes the client refresh metadata and
                     // see the new partitions (it fetches this offset again, nothing skipped).
                     p.error_code = codes::NOT_LEADER_OR_FOLLOWER;
-                    p.records = None;
+                    p.records = Some(Default::default());
                     self.errors = true;
                     metrics::counter!("shardgate_pool_nudges_total", "topic" => name.to_string())
                         .increment(1);
