@@ -261,7 +261,29 @@ pub(super) fn offset_fetch(
     };
     if req.api_version < 8 {
         if !one(a, Describe, Group, s(&body.group_id)) {
-            return whole(req, s(&body.group_id), GROUP_DENIED);
+            if req.api_version >= 2 {
+                return whole(req, s(&body.group_id), GROUP_DENIED);
+            }
+            // v1 has no top-level error: every asked partition carries it.
+            use offset_fetch_response::{
+                OffsetFetchResponsePartition as P, OffsetFetchResponseTopic as T,
+            };
+            let topics = body
+                .topics
+                .iter()
+                .flatten()
+                .map(|t| {
+                    T::default()
+                        .with_name(t.name.clone())
+                        .with_partitions(partitions_with(&t.partition_indexes, |p: P, i| {
+                            p.with_partition_index(i)
+                                .with_committed_offset(-1)
+                                .with_error_code(GROUP_DENIED)
+                        }))
+                })
+                .collect();
+            let resp = OffsetFetchResponse::default().with_topics(topics);
+            return Ok(Verdict::Answer(typed_reply(req, &resp)?));
         }
         let all = body.topics.is_none();
         return Ok(Verdict::Rewrite {

@@ -194,6 +194,21 @@ where
     })
 }
 
+/// `verdict` with `extra` applied to the answer too (nothing to do when nothing is routed).
+fn also(verdict: Verdict, req: &RequestFrame, extra: Fix) -> Verdict {
+    match verdict {
+        Verdict::Allow => Verdict::Rewrite {
+            req: req.clone(),
+            fix: extra,
+        },
+        Verdict::Answer(reply) => Verdict::Answer(reply),
+        Verdict::Rewrite { req, fix } => Verdict::Rewrite {
+            req,
+            fix: Box::new(move |r, reply| fix(r, reply).and_then(|reply| extra(r, reply))),
+        },
+    }
+}
+
 /// A fix that decodes the answer, changes it and encodes it again.
 fn fix_with<Resp>(change: impl FnOnce(&mut Resp) + Send + 'static) -> Fix
 where

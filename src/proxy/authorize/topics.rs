@@ -6,7 +6,7 @@ use kafka_protocol::messages::*;
 use kafka_protocol::protocol::StrBytes;
 
 use super::apis::*;
-use super::{Access, Verdict, fix_with, partial, without};
+use super::{Access, Verdict, also, fix_with, partial, without};
 use crate::auth::acl::{Operation, ResourceType};
 use crate::protocol::RequestFrame;
 use crate::proxy::forward::typed_reply;
@@ -17,12 +17,19 @@ use ResourceType::{Cluster, Group, Topic};
 
 pub(super) fn create_topics(a: &Access, req: &RequestFrame) -> Result<Verdict, HandlerError> {
     let body: CreateTopicsRequest = req.decode_body()?;
-    if a.cluster(Create) {
-        return Ok(Verdict::Allow);
-    }
     let names: Vec<&str> = body.topics.iter().map(|t| s(&t.name)).collect();
-    let denied: HashSet<&str> = a.denied_topics(Create, &names).into_iter().collect();
-    without(
+    let denied: HashSet<&str> = if a.cluster(Create) {
+        HashSet::new()
+    } else {
+        a.denied_topics(Create, &names).into_iter().collect()
+    };
+    // Kafka shows a created topic's configs only with DESCRIBE_CONFIGS on it.
+    let hidden: HashSet<String> = names
+        .iter()
+        .filter(|n| !a.allows(DescribeConfigs, Topic, n))
+        .map(|n| n.to_string())
+        .collect();
+    let verdict = without(
         req,
         &body,
         |r: &mut CreateTopicsRequest| &mut r.topics,
@@ -35,7 +42,22 @@ pub(super) fn create_topics(a: &Access, req: &RequestFrame) -> Result<Verdict, H
                 .with_replication_factor(-1)
         },
         |r: &mut CreateTopicsResponse| &mut r.topics,
-    )
+    )?;
+    if hidden.is_empty() {
+        return Ok(verdict);
+    }
+    Ok(also(
+        verdict,
+        req,
+        fix_with(move |r: &mut CreateTopicsResponse| {
+            for t in &mut r.topics {
+                if t.error_code == 0 && hidden.contains(s(&t.name)) {
+                    t.configs = None;
+                    t.topic_config_error_code = TOPIC_DENIED;
+                }
+            }
+        }),
+    ))
 }
 
 pub(super) fn delete_topics(
