@@ -759,4 +759,19 @@ acls_in_store = true
     }
     on(1, grace, &[(produce(5), "OK:5")]);
     on(2, frank, &[(produce(1), "TOPIC_AUTHORIZATION_FAILED")]);
+
+    // The ACL document deleted: closed (only super users), not the file's rules alone.
+    let consul = var("CONSUL_HTTP_ADDR", "http://127.0.0.1:28500");
+    let (code, body) =
+        shardgate::admin::http_request(&consul, "DELETE", &format!("/v1/kv/{prefix}/acls"), None)
+            .unwrap();
+    assert_eq!(code, 200, "consul kv delete: {body}");
+    for n in [1, 2] {
+        eventually(
+            &format!("instance {n} closes"),
+            Duration::from_secs(30),
+            || applied(n, "acls") >= 3.0,
+        );
+    }
+    on(1, grace, &[(produce(1), "TOPIC_AUTHORIZATION_FAILED")]);
 }
