@@ -72,7 +72,11 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         None => None,
     };
     let topology = Arc::new(TopologyHandle::new());
-    let pool = Arc::new(Pool::new(&settings, topology, upstream_tls));
+    let upstream_login = match &settings.upstream_sasl {
+        Some(sasl) => Some(crate::upstream::sasl::Login::new(sasl.clone())?),
+        None => None,
+    };
+    let pool = Arc::new(Pool::new(&settings, topology, upstream_tls, upstream_login));
     let store: Arc<dyn crate::store::ShardStore> = match settings.raw.store.kind.as_str() {
         "consul" => Arc::new(crate::store::consul::ConsulStore::new(&settings.raw.store)),
         _ => Arc::new(crate::store::embedded::EmbeddedStore::open(
@@ -115,10 +119,10 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         && settings
             .upstream_sasl
             .as_ref()
-            .is_some_and(|s| s.mechanism == crate::auth::Mechanism::Plain)
+            .is_some_and(|s| matches!(s.mechanism_name(), "PLAIN" | "OAUTHBEARER"))
     {
         tracing::warn!(
-            "upstream.sasl uses PLAIN without upstream.tls: the password goes to Kafka in clear"
+            "upstream.sasl uses PLAIN or OAUTHBEARER without upstream.tls: the password or token goes to Kafka in clear"
         );
     }
     let sasl = match &settings.raw.listener.sasl {
@@ -207,6 +211,16 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         addr: settings.admin_bind.to_string(),
         source,
     })?;
+    let (admin_tls, forward_trust) = match &settings.admin_auth.tls {
+        None => (None, None),
+        Some(t) => (
+            Some(crate::tls::admin_acceptor(&t.cert, &t.key)?),
+            Some(crate::http::Trust::from_pem("admin.tls.ca", &t.ca)?),
+        ),
+    };
+    if admin_tls.is_none() && !settings.admin_bind.ip().is_loopback() {
+        tracing::warn!(admin = %settings.admin_bind, "the admin API is plain HTTP on an address other hosts reach: its tokens cross the network in clear; configure [admin.tls]");
+    }
     let (shutdown, shutdown_rx) = watch::channel(false);
 
     let mut tasks = Vec::new();
@@ -294,18 +308,10 @@ pub async fn start(settings: Settings) -> Result<Running, StartError> {
         profiles,
         controller: controller.clone(),
         prometheus,
+        forward_trust,
     });
-    let mut admin_shutdown = shutdown_rx;
     tasks.push(tokio::spawn(async move {
-        let r = axum::serve(
-            admin,
-            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = admin_shutdown.changed().await;
-        })
-        .await;
-        if let Err(e) = r {
+        if let Err(e) = crate::admin::serve(admin, router, admin_tls, shutdown_rx).await {
             tracing::error!(error = %e, "admin HTTP server failed");
         }
     }));

@@ -12,13 +12,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("protocol", &[]),
     ("telemetry", &[]),
     ("tls", &[]),
+    ("http", &["tls"]),
     ("config", &["auth", "protocol"]),
     ("store", &["config"]),
     ("security", &["auth", "config", "store"]),
     ("prefetch", &["config", "protocol", "telemetry"]),
     (
         "upstream",
-        &["auth", "config", "protocol", "telemetry", "tls"],
+        &["auth", "config", "http", "protocol", "telemetry", "tls"],
     ),
     (
         "shards",
@@ -39,7 +40,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ),
     (
         "admin",
-        &["alloc", "auth", "config", "prefetch", "shards", "upstream"],
+        &[
+            "alloc", "auth", "config", "http", "prefetch", "shards", "tls", "upstream",
+        ],
     ),
     (
         "app",
@@ -47,6 +50,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "admin",
             "auth",
             "config",
+            "http",
             "prefetch",
             "proxy",
             "security",

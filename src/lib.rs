@@ -4,6 +4,7 @@
 //! - `protocol`, `telemetry`, `alloc`, `tls`, `auth`: wire format, metrics, allocation guard,
 //!   TLS, client authentication (SASL mechanisms, credentials).
 //! - `config`: the validated configuration, managed topics' config included.
+//! - `http`: a minimal blocking HTTP(S) client (CLI, admin forwarding, OAuth tokens).
 //! - `store`: versioned documents (shard maps), instance registry, leader lock.
 //! - `security`: users and ACL rules kept in the store, followed by every instance.
 //! - `upstream`: connections to the real cluster and its topology.
@@ -17,6 +18,7 @@ pub mod alloc;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod http;
 pub mod prefetch;
 pub mod protocol;
 pub mod proxy;

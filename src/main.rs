@@ -39,6 +39,9 @@ enum Command {
         /// [[admin.tokens]]); the token itself is never a command-line argument.
         #[arg(long, default_value = "SHARDGATE_ADMIN_TOKEN", global = true)]
         token_env: String,
+        /// PEM file with the CA that signed the admin API's certificate (an https:// --admin).
+        #[arg(long, global = true)]
+        ca: Option<PathBuf>,
         #[command(subcommand)]
         op: ShardsOp,
     },
@@ -77,8 +80,16 @@ fn main() -> ExitCode {
         Command::Shards {
             admin,
             token_env,
+            ca,
             op,
-        } => return shards_cli(admin, std::env::var(token_env).ok().as_deref(), op),
+        } => {
+            return shards_cli(
+                admin,
+                std::env::var(token_env).ok().as_deref(),
+                ca.as_deref(),
+                op,
+            );
+        }
         Command::Credentials {
             user,
             mechanism,
@@ -166,7 +177,20 @@ fn credentials_cli(user: &str, mechanism: &str, iterations: u32) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn shards_cli(admin: &str, token: Option<&str>, op: &ShardsOp) -> ExitCode {
+fn shards_cli(
+    admin: &str,
+    token: Option<&str>,
+    ca: Option<&std::path::Path>,
+    op: &ShardsOp,
+) -> ExitCode {
+    let trust = match ca.map(|ca| shardgate::http::Trust::from_pem("--ca", ca)) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(e)) => {
+            eprintln!("shardgate: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let (method, path, body) = match op {
         ShardsOp::List { topic: None } => ("GET", "/api/v1/topics".to_string(), None),
         ShardsOp::List { topic: Some(t) } => ("GET", format!("/api/v1/topics/{t}/shards"), None),
@@ -184,7 +208,14 @@ fn shards_cli(admin: &str, token: Option<&str>, op: &ShardsOp) -> ExitCode {
             Some(serde_json::json!({ "shards": [a, b] }).to_string()),
         ),
     };
-    match shardgate::admin::http_request_as(admin, method, &path, body.as_deref(), token) {
+    match shardgate::admin::http_request_tls(
+        admin,
+        method,
+        &path,
+        body.as_deref(),
+        token,
+        trust.as_ref(),
+    ) {
         Ok((status, text)) => {
             let pretty = serde_json::from_str::<serde_json::Value>(&text)
                 .and_then(|v| serde_json::to_string_pretty(&v))

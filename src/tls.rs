@@ -91,8 +91,28 @@ pub fn acceptor(
     key: &Path,
     clients: Option<ClientCerts<'_>>,
 ) -> Result<TlsAcceptor, TlsError> {
-    let chain = certs("listener.tls.cert", cert)?;
-    let private = private_key("listener.tls.key", key)?;
+    server_config(
+        ("listener.tls.cert", "listener.tls.key"),
+        cert,
+        key,
+        clients,
+    )
+    .map(TlsAcceptor::from)
+}
+
+/// The admin API's HTTPS acceptor (`[admin.tls]`; no client certificates).
+pub fn admin_acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    server_config(("admin.tls.cert", "admin.tls.key"), cert, key, None).map(TlsAcceptor::from)
+}
+
+fn server_config(
+    (cert_key, key_key): (&'static str, &'static str),
+    cert: &Path,
+    key: &Path,
+    clients: Option<ClientCerts<'_>>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let chain = certs(cert_key, cert)?;
+    let private = private_key(key_key, key)?;
     let builder = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?;
@@ -117,15 +137,24 @@ pub fn acceptor(
     let config = builder
         .with_single_cert(chain, private)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    Ok(Arc::new(config))
 }
 
 /// A connector trusting `ca`, presenting `identity` (certificate chain, key) when given.
 pub fn connector(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<TlsConnector, TlsError> {
+    client_config("upstream.tls.ca", ca, identity).map(TlsConnector::from)
+}
+
+/// A client configuration trusting the CAs in `ca` (`key`: the setting named in errors).
+pub fn client_config(
+    key: &'static str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(roots("upstream.tls.ca", ca)?);
+        .with_root_certificates(roots(key, ca)?);
     let config = match identity {
         None => builder.with_no_client_auth(),
         Some((cert, key)) => builder
@@ -135,7 +164,7 @@ pub fn connector(ca: &Path, identity: Option<(&Path, &Path)>) -> Result<TlsConne
             )
             .map_err(|e| TlsError::Config(e.to_string()))?,
     };
-    Ok(TlsConnector::from(Arc::new(config)))
+    Ok(Arc::new(config))
 }
 
 /// The principal name a client certificate carries: its subject as Java's

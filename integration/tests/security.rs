@@ -22,6 +22,22 @@ fn call(base: &str, method: &str, path: &str, body: &Value, token: Option<&str>)
     )
 }
 
+/// Which of two instances leads (elected through Consul), once exactly one says so.
+fn single_leader(leads: impl Fn(usize) -> bool) -> usize {
+    let started = Instant::now();
+    loop {
+        let lead: Vec<usize> = (0..2).filter(|&i| leads(i)).collect();
+        if let [i] = lead.as_slice() {
+            return *i;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no single leader: {lead:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Instance `n` of 2 (client 127.0.0.1:2917n, admin 127.0.0.1:2927n) on the testbed's
 /// Consul, cluster `cluster`, with `admin` as its [admin] section.
 fn instance_config(n: i32, cluster: &str, admin: &str) -> String {
@@ -116,20 +132,7 @@ fn the_admin_api_asks_for_a_token_with_the_right_role_and_instances_forward_with
         })
         .collect();
     // Which one leads (elected through Consul).
-    let started = Instant::now();
-    let leader = loop {
-        let lead: Vec<usize> = (0..2)
-            .filter(|&i| metric_of(&bases[i], "shardgate_controller_leader", &[]) == 1.0)
-            .collect();
-        if let [i] = lead.as_slice() {
-            break *i;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no single leader: {lead:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let leader = single_leader(|i| metric_of(&bases[i], "shardgate_controller_leader", &[]) == 1.0);
     let follower = 1 - leader;
     let (lb, fb) = (&bases[leader], &bases[follower]);
 
@@ -251,6 +254,147 @@ fn the_admin_api_asks_for_a_token_with_the_right_role_and_instances_forward_with
     );
 }
 
+/// The admin API over HTTPS (`[admin.tls]`, the testbed CA's certificate for 127.0.0.1): two
+/// instances on Consul advertise `https://` admin addresses, the follower forwards a create and
+/// a split to the leader over HTTPS with its own token, the CLI reaches it with `--ca`, and a
+/// plain-HTTP request or a client that does not trust the CA gets nothing (counted).
+#[test]
+#[ignore = "needs the testbed with Consul: integration/run-tests"]
+fn the_admin_api_serves_https_and_instances_forward_to_the_leader_over_it() {
+    let dir = cache().join("run");
+    let tls = dir.join("tls");
+    let trust = shardgate::http::Trust::from_pem("ca", &tls.join("ca.pem")).unwrap();
+    let cluster = unique("security-https");
+    let admin_section = |n: i32| {
+        format!(
+            "[admin]\nbind = \"127.0.0.1:{}\"\nforward_with = \"ops\"\n\n[admin.tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n\n[[admin.tokens]]\nname = \"ops\"\nrole = \"operator\"\nvalue = \"{OPS}\"\n\n[[admin.tokens]]\nname = \"viewer\"\nrole = \"read\"\nvalue = \"{VIEWER}\"\n",
+            29270 + n,
+            tls.join("cert.pem").display(),
+            tls.join("key.pem").display(),
+            tls.join("ca.pem").display(),
+        )
+    };
+    let bases: Vec<String> = (1..=2)
+        .map(|n| format!("https://127.0.0.1:{}", 29270 + n))
+        .collect();
+    let https = |base: &str, method: &str, path: &str, body: Option<&str>, token: Option<&str>| {
+        let (code, text) =
+            shardgate::admin::http_request_tls(base, method, path, body, token, Some(&trust))
+                .unwrap_or((0, String::new()));
+        (
+            code,
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)),
+        )
+    };
+    let metric_https = |base: &str, name: &str| {
+        let (_, body) = https(base, "GET", "/metrics", None, None);
+        body.as_str()
+            .unwrap_or("")
+            .lines()
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+            .sum::<f64>()
+    };
+    let _instances: Vec<Shardgate> = (1..=2)
+        .map(|n| {
+            let name = format!("security-https-{n}");
+            let sg = spawn_shardgate(
+                &dir,
+                &name,
+                &instance_config(n, &cluster, &admin_section(n)),
+            );
+            eventually(&format!("{name} ready"), Duration::from_secs(60), || {
+                https(&bases[n as usize - 1], "GET", "/readyz", None, None).0 == 200
+            });
+            sg
+        })
+        .collect();
+    let leader = single_leader(|i| metric_https(&bases[i], "shardgate_controller_leader") == 1.0);
+    let (lb, fb) = (&bases[leader], &bases[1 - leader]);
+
+    // Plain HTTP to the HTTPS port, and HTTPS without the CA: no answer; both counted.
+    let before = metric_https(lb, "shardgate_admin_tls_failures_total");
+    let plain =
+        shardgate::admin::http_request(&lb.replace("https://", "http://"), "GET", "/readyz", None);
+    assert!(
+        plain.as_ref().is_err() || plain.as_ref().is_ok_and(|(c, _)| *c == 0),
+        "plain HTTP answered: {plain:?}"
+    );
+    let other = shardgate::http::Trust::from_pem("ca", &tls.join("client.pem")).unwrap();
+    let untrusted =
+        shardgate::admin::http_request_tls(lb, "GET", "/readyz", None, None, Some(&other));
+    assert!(
+        untrusted.is_err(),
+        "a client not trusting the CA got {untrusted:?}"
+    );
+    eventually("TLS failures counted", Duration::from_secs(5), || {
+        metric_https(lb, "shardgate_admin_tls_failures_total") >= before + 2.0
+    });
+
+    // Tokens still apply; the follower forwards over HTTPS with its own.
+    let topic = unique("https-managed");
+    let create = serde_json::json!({
+        "name": topic, "route_by": ["key"], "initial_shards": 2, "pool": 4,
+        "replication_factor": rf()
+    })
+    .to_string();
+    let (code, resp) = https(fb, "POST", "/api/v1/topics", Some(&create), None);
+    assert_eq!(code, 401, "no token over HTTPS: {resp}");
+    let (code, resp) = https(fb, "POST", "/api/v1/topics", Some(&create), Some(VIEWER));
+    assert_eq!(code, 403, "read token over HTTPS: {resp}");
+    let (code, resp) = https(fb, "POST", "/api/v1/topics", Some(&create), Some(OPS));
+    assert_eq!(code, 201, "create through the follower over HTTPS: {resp}");
+    let shards = format!("/api/v1/topics/{topic}/shards");
+    eventually("the follower has the map", Duration::from_secs(20), || {
+        https(fb, "GET", &shards, None, Some(VIEWER)).0 == 200
+    });
+    let (_, map) = https(fb, "GET", &shards, None, Some(VIEWER));
+    let shard = active(&map)[0]["id"].as_u64().unwrap();
+    let (code, resp) = https(
+        fb,
+        "POST",
+        &format!("/api/v1/topics/{topic}/shards/{shard}/split"),
+        None,
+        Some(OPS),
+    );
+    assert_eq!(code, 200, "split through the follower over HTTPS: {resp}");
+
+    // The CLI: with --ca it lists the map (3 active shards), without it it says why.
+    let bin = std::env::var("SHARDGATE_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| repo().join("target/debug/shardgate"));
+    let cli = |with_ca: bool| {
+        let mut c = std::process::Command::new(&bin);
+        c.args(["shards", "--admin", fb.as_str()])
+            .env("SHARDGATE_ADMIN_TOKEN", VIEWER);
+        if with_ca {
+            c.arg("--ca").arg(tls.join("ca.pem"));
+        }
+        c.args(["list", topic.as_str()]);
+        run(&mut c, Duration::from_secs(20))
+    };
+    eventually(
+        "the CLI sees 3 active shards",
+        Duration::from_secs(20),
+        || {
+            let out = cli(true);
+            let text = String::from_utf8_lossy(&out.stdout);
+            out.status.success()
+                && serde_json::from_str::<Value>(&text).is_ok_and(|m| active(&m).len() == 3)
+        },
+    );
+    let out = cli(false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("CA"),
+        "the CLI without --ca: {stderr}"
+    );
+    println!(
+        "admin HTTPS: leader instance {}, create and split forwarded over HTTPS answered 201 and 200; plain HTTP and an untrusting client refused and counted; the CLI works with --ca",
+        leader + 1
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // SASL on the client listener
 
@@ -263,26 +407,6 @@ fn credentials_file(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("users.toml");
     write_credentials(&path, &[("alice", ALICE_PW), ("bob", BOB_PW)], &[]);
     path
-}
-
-/// kclient.py with `--sasl mech --user user` (password in the environment), JSON out.
-fn py(lib: &str, sec: &[&str], password: &str, args: &[&str]) -> Value {
-    let out = run(
-        std::process::Command::new(python())
-            .arg(repo().join("integration/clients/py/kclient.py"))
-            .args(["--lib", lib])
-            .args(sec)
-            .args(args)
-            .env("KCLIENT_PASSWORD", password),
-        Duration::from_secs(120),
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).unwrap_or_else(|e| {
-        panic!(
-            "kclient {args:?}: {e}: {text}; stderr {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
 }
 
 /// An instance of the test's own with `sasl` (and `tls`) as its listener's sections.
@@ -448,7 +572,7 @@ fn clients_authenticate_with_scram_or_plain_and_everything_else_is_refused() {
         create_topic_direct(&topic, &["--partitions", "2", "--replication-factor", "1"]);
         let mut sec: Vec<&str> = tls.iter().map(String::as_str).collect();
         sec.extend(["--sasl", mech, "--user", "alice"]);
-        let p = py(
+        let p = kclient(
             lib,
             &sec,
             ALICE_PW,
@@ -464,7 +588,7 @@ fn clients_authenticate_with_scram_or_plain_and_everything_else_is_refused() {
         );
         assert_eq!(p["acked"], 20, "{lib} {mech} via {addr}: produce {p}");
         let group = unique("sasl-g");
-        let r = py(
+        let r = kclient(
             lib,
             &sec,
             ALICE_PW,
@@ -558,7 +682,7 @@ fn clients_authenticate_with_scram_or_plain_and_everything_else_is_refused() {
     let topic = unique("sasl-reauth");
     create_topic_direct(&topic, &["--partitions", "1", "--replication-factor", "1"]);
     let sec = ["--sasl", "SCRAM-SHA-512", "--user", "bob"];
-    let p = py(
+    let p = kclient(
         "confluent",
         &sec,
         BOB_PW,
@@ -633,7 +757,7 @@ fn clients_authenticate_with_scram_or_plain_and_everything_else_is_refused() {
 
     // Refusals on C and B, and on the testbed's listener without SASL.
     let probe = |addr: &str, sec: &[&str], pw: &str| {
-        py("confluent", sec, pw, &["probe", "--brokers", addr])
+        kclient("confluent", sec, pw, &["probe", "--brokers", addr])
     };
     let wrong = probe(
         &c,
@@ -748,21 +872,15 @@ fn upstream_sasl_instance(
     let var = format!("SHARDGATE_TEST_UPSTREAM_PW_{n}");
     // SAFETY: set before the instance is spawned; no other thread reads it.
     unsafe { std::env::set_var(&var, pw) };
-    let (client, admin) = (
-        format!("127.0.0.1:{}", 29170 + n),
-        format!("127.0.0.1:{}", 29270 + n),
-    );
-    let bootstrap: Vec<String> = (1..=brokers())
-        .map(|i| format!("\"127.0.0.1:{}\"", 19691 + i))
-        .collect();
-    let config = format!(
-        "[listener]\nbind = \"{client}\"\n[upstream]\nbootstrap = [{}]\nconnect_timeout_ms = 3000\n[upstream.tls]\nca = \"{}\"\n[upstream.sasl]\nmechanism = \"{mechanism}\"\nusername = \"{UPSTREAM_USER}\"\npassword_env = \"{var}\"\n[admin]\nbind = \"{admin}\"\n[store]\npath = \"{}\"\n",
-        bootstrap.join(", "),
-        cache().join("run/tls/ca.pem").display(),
-        dir.join(format!("data-{n}")).display()
-    );
-    let sg = spawn_shardgate(dir, &format!("upstream-sasl-{n}"), &config);
-    (sg, client, format!("http://{admin}"))
+    upstream_login_instance(
+        dir,
+        &format!("upstream-sasl-{n}"),
+        (29170 + n, 29270 + n),
+        19691,
+        &format!(
+            "mechanism = \"{mechanism}\"\nusername = \"{UPSTREAM_USER}\"\npassword_env = \"{var}\""
+        ),
+    )
 }
 
 /// shardgate authenticates to Kafka's SASL_SSL listeners as its own SCRAM-SHA-512 user; the
@@ -798,63 +916,7 @@ fn shardgate_authenticates_upstream_as_its_own_user_and_renews_before_sessions_e
     // 3,000 records at 200/s from an idempotent producer: 15 s, past the 10 s session of
     // every connection, with produces in flight when connections are retired (a produce on the
     // new connection overtaking one still on the old would break the producer's sequence).
-    let p = py(
-        "confluent",
-        &[],
-        "",
-        &[
-            "produce",
-            "--brokers",
-            &d,
-            "--topic",
-            &topic,
-            "--count",
-            "3000",
-            "--rate",
-            "200",
-        ],
-    );
-    assert_eq!(
-        p["acked"], 3000,
-        "produce through an upstream-SASL shardgate: {p}"
-    );
-    assert_eq!(p["errors"], serde_json::json!([]), "{p}");
-    let group = unique("upstream-sasl-g");
-    let r = py(
-        "confluent",
-        &[],
-        "",
-        &[
-            "consume",
-            "--brokers",
-            &d,
-            "--topic",
-            &topic,
-            "--group",
-            &group,
-            "--count",
-            "3000",
-            "--timeout",
-            "90",
-        ],
-    );
-    assert_eq!(
-        r["consumed"], 3000,
-        "consume through an upstream-SASL shardgate"
-    );
-    // Per partition, in the order produced (values v-<i>).
-    let mut last: std::collections::HashMap<i64, i64> = Default::default();
-    for rec in r["records"].as_array().unwrap() {
-        let i: i64 = rec[1]
-            .as_str()
-            .unwrap()
-            .trim_start_matches("v-")
-            .parse()
-            .unwrap();
-        let part = rec[2].as_i64().unwrap();
-        let prev = last.insert(part, i).unwrap_or(-1);
-        assert!(i > prev, "partition {part}: v-{i} after v-{prev}");
-    }
+    produce_and_consume_in_order(&d, &topic, 3000, 200);
     let renewed = auths("ok") - first;
     assert!(
         renewed >= 1.0,

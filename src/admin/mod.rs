@@ -23,6 +23,9 @@ use crate::shards::{HASH_END, ShardMap};
 use crate::upstream::topology::TopologyHandle;
 
 mod auth;
+mod serve;
+
+pub use serve::serve;
 
 /// What the admin API reads and drives.
 #[derive(Clone)]
@@ -34,6 +37,8 @@ pub struct AdminState {
     pub profiles: Arc<crate::prefetch::Profiles>,
     pub controller: Arc<Controller>,
     pub prometheus: PrometheusHandle,
+    /// Whom to trust when forwarding to the leader's admin API over HTTPS (`[admin.tls]`).
+    pub forward_trust: Option<crate::http::Trust>,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -214,8 +219,16 @@ async fn forward_to_leader(
     let admin = leader.admin.clone();
     // This instance's own credential, not the caller's.
     let token = s.settings.admin_auth.forward.clone();
+    let trust = s.forward_trust.clone();
     let result = tokio::task::spawn_blocking(move || {
-        http_request_as(&admin, method, &path, Some(&body), token.as_deref())
+        http_request_tls(
+            &admin,
+            method,
+            &path,
+            Some(&body),
+            token.as_deref(),
+            trust.as_ref(),
+        )
     })
     .await;
     Some(match result {
@@ -434,15 +447,15 @@ async fn consumers(State(s): State<AdminState>) -> Response {
     .into_response()
 }
 
-/// A minimal blocking HTTP/1.1 client for the CLI (`shardgate shards ...`): one request, one
-/// connection, no dependency for a handful of admin calls.
+/// One admin API call (the CLI's `shardgate shards ...`, tests): `base` is
+/// `http://host:port`; the status and the body.
 pub fn http_request(
     base: &str,
     method: &str,
     path: &str,
     body: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
-    http_request_as(base, method, path, body, None)
+    http_request_tls(base, method, path, body, None, None)
 }
 
 /// `http_request` with a bearer token.
@@ -453,55 +466,33 @@ pub fn http_request_as(
     body: Option<&str>,
     token: Option<&str>,
 ) -> std::io::Result<(u16, String)> {
-    use std::io::{Read, Write};
-    let hostport = base.trim_start_matches("http://").trim_end_matches('/');
-    let mut s = std::net::TcpStream::connect(hostport)?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    let body = body.unwrap_or("");
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    // No body, no content type: a JSON content type with an empty body is a malformed body
-    // to the server (a bodiless split forwarded to the leader was refused so).
-    let kind = if body.is_empty() {
-        ""
-    } else {
-        "Content-Type: application/json\r\n"
-    };
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\n{auth}{kind}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)?;
-    let text = String::from_utf8_lossy(&resp);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let body = if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Ok((status, body))
+    http_request_tls(base, method, path, body, token, None)
 }
 
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
+/// `http_request_as` that can also reach an `https://` base, trusting `trust`.
+pub fn http_request_tls(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+    trust: Option<&crate::http::Trust>,
+) -> std::io::Result<(u16, String)> {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| ("Authorization", a))
+        .into_iter()
+        .collect();
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    crate::http::send(
+        &crate::http::Request {
+            method,
+            url: &url,
+            headers: &headers,
+            body: body.map(|b| ("application/json", b.as_bytes())),
+            timeout: Duration::from_secs(60),
+        },
+        trust,
+    )
 }

@@ -1,6 +1,7 @@
 //! `[admin]`: the admin HTTP listener and who may use it (bearer tokens with roles).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
@@ -22,6 +23,32 @@ pub struct AdminConfig {
     /// the leader instance (its own credential, not the caller's).
     #[serde(default)]
     pub forward_with: Option<String>,
+    /// HTTPS instead of HTTP (tokens then never cross the network in clear).
+    #[serde(default)]
+    pub tls: Option<AdminTlsConfig>,
+}
+
+/// `[admin.tls]`: the admin API's certificate, and whom to trust when forwarding to the
+/// leader instance's admin API (which is then HTTPS as well).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTlsConfig {
+    /// PEM certificate chain and key of this instance's admin API.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// PEM file with the CAs that sign the instances' admin certificates (checked when this
+    /// instance forwards to the leader). Default: `cert` itself (one self-signed certificate
+    /// shared by all instances, or a chain ending in its CA).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+}
+
+/// `[admin.tls]`, checked: files readable.
+#[derive(Debug, Clone)]
+pub struct AdminTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl Default for AdminConfig {
@@ -31,6 +58,7 @@ impl Default for AdminConfig {
             tokens: Vec::new(),
             public_metrics: default_public_metrics(),
             forward_with: None,
+            tls: None,
         }
     }
 }
@@ -97,16 +125,19 @@ pub struct AdminAuth {
     pub public_metrics: bool,
     /// The secret presented when forwarding to the leader.
     pub forward: Option<String>,
+    /// HTTPS (None: plain HTTP).
+    pub tls: Option<AdminTls>,
 }
 
 impl std::fmt::Debug for AdminAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "AdminAuth({:?}, public_metrics {}, forwards with a token: {})",
+            "AdminAuth({:?}, public_metrics {}, forwards with a token: {}, tls {:?})",
             self.tokens,
             self.public_metrics,
-            self.forward.is_some()
+            self.forward.is_some(),
+            self.tls
         )
     }
 }
@@ -180,10 +211,35 @@ impl AdminConfig {
                 }
             },
         };
+        let tls = match &self.tls {
+            None => None,
+            Some(t) => {
+                let ca = t.ca.clone().unwrap_or_else(|| t.cert.clone());
+                for (key, path) in [
+                    ("admin.tls.cert", &t.cert),
+                    ("admin.tls.key", &t.key),
+                    ("admin.tls.ca", &ca),
+                ] {
+                    if !path.is_file() {
+                        return Err(invalid(
+                            key,
+                            format!("{} is not a readable file", path.display()),
+                            "point it at a PEM file",
+                        ));
+                    }
+                }
+                Some(AdminTls {
+                    cert: t.cert.clone(),
+                    key: t.key.clone(),
+                    ca,
+                })
+            }
+        };
         Ok(AdminAuth {
             tokens,
             public_metrics: self.public_metrics,
             forward,
+            tls,
         })
     }
 }
@@ -228,5 +284,11 @@ mod tests {
             "\n[admin]\n[[admin.tokens]]\nname = \"a\"\nrole = \"boss\"\nvalue = \"0123456789abcdef0123\"\n",
         );
         assert!(e.contains("boss"), "{e}");
+        let e = err(
+            "\n[admin]\n[admin.tls]\ncert = \"/nonexistent/admin.pem\"\nkey = \"/nonexistent/admin.key\"\n",
+        );
+        assert!(e.contains("admin.tls.cert"), "{e}");
+        let e = err("\n[admin]\n[admin.tls]\ncert = \"/etc/hostname\"\n");
+        assert!(e.contains("key"), "{e}");
     }
 }

@@ -14,10 +14,12 @@ mod prefetch;
 mod sasl;
 mod tls;
 mod topic;
-pub use admin::{AdminAuth, AdminConfig, AdminRole, AdminToken, ResolvedToken};
+pub use admin::{
+    AdminAuth, AdminConfig, AdminRole, AdminTls, AdminTlsConfig, AdminToken, ResolvedToken,
+};
 pub use authorization::{AclConfig, AclDocument, Authorization, AuthorizationConfig};
 pub use prefetch::{EMBEDDERS, HASHING_DIMS, MINILM_TOKENIZER_FILES, MinilmConfig, PrefetchConfig};
-pub use sasl::{SaslListenerConfig, UpstreamSasl, UpstreamSaslConfig};
+pub use sasl::{OAuthBearer, SaslListenerConfig, TokenSource, UpstreamSasl, UpstreamSaslConfig};
 pub use tls::{ClientAuth, PrincipalFrom, TlsClientConfig, TlsServerConfig};
 pub use topic::{AutoscaleConfig, RouteField, TopicConfig};
 

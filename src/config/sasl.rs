@@ -1,6 +1,7 @@
 //! `[listener.sasl]`: SASL authentication of clients on the listener; `[upstream.sasl]`:
 //! shardgate's own SASL identity towards Kafka.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Deserialize;
@@ -107,65 +108,148 @@ impl SaslListenerConfig {
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamSaslConfig {
-    /// "PLAIN", "SCRAM-SHA-256" or "SCRAM-SHA-512".
+    /// "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512" or "OAUTHBEARER".
     pub mechanism: String,
-    pub username: String,
-    /// The password, or
+    /// PLAIN and SCRAM: the user, its password, or
+    #[serde(default)]
+    pub username: Option<String>,
     #[serde(default)]
     pub password: Option<String>,
     /// the environment variable holding it.
     #[serde(default)]
     pub password_env: Option<String>,
+    /// OAUTHBEARER: a file holding the token (a JWT), read again at every authentication so
+    /// whatever renews it (a sidecar, a mounted secret) is followed; or
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// the OAuth token endpoint shardgate asks for a token with the client-credentials grant,
+    /// as Kafka's own clients do (`sasl.oauthbearer.token.endpoint.url`).
+    #[serde(default)]
+    pub token_endpoint: Option<String>,
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub client_secret: Option<String>,
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    /// Scope asked for (optional).
+    #[serde(default)]
+    pub scope: Option<String>,
+    /// Audience asked for (optional; Auth0, Ory Hydra and others put it in the token's `aud`
+    /// only when asked, and brokers with `sasl.oauthbearer.expected.audience` require it).
+    #[serde(default)]
+    pub audience: Option<String>,
+    /// PEM CAs that sign an `https://` token endpoint's certificate.
+    #[serde(default)]
+    pub token_endpoint_ca: Option<PathBuf>,
+    /// SASL extensions sent with the token (e.g. Confluent Cloud's `logicalCluster`).
+    #[serde(default)]
+    pub extensions: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for UpstreamSaslConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "UpstreamSaslConfig({} as {}, password {})",
-            self.mechanism,
-            self.username,
-            if self.password.is_some() {
-                "given"
-            } else {
-                "from the environment"
-            }
+            "UpstreamSaslConfig({} as {:?}, token file {:?}, endpoint {:?})",
+            self.mechanism, self.username, self.token_file, self.token_endpoint
         )
     }
 }
 
-/// `[upstream.sasl]` validated, its password read.
+/// `[upstream.sasl]` validated, its secrets read.
 #[derive(Clone)]
-pub struct UpstreamSasl {
-    pub mechanism: Mechanism,
-    pub username: String,
-    pub password: String,
+pub enum UpstreamSasl {
+    /// PLAIN or SCRAM.
+    Password {
+        mechanism: Mechanism,
+        username: String,
+        password: String,
+    },
+    OAuthBearer(OAuthBearer),
+}
+
+/// Where OAUTHBEARER tokens come from, and the extensions sent with them.
+#[derive(Clone)]
+pub struct OAuthBearer {
+    pub source: TokenSource,
+    pub extensions: Vec<(String, String)>,
+}
+
+#[derive(Clone)]
+pub enum TokenSource {
+    File(PathBuf),
+    Endpoint {
+        url: String,
+        client_id: String,
+        client_secret: String,
+        scope: Option<String>,
+        audience: Option<String>,
+        ca: Option<PathBuf>,
+    },
+}
+
+impl UpstreamSasl {
+    pub fn mechanism_name(&self) -> &'static str {
+        match self {
+            UpstreamSasl::Password { mechanism, .. } => mechanism.name(),
+            UpstreamSasl::OAuthBearer(_) => "OAUTHBEARER",
+        }
+    }
 }
 
 impl std::fmt::Debug for UpstreamSasl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "UpstreamSasl({} as {})",
-            self.mechanism.name(),
-            self.username
-        )
+        match self {
+            UpstreamSasl::Password {
+                mechanism,
+                username,
+                ..
+            } => write!(f, "UpstreamSasl({} as {username})", mechanism.name()),
+            UpstreamSasl::OAuthBearer(o) => match &o.source {
+                TokenSource::File(p) => {
+                    write!(f, "UpstreamSasl(OAUTHBEARER from {})", p.display())
+                }
+                TokenSource::Endpoint { url, client_id, .. } => {
+                    write!(f, "UpstreamSasl(OAUTHBEARER from {url} as {client_id})")
+                }
+            },
+        }
     }
 }
 
+const MECHANISMS: &str = "use \"PLAIN\", \"SCRAM-SHA-256\", \"SCRAM-SHA-512\" or \"OAUTHBEARER\"";
+
 impl UpstreamSaslConfig {
     pub fn resolve(&self) -> Result<UpstreamSasl, ConfigError> {
+        if self.mechanism == "OAUTHBEARER" {
+            return self.resolve_oauth().map(UpstreamSasl::OAuthBearer);
+        }
         let mechanism = Mechanism::parse(&self.mechanism).ok_or_else(|| {
             invalid(
                 "upstream.sasl.mechanism",
                 format!("\"{}\" is not supported", self.mechanism),
-                "use \"PLAIN\", \"SCRAM-SHA-256\" or \"SCRAM-SHA-512\"",
+                MECHANISMS,
             )
         })?;
-        if self.username.is_empty() {
+        let oauth_only = [
+            ("token_file", self.token_file.is_some()),
+            ("token_endpoint", self.token_endpoint.is_some()),
+            ("client_id", self.client_id.is_some()),
+            ("extensions", !self.extensions.is_empty()),
+        ];
+        if let Some((key, _)) = oauth_only.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                &format!("upstream.sasl.{key}"),
+                format!("is set while the mechanism is {}", self.mechanism),
+                "remove it, or use mechanism = \"OAUTHBEARER\"",
+            ));
+        }
+        let username = self.username.clone().unwrap_or_default();
+        if username.is_empty() {
             return Err(invalid(
                 "upstream.sasl.username",
-                "is empty",
+                "is missing or empty",
                 "give the user shardgate authenticates to Kafka as",
             ));
         }
@@ -174,10 +258,111 @@ impl UpstreamSaslConfig {
             ("password_env", &self.password_env),
             "upstream.sasl",
         )?;
-        Ok(UpstreamSasl {
+        Ok(UpstreamSasl::Password {
             mechanism,
-            username: self.username.clone(),
+            username,
             password,
+        })
+    }
+
+    fn resolve_oauth(&self) -> Result<OAuthBearer, ConfigError> {
+        let key = |k: &str| format!("upstream.sasl.{k}");
+        if self.username.is_some() || self.password.is_some() || self.password_env.is_some() {
+            return Err(invalid(
+                "upstream.sasl.username",
+                "OAUTHBEARER takes no username or password",
+                "give token_file, or token_endpoint with client_id and client_secret",
+            ));
+        }
+        let source = match (&self.token_file, &self.token_endpoint) {
+            (Some(path), None) => {
+                if !path.is_file() {
+                    return Err(invalid(
+                        &key("token_file"),
+                        format!("{} is not a readable file", path.display()),
+                        "point it at the file holding the token",
+                    ));
+                }
+                TokenSource::File(path.clone())
+            }
+            (None, Some(url)) => {
+                let https = url.starts_with("https://");
+                if !https && !url.starts_with("http://") {
+                    return Err(invalid(
+                        &key("token_endpoint"),
+                        format!("\"{url}\" is not an http:// or https:// URL"),
+                        "give the identity provider's token URL",
+                    ));
+                }
+                if https && self.token_endpoint_ca.is_none() {
+                    return Err(invalid(
+                        &key("token_endpoint_ca"),
+                        "is missing for an https:// token endpoint",
+                        "point it at the PEM CAs that sign the endpoint's certificate",
+                    ));
+                }
+                if let Some(ca) = self.token_endpoint_ca.as_ref().filter(|ca| !ca.is_file()) {
+                    return Err(invalid(
+                        &key("token_endpoint_ca"),
+                        format!("{} is not a readable file", ca.display()),
+                        "point it at a PEM file",
+                    ));
+                }
+                let client_id = self.client_id.clone().unwrap_or_default();
+                if client_id.is_empty() {
+                    return Err(invalid(
+                        &key("client_id"),
+                        "is missing or empty",
+                        "give the OAuth client shardgate authenticates as",
+                    ));
+                }
+                let client_secret = secret(
+                    ("client_secret", &self.client_secret),
+                    ("client_secret_env", &self.client_secret_env),
+                    "upstream.sasl",
+                )?;
+                TokenSource::Endpoint {
+                    url: url.clone(),
+                    client_id,
+                    client_secret,
+                    scope: self.scope.clone(),
+                    audience: self.audience.clone(),
+                    ca: self.token_endpoint_ca.clone(),
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    "upstream.sasl",
+                    "OAUTHBEARER needs exactly one of token_file and token_endpoint",
+                    "give the token's file, or the token endpoint with client_id and client_secret",
+                ));
+            }
+        };
+        // RFC 7628: keys are letters; values printable, no separator (0x01). `auth` is the
+        // token's own key.
+        for (k, v) in &self.extensions {
+            if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphabetic()) || k == "auth" {
+                return Err(invalid(
+                    &key("extensions"),
+                    format!("\"{k}\" is not a valid extension name"),
+                    "use letters only, and not \"auth\"",
+                ));
+            }
+            if v.chars().any(|c| c == '\u{1}' || c.is_control()) {
+                return Err(invalid(
+                    &key(&format!("extensions.{k}")),
+                    "holds a control character",
+                    "use printable characters",
+                ));
+            }
+        }
+        Ok(OAuthBearer {
+            source,
+            extensions: self
+                .extensions
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         })
     }
 }
@@ -253,7 +438,60 @@ mod tests {
         let up = |sasl: &str| parse(&format!("{MINIMAL}[upstream.sasl]\n{sasl}\n"));
         let ok =
             up("mechanism = \"SCRAM-SHA-512\"\nusername = \"svc\"\npassword = \"pw\"").unwrap();
-        assert_eq!(ok.upstream_sasl.unwrap().username, "svc");
+        assert!(matches!(
+            ok.upstream_sasl.unwrap(),
+            super::UpstreamSasl::Password { username, .. } if username == "svc"
+        ));
+        let token = std::env::temp_dir().join(format!("sg-oauth-cfg-{}", std::process::id()));
+        std::fs::write(&token, "a.b.").unwrap();
+        let ok = up(&format!(
+            "mechanism = \"OAUTHBEARER\"\ntoken_file = \"{}\"\nextensions = {{ logicalCluster = \"lkc-1\" }}",
+            token.display()
+        ))
+        .unwrap();
+        assert_eq!(ok.upstream_sasl.unwrap().mechanism_name(), "OAUTHBEARER");
+        std::fs::remove_file(&token).unwrap();
+        for (bad, key) in [
+            (
+                "token_file = \"/nonexistent/token\"",
+                "upstream.sasl.token_file",
+            ),
+            (
+                "token_endpoint = \"https://idp/token\"\nclient_id = \"c\"\nclient_secret = \"s\"",
+                "upstream.sasl.token_endpoint_ca",
+            ),
+            (
+                "token_endpoint = \"ftp://idp/token\"",
+                "upstream.sasl.token_endpoint",
+            ),
+            (
+                "token_endpoint = \"http://idp/token\"\nclient_secret = \"s\"",
+                "upstream.sasl.client_id",
+            ),
+            (
+                "token_endpoint = \"http://idp/token\"\nclient_id = \"c\"",
+                "client_secret",
+            ),
+            (
+                "username = \"u\"\ntoken_endpoint = \"http://idp/token\"",
+                "upstream.sasl.username",
+            ),
+            ("", "exactly one of token_file and token_endpoint"),
+            (
+                "token_endpoint = \"http://idp/t\"\nclient_id = \"c\"\nclient_secret = \"s\"\nextensions = { auth = \"x\" }",
+                "upstream.sasl.extensions",
+            ),
+        ] {
+            let e = up(&format!("mechanism = \"OAUTHBEARER\"\n{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
+        let e =
+            up("mechanism = \"PLAIN\"\nusername = \"u\"\npassword = \"p\"\ntoken_file = \"/x\"")
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("upstream.sasl.token_file"), "{e}");
         let e = up("mechanism = \"GSSAPI\"\nusername = \"svc\"\npassword = \"pw\"")
             .unwrap_err()
             .to_string();

@@ -55,12 +55,17 @@ impl UpstreamConn {
         connect_timeout: Duration,
         max_frame: usize,
         tls: Option<(&TlsConnector, &str)>,
-        sasl: Option<&crate::config::UpstreamSasl>,
+        sasl: Option<&super::sasl::Login>,
     ) -> Result<Self, UpstreamError> {
         let err = |message: String| UpstreamError::Connect {
             broker,
             addr: addr.to_string(),
             message,
+        };
+        // An OAuth token is fetched before connecting: its endpoint has a timeout of its own.
+        let token = match sasl {
+            Some(login) => login.token(broker).await?,
+            None => None,
         };
         let tcp = tokio::time::timeout(
             connect_timeout,
@@ -99,7 +104,7 @@ impl UpstreamConn {
         if let Some(sasl) = sasl {
             let result = tokio::time::timeout(
                 connect_timeout,
-                super::sasl::authenticate(&mut stream, sasl, broker),
+                super::sasl::authenticate(&mut stream, sasl, token.as_deref(), broker),
             )
             .await
             .unwrap_or_else(|_| {

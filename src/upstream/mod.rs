@@ -2,6 +2,7 @@
 //! the topology snapshot (brokers, partition leaders, topic ids) and its refresher.
 
 pub mod connection;
+pub mod oauth;
 pub mod pool;
 pub mod refresh;
 pub mod sasl;

@@ -37,7 +37,7 @@ pub struct Pool {
     pub topology: Arc<TopologyHandle>,
     tls: Option<(TlsConnector, Option<String>)>,
     /// shardgate's own SASL identity towards the brokers.
-    sasl: Option<crate::config::UpstreamSasl>,
+    sasl: Option<super::sasl::Login>,
 }
 
 /// Which upstream socket a request goes on. A broker serves one request per socket at a
@@ -69,6 +69,7 @@ impl Pool {
         settings: &Settings,
         topology: Arc<TopologyHandle>,
         tls: Option<(TlsConnector, Option<String>)>,
+        sasl: Option<super::sasl::Login>,
     ) -> Self {
         let up = &settings.raw.upstream;
         Self {
@@ -83,7 +84,7 @@ impl Pool {
             bootstrap: settings.bootstrap.clone(),
             topology,
             tls,
-            sasl: settings.upstream_sasl.clone(),
+            sasl,
         }
     }
 

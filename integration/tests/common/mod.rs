@@ -514,3 +514,108 @@ pub fn write_credentials(path: &std::path::Path, users: &[(&str, &str)], extra: 
     }
     std::fs::write(path, text).unwrap();
 }
+
+/// One step of `integration/clients/py/kclient.py` with the client library `lib` ("confluent",
+/// "kafka-python"), `sec` its security arguments, `password` given through the environment:
+/// its JSON answer.
+pub fn kclient(lib: &str, sec: &[&str], password: &str, args: &[&str]) -> serde_json::Value {
+    let out = run(
+        Command::new(python())
+            .arg(repo().join("integration/clients/py/kclient.py"))
+            .args(["--lib", lib])
+            .args(sec)
+            .args(args)
+            .env("KCLIENT_PASSWORD", password),
+        Duration::from_secs(120),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "kclient {args:?}: {e}: {text}; stderr {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A shardgate of the test's own whose upstream is the brokers' listeners at
+/// `listener_base + n` (the testbed's SASL_SSL 19691, OAUTH 19891: TLS with the testbed CA),
+/// logging in with `sasl` (the lines of `[upstream.sasl]`); client and admin at `ports`. Not
+/// waited for: the caller checks readiness (or its absence).
+pub fn upstream_login_instance(
+    dir: &std::path::Path,
+    name: &str,
+    ports: (u16, u16),
+    listener_base: u16,
+    sasl: &str,
+) -> (Shardgate, String, String) {
+    let (client, admin) = (
+        format!("127.0.0.1:{}", ports.0),
+        format!("127.0.0.1:{}", ports.1),
+    );
+    let bootstrap: Vec<String> = (1..=brokers())
+        .map(|i| format!("\"127.0.0.1:{}\"", listener_base as usize + i))
+        .collect();
+    // Metadata every second: the instance keeps using (and so replacing) its connections.
+    let config = format!(
+        "[listener]\nbind = \"{client}\"\n[upstream]\nbootstrap = [{}]\nconnect_timeout_ms = 3000\nmetadata_refresh_ms = 1000\n[upstream.tls]\nca = \"{}\"\n[upstream.sasl]\n{sasl}\n[admin]\nbind = \"{admin}\"\n[store]\npath = \"{}\"\n",
+        bootstrap.join(", "),
+        cache().join("run/tls/ca.pem").display(),
+        dir.join(format!("data-{name}")).display()
+    );
+    let sg = spawn_shardgate(dir, name, &config);
+    (sg, client, format!("http://{admin}"))
+}
+
+/// `count` records at `rate`/s from an idempotent confluent-kafka producer through `client`,
+/// all acknowledged, then all consumed in a new group, each partition in the order produced.
+pub fn produce_and_consume_in_order(client: &str, topic: &str, count: u64, rate: u64) {
+    let p = kclient(
+        "confluent",
+        &[],
+        "",
+        &[
+            "produce",
+            "--brokers",
+            client,
+            "--topic",
+            topic,
+            "--count",
+            &count.to_string(),
+            "--rate",
+            &rate.to_string(),
+        ],
+    );
+    assert_eq!(p["acked"], count, "produce through {client}: {p}");
+    assert_eq!(p["errors"], serde_json::json!([]), "{p}");
+    let r = kclient(
+        "confluent",
+        &[],
+        "",
+        &[
+            "consume",
+            "--brokers",
+            client,
+            "--topic",
+            topic,
+            "--group",
+            &unique("in-order-g"),
+            "--count",
+            &count.to_string(),
+            "--timeout",
+            "90",
+        ],
+    );
+    assert_eq!(r["consumed"], count, "consume through {client}");
+    let mut last: std::collections::HashMap<i64, i64> = Default::default();
+    for rec in r["records"].as_array().unwrap() {
+        let i: i64 = rec[1]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("v-")
+            .parse()
+            .unwrap();
+        let part = rec[2].as_i64().unwrap();
+        let prev = last.insert(part, i).unwrap_or(-1);
+        assert!(i > prev, "partition {part}: v-{i} after v-{prev}");
+    }
+}

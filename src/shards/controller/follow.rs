@@ -42,7 +42,15 @@ impl Controller {
         InstanceInfo {
             node_id: self.settings.node_id,
             advertised: self.settings.advertised.to_string(),
-            admin: format!("http://{host}:{}", admin.port()),
+            admin: format!(
+                "{}://{host}:{}",
+                if self.settings.admin_auth.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                },
+                admin.port()
+            ),
             applied: applied
                 .iter()
                 .map(|m| (m.config.name.clone(), m.map.epoch))
