@@ -409,6 +409,185 @@ fn clients_cannot_change_the_real_clusters_acls_or_delete_records_by_default() {
     );
 }
 
+const RAW_CLIENT: &str = "127.0.0.1:29154";
+const RAW_ADMIN: &str = "127.0.0.1:29254";
+
+/// Rules few clients reach, on raw frames after a PLAIN login as `dave` (may CREATE `raw-*`
+/// topics, READ one topic and the group `raw-g`, nothing else), each as docs/SECURITY.md
+/// says: CreateTopics hides a new topic's configs from a principal without DESCRIBE_CONFIGS
+/// (TOPIC_AUTHORIZATION_FAILED in `topic_config_error_code`; a super user sees them);
+/// OffsetFetch v1, which has no top-level error, answers a denied group on every asked
+/// partition; a KIP-848 regex subscription needs DESCRIBE on every topic; an acks=0 produce
+/// to a topic the principal may not write closes the connection (its only signal), counted,
+/// and nothing is written.
+#[test]
+#[ignore = "needs the testbed"]
+fn rules_few_clients_reach_hold_on_raw_requests() {
+    use kafka_protocol::messages::create_topics_request::CreatableTopic;
+    use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::{
+        ApiKey, ConsumerGroupHeartbeatRequest, ConsumerGroupHeartbeatResponse, CreateTopicsRequest,
+        CreateTopicsResponse, GroupId, MetadataRequest, MetadataResponse, OffsetFetchRequest,
+        OffsetFetchResponse, ProduceRequest, TopicName,
+    };
+    use kafka_protocol::protocol::StrBytes;
+    use shardgate::protocol::records::{BatchInfo, Record, encode_batch};
+    use std::io::Write as _;
+
+    let name = |t: &str| TopicName(StrBytes::from_string(t.to_string()));
+    let dir = cache().join("run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let users = [("dave", "dave-raw-pw-5e1b"), ("admin", "admin-raw-pw-c07d")];
+    let creds = dir.join("authz-raw-users.toml");
+    write_credentials(&creds, &users, &["--mechanism", "SCRAM-SHA-256"]);
+    let readable = unique("raw-read");
+    let denied = unique("rawdenied");
+    let extra = format!(
+        "[listener.sasl]\nmechanisms = [\"PLAIN\"]\ncredentials = \"{}\"\n\n[authorization]\nenabled = true\nsuper_users = [\"User:admin\"]\n\n[[authorization.acls]]\nprincipal = \"User:dave\"\noperations = [\"Create\"]\nresource_type = \"Topic\"\nresource_name = \"raw-\"\npattern_type = \"prefixed\"\n\n[[authorization.acls]]\nprincipal = \"User:dave\"\noperations = [\"Read\"]\nresource_type = \"Topic\"\nresource_name = \"{readable}\"\n\n[[authorization.acls]]\nprincipal = \"User:dave\"\noperations = [\"Read\"]\nresource_type = \"Group\"\nresource_name = \"raw-g\"\n",
+        creds.display()
+    );
+    let _sg = own_instance("authz-raw", RAW_CLIENT, RAW_ADMIN, "", &extra);
+    let admin_url = format!("http://{RAW_ADMIN}");
+    let rf_arg = rf().to_string();
+    for t in [&readable, &denied] {
+        create_topic_direct(t, &["--partitions", "2", "--replication-factor", &rf_arg]);
+    }
+    let (_, mut dave) = raw_plain(RAW_CLIENT, "dave", users[0].1);
+    let (_, mut admin) = raw_plain(RAW_CLIENT, "admin", users[1].1);
+
+    // CreateTopics (validate only): dave may create, but not see the configs.
+    let create = |new: &str| {
+        CreateTopicsRequest::default()
+            .with_topics(vec![
+                CreatableTopic::default()
+                    .with_name(name(new))
+                    .with_num_partitions(1)
+                    .with_replication_factor(rf() as i16),
+            ])
+            .with_validate_only(true)
+            .with_timeout_ms(10_000)
+    };
+    let new = unique("raw-new");
+    let r: CreateTopicsResponse =
+        ask_on(&mut dave, ApiKey::CreateTopics, 7, 3, &create(&new)).expect("an answer");
+    let t = &r.topics[0];
+    assert_eq!(t.error_code, 0, "dave may create {new}: {t:?}");
+    assert_eq!(
+        t.topic_config_error_code, 29,
+        "configs hidden from dave: {t:?}"
+    );
+    assert!(
+        t.configs.as_ref().is_none_or(|c| c.is_empty()),
+        "configs shown to dave: {t:?}"
+    );
+    let r: CreateTopicsResponse =
+        ask_on(&mut admin, ApiKey::CreateTopics, 7, 3, &create(&new)).expect("an answer");
+    let t = &r.topics[0];
+    assert_eq!(
+        (t.error_code, t.topic_config_error_code),
+        (0, 0),
+        "super user: {t:?}"
+    );
+    assert!(
+        t.configs.as_ref().is_some_and(|c| !c.is_empty()),
+        "a super user sees the configs: {t:?}"
+    );
+
+    // OffsetFetch v1 on a group dave may not read: every asked partition answers 30.
+    let fetch = OffsetFetchRequest::default()
+        .with_group_id(GroupId(StrBytes::from_static_str("not-daves-group")))
+        .with_topics(Some(vec![
+            OffsetFetchRequestTopic::default()
+                .with_name(name(&readable))
+                .with_partition_indexes(vec![0, 1]),
+        ]));
+    let r: OffsetFetchResponse =
+        ask_on(&mut dave, ApiKey::OffsetFetch, 1, 4, &fetch).expect("an answer");
+    let codes: Vec<i16> = r
+        .topics
+        .iter()
+        .flat_map(|t| t.partitions.iter().map(|p| p.error_code))
+        .collect();
+    assert_eq!(
+        codes,
+        vec![30, 30],
+        "OffsetFetch v1 of a denied group: {r:?}"
+    );
+
+    // A regex subscription without DESCRIBE on every topic.
+    let hb = ConsumerGroupHeartbeatRequest::default()
+        .with_group_id(GroupId(StrBytes::from_static_str("raw-g")))
+        .with_member_id(StrBytes::from_string(unique("m")))
+        .with_member_epoch(0)
+        .with_rebalance_timeout_ms(30_000)
+        .with_subscribed_topic_regex(Some(StrBytes::from_static_str("raw-.*")))
+        .with_topic_partitions(Some(vec![]));
+    let r: ConsumerGroupHeartbeatResponse =
+        ask_on(&mut dave, ApiKey::ConsumerGroupHeartbeat, 1, 5, &hb).expect("an answer");
+    assert_eq!(r.error_code, 29, "regex subscription: {r:?}");
+
+    // acks=0 to a topic dave may not write: the connection is closed, nothing written.
+    let denied_produces = || {
+        metric_of(
+            &admin_url,
+            "shardgate_authorization_denied_total",
+            &["api=\"Produce\""],
+        )
+    };
+    let before = denied_produces();
+    let record = Record {
+        attributes: 0,
+        timestamp: 1_700_000_000_000,
+        key: None,
+        value: Some(bytes::Bytes::from_static(b"must not land")),
+        headers: vec![],
+    };
+    let batch = encode_batch(
+        &[&record],
+        &BatchInfo {
+            attributes: 0,
+            producer_id: -1,
+            producer_epoch: -1,
+            base_sequence: -1,
+            partition_leader_epoch: -1,
+            records: 1,
+        },
+    )
+    .unwrap();
+    let produce = ProduceRequest::default()
+        .with_acks(0)
+        .with_timeout_ms(10_000)
+        .with_topic_data(vec![
+            TopicProduceData::default()
+                .with_name(name(&denied))
+                .with_partition_data(vec![
+                    PartitionProduceData::default()
+                        .with_index(0)
+                        .with_records(Some(batch)),
+                ]),
+        ]);
+    dave.write_all(&frame(ApiKey::Produce, 9, 6, &produce))
+        .unwrap();
+    let after: Option<MetadataResponse> = ask_on(
+        &mut dave,
+        ApiKey::Metadata,
+        9,
+        7,
+        &MetadataRequest::default(),
+    );
+    assert!(
+        after.is_none(),
+        "the connection still answers after a refused acks=0 produce"
+    );
+    assert_eq!(denied_produces(), before + 1.0, "the refusal counted");
+    let (_, end) = watermarks_direct(&denied, 0);
+    assert_eq!(end, 0, "a refused acks=0 record was written");
+    println!(
+        "raw rules: CreateTopics configs hidden without DESCRIBE_CONFIGS (shown to a super user); OffsetFetch v1 denied group answered 30 per partition; regex subscription refused 29; acks=0 refused produce closed the connection, nothing written"
+    );
+}
+
 const MTLS_CLIENT: &str = "127.0.0.1:29178";
 const MTLS_ADMIN: &str = "127.0.0.1:29278";
 

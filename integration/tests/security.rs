@@ -426,42 +426,6 @@ fn sasl_instance(n: u16, dir: &std::path::Path, sections: &str) -> (Shardgate, S
     (sg, client, admin_url)
 }
 
-/// PLAIN by hand on a raw socket: (the answer's session lifetime, the socket).
-fn raw_plain(addr: &str, user: &str, pw: &str) -> (i64, std::net::TcpStream) {
-    use kafka_protocol::messages::{
-        ApiKey, SaslAuthenticateRequest, SaslAuthenticateResponse, SaslHandshakeRequest,
-    };
-    use kafka_protocol::protocol::{Decodable as _, StrBytes};
-    use std::io::Write as _;
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(&frame(
-        ApiKey::SaslHandshake,
-        1,
-        1,
-        &SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str("PLAIN")),
-    ))
-    .unwrap();
-    read_frame(&mut s).unwrap();
-    let token = format!("\0{user}\0{pw}");
-    s.write_all(&frame(
-        ApiKey::SaslAuthenticate,
-        1,
-        2,
-        &SaslAuthenticateRequest::default().with_auth_bytes(bytes::Bytes::from(token)),
-    ))
-    .unwrap();
-    let mut b = bytes::Bytes::from(read_frame(&mut s).unwrap());
-    kafka_protocol::messages::ResponseHeader::decode(
-        &mut b,
-        ApiKey::SaslAuthenticate.response_header_version(1),
-    )
-    .unwrap();
-    let r = SaslAuthenticateResponse::decode(&mut b, 1).unwrap();
-    assert_eq!(r.error_code, 0, "raw PLAIN: {:?}", r.error_message);
-    (r.session_lifetime_ms, s)
-}
-
 /// Metadata v1 on `s`: whether an answer came (false: the connection was closed).
 fn metadata_answered(s: &mut std::net::TcpStream, correlation_id: i32) -> bool {
     use std::io::Write as _;

@@ -18,7 +18,9 @@ pub use admin::{
     AdminAuth, AdminConfig, AdminRole, AdminTls, AdminTlsConfig, AdminToken, ResolvedToken,
 };
 pub use authorization::{AclConfig, AclDocument, Authorization, AuthorizationConfig};
-pub use prefetch::{EMBEDDERS, HASHING_DIMS, MINILM_TOKENIZER_FILES, MinilmConfig, PrefetchConfig};
+pub use prefetch::{
+    EMBEDDERS, HASHING_DIMS, MINILM_TOKENIZER_FILES, MinilmConfig, PrefetchConfig, PrefetchMode,
+};
 pub use sasl::{OAuthBearer, SaslListenerConfig, TokenSource, UpstreamSasl, UpstreamSaslConfig};
 pub use tls::{ClientAuth, PrincipalFrom, TlsClientConfig, TlsServerConfig};
 pub use topic::{AutoscaleConfig, RouteField, TopicConfig};

@@ -23,9 +23,14 @@ pub const HASHING_DIMS: std::ops::RangeInclusive<usize> = 32..=4096;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrefetchConfig {
-    /// Prefetch is exact (answers equal upstream's), so it is on unless switched off here.
+    /// Prefetch is exact (answers equal upstream's), so it is on unless switched off here:
+    /// false is `mode = "off"`, whatever `mode` says.
     #[serde(default = "default_enabled")]
     pub enabled: bool,
+    /// How much runs: "predictive" (default: everything), "sequential" (only each
+    /// connection's read-ahead of its next fetch), "off" (nothing read before it is asked).
+    #[serde(default)]
+    pub mode: PrefetchMode,
     /// "hashing" (feature hashing, microseconds a record) or "minilm" (all-MiniLM-L6-v2 on
     /// ONNX Runtime from local files, milliseconds a record).
     #[serde(default = "default_embedder")]
@@ -62,6 +67,36 @@ pub struct PrefetchConfig {
     pub minilm: MinilmConfig,
 }
 
+/// How much of prefetch runs (`prefetch.mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefetchMode {
+    /// Nothing is read before a client asks for it.
+    Off,
+    /// Each connection's next fetch is polled when an answer goes out (one fetch ahead).
+    Sequential,
+    /// Also pre-reads (rebalances), reads shared across consumers, and the profiles that
+    /// drive them.
+    #[default]
+    Predictive,
+}
+
+impl PrefetchConfig {
+    /// The mode in force (`enabled = false` is off).
+    pub fn mode(&self) -> PrefetchMode {
+        if self.enabled {
+            self.mode
+        } else {
+            PrefetchMode::Off
+        }
+    }
+
+    /// Whether the predictive parts run.
+    pub fn predictive(&self) -> bool {
+        self.mode() == PrefetchMode::Predictive
+    }
+}
+
 /// Local files of the `minilm` embedder (`integration/testbed install` puts them in
 /// `$SHARDGATE_CACHE/models/minilm/`). Nothing is downloaded at run time.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -82,6 +117,7 @@ impl Default for PrefetchConfig {
     fn default() -> Self {
         Self {
             enabled: default_enabled(),
+            mode: PrefetchMode::default(),
             embedder: default_embedder(),
             hashing_dims: default_hashing_dims(),
             embed_threads: default_embed_threads(),
@@ -267,7 +303,18 @@ mod tests {
             (256, 1, 1024)
         );
         assert!(p.minilm.model.is_none());
-        let off = parse("[prefetch]\nenabled = false\n").unwrap().raw.prefetch;
+        let seq = parse("[prefetch]\nmode = \"sequential\"\n")
+            .unwrap()
+            .raw
+            .prefetch;
+        assert_eq!(seq.mode(), super::PrefetchMode::Sequential);
+        assert!(!seq.predictive());
+        assert!(parse("[prefetch]\nmode = \"psychic\"\n").is_err());
+        let off = parse("[prefetch]\nenabled = false\nmode = \"predictive\"\n")
+            .unwrap()
+            .raw
+            .prefetch;
+        assert_eq!(off.mode(), super::PrefetchMode::Off);
         assert!(!off.enabled);
     }
 

@@ -59,7 +59,7 @@ impl Sampler {
         cfg: &PrefetchConfig,
         profiles: Arc<Profiles>,
     ) -> Result<Option<Self>, EmbedError> {
-        if !cfg.enabled || cfg.samples_per_sec == 0 {
+        if cfg.mode() == crate::config::PrefetchMode::Off || cfg.samples_per_sec == 0 {
             return Ok(None);
         }
         let embedder = embed::from_config(cfg)?;

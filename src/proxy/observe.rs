@@ -116,7 +116,7 @@ fn pre_read(
     group: &str,
     parts: &[(String, i32)],
 ) {
-    if !ctx.settings.raw.prefetch.enabled {
+    if !ctx.settings.raw.prefetch.predictive() {
         return;
     }
     ctx.shared_reads.assigned(group, parts);

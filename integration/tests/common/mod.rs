@@ -619,3 +619,72 @@ pub fn produce_and_consume_in_order(client: &str, topic: &str, count: u64, rate:
         assert!(i > prev, "partition {part}: v-{i} after v-{prev}");
     }
 }
+
+/// PLAIN by hand on a raw socket: (the answer's session lifetime, the socket).
+pub fn raw_plain(addr: &str, user: &str, pw: &str) -> (i64, std::net::TcpStream) {
+    use kafka_protocol::messages::{
+        ApiKey, SaslAuthenticateRequest, SaslAuthenticateResponse, SaslHandshakeRequest,
+    };
+    use kafka_protocol::protocol::{Decodable as _, StrBytes};
+    use std::io::Write as _;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&frame(
+        ApiKey::SaslHandshake,
+        1,
+        1,
+        &SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str("PLAIN")),
+    ))
+    .unwrap();
+    read_frame(&mut s).unwrap();
+    let token = format!("\0{user}\0{pw}");
+    s.write_all(&frame(
+        ApiKey::SaslAuthenticate,
+        1,
+        2,
+        &SaslAuthenticateRequest::default().with_auth_bytes(bytes::Bytes::from(token)),
+    ))
+    .unwrap();
+    let mut b = bytes::Bytes::from(read_frame(&mut s).unwrap());
+    kafka_protocol::messages::ResponseHeader::decode(
+        &mut b,
+        ApiKey::SaslAuthenticate.response_header_version(1),
+    )
+    .unwrap();
+    let r = SaslAuthenticateResponse::decode(&mut b, 1).unwrap();
+    assert_eq!(r.error_code, 0, "raw PLAIN: {:?}", r.error_message);
+    (r.session_lifetime_ms, s)
+}
+
+/// One typed request on an open connection, its typed answer (None: the connection closed or
+/// did not answer).
+pub fn ask_on<Req, Resp>(
+    s: &mut TcpStream,
+    api: kafka_protocol::messages::ApiKey,
+    version: i16,
+    correlation_id: i32,
+    req: &Req,
+) -> Option<Resp>
+where
+    Req: kafka_protocol::protocol::Encodable,
+    Resp: kafka_protocol::protocol::Decodable,
+{
+    use kafka_protocol::protocol::Decodable as _;
+    s.write_all(&frame(api, version, correlation_id, req))
+        .ok()?;
+    let mut b = bytes::Bytes::from(read_frame(s).ok()?);
+    kafka_protocol::messages::ResponseHeader::decode(&mut b, api.response_header_version(version))
+        .unwrap();
+    Some(Resp::decode(&mut b, version).unwrap())
+}
+
+/// A partition's (low, high) watermarks, asked of the brokers directly.
+pub fn watermarks_direct(topic: &str, partition: i32) -> (i64, i64) {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    c.fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .unwrap()
+}

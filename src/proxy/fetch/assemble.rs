@@ -49,6 +49,7 @@ pub(super) fn answer(
         state.put(
             k.clone(),
             offset.or_else(|| offsets(k)).unwrap_or(-1),
+            None,
             rest,
             Some(charge),
         );

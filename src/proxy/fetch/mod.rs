@@ -105,6 +105,7 @@ pub async fn handle(
         polled: HashSet::new(),
         covered: HashMap::new(),
         hits: HashSet::new(),
+        first_take: true,
         ever_covered: HashSet::new(),
     };
     for w in &wants {
@@ -130,8 +131,9 @@ pub async fn handle(
         req.correlation_id(),
     )?;
     fetch.read_ahead(&wants, &advanced, Duration::from_millis(max_wait));
-    if ctx.settings.raw.prefetch.enabled {
-        // Per partition that got records: from a pre-read (hit) or read for this request.
+    if ctx.settings.raw.prefetch.mode() != crate::config::PrefetchMode::Off {
+        // Per partition that got records: from memory (hit: a shared pre-read, or this
+        // connection's read-ahead that was in before the request) or read for this request.
         let mut hits = 0u64;
         let mut records = 0u64;
         for (k, (next, _)) in &advanced {
@@ -231,8 +233,11 @@ struct Fetch<'a> {
     polled: HashSet<i32>,
     /// Partitions a shared pre-read in flight covers (not polled; its read is waited for).
     covered: HashMap<Key, upstream::SubFuture>,
-    /// Partitions answered from a shared pre-read.
+    /// Partitions answered from memory: a shared pre-read, or the connection's read-ahead
+    /// when it was there before this request polled anything.
     hits: HashSet<Key>,
+    /// Whether `take_ready` has not run yet (what it finds then was read ahead).
+    first_take: bool,
     /// Partitions a pre-read covered at some point: when it lands empty, their broker may
     /// be polled once more in this request (it was skipped for them).
     ever_covered: HashSet<Key>,
@@ -245,6 +250,7 @@ impl Fetch<'_> {
         let mut polled = false;
         loop {
             self.take_ready(wants);
+            self.first_take = false;
             if self.bytes >= min_bytes || self.errors {
                 return;
             }
@@ -279,19 +285,25 @@ impl Fetch<'_> {
         self.covered.clear();
         let isolation = self.template.body.isolation_level;
         let topo = self.ctx.topology().load();
-        let prefetch = self.ctx.settings.raw.prefetch.enabled;
+        let prefetch = self.ctx.settings.raw.prefetch.predictive();
         for w in wants {
             if self.got.contains_key(&w.key) {
                 continue;
             }
-            let p = match state.take(&w.key, w.part.fetch_offset) {
-                Some(p) => p,
+            let p = match state.take(&w.key, plan::Asked::of(&w.part)) {
+                Some(p) => {
+                    if self.first_take && p.records.as_ref().is_some_and(|r| !r.is_empty()) {
+                        self.hits.insert(w.key.clone());
+                    }
+                    p
+                }
                 None if !prefetch => continue,
                 None => match self.ctx.shared_reads.find(
                     self.client.id,
                     w,
                     isolation,
                     topic_id(&topo, w),
+                    leader_epoch(&topo, w),
                 ) {
                     shared::Found::Ready(p) => {
                         self.hits.insert(w.key.clone());
@@ -328,7 +340,13 @@ impl Fetch<'_> {
                     // Everything held: keep it (charged again) for the next check rather
                     // than fetch again.
                     let charge = self.ctx.budget.charge(before);
-                    state.put(w.key.clone(), w.part.fetch_offset, p, Some(charge));
+                    state.put(
+                        w.key.clone(),
+                        w.part.fetch_offset,
+                        Some(plan::Asked::of(&w.part)),
+                        p,
+                        Some(charge),
+                    );
                     self.held.insert(w.key.clone());
                     continue;
                 }
@@ -393,12 +411,13 @@ impl Fetch<'_> {
     /// to the client instead of after. The next fetch of the connection picks the poll up.
     /// Consumers that got nothing cause no read-ahead (an idle consumer costs no extra polls).
     fn read_ahead(&self, wants: &[Want], advanced: &assemble::Delivered, max_wait: Duration) {
-        if advanced.is_empty() {
+        let mode = self.ctx.settings.raw.prefetch.mode();
+        if advanced.is_empty() || mode == crate::config::PrefetchMode::Off {
             return;
         }
         let state = &self.client.fetch;
         let shared = &self.ctx.shared_reads;
-        let prefetch = self.ctx.settings.raw.prefetch.enabled;
+        let prefetch = mode == crate::config::PrefetchMode::Predictive;
         let isolation = self.template.body.isolation_level;
         let topo = self.ctx.topology().load();
         let mut by_broker: BTreeMap<i32, (bool, Vec<Want>)> = BTreeMap::new();
@@ -409,12 +428,27 @@ impl Fetch<'_> {
             }
             let mut next = w.clone();
             let got = advanced.get(&w.key);
-            if let Some((o, _)) = got {
+            if let Some((o, records)) = got {
                 next.part.fetch_offset = *o;
+                // What the client's next fetch will say (KIP-320): the epoch of the last batch
+                // it got. A stale one could earn an answer the broker would not give the
+                // client (a diverging epoch after a leader change inside what was delivered).
+                if next.part.last_fetched_epoch >= 0
+                    && let Some(epoch) = plan::last_batch_epoch(records)
+                {
+                    next.part.last_fetched_epoch = epoch;
+                }
             }
             // Another consumer's read of the same partition is out or kept: taken from
             // there, not read again.
-            if prefetch && shared.covers(&next, isolation, topic_id(&topo, &next)) {
+            if prefetch
+                && shared.covers(
+                    &next,
+                    isolation,
+                    topic_id(&topo, &next),
+                    leader_epoch(&topo, &next),
+                )
+            {
                 continue;
             }
             let entry = by_broker.entry(b).or_default();
@@ -426,7 +460,9 @@ impl Fetch<'_> {
                 continue;
             }
             let refs: Vec<&Want> = ws.iter().collect();
-            state.drive(self.start_poll(broker, &refs, max_wait));
+            let poll = self.start_poll(broker, &refs, max_wait);
+            state.mark_ahead(broker);
+            state.drive(poll);
             metrics::counter!("shardgate_fetch_readahead_polls_total").increment(1);
         }
     }
@@ -450,10 +486,12 @@ impl Fetch<'_> {
             seq,
             sessions,
         );
-        if self.ctx.settings.raw.prefetch.enabled {
+        if self.ctx.settings.raw.prefetch.predictive() {
             let topo = self.ctx.topology().load();
-            let ids: Vec<(&Want, uuid::Uuid)> =
-                wants.iter().map(|w| (*w, topic_id(&topo, w))).collect();
+            let ids: Vec<(&Want, uuid::Uuid, i32)> = wants
+                .iter()
+                .map(|w| (*w, topic_id(&topo, w), leader_epoch(&topo, w)))
+                .collect();
             f = self.ctx.shared_reads.poll_started(
                 self.client.id,
                 self.template.body.isolation_level,
@@ -537,6 +575,15 @@ fn topic_id(topo: &crate::upstream::topology::Topology, w: &Want) -> uuid::Uuid 
     } else {
         w.key.0.id
     }
+}
+
+/// The partition's leader epoch in the topology (-1: unknown).
+fn leader_epoch(topo: &crate::upstream::topology::Topology, w: &Want) -> i32 {
+    w.name
+        .as_ref()
+        .and_then(|n| topo.topics.get(n))
+        .and_then(|t| t.partitions.get(w.key.1 as usize))
+        .map_or(-1, |p| p.leader_epoch)
 }
 
 /// For fetches touching managed topics: who is fetching, and the positions the fetch reveals

@@ -12,6 +12,43 @@ use crate::upstream::topology::Topology;
 /// A partition as the client names its topic (by name before v13, by id from v13).
 pub type Key = (TopicRef, i32);
 
+/// Where and how a poll asked for a partition: the offset and the two epochs the broker
+/// checks (KIP-320). An answer kept from the poll answers only a fetch that asks the same:
+/// with other epochs the broker could have answered differently (fenced, diverging).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asked {
+    pub offset: i64,
+    pub current_leader_epoch: i32,
+    pub last_fetched_epoch: i32,
+}
+
+impl Asked {
+    pub fn of(part: &FetchPartition) -> Self {
+        Self {
+            offset: part.fetch_offset,
+            current_leader_epoch: part.current_leader_epoch,
+            last_fetched_epoch: part.last_fetched_epoch,
+        }
+    }
+}
+
+/// The partition leader epoch of the last whole batch in `records` (None: no whole v2 batch).
+pub fn last_batch_epoch(records: &bytes::Bytes) -> Option<i32> {
+    let mut pos = 0usize;
+    let mut epoch = None;
+    while records.len() >= pos + 17 {
+        let len = i32::from_be_bytes(records[pos + 8..pos + 12].try_into().expect("4 bytes"));
+        if len < 0 || pos + 12 + len as usize > records.len() || records[pos + 16] != 2 {
+            break;
+        }
+        epoch = Some(i32::from_be_bytes(
+            records[pos + 12..pos + 16].try_into().expect("4 bytes"),
+        ));
+        pos += 12 + len as usize;
+    }
+    epoch
+}
+
 /// The offsets upstream reported for a partition with its last answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Marks {
@@ -175,10 +212,14 @@ mod tests {
 
     /// A fake batch: header fields that matter here, `len` bytes after the length field.
     fn batch(base: i64, last_delta: i32, len: usize) -> Vec<u8> {
+        batch_of_epoch(base, last_delta, len, 0)
+    }
+
+    fn batch_of_epoch(base: i64, last_delta: i32, len: usize, epoch: i32) -> Vec<u8> {
         let mut b = BytesMut::new();
         b.put_i64(base);
         b.put_i32(len as i32);
-        b.put_i32(0); // leader epoch
+        b.put_i32(epoch); // leader epoch
         b.put_i8(2); // magic
         b.put_u32(0); // crc
         b.put_i16(0); // attributes
@@ -200,5 +241,16 @@ mod tests {
         // A cut batch at the end never fits.
         let cut = all.slice(..300);
         assert_eq!(batches_within(&cut, 1000), (224, Some(25)));
+    }
+
+    #[test]
+    fn the_last_whole_batch_names_the_epoch_a_client_fetches_next_with() {
+        let mut all = batch_of_epoch(10, 4, 100, 3);
+        all.extend(batch_of_epoch(15, 9, 100, 5));
+        let all = Bytes::from(all);
+        assert_eq!(last_batch_epoch(&all), Some(5));
+        // A cut last batch does not count.
+        assert_eq!(last_batch_epoch(&all.slice(..150)), Some(3));
+        assert_eq!(last_batch_epoch(&Bytes::new()), None);
     }
 }

@@ -1,8 +1,9 @@
 //! Per client connection: what was read from upstream and not yet delivered (a long-poll's
 //! answer that arrived after its request was answered, the part of an answer beyond the
 //! client's max_bytes), the upstream polls in flight, and the offsets upstream last reported
-//! per partition. A fetch takes an entry only at the exact offset the client asks for; any
-//! other offset (a seek, a rewind) drops it.
+//! per partition. A fetch takes an entry only at the exact offset the client asks for (and,
+//! for a poll's answer, with the epochs the poll was sent with); anything else (a seek, a
+//! rewind, new epochs) drops it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use kafka_protocol::messages::fetch_response::PartitionData;
 
-use super::plan::{Key, Marks, error_answer};
+use super::plan::{Asked, Key, Marks, error_answer};
 use super::upstream::{SubFuture, SubResult};
 use crate::protocol::{TopicRef, codes};
 use crate::proxy::budget::Charge;
@@ -34,6 +35,9 @@ struct Inner {
     ready: HashMap<Key, Ready>,
     seen: HashMap<Key, Marks>,
     pending: HashMap<i32, (u64, SubFuture)>,
+    /// Sequence numbers of polls sent ahead of the client's request (read-aheads): what
+    /// they bring counts as prefetched.
+    ahead: std::collections::HashSet<u64>,
     /// Tasks running read-ahead polls.
     drivers: Vec<tokio::task::AbortHandle>,
 }
@@ -50,6 +54,9 @@ impl Drop for ConnFetch {
 
 struct Ready {
     offset: i64,
+    /// The epochs of the poll it came from (None: the rest of an answer already checked, whose
+    /// continuation does not depend on them).
+    epochs: Option<(i32, i32)>,
     data: PartitionData,
     at: Instant,
     _charge: Option<Charge>,
@@ -85,12 +92,15 @@ impl ConnFetch {
         self.seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The entry for `key` if it answers a fetch from `offset`; any other entry of `key` is
+    /// The entry for `key` if it answers a fetch `asked`; any other entry of `key` is
     /// dropped.
-    pub fn take(&self, key: &Key, offset: i64) -> Option<PartitionData> {
+    pub fn take(&self, key: &Key, asked: Asked) -> Option<PartitionData> {
         let mut st = self.inner.lock().expect("read-ahead");
         let r = st.ready.remove(key)?;
-        if r.offset == offset && !r.expired(Instant::now()) {
+        let epochs_hold = r
+            .epochs
+            .is_none_or(|e| e == (asked.current_leader_epoch, asked.last_fetched_epoch));
+        if r.offset == asked.offset && epochs_hold && !r.expired(Instant::now()) {
             Some(r.data)
         } else {
             metrics::counter!("shardgate_fetch_readahead_dropped_total").increment(1);
@@ -98,13 +108,22 @@ impl ConnFetch {
         }
     }
 
-    /// Keeps `data` (an answer from `offset`) for a later fetch.
-    pub fn put(&self, key: Key, offset: i64, data: PartitionData, charge: Option<Charge>) {
+    /// Keeps `data` (an answer from `offset`) for a later fetch; `asked`: the fetch it answers
+    /// (its epochs must match), None for the rest of an answer cut at max_bytes.
+    pub fn put(
+        &self,
+        key: Key,
+        offset: i64,
+        asked: Option<Asked>,
+        data: PartitionData,
+        charge: Option<Charge>,
+    ) {
         let mut st = self.inner.lock().expect("read-ahead");
         st.ready.insert(
             key,
             Ready {
                 offset,
+                epochs: asked.map(|a| (a.current_leader_epoch, a.last_fetched_epoch)),
                 data,
                 at: Instant::now(),
                 _charge: charge,
@@ -148,6 +167,15 @@ impl ConnFetch {
             .map(|(_, f)| f.clone())
     }
 
+    /// Marks the poll pending on `broker` as a read-ahead.
+    pub fn mark_ahead(&self, broker: i32) {
+        let mut st = self.inner.lock().expect("read-ahead");
+        if let Some(seq) = st.pending.get(&broker).map(|(s, _)| *s) {
+            st.ahead.retain(|s| *s + 1024 > seq); // bounded: old marks of lost polls go
+            st.ahead.insert(seq);
+        }
+    }
+
     pub fn set_pending(&self, broker: i32, seq: u64, fut: SubFuture) {
         self.inner
             .lock()
@@ -164,16 +192,18 @@ impl ConnFetch {
             return Folded::default();
         }
         st.pending.remove(&r.broker);
+        let ahead = st.ahead.remove(&r.seq);
         let now = Instant::now();
         st.ready.retain(|_, e| !e.expired(now));
         let mut folded = Folded::default();
-        let offsets: HashMap<&Key, i64> = r.asked.iter().map(|(k, o)| (k, *o)).collect();
+        let offsets: HashMap<&Key, Asked> = r.asked.iter().map(|(k, a)| (k, *a)).collect();
         let failed = |st: &mut Inner, code: i16| {
-            for (k, o) in &r.asked {
+            for (k, a) in &r.asked {
                 st.ready.insert(
                     k.clone(),
                     Ready {
-                        offset: *o,
+                        offset: a.offset,
+                        epochs: Some((a.current_leader_epoch, a.last_fetched_epoch)),
                         data: error_answer(k.1, code),
                         at: now,
                         _charge: None,
@@ -193,7 +223,7 @@ impl ConnFetch {
                             },
                             p.partition_index,
                         );
-                        let Some(&offset) = offsets.get(&key) else {
+                        let Some(&asked) = offsets.get(&key) else {
                             continue;
                         };
                         crate::telemetry::upstream_code(
@@ -206,6 +236,16 @@ impl ConnFetch {
                             st.seen.insert(key.clone(), Marks::of(p));
                         }
                         let records = p.records.as_ref().map_or(0, |r| r.len());
+                        if ahead
+                            && p.error_code == codes::NONE
+                            && let Some(next) = p
+                                .records
+                                .as_ref()
+                                .and_then(|r| super::plan::batches_within(r, usize::MAX).1)
+                        {
+                            metrics::counter!("shardgate_prefetch_prefetched_records_total")
+                                .increment((next - asked.offset).max(0) as u64);
+                        }
                         let news = p.error_code != codes::NONE
                             || records > 0
                             || p.diverging_epoch.epoch >= 0
@@ -214,7 +254,11 @@ impl ConnFetch {
                             st.ready.insert(
                                 key,
                                 Ready {
-                                    offset,
+                                    offset: asked.offset,
+                                    epochs: Some((
+                                        asked.current_leader_epoch,
+                                        asked.last_fetched_epoch,
+                                    )),
                                     data: p.clone(),
                                     at: now,
                                     _charge: charge(records),
@@ -240,5 +284,51 @@ impl ConnFetch {
     #[cfg(test)]
     pub fn ready_len(&self) -> usize {
         self.inner.lock().expect("read-ahead").ready.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> Key {
+        (
+            TopicRef {
+                name: kafka_protocol::protocol::StrBytes::from_static_str("t"),
+                id: uuid::Uuid::nil(),
+            },
+            0,
+        )
+    }
+
+    fn asked(offset: i64, current: i32, last: i32) -> Asked {
+        Asked {
+            offset,
+            current_leader_epoch: current,
+            last_fetched_epoch: last,
+        }
+    }
+
+    #[test]
+    fn a_polls_answer_serves_only_a_fetch_with_the_same_offset_and_epochs() {
+        let f = ConnFetch::default();
+        let data = || PartitionData::default().with_high_watermark(20);
+        f.put(key(), 10, Some(asked(10, 5, 4)), data(), None);
+        assert!(
+            f.take(&key(), asked(10, 5, 5)).is_none(),
+            "other last epoch"
+        );
+        f.put(key(), 10, Some(asked(10, 5, 4)), data(), None);
+        assert!(
+            f.take(&key(), asked(10, 6, 4)).is_none(),
+            "other leader epoch"
+        );
+        f.put(key(), 10, Some(asked(10, 5, 4)), data(), None);
+        assert!(f.take(&key(), asked(11, 5, 4)).is_none(), "other offset");
+        f.put(key(), 10, Some(asked(10, 5, 4)), data(), None);
+        assert!(f.take(&key(), asked(10, 5, 4)).is_some());
+        // The rest of a checked answer continues whatever the epochs.
+        f.put(key(), 10, None, data(), None);
+        assert!(f.take(&key(), asked(10, 7, 7)).is_some());
     }
 }

@@ -25,8 +25,8 @@ use crate::upstream::pool::{Pool, Socket};
 pub struct SubResult {
     pub broker: i32,
     pub seq: u64,
-    /// The partitions it asked for and at which offsets.
-    pub asked: Vec<(Key, i64)>,
+    /// The partitions it asked for, at which offsets and epochs.
+    pub asked: Vec<(Key, super::plan::Asked)>,
     pub outcome: Result<FetchResponse, String>,
 }
 
@@ -76,9 +76,9 @@ pub fn start(
     let mut base = template.body.clone();
     base.max_wait_ms = max_wait.as_millis().min(i32::MAX as u128) as i32;
     base.min_bytes = base.min_bytes.max(1);
-    let asked: Vec<(Key, i64)> = wants
+    let asked: Vec<(Key, super::plan::Asked)> = wants
         .iter()
-        .map(|w| (w.key.clone(), w.part.fetch_offset))
+        .map(|w| (w.key.clone(), super::plan::Asked::of(&w.part)))
         .collect();
     let planned = match &sessions {
         Some(s) => s.plan(broker, true, wants),

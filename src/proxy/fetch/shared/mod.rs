@@ -26,8 +26,9 @@
 //! (by their control batch) before it. From inside an answer, KIP-320's divergence check
 //! holds when the client's last fetched epoch is the read's leader epoch or the epoch of the
 //! first batch served (that epoch then lasts past the offset asked for). Entries live
-//! `prefetch.ttl_ms`, and the bytes held are capped by `prefetch.max_bytes` (a full store
-//! refuses new reads, counted).
+//! `prefetch.ttl_ms` and go when the topology learns a later leader epoch of their partition;
+//! the bytes held are capped by `prefetch.max_bytes`: a full store evicts its oldest answers
+//! for a new read, and refuses it (counted) when reads in flight hold the rest.
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -82,6 +83,10 @@ struct Slot {
     epoch: i32,
     /// The last fetched epoch the read was sent with (upstream checked it for divergence).
     last_epoch: i32,
+    /// The partition's leader epoch in shardgate's topology when the read was sent (-1:
+    /// unknown). Once the topology knows a later one the answer is dropped: after an
+    /// unclean election the new leader may not hold what the old one answered.
+    leader_epoch: i32,
     at: Instant,
     state: State,
     /// Record bytes of a ready slot, or the bytes reserved for a read in flight (the cap
@@ -133,15 +138,23 @@ impl SharedReads {
         self.slots.lock().expect("shared reads")
     }
 
-    /// What is held for `want` of connection `conn` (see the module comment for the rules).
-    pub fn find(&self, conn: u64, want: &Want, isolation: i8, topic_id: uuid::Uuid) -> Found {
+    /// What is held for `want` of connection `conn` (see the module comment for the rules);
+    /// `leader_epoch`: the partition's leader epoch in the topology now (-1: unknown).
+    pub fn find(
+        &self,
+        conn: u64,
+        want: &Want,
+        isolation: i8,
+        topic_id: uuid::Uuid,
+        leader_epoch: i32,
+    ) -> Found {
         let Some(name) = &want.name else {
             return Found::Nothing;
         };
         if self.count.load(Relaxed) == 0 {
             return Found::Nothing;
         }
-        let found = self.find_locked(name, want, isolation, topic_id);
+        let found = self.find_locked(name, want, isolation, topic_id, leader_epoch);
         if matches!(found, Found::Ready(_)) {
             // A consumer served from here is still a reader (else the partition would stop
             // looking shared and its reads would no longer be kept).
@@ -150,18 +163,31 @@ impl SharedReads {
         found
     }
 
-    fn find_locked(&self, name: &str, want: &Want, isolation: i8, topic_id: uuid::Uuid) -> Found {
+    fn find_locked(
+        &self,
+        name: &str,
+        want: &Want,
+        isolation: i8,
+        topic_id: uuid::Uuid,
+        leader_epoch: i32,
+    ) -> Found {
         let mut slots = self.lock();
         let key = (name.to_string(), want.key.1);
         let Some(entries) = slots.get_mut(&key) else {
             return Found::Nothing;
         };
         entries.retain(|s| {
-            let keep = s.at.elapsed() <= self.ttl;
-            if !keep {
-                self.evicted(s, "ttl");
+            let reason = if s.at.elapsed() > self.ttl {
+                Some("ttl")
+            } else if leader_epoch >= 0 && s.leader_epoch >= 0 && s.leader_epoch < leader_epoch {
+                Some("epoch")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                self.evicted(s, reason);
             }
-            keep
+            reason.is_none()
         });
         if entries.is_empty() {
             slots.remove(&key);
@@ -209,6 +235,38 @@ impl SharedReads {
         Found::Nothing
     }
 
+    /// Evicts the oldest answers (never a read in flight) until `need` more bytes fit under
+    /// `prefetch.max_bytes`: newer reads are likelier to be asked for soon. False when even
+    /// that is not enough.
+    fn make_room(&self, slots: &mut HashMap<(String, i32), Vec<Slot>>, need: usize) -> bool {
+        if need > self.max_bytes {
+            return false;
+        }
+        while self.bytes.load(Relaxed) + need > self.max_bytes {
+            let oldest = slots
+                .iter()
+                .flat_map(|(k, e)| {
+                    e.iter()
+                        .enumerate()
+                        .filter(|(_, s)| matches!(s.state, State::Ready(_)))
+                        .map(move |(i, s)| (s.at, k, i))
+                })
+                .min_by_key(|(at, _, _)| *at)
+                .map(|(_, k, i)| (k.clone(), i));
+            let Some((k, i)) = oldest else {
+                return false;
+            };
+            let entries = slots.get_mut(&k).expect("seen just now");
+            let old = entries.swap_remove(i);
+            self.evicted(&old, "memory");
+            if entries.is_empty() {
+                slots.remove(&k);
+            }
+        }
+        self.count.store(slots.len(), Relaxed);
+        true
+    }
+
     fn evicted(&self, slot: &Slot, reason: &'static str) {
         self.bytes.fetch_sub(slot.bytes, Relaxed);
         metrics::gauge!("shardgate_prefetch_bytes").set(self.bytes.load(Relaxed) as f64);
@@ -246,13 +304,19 @@ impl SharedReads {
 
     /// Whether a fetch of `want` would find something here (a read in flight or an answer):
     /// the connection's own read-ahead leaves such partitions alone.
-    pub fn covers(&self, want: &Want, isolation: i8, topic_id: uuid::Uuid) -> bool {
+    pub fn covers(
+        &self,
+        want: &Want,
+        isolation: i8,
+        topic_id: uuid::Uuid,
+        leader_epoch: i32,
+    ) -> bool {
         let Some(name) = &want.name else {
             return false;
         };
         self.count.load(Relaxed) > 0
             && !matches!(
-                self.find_locked(name, want, isolation, topic_id),
+                self.find_locked(name, want, isolation, topic_id, leader_epoch),
                 Found::Nothing
             )
     }
@@ -277,20 +341,28 @@ impl SharedReads {
         let mut slots = self.lock();
         for (name, key) in names {
             let k = (name.clone(), key.1);
-            let Some(entries) = slots.get_mut(&k) else {
-                continue;
-            };
             // Only the slot this read was started for (not one that replaced it since).
-            let Some(i) = entries.iter().position(|s| s.generation == generation) else {
+            let Some(reserved) = slots
+                .get(&k)
+                .and_then(|e| e.iter().find(|s| s.generation == generation))
+                .map(|s| s.bytes)
+            else {
                 continue;
             };
-            let reserved = entries[i].bytes;
             // Answers name topics by id from v13, by name before.
             let got = answered
                 .get(&(key.0.id, "", key.1))
                 .or_else(|| answered.get(&(uuid::Uuid::nil(), key.0.name.as_str(), key.1)));
             let n = got.and_then(|p| p.records.as_ref()).map_or(0, |r| r.len());
-            let fits = reserved > 0 || self.bytes.load(Relaxed) + n <= self.max_bytes;
+            let fits = reserved > 0
+                || self.bytes.load(Relaxed) + n <= self.max_bytes
+                || (n > 0 && self.make_room(&mut slots, n));
+            let Some(entries) = slots.get_mut(&k) else {
+                continue;
+            };
+            let Some(i) = entries.iter().position(|s| s.generation == generation) else {
+                continue;
+            };
             match got {
                 Some(p) if p.error_code == codes::NONE && n > 0 && fits => {
                     let slot = &mut entries[i];
@@ -381,7 +453,7 @@ impl SharedReads {
         conn: u64,
         isolation: i8,
         min_bytes: i32,
-        wants: &[(&Want, uuid::Uuid)],
+        wants: &[(&Want, uuid::Uuid, i32)],
         poll: SubFuture,
     ) -> SubFuture {
         // A poll that waits for more than one byte could hold another consumer longer than
@@ -389,7 +461,7 @@ impl SharedReads {
         if !self.share || min_bytes > 1 {
             return poll;
         }
-        let shared = self.note_readers(conn, wants.iter().map(|(w, _)| *w));
+        let shared = self.note_readers(conn, wants.iter().map(|(w, _, _)| *w));
         if !shared.iter().any(|s| *s) {
             return poll;
         }
@@ -398,7 +470,7 @@ impl SharedReads {
             .iter()
             .zip(&shared)
             .filter(|(_, s)| **s)
-            .filter_map(|((w, _), _)| Some((w.name.as_ref()?.to_string(), w.key.clone())))
+            .filter_map(|((w, _, _), _)| Some((w.name.as_ref()?.to_string(), w.key.clone())))
             .collect();
         let store = self.clone();
         let filed: SubFuture = async move {
@@ -410,7 +482,7 @@ impl SharedReads {
         .shared();
         let mut slots = self.lock();
         let mut registered = 0u64;
-        for ((w, topic_id), _) in wants.iter().zip(&shared).filter(|(_, s)| **s) {
+        for ((w, topic_id, leader_epoch), _) in wants.iter().zip(&shared).filter(|(_, s)| **s) {
             let Some(name) = &w.name else { continue };
             let entries = slots.entry((name.to_string(), w.key.1)).or_default();
             registered += u64::from(self.put(
@@ -422,6 +494,7 @@ impl SharedReads {
                     isolation,
                     epoch: w.part.current_leader_epoch,
                     last_epoch: w.part.last_fetched_epoch,
+                    leader_epoch: *leader_epoch,
                     at: Instant::now(),
                     state: State::InFlight(filed.clone()),
                     bytes: 0,
@@ -463,7 +536,9 @@ impl SharedReads {
             }
             // Reserved now: reads in flight count against the cap until they land.
             let reserve = PARTITION_MAX_BYTES as usize;
-            if self.bytes.load(Relaxed) + reserve > self.max_bytes {
+            if self.bytes.load(Relaxed) + reserve > self.max_bytes
+                && !self.make_room(&mut slots, reserve)
+            {
                 metrics::counter!("shardgate_prefetch_refused_total", "reason" => "memory")
                     .increment(1);
                 continue;
@@ -537,6 +612,7 @@ impl SharedReads {
                         isolation,
                         epoch: w.part.current_leader_epoch,
                         last_epoch: -1,
+                        leader_epoch: w.part.current_leader_epoch,
                         at: Instant::now(),
                         state: State::InFlight(filed.clone()),
                         bytes: PARTITION_MAX_BYTES as usize,

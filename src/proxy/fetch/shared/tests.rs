@@ -15,6 +15,21 @@ fn key_of(name: &str, partition: i32) -> plan::Key {
     )
 }
 
+/// A fetch of partition `key` from `offset`, client leader epoch `epoch`, no last epoch.
+fn want_at(key: plan::Key, offset: i64, epoch: i32) -> Want {
+    Want {
+        key,
+        part: FetchPartition::default()
+            .with_partition(0)
+            .with_fetch_offset(offset)
+            .with_current_leader_epoch(epoch)
+            .with_last_fetched_epoch(-1)
+            .with_partition_max_bytes(1 << 20),
+        name: Some("t".to_string().into()),
+        leader: Ok(1),
+    }
+}
+
 fn batch(base: i64, count: i32, len: usize) -> Vec<u8> {
     let mut b = BytesMut::new();
     b.put_i64(base);
@@ -57,6 +72,7 @@ fn holding(p: PartitionData, epoch: i32, last_epoch: i32) -> SharedReads {
             isolation: 1,
             epoch,
             last_epoch,
+            leader_epoch: epoch,
             at: Instant::now(),
             state: State::Ready(Box::new(p)),
             bytes,
@@ -96,60 +112,53 @@ fn a_cut_keeps_whole_batches_within_the_limit() {
 #[test]
 fn only_offsets_within_the_read_at_its_isolation_and_epoch_match() {
     let store = holding(data(&[batch(10, 5, 100)], &[]), 4, -1);
-    let want = |offset: i64, epoch: i32| Want {
-        key: key_of("t", 0),
-        part: FetchPartition::default()
-            .with_partition(0)
-            .with_fetch_offset(offset)
-            .with_current_leader_epoch(epoch)
-            .with_last_fetched_epoch(-1)
-            .with_partition_max_bytes(1 << 20),
-        name: Some("t".to_string().into()),
-        leader: Ok(1),
-    };
+    let want = |offset: i64, epoch: i32| want_at(key_of("t", 0), offset, epoch);
     assert!(matches!(
-        store.find(1, &want(10, 4), 1, uuid::Uuid::nil()),
+        store.find(1, &want(10, 4), 1, uuid::Uuid::nil(), -1),
         Found::Ready(_)
     ));
     let mut last = want(10, 4);
     last.part.last_fetched_epoch = 3;
     assert!(
-        matches!(store.find(1, &last, 1, uuid::Uuid::nil()), Found::Nothing),
+        matches!(
+            store.find(1, &last, 1, uuid::Uuid::nil(), -1),
+            Found::Nothing
+        ),
         "a last fetched epoch other than the read's: Kafka checks for divergence"
     );
     last.part.last_fetched_epoch = 4;
     assert!(matches!(
-        store.find(1, &last, 1, uuid::Uuid::nil()),
+        store.find(1, &last, 1, uuid::Uuid::nil(), -1),
         Found::Ready(_)
     ));
     assert!(
         matches!(
-            store.find(1, &want(10, 4), 1, uuid::Uuid::from_u128(7)),
+            store.find(1, &want(10, 4), 1, uuid::Uuid::from_u128(7), -1),
             Found::Nothing
         ),
         "a topic created again under the same name"
     );
     assert!(matches!(
-        store.find(1, &want(10, -1), 1, uuid::Uuid::nil()),
+        store.find(1, &want(10, -1), 1, uuid::Uuid::nil(), -1),
         Found::Ready(_)
     ));
     assert!(
         matches!(
-            store.find(1, &want(10, 5), 1, uuid::Uuid::nil()),
+            store.find(1, &want(10, 5), 1, uuid::Uuid::nil(), -1),
             Found::Nothing
         ),
         "another epoch"
     );
     assert!(
         matches!(
-            store.find(1, &want(10, 4), 0, uuid::Uuid::nil()),
+            store.find(1, &want(10, 4), 0, uuid::Uuid::nil(), -1),
             Found::Nothing
         ),
         "another isolation"
     );
     assert!(
         matches!(
-            store.find(1, &want(11, 4), 1, uuid::Uuid::nil()),
+            store.find(1, &want(11, 4), 1, uuid::Uuid::nil(), -1),
             Found::Ready(_)
         ),
         "an offset inside the answer"
@@ -157,7 +166,7 @@ fn only_offsets_within_the_read_at_its_isolation_and_epoch_match() {
     for outside in [9, 15] {
         assert!(
             matches!(
-                store.find(1, &want(outside, 4), 1, uuid::Uuid::nil()),
+                store.find(1, &want(outside, 4), 1, uuid::Uuid::nil(), -1),
                 Found::Nothing
             ),
             "an offset outside the answer"
@@ -249,7 +258,7 @@ fn a_fetch_inside_an_answer_needs_a_divergence_check_that_holds() {
         name: Some("t".to_string().into()),
         leader: Ok(1),
     };
-    let served = |w: Want| match store.find(2, &w, 1, uuid::Uuid::nil()) {
+    let served = |w: Want| match store.find(2, &w, 1, uuid::Uuid::nil(), -1) {
         Found::Ready(p) => Some(p),
         _ => None,
     };
@@ -291,17 +300,7 @@ async fn a_partition_two_connections_read_is_read_once_for_both() {
         },
         0,
     );
-    let want = Want {
-        key: by_id.clone(),
-        part: FetchPartition::default()
-            .with_partition(0)
-            .with_fetch_offset(10)
-            .with_current_leader_epoch(-1)
-            .with_last_fetched_epoch(-1)
-            .with_partition_max_bytes(1 << 20),
-        name: Some("t".to_string().into()),
-        leader: Ok(1),
-    };
+    let want = want_at(by_id.clone(), 10, -1);
     let poll = |seq: u64| -> SubFuture {
         let answer = FetchResponse::default().with_responses(vec![
             FetchableTopicResponse::default()
@@ -313,33 +312,39 @@ async fn a_partition_two_connections_read_is_read_once_for_both() {
         let r = Arc::new(SubResult {
             broker: 1,
             seq,
-            asked: vec![(by_id.clone(), 10)],
+            asked: vec![(
+                by_id.clone(),
+                crate::proxy::fetch::plan::Asked::of(&want.part),
+            )],
             outcome: Ok(answer),
         });
         futures::future::ready(r).boxed().shared()
     };
-    let ids = [(&want, id)];
+    let ids = [(&want, id, -1)];
     // One reader: its poll is its own.
     let first = store.poll_started(1, 0, 1, &ids, poll(1));
-    assert!(matches!(store.find(3, &want, 0, id), Found::Nothing));
+    assert!(matches!(store.find(3, &want, 0, id, -1), Found::Nothing));
     first.await;
-    assert!(matches!(store.find(3, &want, 0, id), Found::Nothing));
+    assert!(matches!(store.find(3, &want, 0, id, -1), Found::Nothing));
     // A second connection reads it: its poll is registered, then kept.
     let second = store.poll_started(2, 0, 1, &ids, poll(2));
-    assert!(matches!(store.find(3, &want, 0, id), Found::InFlight(_)));
+    assert!(matches!(
+        store.find(3, &want, 0, id, -1),
+        Found::InFlight(_)
+    ));
     second.await;
-    let Found::Ready(p) = store.find(3, &want, 0, id) else {
+    let Found::Ready(p) = store.find(3, &want, 0, id, -1) else {
         panic!("the second poll's answer is kept");
     };
     assert_eq!(p.records.as_ref().unwrap().len(), 200);
     let mut inside = want.clone();
     inside.part.fetch_offset = 16;
-    let Found::Ready(p) = store.find(3, &inside, 0, id) else {
+    let Found::Ready(p) = store.find(3, &inside, 0, id, -1) else {
         panic!("a consumer behind, inside the answer");
     };
     assert_eq!(p.records.as_ref().unwrap().len(), 100);
     assert!(
-        matches!(store.find(3, &want, 1, id), Found::Nothing),
+        matches!(store.find(3, &want, 1, id, -1), Found::Nothing),
         "another isolation level"
     );
     // A poll waiting for more than a byte is not waited on by others.
@@ -353,31 +358,95 @@ async fn a_partition_two_connections_read_is_read_once_for_both() {
 #[tokio::test]
 async fn a_partition_two_groups_were_assigned_is_shared_from_the_first_fetch() {
     let store = Arc::new(SharedReads::new(Duration::from_secs(10), 1 << 26, true));
-    let want = Want {
-        key: key_of("t", 0),
-        part: FetchPartition::default()
-            .with_partition(0)
-            .with_fetch_offset(0)
-            .with_current_leader_epoch(-1)
-            .with_last_fetched_epoch(-1)
-            .with_partition_max_bytes(1 << 20),
-        name: Some("t".to_string().into()),
-        leader: Ok(1),
-    };
+    let want = want_at(key_of("t", 0), 0, -1);
     let pending: SubFuture = futures::future::pending().boxed().shared();
-    let ids = [(&want, uuid::Uuid::nil())];
+    let ids = [(&want, uuid::Uuid::nil(), -1)];
     let parts = [("t".to_string(), 0)];
     store.assigned("g1", &parts);
     store.assigned("g1", &parts);
     drop(store.poll_started(1, 0, 1, &ids, pending.clone()));
     assert!(
-        matches!(store.find(2, &want, 0, uuid::Uuid::nil()), Found::Nothing),
+        matches!(
+            store.find(2, &want, 0, uuid::Uuid::nil(), -1),
+            Found::Nothing
+        ),
         "one group (assigned twice) and its connection: not shared"
     );
     store.assigned("g2", &parts);
     drop(store.poll_started(1, 0, 1, &ids, pending));
     assert!(matches!(
-        store.find(2, &want, 0, uuid::Uuid::nil()),
+        store.find(2, &want, 0, uuid::Uuid::nil(), -1),
         Found::InFlight(_)
     ));
+}
+
+#[test]
+fn answers_read_under_an_older_leader_epoch_go_when_the_topology_learns_a_newer_one() {
+    let store = holding(data(&[batch(10, 5, 100)], &[]), 4, -1);
+    // `holding` files the slot without counting its bytes: count them here.
+    store.bytes.store(100, Relaxed);
+    let want = want_at(key_of("t", 0), 10, -1);
+    // The topology knows the same epoch, or none: served.
+    assert!(matches!(
+        store.find(1, &want, 1, uuid::Uuid::nil(), 4),
+        Found::Ready(_)
+    ));
+    assert!(matches!(
+        store.find(1, &want, 1, uuid::Uuid::nil(), -1),
+        Found::Ready(_)
+    ));
+    // A later one: dropped (an unclean election could have lost what the old leader gave).
+    assert!(matches!(
+        store.find(1, &want, 1, uuid::Uuid::nil(), 5),
+        Found::Nothing
+    ));
+    assert_eq!(store.bytes.load(Relaxed), 0);
+    assert!(matches!(
+        store.find(1, &want, 1, uuid::Uuid::nil(), 4),
+        Found::Nothing
+    ));
+}
+
+#[test]
+fn a_full_store_evicts_its_oldest_answers_for_new_ones_and_never_exceeds_its_cap() {
+    // Room for three 100-byte answers.
+    let store = SharedReads::new(Duration::from_secs(10), 300, true);
+    let slot = |offset: i64| Slot {
+        generation: offset as u64,
+        topic_id: uuid::Uuid::nil(),
+        offset,
+        isolation: 1,
+        epoch: -1,
+        last_epoch: -1,
+        leader_epoch: -1,
+        at: Instant::now(),
+        state: State::Ready(Box::new(data(&[batch(offset, 1, 100)], &[]))),
+        bytes: 100,
+    };
+    for (i, offset) in [10, 20, 30].into_iter().enumerate() {
+        let mut slots = store.lock();
+        assert!(store.make_room(&mut slots, 100));
+        slots
+            .entry(("t".into(), i as i32))
+            .or_default()
+            .push(slot(offset));
+        store.bytes.fetch_add(100, Relaxed);
+        drop(slots);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(store.bytes.load(Relaxed), 300);
+    // A fourth: the oldest (partition 0) goes, the cap holds.
+    let mut slots = store.lock();
+    assert!(store.make_room(&mut slots, 100));
+    assert!(!slots.contains_key(&("t".to_string(), 0)));
+    assert_eq!(store.bytes.load(Relaxed), 200);
+    // More than the cap can never fit; reads in flight are never evicted.
+    assert!(!store.make_room(&mut slots, 301));
+    for entries in slots.values_mut() {
+        for s in entries.iter_mut() {
+            s.state = State::InFlight(futures::future::pending().boxed().shared());
+        }
+    }
+    assert!(!store.make_room(&mut slots, 200));
+    assert_eq!(store.bytes.load(Relaxed), 200);
 }

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Steady consumers (bench/prefetch-steady): a producer writes RATE records/s to TOPIC directly
+at Kafka (PRODUCE_BOOTSTRAP) for SECONDS, each value carrying its send time; CONSUMERS members of
+one new group read the topic through BOOTSTRAP from the end at start. Prints per member the
+records read, then a summary line: records, end-to-end latency (send to receipt) p50/p99, and
+the consumers' request round trip to their fetch brokers (librdkafka statistics, `rtt`: mostly
+fetches) p50/p99, averaged over 1 s windows.
+
+    steady_read.py BOOTSTRAP PRODUCE_BOOTSTRAP TOPIC CONSUMERS RATE SECONDS
+"""
+import json
+import statistics
+import sys
+import threading
+import time
+import uuid
+
+from confluent_kafka import Consumer, Producer
+
+
+def percentile(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
+
+
+def consume(bootstrap, topic, group, stop, e2e, rtts, counts, i, ready):
+    def stats(text):
+        s = json.loads(text)
+        for b in s.get("brokers", {}).values():
+            # Broker handles of the cluster (fetches), not the coordinator or bootstrap ones.
+            if b.get("nodeid", -1) >= 0 and b.get("rtt", {}).get("cnt", 0) > 0:
+                rtts.append((b["rtt"]["p50"] / 1000.0, b["rtt"]["p99"] / 1000.0))
+
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "enable.auto.commit": True,
+            "auto.offset.reset": "latest",
+            "statistics.interval.ms": 1000,
+            "stats_cb": stats,
+        }
+    )
+    c.subscribe([topic], on_assign=lambda *_: ready.release())
+    got = 0
+    while not stop.is_set():
+        for m in c.consume(num_messages=1000, timeout=0.2):
+            if m.error() is None:
+                got += 1
+                e2e.append(time.time() - float(m.value()[:20]))
+    counts[i] = got
+    c.close()
+
+
+def main():
+    bootstrap, produce_bootstrap, topic = sys.argv[1], sys.argv[2], sys.argv[3]
+    consumers, rate, seconds = int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+    group = "bench-steady-" + uuid.uuid4().hex[:12]
+    stop = threading.Event()
+    e2e, rtts, counts = [], [], [0] * consumers
+    ready = threading.Semaphore(0)
+    threads = [
+        threading.Thread(
+            target=consume, args=(bootstrap, topic, group, stop, e2e, rtts, counts, i, ready)
+        )
+        for i in range(consumers)
+    ]
+    for t in threads:
+        t.start()
+    # Every member assigned (first callback each) before records flow.
+    for _ in range(consumers):
+        if not ready.acquire(timeout=60):
+            raise SystemExit("the group did not form within 60 s")
+    time.sleep(1.0)
+    p = Producer({"bootstrap.servers": produce_bootstrap, "linger.ms": 1, "acks": 1})
+    pad = b"x" * 180
+    began = time.time()
+    sent = 0
+    while time.time() - began < seconds:
+        due = int((time.time() - began) * rate)
+        while sent < due:
+            p.produce(topic, value=f"{time.time():20.6f}".encode() + pad)
+            sent += 1
+        p.poll(0)
+        time.sleep(0.002)
+    p.flush(30)
+    time.sleep(2.0)  # the last records reach the consumers
+    stop.set()
+    for t in threads:
+        t.join()
+    for i, n in enumerate(counts):
+        print(f"member {i} records={n}")
+    ms = [x * 1000 for x in e2e]
+    rtt50 = statistics.mean(r[0] for r in rtts) if rtts else float("nan")
+    rtt99 = statistics.mean(r[1] for r in rtts) if rtts else float("nan")
+    print(
+        f"summary sent={sent} records={len(e2e)} e2e_p50_ms={percentile(ms, 0.5):.2f} "
+        f"e2e_p99_ms={percentile(ms, 0.99):.2f} rtt_p50_ms={rtt50:.2f} rtt_p99_ms={rtt99:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
