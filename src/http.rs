@@ -63,7 +63,24 @@ pub fn send(req: &Request<'_>, trust: Option<&Trust>) -> std::io::Result<(u16, S
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let addr = hostport
+    if hostport.contains(['\r', '\n', ' ']) || path.contains(['\r', '\n', ' ']) {
+        return Err(invalid(format!("{} holds spaces or line breaks", req.url)));
+    }
+    for (name, value) in req.headers {
+        if name.contains(['\r', '\n', ':']) || value.contains(['\r', '\n']) {
+            return Err(invalid(format!("header {name} holds a line break")));
+        }
+    }
+    // A URL without a port means the scheme's (an identity provider's token URL usually).
+    let has_port = hostport.rsplit_once(':').is_some_and(|(h, p)| {
+        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':')
+    }) && !hostport.ends_with(']');
+    let target = if has_port {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:{}", if https { 443 } else { 80 })
+    };
+    let addr = target
         .to_socket_addrs()?
         .next()
         .ok_or_else(|| invalid(format!("{hostport} has no address")))?;
@@ -89,11 +106,13 @@ pub fn send(req: &Request<'_>, trust: Option<&Trust>) -> std::io::Result<(u16, S
     head.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
     let mut resp = Vec::new();
     if let Some(trust) = trust {
-        let host = hostport
-            .rsplit_once(':')
-            .map_or(hostport, |(h, _)| h)
-            .trim_start_matches('[')
-            .trim_end_matches(']');
+        let host = if has_port {
+            hostport.rsplit_once(':').map_or(hostport, |(h, _)| h)
+        } else {
+            hostport
+        }
+        .trim_start_matches('[')
+        .trim_end_matches(']');
         let name = ServerName::try_from(host.to_string()).map_err(|e| invalid(e.to_string()))?;
         let conn = rustls::ClientConnection::new(trust.0.clone(), name)
             .map_err(|e| invalid(e.to_string()))?;
@@ -121,35 +140,42 @@ fn read_all(r: &mut impl Read, out: &mut Vec<u8>) -> std::io::Result<()> {
 }
 
 fn parse(resp: &[u8]) -> (u16, String) {
-    let text = String::from_utf8_lossy(resp);
-    let status = text
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n");
+    let (head, body) = match split {
+        Some(i) => (&resp[..i], &resp[i + 4..]),
+        None => (resp, &[][..]),
+    };
+    let head = String::from_utf8_lossy(head);
+    let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let body = if head
         .to_ascii_lowercase()
         .contains("transfer-encoding: chunked")
     {
         dechunk(body)
     } else {
-        body.to_string()
+        body.to_vec()
     };
-    (status, body)
+    // Decoded once whole: a character split across chunks stays whole.
+    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+fn dechunk(mut s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(i) = s.windows(2).position(|w| w == b"\r\n") {
+        let size = String::from_utf8_lossy(&s[..i]);
+        let Ok(n) = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16) else {
             break;
         };
+        let rest = &s[i + 2..];
         if n == 0 || rest.len() < n {
             break;
         }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
+        out.extend_from_slice(&rest[..n]);
+        s = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
     }
     out
 }
@@ -169,6 +195,11 @@ mod tests {
             (200, "abcde".to_string())
         );
         assert_eq!(parse(b"garbage").0, 0);
+        // "é" split across two chunks.
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n\xc3\r\n1\r\n\xa9\r\n0\r\n\r\n"),
+            (200, "\u{e9}".to_string())
+        );
     }
 
     #[test]
@@ -184,5 +215,7 @@ mod tests {
         assert!(e.to_string().contains("ftp"), "{e}");
         let e = send(&req("https://127.0.0.1:1/x"), None).unwrap_err();
         assert!(e.to_string().contains("CA"), "{e}");
+        let e = send(&req("http://127.0.0.1:1/x\r\nEvil: 1"), None).unwrap_err();
+        assert!(e.to_string().contains("line breaks"), "{e}");
     }
 }

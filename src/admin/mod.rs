@@ -217,6 +217,17 @@ async fn forward_to_leader(
         Err(e) => return Some(error(503, format!("cannot find the leader: {e}"))),
     };
     let admin = leader.admin.clone();
+    if s.forward_trust.is_some() && !admin.starts_with("https://") {
+        // The token would cross the network in clear (a leader not yet on TLS, or a
+        // tampered registry entry).
+        return Some(error(
+            503,
+            format!(
+                "leader {} advertises {admin}, not HTTPS: not forwarding",
+                leader.node_id
+            ),
+        ));
+    }
     // This instance's own credential, not the caller's.
     let token = s.settings.admin_auth.forward.clone();
     let trust = s.forward_trust.clone();

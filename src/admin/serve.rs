@@ -14,6 +14,11 @@ use tokio_rustls::TlsAcceptor;
 
 /// A TLS handshake that takes longer is dropped (a client holding a socket open gets nothing).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request's head must arrive within this once the connection is up.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// HTTPS connections served at once; beyond, new ones wait to be accepted (the admin API
+/// must not take the process's descriptors or CPU from the client listener).
+const MAX_CONNECTIONS: usize = 256;
 
 /// Serves `router` on `listener` until `shutdown` changes.
 pub async fn serve(
@@ -32,7 +37,11 @@ pub async fn serve(
         })
         .await;
     };
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return Ok(());
+        };
         let (tcp, peer) = tokio::select! {
             _ = shutdown.changed() => return Ok(()),
             accepted = listener.accept() => match accepted {
@@ -47,6 +56,7 @@ pub async fn serve(
         };
         let (acceptor, router) = (acceptor.clone(), router.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return refused(peer, e.to_string()),
@@ -56,6 +66,8 @@ pub async fn serve(
                 router.layer(Extension(ConnectInfo(peer))),
             );
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(tls), service)
                 .await
             {

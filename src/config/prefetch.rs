@@ -228,7 +228,7 @@ impl PrefetchConfig {
                 "name at most 16 fields",
             );
         }
-        if self.enabled && self.embedder == "minilm" {
+        if self.mode() != PrefetchMode::Off && self.embedder == "minilm" {
             self.minilm.validate()?;
         }
         Ok(())

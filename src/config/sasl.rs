@@ -348,11 +348,16 @@ impl UpstreamSaslConfig {
                     "use letters only, and not \"auth\"",
                 ));
             }
-            if v.chars().any(|c| c == '\u{1}' || c.is_control()) {
+            // Kafka's OAuthBearerClientInitialResponse accepts [\x21-\x7E \t\r\n]+ only.
+            if v.is_empty()
+                || !v
+                    .chars()
+                    .all(|c| matches!(c, '\x21'..='\x7e' | ' ' | '\t' | '\r' | '\n'))
+            {
                 return Err(invalid(
                     &key(&format!("extensions.{k}")),
-                    "holds a control character",
-                    "use printable characters",
+                    "is empty or holds characters Kafka refuses",
+                    "use printable ASCII",
                 ));
             }
         }

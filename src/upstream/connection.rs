@@ -48,6 +48,10 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 
 pub type TlsConnector = tokio_rustls::TlsConnector;
 
+/// A token endpoint that has not answered within this fails the connection attempt (retried
+/// like any other), whatever its socket does byte by byte.
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(15);
+
 impl UpstreamConn {
     pub async fn connect(
         broker: i32,
@@ -64,7 +68,12 @@ impl UpstreamConn {
         };
         // An OAuth token is fetched before connecting: its endpoint has a timeout of its own.
         let token = match sasl {
-            Some(login) => login.token(broker).await?,
+            Some(login) => tokio::time::timeout(TOKEN_TIMEOUT, login.token(broker))
+                .await
+                .map_err(|_| UpstreamError::Sasl {
+                    broker,
+                    message: format!("no OAuth token within {} s", TOKEN_TIMEOUT.as_secs()),
+                })??,
             None => None,
         };
         let tcp = tokio::time::timeout(

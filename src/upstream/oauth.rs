@@ -19,6 +19,8 @@ const ENDPOINT_TIMEOUT: Duration = Duration::from_secs(10);
 const REFRESH_AT: f64 = 0.8;
 /// Lifetime assumed when neither `expires_in` nor the JWT's `exp` gives one.
 const UNKNOWN_LIFETIME: Duration = Duration::from_secs(60);
+/// Longest a token is kept, whatever it claims (a token "for ever" is asked for again daily).
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 pub struct Tokens {
     config: OAuthBearer,
@@ -89,7 +91,8 @@ impl Tokens {
         if matches!(self.config.source, TokenSource::Endpoint { .. }) {
             let lifetime = expires_in
                 .or_else(|| jwt_lifetime(&token))
-                .unwrap_or(UNKNOWN_LIFETIME);
+                .unwrap_or(UNKNOWN_LIFETIME)
+                .min(MAX_LIFETIME);
             *self.lock() = Some(Cached {
                 token: token.clone(),
                 refresh_at: Instant::now() + lifetime.mul_f64(REFRESH_AT),
@@ -165,7 +168,9 @@ fn request(
     let token = json["access_token"]
         .as_str()
         .ok_or_else(|| format!("token endpoint {url} answered no access_token"))?;
-    let expires_in = json["expires_in"].as_u64().map(Duration::from_secs);
+    let expires_in = json["expires_in"]
+        .as_u64()
+        .map(|s| Duration::from_secs(s.min(MAX_LIFETIME.as_secs())));
     Ok((token.to_string(), expires_in))
 }
 
@@ -196,7 +201,9 @@ fn jwt_lifetime(token: &str) -> Option<Duration> {
         .duration_since(UNIX_EPOCH)
         .ok()?
         .as_secs_f64();
-    (exp > now).then(|| Duration::from_secs_f64(exp - now))
+    (exp > now)
+        .then(|| Duration::try_from_secs_f64((exp - now).min(MAX_LIFETIME.as_secs_f64())).ok())
+        .flatten()
 }
 
 #[cfg(test)]
@@ -224,6 +231,8 @@ mod tests {
         let life = jwt_lifetime(&format!("eyJhbGciOiJub25lIn0.{payload}.")).unwrap();
         assert!(life > Duration::from_secs(95) && life <= Duration::from_secs(100));
         assert_eq!(jwt_lifetime("opaque-token"), None);
+        let far = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode("{\"exp\":1e300}");
+        assert_eq!(jwt_lifetime(&format!("h.{far}.")), Some(MAX_LIFETIME));
         assert_eq!(form_encode("a b&c=d/é"), "a+b%26c%3Dd%2F%C3%A9");
     }
 

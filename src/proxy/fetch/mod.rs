@@ -28,6 +28,7 @@ mod upstream_sessions;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use kafka_protocol::messages::fetch_response::PartitionData;
 use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse};
 
@@ -248,6 +249,17 @@ impl Fetch<'_> {
         let poll_max = Duration::from_millis(self.ctx.settings.raw.limits.fetch_poll_max_ms);
         let mut poll = Duration::from_millis(5).min(poll_max);
         let mut polled = false;
+        // Read-ahead polls that landed before this request came are in memory: filed first,
+        // so what they hold counts as such.
+        let landed: Vec<_> = self
+            .polled_brokers(wants)
+            .into_iter()
+            .filter_map(|b| self.client.fetch.pending(b))
+            .filter_map(|f| f.now_or_never())
+            .collect();
+        for r in &landed {
+            self.fold(r);
+        }
         loop {
             self.take_ready(wants);
             self.first_take = false;
@@ -276,6 +288,14 @@ impl Fetch<'_> {
         // The wait is over. Polls still out end about now (none was sent with a longer wait
         // than what was left): what they bring goes into this answer.
         self.join_polls(wants, |_| true).await;
+    }
+
+    /// The brokers leading `wants` (once each).
+    fn polled_brokers(&self, wants: &[Want]) -> Vec<i32> {
+        let mut brokers: Vec<i32> = wants.iter().filter_map(|w| w.leader.ok()).collect();
+        brokers.sort_unstable();
+        brokers.dedup();
+        brokers
     }
 
     /// Takes what the read-ahead holds at the offsets asked for, through the gates.

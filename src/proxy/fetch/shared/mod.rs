@@ -239,7 +239,18 @@ impl SharedReads {
     /// `prefetch.max_bytes`: newer reads are likelier to be asked for soon. False when even
     /// that is not enough.
     fn make_room(&self, slots: &mut HashMap<(String, i32), Vec<Slot>>, need: usize) -> bool {
-        if need > self.max_bytes {
+        // Only what answers hold can be freed: when reads in flight hold too much, nothing is
+        // evicted for a refusal.
+        let ready: usize = slots
+            .values()
+            .flatten()
+            .filter(|s| matches!(s.state, State::Ready(_)))
+            .map(|s| s.bytes)
+            .sum();
+        if need > self.max_bytes
+            || self.bytes.load(Relaxed) - ready.min(self.bytes.load(Relaxed)) + need
+                > self.max_bytes
+        {
             return false;
         }
         while self.bytes.load(Relaxed) + need > self.max_bytes {
@@ -354,9 +365,12 @@ impl SharedReads {
                 .get(&(key.0.id, "", key.1))
                 .or_else(|| answered.get(&(uuid::Uuid::nil(), key.0.name.as_str(), key.1)));
             let n = got.and_then(|p| p.records.as_ref()).map_or(0, |r| r.len());
-            let fits = reserved > 0
-                || self.bytes.load(Relaxed) + n <= self.max_bytes
-                || (n > 0 && self.make_room(&mut slots, n));
+            // Beyond its reservation (a first batch larger than a partition's share, KIP-74)
+            // a read needs room like any other.
+            let extra = n.saturating_sub(reserved);
+            let fits = extra == 0
+                || self.bytes.load(Relaxed) + extra <= self.max_bytes
+                || self.make_room(&mut slots, extra);
             let Some(entries) = slots.get_mut(&k) else {
                 continue;
             };

@@ -449,4 +449,16 @@ fn a_full_store_evicts_its_oldest_answers_for_new_ones_and_never_exceeds_its_cap
     }
     assert!(!store.make_room(&mut slots, 200));
     assert_eq!(store.bytes.load(Relaxed), 200);
+    // One answer ready again, one read in flight: 200 bytes can never be freed for a
+    // 250-byte read, so the ready answer is not thrown away for a refusal.
+    let first = slots.values_mut().next().unwrap();
+    first[0].state = State::Ready(Box::new(data(&[batch(20, 1, 100)], &[])));
+    assert!(!store.make_room(&mut slots, 250));
+    assert_eq!(
+        slots.values().flatten().count(),
+        2,
+        "nothing evicted for a refusal"
+    );
+    assert!(store.make_room(&mut slots, 200));
+    assert_eq!(store.bytes.load(Relaxed), 100);
 }
