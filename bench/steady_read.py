@@ -6,7 +6,12 @@ records read, then a summary line: records, end-to-end latency (send to receipt)
 the consumers' request round trip to their fetch brokers (librdkafka statistics, `rtt`: mostly
 fetches) p50/p99, averaged over 1 s windows.
 
-    steady_read.py BOOTSTRAP PRODUCE_BOOTSTRAP TOPIC CONSUMERS RATE SECONDS
+With BACKLOG > 0 the producer first writes BACKLOG records, and the members read from the
+beginning (consumers behind, catching up while new records keep coming): the summary adds
+the time from the group's first record to the last backlog record read (`catchup_s`), and the
+latencies are those of the records sent after the backlog.
+
+    steady_read.py BOOTSTRAP PRODUCE_BOOTSTRAP TOPIC CONSUMERS RATE SECONDS [BACKLOG]
 """
 import json
 import statistics
@@ -23,7 +28,7 @@ def percentile(xs, q):
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
-def consume(bootstrap, topic, group, stop, e2e, rtts, counts, i, ready):
+def consume(bootstrap, topic, group, stop, e2e, rtts, counts, i, ready, backlog, progress):
     def stats(text):
         s = json.loads(text)
         for b in s.get("brokers", {}).values():
@@ -36,7 +41,7 @@ def consume(bootstrap, topic, group, stop, e2e, rtts, counts, i, ready):
             "bootstrap.servers": bootstrap,
             "group.id": group,
             "enable.auto.commit": True,
-            "auto.offset.reset": "latest",
+            "auto.offset.reset": "earliest" if backlog else "latest",
             "statistics.interval.ms": 1000,
             "stats_cb": stats,
         }
@@ -49,6 +54,15 @@ def consume(bootstrap, topic, group, stop, e2e, rtts, counts, i, ready):
         m = c.poll(0.1)
         if m is not None and m.error() is None:
             got += 1
+            if backlog:
+                now = time.time()
+                with progress["lock"]:
+                    progress["first"] = progress["first"] or now
+                    if m.value()[20:21] == b"b":
+                        progress["backlog"] += 1
+                        if progress["backlog"] == backlog:
+                            progress["caught_up"] = now
+                        continue
             e2e.append(time.time() - float(m.value()[:20]))
     counts[i] = got
     c.close()
@@ -57,13 +71,27 @@ def consume(bootstrap, topic, group, stop, e2e, rtts, counts, i, ready):
 def main():
     bootstrap, produce_bootstrap, topic = sys.argv[1], sys.argv[2], sys.argv[3]
     consumers, rate, seconds = int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
+    backlog = int(sys.argv[7]) if len(sys.argv) > 7 else 0
+    progress = {"lock": threading.Lock(), "first": None, "backlog": 0, "caught_up": None}
+    pad = b"x" * 180
+    if backlog:
+        p = Producer({"bootstrap.servers": produce_bootstrap, "linger.ms": 5, "acks": 1})
+        for _ in range(backlog):
+            while True:
+                try:
+                    p.produce(topic, value=f"{time.time():20.6f}".encode() + b"b" + pad[1:])
+                    break
+                except BufferError:
+                    p.poll(0.01)
+        p.flush(60)
     group = "bench-steady-" + uuid.uuid4().hex[:12]
     stop = threading.Event()
     e2e, rtts, counts = [], [], [0] * consumers
     ready = threading.Semaphore(0)
     threads = [
         threading.Thread(
-            target=consume, args=(bootstrap, topic, group, stop, e2e, rtts, counts, i, ready)
+            target=consume,
+            args=(bootstrap, topic, group, stop, e2e, rtts, counts, i, ready, backlog, progress),
         )
         for i in range(consumers)
     ]
@@ -73,9 +101,9 @@ def main():
     for _ in range(consumers):
         if not ready.acquire(timeout=60):
             raise SystemExit("the group did not form within 60 s")
-    time.sleep(1.0)
+    if not backlog:
+        time.sleep(1.0)
     p = Producer({"bootstrap.servers": produce_bootstrap, "linger.ms": 1, "acks": 1})
-    pad = b"x" * 180
     began = time.time()
     sent = 0
     while time.time() - began < seconds:
@@ -87,6 +115,8 @@ def main():
         time.sleep(0.002)
     p.flush(30)
     time.sleep(2.0)  # the last records reach the consumers
+    while backlog and progress["caught_up"] is None and time.time() - began < seconds + 120:
+        time.sleep(0.5)
     stop.set()
     for t in threads:
         t.join()
@@ -96,8 +126,13 @@ def main():
     rtt50 = statistics.mean(r[0] for r in rtts) if rtts else float("nan")
     rtt99 = statistics.mean(r[1] for r in rtts) if rtts else float("nan")
     print(
-        f"summary sent={sent} records={len(e2e)} e2e_p50_ms={percentile(ms, 0.5):.2f} "
+        f"summary sent={sent} records={len(e2e) + progress['backlog']} e2e_p50_ms={percentile(ms, 0.5):.2f} "
         f"e2e_p99_ms={percentile(ms, 0.99):.2f} rtt_p50_ms={rtt50:.2f} rtt_p99_ms={rtt99:.2f}"
+        + (
+            f" catchup_s={progress['caught_up'] - progress['first']:.3f}"
+            if backlog and progress["caught_up"]
+            else (" catchup_s=nan" if backlog else "")
+        )
     )
 
 

@@ -19,11 +19,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
-use kafka_protocol::messages::{
-    ApiKey, BrokerId, FetchRequest, FetchResponse, ResponseHeader, TopicName,
-};
-use kafka_protocol::protocol::{Decodable as _, StrBytes};
+use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse, ResponseHeader};
+use kafka_protocol::protocol::Decodable as _;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -188,33 +185,6 @@ fn an_idle_consumer_costs_no_more_upstream_fetches_than_its_own() {
 // ---------------------------------------------------------------------------------------
 // 2. max_bytes over several brokers
 
-/// A Fetch v12 (topic names) for `parts` (partition, offset) of `topic`, max_bytes and every
-/// partition's max_bytes `max_bytes`, max wait 500 ms, min bytes 1.
-fn fetch_v12(topic: &str, parts: &[(i32, i64)], max_bytes: i32) -> FetchRequest {
-    FetchRequest::default()
-        .with_replica_id(BrokerId(-1))
-        .with_max_wait_ms(500)
-        .with_min_bytes(1)
-        .with_max_bytes(max_bytes)
-        .with_session_id(0)
-        .with_session_epoch(-1)
-        .with_topics(vec![
-            FetchTopic::default()
-                .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
-                .with_partitions(
-                    parts
-                        .iter()
-                        .map(|&(p, offset)| {
-                            FetchPartition::default()
-                                .with_partition(p)
-                                .with_fetch_offset(offset)
-                                .with_partition_max_bytes(max_bytes)
-                        })
-                        .collect(),
-                ),
-        ])
-}
-
 /// Sends `req` on a fresh connection to `addr`: the response frame's size (length prefix
 /// included) and the response.
 fn fetch_raw(addr: &str, req: &FetchRequest) -> (usize, FetchResponse) {
@@ -348,7 +318,8 @@ async fn a_response_never_exceeds_max_bytes_plus_one_batch() {
     for round in 0..3 {
         let parts: Vec<(i32, i64)> = (0..3).map(|p| (p, offsets[p as usize])).collect();
         for (part, addr) in &leaders {
-            let (size, resp) = fetch_raw(addr, &fetch_v12(&topic, &[parts[*part as usize]], max));
+            let (size, resp) =
+                fetch_raw(addr, &fetch_v12(&topic, &[parts[*part as usize]], max, max));
             for (_, b) in partitions(&resp, "direct") {
                 largest = largest.max(b.largest);
             }
@@ -357,7 +328,7 @@ async fn a_response_never_exceeds_max_bytes_plus_one_batch() {
         // Through shardgate; it may need a moment to learn the new topic's leaders.
         let mut tries = 0;
         let (size, got) = loop {
-            let (size, resp) = fetch_raw(&proxy(), &fetch_v12(&topic, &parts, max));
+            let (size, resp) = fetch_raw(&proxy(), &fetch_v12(&topic, &parts, max, max));
             let unknown = resp
                 .responses
                 .iter()

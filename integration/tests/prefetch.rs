@@ -8,6 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
+use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -793,4 +794,176 @@ fn a_split_gate_holds_a_group_behind_it_even_when_answers_are_shared() {
     );
     assert!(hits > 0.0, "no fetch was answered from a shared read");
     assert!(held > 0.0, "group B was never held at the gate");
+}
+
+// ---------------------------------------------------------------------------------------
+// A consumer behind: its connection's queue
+
+/// One Fetch v12 on an open connection.
+fn fetch_on(s: &mut std::net::TcpStream, correlation_id: i32, req: &FetchRequest) -> FetchResponse {
+    use kafka_protocol::protocol::Decodable as _;
+    use std::io::Write as _;
+    s.write_all(&frame(ApiKey::Fetch, 12, correlation_id, req))
+        .unwrap();
+    let mut b = bytes::Bytes::from(read_frame(s).expect("a fetch answer"));
+    let header = kafka_protocol::messages::ResponseHeader::decode(
+        &mut b,
+        ApiKey::Fetch.response_header_version(12),
+    )
+    .unwrap();
+    assert_eq!(header.correlation_id, correlation_id);
+    FetchResponse::decode(&mut b, 12).unwrap()
+}
+
+/// The broker leading each partition of `topic` (host:port), from Kafka's metadata.
+fn leaders_direct(topic: &str) -> std::collections::HashMap<i32, String> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let brokers: std::collections::HashMap<i32, String> = md
+        .brokers()
+        .iter()
+        .map(|b| (b.id(), format!("{}:{}", b.host(), b.port())))
+        .collect();
+    md.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| (p.id(), brokers[&p.leader()].clone()))
+        .collect()
+}
+
+/// The offset after the last whole batch of `records`.
+fn next_offset(records: &[u8]) -> Option<i64> {
+    let (mut pos, mut next) = (0usize, None);
+    while pos + 27 <= records.len() {
+        let base = i64::from_be_bytes(records[pos..pos + 8].try_into().unwrap());
+        let len = i32::from_be_bytes(records[pos + 8..pos + 12].try_into().unwrap()) as usize;
+        if pos + 12 + len > records.len() {
+            break;
+        }
+        let delta = i32::from_be_bytes(records[pos + 23..pos + 27].try_into().unwrap());
+        next = Some(base + delta as i64 + 1);
+        pos += 12 + len;
+    }
+    next
+}
+
+/// A consumer reading a backlog more slowly than shardgate can read it (a raw Fetch every
+/// 20 ms on one connection, 16 KiB per partition) is answered from its connection's queue:
+/// each answer holds byte for byte what Kafka gives a fetch from that offset, with a high
+/// watermark never ahead of Kafka's; at least 90 % of the partitions answered with records
+/// were in memory when asked (hits), and the queue stays within `prefetch.queue_bytes` (plus
+/// one poll's answer) while the backlog is far larger, refilling as the consumer takes.
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn a_consumer_behind_is_answered_from_its_queue_byte_for_byte_within_its_bound() {
+    const QUEUE: usize = 256 * 1024;
+    const PART_MAX: i32 = 16 * 1024;
+    let topic = unique("prefetch-queue");
+    create_topic(&topic, 2);
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("batch.num.messages", "20")
+        .set("linger.ms", "1")
+        .create()
+        .unwrap();
+    let pad = "x".repeat(200);
+    for i in 0..6000 {
+        for p in 0..2 {
+            let v = format!("{p}-{i:06}-{pad}");
+            while producer
+                .send(BaseRecord::<(), _>::to(&topic).partition(p).payload(&v))
+                .is_err()
+            {
+                producer.poll(Duration::from_millis(10));
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+    let ends: Vec<i64> = (0..2).map(|p| watermarks_direct(&topic, p).1).collect();
+    assert_eq!(ends, vec![6000, 6000]);
+    let leaders = leaders_direct(&topic);
+
+    let (client, admin) = ("127.0.0.1:29155", "127.0.0.1:29255");
+    let _sg = own_instance(
+        "prefetch-queue",
+        client,
+        admin,
+        "",
+        &format!("[prefetch]\nqueue_bytes = {QUEUE}\n"),
+    );
+    let mut s = std::net::TcpStream::connect(client).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut offsets = [0i64, 0];
+    let (mut answers, mut peak, mut correlation) = (0usize, 0f64, 0);
+    let started = Instant::now();
+    while offsets.iter().zip(&ends).any(|(o, e)| o < e) {
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "stuck at {offsets:?}"
+        );
+        correlation += 1;
+        let parts: Vec<(i32, i64)> = (0..2).map(|p| (p, offsets[p as usize])).collect();
+        let resp = fetch_on(
+            &mut s,
+            correlation,
+            &fetch_v12(&topic, &parts, PART_MAX, 4 * PART_MAX),
+        );
+        assert_eq!(resp.error_code, 0);
+        for p in resp.responses.iter().flat_map(|t| &t.partitions) {
+            assert_eq!(p.error_code, 0, "partition {}", p.partition_index);
+            let Some(records) = p.records.as_ref().filter(|r| !r.is_empty()) else {
+                continue;
+            };
+            let i = p.partition_index;
+            let at = offsets[i as usize];
+            // What Kafka answers a fetch from the same offset with the same limit.
+            let mut direct = std::net::TcpStream::connect(&leaders[&i]).unwrap();
+            direct
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
+            let kafka_resp = fetch_on(
+                &mut direct,
+                1,
+                &fetch_v12(&topic, &[(i, at)], PART_MAX, 4 * PART_MAX),
+            );
+            let kp = &kafka_resp.responses[0].partitions[0];
+            assert_eq!(kp.error_code, 0);
+            assert!(
+                kp.records.as_deref() == Some(&records[..]),
+                "partition {i} from {at}: {} bytes through shardgate, {} from Kafka",
+                records.len(),
+                kp.records.as_ref().map_or(0, |r| r.len())
+            );
+            assert!(p.high_watermark <= kp.high_watermark && p.high_watermark > at);
+            offsets[i as usize] = next_offset(records).expect("whole batches");
+            answers += 1;
+        }
+        peak = peak.max(metric_of(admin, "shardgate_prefetch_queue_bytes", &[]));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let hits = metric_of(admin, "shardgate_prefetch_hits_total", &[]);
+    let late = metric_of(admin, "shardgate_prefetch_late_total", &[]);
+    let misses = metric_of(admin, "shardgate_prefetch_misses_total", &[]);
+    let full = metric_of(admin, "shardgate_prefetch_queue_full_total", &[]);
+    eprintln!(
+        "{answers} partition answers: hits {hits}, late {late}, misses {misses}; queue peak {peak} bytes, full {full} times"
+    );
+    assert_eq!(hits + late + misses, answers as f64);
+    assert!(
+        hits >= 0.9 * answers as f64,
+        "hit ratio {}",
+        hits / answers as f64
+    );
+    assert!(full > 0.0, "the queue never reached its bound");
+    // Deeper than one poll's answer (at most 64 KiB here): several polls ahead.
+    assert!(peak >= (QUEUE / 2) as f64, "queue peaked at {peak} bytes");
+    assert!(
+        peak <= (QUEUE + 4 * PART_MAX as usize) as f64,
+        "queue peaked at {peak} bytes for a bound of {QUEUE}"
+    );
 }

@@ -55,6 +55,11 @@ pub struct PrefetchConfig {
     /// How long a pre-read waits to be asked for before it is dropped (counted).
     #[serde(default = "default_ttl_ms")]
     pub ttl_ms: u64,
+    /// Bytes of records one consumer connection may hold read ahead of its position (its
+    /// queue): polls continue from the end of what it holds while it has room and they bring
+    /// records. All queues together stay within `max_bytes`. 0: one fetch ahead only.
+    #[serde(default = "default_queue_bytes")]
+    pub queue_bytes: usize,
     /// Partitions that several consumers (groups) fetch are read once for all of them: a
     /// read in flight is waited for, answers are kept for those behind.
     #[serde(default = "default_enabled")]
@@ -125,6 +130,7 @@ impl Default for PrefetchConfig {
             samples_per_sec: default_samples_per_sec(),
             max_bytes: default_max_bytes(),
             ttl_ms: default_ttl_ms(),
+            queue_bytes: default_queue_bytes(),
             share_reads: true,
             routing_fields: default_routing_fields(),
             minilm: MinilmConfig::default(),
@@ -149,6 +155,9 @@ fn default_embed_queue() -> usize {
 }
 fn default_max_bytes() -> usize {
     64 * 1024 * 1024
+}
+fn default_queue_bytes() -> usize {
+    4 * 1024 * 1024
 }
 fn default_ttl_ms() -> u64 {
     10_000
@@ -205,6 +214,16 @@ impl PrefetchConfig {
                 "max_bytes",
                 format!("{} is out of range", self.max_bytes),
                 "use a value from 1048576 (1 MiB) to 68719476736 (64 GiB); default 67108864",
+            );
+        }
+        if self.queue_bytes > self.max_bytes {
+            return bad(
+                "queue_bytes",
+                format!(
+                    "{} is more than prefetch.max_bytes ({})",
+                    self.queue_bytes, self.max_bytes
+                ),
+                "use a value from 0 (one fetch ahead only) to prefetch.max_bytes; default 4194304",
             );
         }
         if !(100..=600_000).contains(&self.ttl_ms) {
@@ -330,6 +349,11 @@ mod tests {
             ),
             ("embed_threads = 0", "prefetch.embed_threads", "1 to 64"),
             ("embed_queue = 0", "prefetch.embed_queue", "1 to 1000000"),
+            (
+                "queue_bytes = 134217728",
+                "prefetch.queue_bytes",
+                "to prefetch.max_bytes",
+            ),
         ] {
             let e = error(&format!("[prefetch]\n{text}\n"));
             assert!(e.contains(key) && e.contains(fix), "{text}: {e}");

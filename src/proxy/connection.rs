@@ -381,7 +381,7 @@ fn admit(client: &ClientConn, frame: Bytes) -> Admitted {
 }
 
 /// Runs a request to completion and records its metrics.
-async fn run(ctx: &Ctx, client: &ClientConn, req: RequestFrame, started: Instant) -> Reply {
+async fn run(ctx: &Arc<Ctx>, client: &ClientConn, req: RequestFrame, started: Instant) -> Reply {
     let api = req.api_key;
     let (req, fix) = match super::authorize::check(ctx, client, &req) {
         Ok(super::authorize::Verdict::Allow) => (req, None),

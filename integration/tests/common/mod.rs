@@ -688,3 +688,39 @@ pub fn watermarks_direct(topic: &str, partition: i32) -> (i64, i64) {
     c.fetch_watermarks(topic, partition, Duration::from_secs(10))
         .unwrap()
 }
+
+/// A Fetch v12 (topic names) of `parts` (partition, offset) of `topic`: each partition at most
+/// `part_max` bytes, the whole answer `max_bytes`, max wait 500 ms, min bytes 1, no session.
+pub fn fetch_v12(
+    topic: &str,
+    parts: &[(i32, i64)],
+    part_max: i32,
+    max_bytes: i32,
+) -> kafka_protocol::messages::FetchRequest {
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::{BrokerId, FetchRequest, TopicName};
+    FetchRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_max_wait_ms(500)
+        .with_min_bytes(1)
+        .with_max_bytes(max_bytes)
+        .with_session_id(0)
+        .with_session_epoch(-1)
+        .with_topics(vec![
+            FetchTopic::default()
+                .with_topic(TopicName(kafka_protocol::protocol::StrBytes::from_string(
+                    topic.to_string(),
+                )))
+                .with_partitions(
+                    parts
+                        .iter()
+                        .map(|&(p, offset)| {
+                            FetchPartition::default()
+                                .with_partition(p)
+                                .with_fetch_offset(offset)
+                                .with_partition_max_bytes(part_max)
+                        })
+                        .collect(),
+                ),
+        ])
+}

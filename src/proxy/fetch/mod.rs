@@ -18,8 +18,10 @@
 //! the wait ran out; a poll still running then serves the connection's next fetch.
 
 mod assemble;
+mod learn;
 mod plan;
 pub mod readahead;
+mod refill;
 pub mod session;
 pub mod shared;
 mod upstream;
@@ -39,7 +41,7 @@ use crate::shards::gates::{Consumer, records_before};
 use plan::{Key, Want};
 
 pub async fn handle(
-    ctx: &Ctx,
+    ctx: &std::sync::Arc<Ctx>,
     client: &ClientConn,
     req: &RequestFrame,
 ) -> Result<Reply, HandlerError> {
@@ -104,8 +106,10 @@ pub async fn handle(
         throttle_ms: 0,
         held: HashSet::new(),
         polled: HashSet::new(),
+        mine: HashMap::new(),
         covered: HashMap::new(),
         hits: HashSet::new(),
+        late: HashSet::new(),
         first_take: true,
         ever_covered: HashSet::new(),
     };
@@ -133,92 +137,16 @@ pub async fn handle(
     )?;
     fetch.read_ahead(&wants, &advanced, Duration::from_millis(max_wait));
     if ctx.settings.raw.prefetch.mode() != crate::config::PrefetchMode::Off {
-        // Per partition that got records: from memory (hit: a shared pre-read, or this
-        // connection's read-ahead that was in before the request) or read for this request.
-        let mut hits = 0u64;
-        let mut records = 0u64;
-        for (k, (next, _)) in &advanced {
-            if fetch.hits.contains(k)
-                && let Some(w) = wants.iter().find(|w| &w.key == k)
-            {
-                hits += 1;
-                records += (next - w.part.fetch_offset).max(0) as u64;
-            }
-        }
-        metrics::counter!("shardgate_prefetch_hits_total").increment(hits);
-        metrics::counter!("shardgate_prefetch_misses_total")
-            .increment(advanced.len() as u64 - hits);
-        metrics::counter!("shardgate_prefetch_delivered_records_total").increment(records);
+        learn::count(&wants, &advanced, &fetch.hits, &fetch.late);
     }
     let isolation = fetch.template.body.isolation_level;
-    profile(ctx, client, req, &wants, &advanced, isolation, started);
+    learn::profile(ctx, client, req, &wants, &advanced, isolation, started);
     Ok(reply)
-}
-
-/// Tells the consumer profiles where this connection fetched and what it got.
-fn profile(
-    ctx: &Ctx,
-    client: &ClientConn,
-    req: &RequestFrame,
-    wants: &[Want],
-    advanced: &assemble::Delivered,
-    isolation: i8,
-    asked: Instant,
-) {
-    let client_id = req.header.client_id.as_deref().unwrap_or("");
-    let first = ctx.profiles.fetched(
-        client.id,
-        client.peer.ip(),
-        client_id,
-        isolation,
-        asked,
-        // Partitions with a leader only: a name no topic has is not a position to keep.
-        wants.iter().filter(|w| w.leader.is_ok()).filter_map(|w| {
-            let got = advanced.get(&w.key);
-            Some(crate::prefetch::profiles::Fetched {
-                topic: w.name.as_ref()?.as_str(),
-                partition: w.key.1,
-                from: w.part.fetch_offset,
-                next: got.map(|g| g.0),
-                bytes: got.map_or(0, |g| g.1.len()),
-            })
-        }),
-    );
-    // One delivered record set now and then goes to the content sampler (its rate decides).
-    if let Some(sampler) = &ctx.sampler
-        && !advanced.is_empty()
-        && (first || sampler.due())
-    {
-        // Which of the partitions: any will do, as long as it is not always the same one.
-        let pick = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos() as usize);
-        let pick = (pick ^ client.id as usize) % advanced.len();
-        let (key, (_, records)) = advanced.iter().nth(pick).expect("pick < len");
-        if let Some(name) = wants
-            .iter()
-            .find(|w| &w.key == key)
-            .and_then(|w| w.name.as_ref())
-        {
-            let taken = sampler.offer(
-                crate::prefetch::content::SampleKey {
-                    conn: client.id,
-                    topic: name.as_str().into(),
-                    partition: key.1,
-                },
-                records.clone(),
-            );
-            // A dropped first sample is retried on the connection's next delivery.
-            if taken && first {
-                ctx.profiles.sampled(client.id);
-            }
-        }
-    }
 }
 
 /// One fetch request at work.
 struct Fetch<'a> {
-    ctx: &'a Ctx,
+    ctx: &'a std::sync::Arc<Ctx>,
     client: &'a ClientConn,
     who: Option<&'a Consumer>,
     template: upstream::Template,
@@ -232,11 +160,15 @@ struct Fetch<'a> {
     held: HashSet<Key>,
     /// Brokers this request sent a poll to.
     polled: HashSet<i32>,
+    /// The polls this request sent (sent with at most what was left of its wait).
+    mine: HashMap<i32, upstream::SubFuture>,
     /// Partitions a shared pre-read in flight covers (not polled; its read is waited for).
     covered: HashMap<Key, upstream::SubFuture>,
     /// Partitions answered from memory: a shared pre-read, or the connection's read-ahead
     /// when it was there before this request polled anything.
     hits: HashSet<Key>,
+    /// Partitions answered by a read-ahead poll that was under way when this request came.
+    late: HashSet<Key>,
     /// Whether `take_ready` has not run yet (what it finds then was read ahead).
     first_take: bool,
     /// Partitions a pre-read covered at some point: when it lands empty, their broker may
@@ -285,9 +217,16 @@ impl Fetch<'_> {
             self.wait(waits, tick).await;
             poll = (poll * 2).min(poll_max);
         }
-        // The wait is over. Polls still out end about now (none was sent with a longer wait
-        // than what was left): what they bring goes into this answer.
-        self.join_polls(wants, |_| true).await;
+        // The wait is over. The polls this request sent end about now (none was sent with a
+        // longer wait than what was left): what they bring goes into this answer. A
+        // read-ahead poll still out may wait longer; it serves the next fetch.
+        let mine: Vec<_> = self.mine.drain().map(|(_, f)| f).collect();
+        if !mine.is_empty() {
+            for result in futures::future::join_all(mine).await {
+                self.fold(&result);
+            }
+            self.take_ready(wants);
+        }
     }
 
     /// The brokers leading `wants` (once each).
@@ -311,11 +250,15 @@ impl Fetch<'_> {
                 continue;
             }
             let p = match state.take(&w.key, plan::Asked::of(&w.part)) {
-                Some(p) => {
-                    if self.first_take && p.records.as_ref().is_some_and(|r| !r.is_empty()) {
-                        self.hits.insert(w.key.clone());
+                Some(t) => {
+                    if t.data.records.as_ref().is_some_and(|r| !r.is_empty()) {
+                        if self.first_take {
+                            self.hits.insert(w.key.clone());
+                        } else if t.ahead {
+                            self.late.insert(w.key.clone());
+                        }
                     }
-                    p
+                    t.data
                 }
                 None if !prefetch => continue,
                 None => match self.ctx.shared_reads.find(
@@ -419,17 +362,26 @@ impl Fetch<'_> {
                 // was left of the wait then (give or take its timer), no second poll.
                 continue;
             }
-            self.polled.insert(broker);
-            waits.push(self.start_poll(broker, &ws, remaining));
+            match self.start_poll(broker, &ws, remaining, false) {
+                Some(f) => {
+                    self.polled.insert(broker);
+                    self.mine.insert(broker, f.clone());
+                    waits.push(f);
+                }
+                // A read-ahead went out meanwhile: waited for as any poll in flight.
+                None => waits.extend(state.pending(broker)),
+            }
         }
         waits
     }
 
     /// Continuation read-ahead: for every broker that just delivered records, the client's
-    /// next fetch is sent now (the partitions that got records from their next offset, the
-    /// others where they were), so upstream reads the next answer while this one is written
-    /// to the client instead of after. The next fetch of the connection picks the poll up.
-    /// Consumers that got nothing cause no read-ahead (an idle consumer costs no extra polls).
+    /// next fetch is sent now (the partitions that got records from their next offset, or
+    /// from the end of what the connection's queue holds of them; the others where they
+    /// were), so upstream reads the next answer while this one is written to the client
+    /// instead of after; `refill.rs` keeps going while the queue has room. The next fetch of
+    /// the connection picks the polls up. Consumers that got nothing cause no read-ahead (an
+    /// idle consumer costs no extra polls).
     fn read_ahead(&self, wants: &[Want], advanced: &assemble::Delivered, max_wait: Duration) {
         let mode = self.ctx.settings.raw.prefetch.mode();
         if advanced.is_empty() || mode == crate::config::PrefetchMode::Off {
@@ -443,20 +395,31 @@ impl Fetch<'_> {
         let mut by_broker: BTreeMap<i32, (bool, Vec<Want>)> = BTreeMap::new();
         for w in wants {
             let Ok(b) = w.leader else { continue };
-            if state.has_ready(&w.key) {
-                continue; // the cut part of this answer is already waiting
-            }
             let mut next = w.clone();
             let got = advanced.get(&w.key);
-            if let Some((o, records)) = got {
-                next.part.fetch_offset = *o;
-                // What the client's next fetch will say (KIP-320): the epoch of the last batch
-                // it got. A stale one could earn an answer the broker would not give the
-                // client (a diverging epoch after a leader change inside what was delivered).
-                if next.part.last_fetched_epoch >= 0
-                    && let Some(epoch) = plan::last_batch_epoch(records)
-                {
-                    next.part.last_fetched_epoch = epoch;
+            match state.tail(&w.key) {
+                readahead::Tail::Stuck => continue,
+                readahead::Tail::At(o, epoch) => {
+                    next.part.fetch_offset = o;
+                    if next.part.last_fetched_epoch >= 0
+                        && let Some(e) = epoch
+                    {
+                        next.part.last_fetched_epoch = e;
+                    }
+                }
+                readahead::Tail::Empty => {
+                    if let Some((o, records)) = got {
+                        next.part.fetch_offset = *o;
+                        // What the client's next fetch will say (KIP-320): the epoch of the
+                        // last batch it got. A stale one could earn an answer the broker would
+                        // not give the client (a diverging epoch after a leader change inside
+                        // what was delivered).
+                        if next.part.last_fetched_epoch >= 0
+                            && let Some(epoch) = plan::last_batch_epoch(records)
+                        {
+                            next.part.last_fetched_epoch = epoch;
+                        }
+                    }
                 }
             }
             // Another consumer's read of the same partition is out or kept: taken from
@@ -476,52 +439,45 @@ impl Fetch<'_> {
             entry.1.push(next);
         }
         for (broker, (moved, ws)) in by_broker {
-            if !moved || state.pending(broker).is_some() {
+            if !moved {
                 continue;
             }
             let refs: Vec<&Want> = ws.iter().collect();
-            let poll = self.start_poll(broker, &refs, max_wait);
-            state.mark_ahead(broker);
-            state.drive(poll);
+            let Some(poll) = self.start_poll(broker, &refs, max_wait, true) else {
+                continue;
+            };
             metrics::counter!("shardgate_fetch_readahead_polls_total").increment(1);
+            let chain = refill::Refill {
+                ctx: self.ctx.clone(),
+                conn: self.client.id,
+                state: std::sync::Arc::downgrade(state),
+                template: self.template.clone(),
+                max_wait,
+                broker,
+            };
+            state.drive(chain.run(ws, poll));
         }
     }
 
     /// Starts a poll of `wants` on `broker` (the broker may hold it up to `max_wait`) and
-    /// files it as the connection's poll in flight there.
-    fn start_poll(&self, broker: i32, wants: &[&Want], max_wait: Duration) -> upstream::SubFuture {
-        let state = &self.client.fetch;
-        let seq = state.next_seq();
-        let sessions = (self.ctx.settings.raw.upstream.fetch_sessions
-            && self.template.version >= 7)
-            .then(|| state.sessions.clone());
-        let mut f = upstream::start(
-            self.ctx.pool.clone(),
+    /// files it as the connection's poll in flight there (None: one is already).
+    fn start_poll(
+        &self,
+        broker: i32,
+        wants: &[&Want],
+        max_wait: Duration,
+        ahead: bool,
+    ) -> Option<upstream::SubFuture> {
+        refill::start_poll(
+            self.ctx,
             self.client.id,
+            &self.client.fetch,
             &self.template,
             broker,
             wants,
             max_wait,
-            Duration::from_millis(self.ctx.settings.raw.upstream.request_timeout_ms),
-            seq,
-            sessions,
-        );
-        if self.ctx.settings.raw.prefetch.predictive() {
-            let topo = self.ctx.topology().load();
-            let ids: Vec<(&Want, uuid::Uuid, i32)> = wants
-                .iter()
-                .map(|w| (*w, topic_id(&topo, w), leader_epoch(&topo, w)))
-                .collect();
-            f = self.ctx.shared_reads.poll_started(
-                self.client.id,
-                self.template.body.isolation_level,
-                self.template.body.min_bytes,
-                &ids,
-                f,
-            );
-        }
-        state.set_pending(broker, seq, f.clone());
-        f
+            ahead,
+        )
     }
 
     /// Waits for the first poll to land (and files it), or `tick`.
@@ -586,7 +542,7 @@ impl Fetch<'_> {
 
 /// The topic id a want's partition has: the request's own (Fetch v13+), else the one the
 /// topology knows for the name.
-fn topic_id(topo: &crate::upstream::topology::Topology, w: &Want) -> uuid::Uuid {
+pub(super) fn topic_id(topo: &crate::upstream::topology::Topology, w: &Want) -> uuid::Uuid {
     if w.key.0.id.is_nil() {
         w.name
             .as_ref()
@@ -598,7 +554,7 @@ fn topic_id(topo: &crate::upstream::topology::Topology, w: &Want) -> uuid::Uuid 
 }
 
 /// The partition's leader epoch in the topology (-1: unknown).
-fn leader_epoch(topo: &crate::upstream::topology::Topology, w: &Want) -> i32 {
+pub(super) fn leader_epoch(topo: &crate::upstream::topology::Topology, w: &Want) -> i32 {
     w.name
         .as_ref()
         .and_then(|n| topo.topics.get(n))

@@ -34,6 +34,7 @@ pub type SubFuture = Shared<BoxFuture<'static, Arc<SubResult>>>;
 
 /// Everything of the client's request a sub-fetch copies (isolation level, rack, replica
 /// fields already forced to a consumer's).
+#[derive(Clone)]
 pub struct Template {
     pub body: FetchRequest,
     pub version: i16,

@@ -1,0 +1,104 @@
+//! What a fetch teaches prefetch: whether its answers came from memory (hits, late, misses),
+//! and the consumer profiles (positions, delivered record sets for content sampling).
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use super::assemble;
+use super::plan::{Key, Want};
+use crate::protocol::RequestFrame;
+use crate::proxy::Ctx;
+use crate::proxy::connection::ClientConn;
+
+/// Counts the partitions that got records by where they came from.
+pub(super) fn count(
+    wants: &[Want],
+    advanced: &assemble::Delivered,
+    hits_of: &HashSet<Key>,
+    late_of: &HashSet<Key>,
+) {
+    // Per partition that got records: from memory (hit: a shared pre-read, or this
+    // connection's queue as it was when the request came), late (a read-ahead poll under
+    // way when the request came, landed after: no poll of its own, but waited for) or
+    // read for this request (miss).
+    let (mut hits, mut late, mut records) = (0u64, 0u64, 0u64);
+    for (k, (next, _)) in advanced {
+        let Some(w) = wants.iter().find(|w| &w.key == k) else {
+            continue;
+        };
+        if hits_of.contains(k) {
+            hits += 1;
+        } else if late_of.contains(k) {
+            late += 1;
+        } else {
+            continue;
+        }
+        records += (next - w.part.fetch_offset).max(0) as u64;
+    }
+    metrics::counter!("shardgate_prefetch_hits_total").increment(hits);
+    metrics::counter!("shardgate_prefetch_late_total").increment(late);
+    metrics::counter!("shardgate_prefetch_misses_total")
+        .increment(advanced.len() as u64 - hits - late);
+    metrics::counter!("shardgate_prefetch_delivered_records_total").increment(records);
+}
+
+/// Tells the consumer profiles where this connection fetched and what it got.
+pub(super) fn profile(
+    ctx: &Ctx,
+    client: &ClientConn,
+    req: &RequestFrame,
+    wants: &[Want],
+    advanced: &assemble::Delivered,
+    isolation: i8,
+    asked: Instant,
+) {
+    let client_id = req.header.client_id.as_deref().unwrap_or("");
+    let first = ctx.profiles.fetched(
+        client.id,
+        client.peer.ip(),
+        client_id,
+        isolation,
+        asked,
+        // Partitions with a leader only: a name no topic has is not a position to keep.
+        wants.iter().filter(|w| w.leader.is_ok()).filter_map(|w| {
+            let got = advanced.get(&w.key);
+            Some(crate::prefetch::profiles::Fetched {
+                topic: w.name.as_ref()?.as_str(),
+                partition: w.key.1,
+                from: w.part.fetch_offset,
+                next: got.map(|g| g.0),
+                bytes: got.map_or(0, |g| g.1.len()),
+            })
+        }),
+    );
+    // One delivered record set now and then goes to the content sampler (its rate decides).
+    if let Some(sampler) = &ctx.sampler
+        && !advanced.is_empty()
+        && (first || sampler.due())
+    {
+        // Which of the partitions: any will do, as long as it is not always the same one.
+        let pick = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() as usize);
+        let pick = (pick ^ client.id as usize) % advanced.len();
+        let (key, (_, records)) = advanced.iter().nth(pick).expect("pick < len");
+        if let Some(name) = wants
+            .iter()
+            .find(|w| &w.key == key)
+            .and_then(|w| w.name.as_ref())
+        {
+            let taken = sampler.offer(
+                crate::prefetch::content::SampleKey {
+                    conn: client.id,
+                    topic: name.as_str().into(),
+                    partition: key.1,
+                },
+                records.clone(),
+            );
+            // A dropped first sample is retried on the connection's next delivery.
+            if taken && first {
+                ctx.profiles.sampled(client.id);
+            }
+        }
+    }
+}

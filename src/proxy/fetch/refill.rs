@@ -1,0 +1,196 @@
+//! Keeps a consumer connection's queue filled: when a read-ahead poll lands with records, the
+//! next one goes out at once from where it ended (each partition from the end of what its
+//! queue holds, with the epoch of its last batch, as the client will ask), for as long as
+//! - the polls bring records (a consumer at the end of the log gets one long-poll per wait,
+//!   as without shardgate),
+//! - the connection's queue is below `prefetch.queue_bytes`, all queues below
+//!   `prefetch.max_bytes` and the memory budget less than half used (so the queue follows
+//!   the consumer's rate: it refills as the consumer takes from it),
+//! - the client still fetches the partition (within `prefetch.ttl_ms`) and the broker still
+//!   leads it,
+//! - the connection lives (the task holds no strong reference to it and is aborted with it).
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use kafka_protocol::messages::FetchResponse;
+
+use super::plan::{Key, Want};
+use super::readahead::ConnFetch;
+use super::upstream::{self, SubFuture, Template};
+use crate::protocol::codes;
+use crate::proxy::Ctx;
+
+/// Starts a poll of `wants` on `broker` for connection `conn` (the broker may hold it up to
+/// `max_wait`) and files it as the connection's poll in flight there; None when one is in
+/// flight already.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn start_poll(
+    ctx: &Ctx,
+    conn: u64,
+    state: &ConnFetch,
+    template: &Template,
+    broker: i32,
+    wants: &[&Want],
+    max_wait: Duration,
+    ahead: bool,
+) -> Option<SubFuture> {
+    let sessions = (ctx.settings.raw.upstream.fetch_sessions && template.version >= 7)
+        .then(|| state.sessions.clone());
+    let request_timeout = Duration::from_millis(ctx.settings.raw.upstream.request_timeout_ms);
+    state.start_if_idle(broker, ahead, |seq| {
+        let f = upstream::start(
+            ctx.pool.clone(),
+            conn,
+            template,
+            broker,
+            wants,
+            max_wait,
+            request_timeout,
+            seq,
+            sessions,
+        );
+        if !ctx.settings.raw.prefetch.predictive() {
+            return f;
+        }
+        let topo = ctx.topology().load();
+        let ids: Vec<(&Want, uuid::Uuid, i32)> = wants
+            .iter()
+            .map(|w| (*w, super::topic_id(&topo, w), super::leader_epoch(&topo, w)))
+            .collect();
+        ctx.shared_reads.poll_started(
+            conn,
+            template.body.isolation_level,
+            template.body.min_bytes,
+            &ids,
+            f,
+        )
+    })
+}
+
+/// A connection's chain of read-ahead polls on one broker.
+pub(super) struct Refill {
+    pub ctx: Arc<Ctx>,
+    pub conn: u64,
+    pub state: Weak<ConnFetch>,
+    pub template: Template,
+    pub max_wait: Duration,
+    pub broker: i32,
+}
+
+impl Refill {
+    /// Follows `poll` (a read-ahead of `wants`) and the polls after it.
+    pub async fn run(self, mut wants: Vec<Want>, mut poll: SubFuture) {
+        let ttl = Duration::from_millis(self.ctx.settings.raw.prefetch.ttl_ms);
+        loop {
+            let r = poll.await;
+            let Some(state) = self.state.upgrade() else {
+                return;
+            };
+            let budget = self.ctx.budget.clone();
+            let folded = state.fold(&r, |n| (n > 0).then(|| budget.charge(n)));
+            if folded.stale {
+                self.ctx.topology().request_refresh();
+                return;
+            }
+            let Ok(resp) = &r.outcome else { return };
+            if resp.error_code != codes::NONE || !advance(&mut wants, resp) {
+                return;
+            }
+            if !self.room(&state) {
+                metrics::counter!("shardgate_prefetch_queue_full_total").increment(1);
+                return;
+            }
+            let topo = self.ctx.topology().load();
+            let predictive = self.ctx.settings.raw.prefetch.predictive();
+            let isolation = self.template.body.isolation_level;
+            wants.retain(|w| {
+                state.asked_within(&w.key, ttl)
+                    && leads(&topo, w, self.broker)
+                    // Another consumer's read of it is out or kept: taken from there.
+                    && !(predictive
+                        && self.ctx.shared_reads.covers(
+                            w,
+                            isolation,
+                            super::topic_id(&topo, w),
+                            super::leader_epoch(&topo, w),
+                        ))
+            });
+            if wants.is_empty() {
+                return;
+            }
+            let refs: Vec<&Want> = wants.iter().collect();
+            let Some(next) = start_poll(
+                &self.ctx,
+                self.conn,
+                &state,
+                &self.template,
+                self.broker,
+                &refs,
+                self.max_wait,
+                true,
+            ) else {
+                return; // the client's own poll is out: it continues from there
+            };
+            metrics::counter!("shardgate_fetch_readahead_polls_total").increment(1);
+            poll = next;
+        }
+    }
+
+    /// Whether the connection's queue, all queues and the memory budget have room for more.
+    fn room(&self, state: &ConnFetch) -> bool {
+        let cfg = &self.ctx.settings.raw.prefetch;
+        state.queued_bytes() < cfg.queue_bytes
+            && super::readahead::queued_total() < cfg.max_bytes
+            && self.ctx.budget.used() < self.ctx.budget.limit() / 2
+    }
+}
+
+/// Moves each partition of `wants` past what `resp` brought for it (partitions it answered
+/// with an error are dropped). Whether any brought records.
+fn advance(wants: &mut Vec<Want>, resp: &FetchResponse) -> bool {
+    let mut any = false;
+    let mut failed: Vec<Key> = Vec::new();
+    for t in &resp.responses {
+        for p in &t.partitions {
+            let Some(w) = wants.iter_mut().find(|w| {
+                w.key.1 == p.partition_index
+                    && if w.key.0.id.is_nil() {
+                        w.key.0.name == t.topic.0
+                    } else {
+                        w.key.0.id == t.topic_id
+                    }
+            }) else {
+                continue;
+            };
+            if p.error_code != codes::NONE || p.diverging_epoch.epoch >= 0 {
+                failed.push(w.key.clone());
+                continue;
+            }
+            let Some(records) = p.records.as_ref().filter(|r| !r.is_empty()) else {
+                continue;
+            };
+            let Some(next) = super::plan::batches_within(records, usize::MAX).1 else {
+                continue;
+            };
+            w.part.fetch_offset = next;
+            if w.part.last_fetched_epoch >= 0
+                && let Some(epoch) = super::plan::last_batch_epoch(records)
+            {
+                w.part.last_fetched_epoch = epoch;
+            }
+            any = true;
+        }
+    }
+    wants.retain(|w| !failed.contains(&w.key));
+    any
+}
+
+/// Whether the topology still names `broker` as the leader of `w`'s partition.
+fn leads(topo: &crate::upstream::topology::Topology, w: &Want, broker: i32) -> bool {
+    w.name
+        .as_ref()
+        .and_then(|n| topo.topics.get(n))
+        .and_then(|t| t.partitions.get(w.key.1 as usize))
+        .is_some_and(|p| p.leader == broker)
+}
