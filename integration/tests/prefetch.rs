@@ -967,3 +967,145 @@ fn a_consumer_behind_is_answered_from_its_queue_byte_for_byte_within_its_bound()
         "queue peaked at {peak} bytes for a bound of {QUEUE}"
     );
 }
+
+/// Sentences about pets or markets (the two kinds of content the ranking test tells apart).
+fn sentence(pets: bool, i: usize) -> String {
+    const PETS: [&str; 10] = [
+        "cat", "dog", "kitten", "puppy", "sofa", "purrs", "barks", "fur", "leash", "whiskers",
+    ];
+    const MARKETS: [&str; 10] = [
+        "stock",
+        "market",
+        "shares",
+        "index",
+        "investors",
+        "bond",
+        "yield",
+        "earnings",
+        "dividend",
+        "inflation",
+    ];
+    let words = if pets { PETS } else { MARKETS };
+    let picked: Vec<&str> = (0..20).map(|k| words[(i * 7 + k * 3) % 10]).collect();
+    format!("The {}", picked.join(" "))
+}
+
+/// A consumer connection that was delivered records about pets, fetching four partitions
+/// whose queued records do not fit its max_bytes (three about markets, one about pets, the
+/// pets one last in its request): the response puts the pets partition first, whole, and
+/// the others only as far as the bytes allow; the records are Kafka's own.
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn a_consumer_gets_the_content_it_prefers_first_when_not_everything_fits() {
+    const PART_MAX: i32 = 2048;
+    let (warm, topic) = (unique("prefetch-warm"), unique("prefetch-rank"));
+    create_topic_direct(&warm, &["--replica-assignment", "1"]);
+    create_topic_direct(&topic, &["--replica-assignment", "1,1,1,1"]);
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("batch.num.messages", "5")
+        .set("acks", "1") // replication factor 1 on a testbed asking 2 in sync
+        .create()
+        .unwrap();
+    let send = |t: &str, p: i32, v: String| {
+        while producer
+            .send(BaseRecord::<(), _>::to(t).partition(p).payload(&v))
+            .is_err()
+        {
+            producer.poll(Duration::from_millis(10));
+        }
+    };
+    for i in 0..300 {
+        send(&warm, 0, sentence(true, i));
+        for p in 0..4 {
+            send(&topic, p, sentence(p == 3, i));
+        }
+    }
+    producer.flush(Duration::from_secs(60)).unwrap();
+
+    let (client, admin) = ("127.0.0.1:29156", "127.0.0.1:29256");
+    let _sg = own_instance(
+        "prefetch-rank",
+        client,
+        admin,
+        "",
+        "[prefetch]\nsamples_per_sec = 100000\n",
+    );
+    let mut s = std::net::TcpStream::connect(client).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut correlation = 0;
+    let mut fetch = |s: &mut std::net::TcpStream, t: &str, parts: &[(i32, i64)], max: i32| {
+        correlation += 1;
+        let resp = fetch_on(s, correlation, &fetch_v12(t, parts, PART_MAX, max));
+        assert_eq!(resp.error_code, 0);
+        resp
+    };
+    // What this connection is delivered: pets.
+    let mut at = 0;
+    while at < 300 {
+        let resp = fetch(&mut s, &warm, &[(0, at)], 64 * 1024);
+        let p = &resp.responses[0].partitions[0];
+        at = p.records.as_deref().and_then(next_offset).unwrap_or(at);
+    }
+    // The read-ahead of the warm-up topic ends with a poll at its end, held for the fetch's
+    // max wait (500 ms), and a connection has one poll per broker at a time.
+    std::thread::sleep(Duration::from_secs(1));
+    // A first look at each partition (one at a time: nothing cut), so that each has content
+    // sampled and a queue read ahead of where this connection is.
+    let mut offsets = [0i64; 4];
+    for p in 0..4 {
+        let resp = fetch(&mut s, &topic, &[(p, 0)], 64 * 1024);
+        let records = resp.responses[0].partitions[0].records.clone();
+        offsets[p as usize] = records.as_deref().and_then(next_offset).unwrap_or_else(|| {
+            panic!(
+                "no records from partition {p}: {:?}",
+                resp.responses[0].partitions[0]
+            )
+        });
+    }
+    std::thread::sleep(Duration::from_secs(2)); // samples embedded, queues filled
+    let ranked_before = metric_of(admin, "shardgate_prefetch_ranked_responses_total", &[]);
+    // All four, pets last in the request, 3 KiB for everything: not all of it fits.
+    let parts: Vec<(i32, i64)> = (0..4).map(|p| (p, offsets[p as usize])).collect();
+    let resp = fetch(&mut s, &topic, &parts, 3 * 1024);
+    let with_records: Vec<(i32, bytes::Bytes)> = resp.responses[0]
+        .partitions
+        .iter()
+        .filter_map(|p| {
+            let r = p.records.clone().filter(|r| !r.is_empty())?;
+            Some((p.partition_index, r))
+        })
+        .collect();
+    assert_eq!(
+        with_records.first().map(|(p, _)| *p),
+        Some(3),
+        "the pets partition first: {:?}",
+        resp.responses[0]
+            .partitions
+            .iter()
+            .map(|p| (p.partition_index, p.records.as_ref().map_or(0, |r| r.len())))
+            .collect::<Vec<_>>()
+    );
+    assert!(metric_of(admin, "shardgate_prefetch_ranked_responses_total", &[]) > ranked_before);
+    let total: usize = with_records.iter().map(|(_, r)| r.len()).sum();
+    assert!(total <= 3 * 1024 + PART_MAX as usize, "{total} bytes");
+    // Each partition's records are Kafka's from the offset asked.
+    let leaders = leaders_direct(&topic);
+    for (p, records) in &with_records {
+        let mut direct = std::net::TcpStream::connect(&leaders[p]).unwrap();
+        direct
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let at = offsets[*p as usize];
+        let k = fetch_on(
+            &mut direct,
+            1,
+            &fetch_v12(&topic, &[(*p, at)], PART_MAX, 64 * 1024),
+        );
+        let kafka = k.responses[0].partitions[0].records.clone().unwrap();
+        assert!(
+            kafka.starts_with(records),
+            "partition {p} from {at}: not a prefix of Kafka's answer"
+        );
+    }
+}

@@ -426,6 +426,26 @@ impl Profiles {
         }
     }
 
+    /// How close each partition's recent content is to what `conn` was delivered (cosine
+    /// similarity of their centroids; None where either has no samples yet).
+    pub fn affinities(&self, conn: u64, parts: &[(&str, i32)]) -> Vec<Option<f32>> {
+        let inner = self.lock();
+        let mine = inner
+            .conns
+            .get(&conn)
+            .and_then(|c| c.centroid.as_ref())
+            .filter(|c| c.count() > 0);
+        parts
+            .iter()
+            .map(|(t, p)| {
+                let mine = mine?;
+                let theirs = inner.partition_content.get(&(t.to_string(), *p))?;
+                (theirs.count() > 0 && theirs.dims() == mine.dims())
+                    .then(|| super::embed::cosine(mine.mean(), theirs.mean()))
+            })
+            .collect()
+    }
+
     pub fn connection_closed(&self, conn: u64) {
         self.lock().conns.remove(&conn);
     }

@@ -41,7 +41,21 @@ pub(super) fn answer(
             .find(|w| &w.key == k)
             .map(|w| w.part.fetch_offset)
     };
+    // Not everything fits: the consumer's preferred content first (rank.rs).
+    if fetch.ctx.settings.raw.prefetch.predictive() && over(&answers, max_bytes) {
+        let parts: Vec<(&str, i32)> = wants
+            .iter()
+            .map(|w| (w.name.as_ref().map_or("", |n| n.as_str()), w.key.1))
+            .collect();
+        let scores = fetch.ctx.profiles.affinities(fetch.client.id, &parts);
+        let cut_before = state.were_cut(answers.iter().map(|(k, _)| k));
+        if super::rank::order(&mut answers, max_bytes, &scores, &cut_before) {
+            metrics::counter!("shardgate_prefetch_ranked_responses_total").increment(1);
+        }
+    }
+    let mut cut = std::collections::HashSet::new();
     keep_max_bytes(&mut answers, max_bytes, |k, offset, rest| {
+        cut.insert(k.clone());
         let charge = fetch
             .ctx
             .budget
@@ -54,6 +68,7 @@ pub(super) fn answer(
             Some(charge),
         );
     });
+    state.set_cut(cut);
     // Where the client will fetch next, and the bytes it got, for partitions that got records.
     let advanced: Delivered = answers
         .iter()
@@ -100,6 +115,15 @@ pub(super) fn answer(
     }
     let pieces = encode_response_pieces(ApiKey::Fetch, version, correlation_id, &resp, records)?;
     Ok((Reply::Pieces(pieces), advanced))
+}
+
+/// Whether the records of `answers` hold more than `max_bytes` together.
+fn over(answers: &[(Key, PartitionData)], max_bytes: i32) -> bool {
+    let total: usize = answers
+        .iter()
+        .map(|(_, p)| p.records.as_ref().map_or(0, |r| r.len()))
+        .sum();
+    total > max_bytes.max(0) as usize
 }
 
 /// Cuts the answers to `max_bytes` in total at whole record batches. The first partition with

@@ -20,6 +20,7 @@
 mod assemble;
 mod learn;
 mod plan;
+mod rank;
 pub mod readahead;
 mod refill;
 pub mod session;
@@ -258,7 +259,7 @@ impl Fetch<'_> {
                             self.late.insert(w.key.clone());
                         }
                     }
-                    t.data
+                    self.within_partition_max(w, t.data)
                 }
                 None if !prefetch => continue,
                 None => match self.ctx.shared_reads.find(
@@ -331,6 +332,27 @@ impl Fetch<'_> {
         }
     }
 
+    /// A queued answer cut at whole batches to the partition max bytes the client asks with
+    /// now (it may have been read for a larger one); the rest stays first in the queue. A
+    /// first batch above it goes whole, as Kafka sends it.
+    fn within_partition_max(&self, w: &Want, mut p: PartitionData) -> PartitionData {
+        let limit = w.part.partition_max_bytes.max(0) as usize;
+        let Some(records) = p.records.clone().filter(|r| r.len() > limit) else {
+            return p;
+        };
+        let (fit, next) = plan::batches_within(&records, limit);
+        if let (true, Some(next)) = (fit > 0, next) {
+            let mut rest = p.clone();
+            rest.records = Some(records.slice(fit..));
+            p.records = Some(records.slice(..fit));
+            let charge = self.ctx.budget.charge(records.len() - fit);
+            self.client
+                .fetch
+                .put(w.key.clone(), next, None, rest, Some(charge));
+        }
+        p
+    }
+
     /// Makes sure every partition still waiting is being read: one poll per broker at a time
     /// (a poll already running for a broker is waited for; once it lands, the next round
     /// starts a fresh one if its partitions still have nothing). Returns the polls to wait on.
@@ -351,7 +373,9 @@ impl Fetch<'_> {
         // A shared pre-read under way answers its partitions (or, empty, lets them be polled).
         let mut waits: Vec<upstream::SubFuture> = self.covered.values().cloned().collect();
         for (broker, ws) in by_broker {
-            if let Some(f) = state.pending(broker) {
+            let offsets: Vec<(&Key, i64)> =
+                ws.iter().map(|w| (&w.key, w.part.fetch_offset)).collect();
+            if let Some(f) = state.pending_for(broker, &offsets) {
                 waits.push(f);
                 continue;
             }

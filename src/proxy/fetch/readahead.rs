@@ -90,8 +90,14 @@ struct Inner {
     /// When the client last fetched each partition (a queue continues only for those it
     /// still fetches).
     asked: HashMap<Key, Instant>,
+    /// Partitions the last response cut at max_bytes (they go first in the next).
+    cut: std::collections::HashSet<Key>,
     seen: HashMap<Key, Marks>,
-    pending: HashMap<i32, (u64, SubFuture)>,
+    /// Per broker: the poll in flight, and the offset it asks each partition from.
+    pending: HashMap<i32, (u64, SubFuture, HashMap<Key, i64>)>,
+    /// Brokers where a request waits for partitions (or offsets) the read-ahead poll in
+    /// flight does not ask for: the chain of read-ahead polls stops there and lets it poll.
+    yielding: std::collections::HashSet<i32>,
     /// Sequence numbers of polls sent ahead of the client's request (read-aheads): what
     /// they bring counts as prefetched.
     ahead: std::collections::HashSet<u64>,
@@ -239,6 +245,20 @@ impl ConnFetch {
         }
     }
 
+    /// Whether the last response cut each of `keys` at max_bytes.
+    pub fn were_cut<'a>(&self, keys: impl Iterator<Item = &'a Key>) -> Vec<bool> {
+        let st = self.inner.lock().expect("read-ahead");
+        keys.map(|k| st.cut.contains(k)).collect()
+    }
+
+    /// The partitions the response just assembled cut at max_bytes.
+    pub fn set_cut(&self, cut: std::collections::HashSet<Key>) {
+        let mut st = self.inner.lock().expect("read-ahead");
+        if !(cut.is_empty() && st.cut.is_empty()) {
+            st.cut = cut;
+        }
+    }
+
     /// Record bytes queued for this connection.
     pub fn queued_bytes(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
@@ -277,7 +297,30 @@ impl ConnFetch {
             .expect("read-ahead")
             .pending
             .get(&broker)
-            .map(|(_, f)| f.clone())
+            .map(|(_, f, _)| f.clone())
+    }
+
+    /// The poll in flight on `broker`, and whether it asks for every one of `wants` (key,
+    /// offset) at that offset. When it does not, the read-ahead chain there stops after it
+    /// (the request then polls what it needs).
+    pub fn pending_for(&self, broker: i32, wants: &[(&Key, i64)]) -> Option<SubFuture> {
+        let mut st = self.inner.lock().expect("read-ahead");
+        let (_, f, asked) = st.pending.get(&broker)?;
+        let f = f.clone();
+        let covers = wants.iter().all(|(k, o)| asked.get(*k) == Some(o));
+        if !covers {
+            st.yielding.insert(broker);
+        }
+        Some(f)
+    }
+
+    /// Whether a request is waiting for the read-ahead chain on `broker` to stop.
+    pub fn yielding(&self, broker: i32) -> bool {
+        self.inner
+            .lock()
+            .expect("read-ahead")
+            .yielding
+            .contains(&broker)
     }
 
     /// Starts a poll of `broker` with `start(seq)` and files it as the one in flight there,
@@ -288,15 +331,19 @@ impl ConnFetch {
         &self,
         broker: i32,
         ahead: bool,
+        asked: HashMap<Key, i64>,
         start: impl FnOnce(u64) -> SubFuture,
     ) -> Option<SubFuture> {
         let mut st = self.inner.lock().expect("read-ahead");
-        if st.pending.contains_key(&broker) {
+        if st.pending.contains_key(&broker) || (ahead && st.yielding.contains(&broker)) {
             return None;
+        }
+        if !ahead {
+            st.yielding.remove(&broker);
         }
         let seq = self.next_seq();
         let f = start(seq);
-        st.pending.insert(broker, (seq, f.clone()));
+        st.pending.insert(broker, (seq, f.clone(), asked));
         if ahead {
             st.ahead.retain(|s| *s + 1024 > seq); // bounded: old marks of lost polls go
             st.ahead.insert(seq);
@@ -308,7 +355,7 @@ impl ConnFetch {
     /// nothing) at the end of each partition's queue. `charge` accounts for the bytes kept.
     pub fn fold(&self, r: &SubResult, charge: impl Fn(usize) -> Option<Charge>) -> Folded {
         let mut st = self.inner.lock().expect("read-ahead");
-        if st.pending.get(&r.broker).map(|(s, _)| *s) != Some(r.seq) {
+        if st.pending.get(&r.broker).map(|(s, _, _)| *s) != Some(r.seq) {
             return Folded::default();
         }
         st.pending.remove(&r.broker);
@@ -504,7 +551,7 @@ mod tests {
         });
         let seq = std::cell::Cell::new(0);
         let started = f
-            .start_if_idle(1, true, |s| {
+            .start_if_idle(1, true, HashMap::new(), |s| {
                 seq.set(s);
                 futures::future::ready(result.clone()).boxed().shared()
             })

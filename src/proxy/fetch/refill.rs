@@ -38,7 +38,11 @@ pub(super) fn start_poll(
     let sessions = (ctx.settings.raw.upstream.fetch_sessions && template.version >= 7)
         .then(|| state.sessions.clone());
     let request_timeout = Duration::from_millis(ctx.settings.raw.upstream.request_timeout_ms);
-    state.start_if_idle(broker, ahead, |seq| {
+    let asked = wants
+        .iter()
+        .map(|w| (w.key.clone(), w.part.fetch_offset))
+        .collect();
+    state.start_if_idle(broker, ahead, asked, |seq| {
         let f = upstream::start(
             ctx.pool.clone(),
             conn,
@@ -116,8 +120,8 @@ impl Refill {
                             super::leader_epoch(&topo, w),
                         ))
             });
-            if wants.is_empty() {
-                return;
+            if wants.is_empty() || state.yielding(self.broker) {
+                return; // a request needs other partitions or offsets: it polls them
             }
             let refs: Vec<&Want> = wants.iter().collect();
             let Some(next) = start_poll(
@@ -193,4 +197,83 @@ fn leads(topo: &crate::upstream::topology::Topology, w: &Want, broker: i32) -> b
         .and_then(|n| topo.topics.get(n))
         .and_then(|t| t.partitions.get(w.key.1 as usize))
         .is_some_and(|p| p.leader == broker)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::TopicRef;
+    use kafka_protocol::messages::fetch_request::FetchPartition;
+    use kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
+
+    fn want(p: i32, offset: i64, last_epoch: i32) -> Want {
+        Want {
+            key: (
+                TopicRef {
+                    name: kafka_protocol::protocol::StrBytes::from_static_str("t"),
+                    id: uuid::Uuid::nil(),
+                },
+                p,
+            ),
+            part: FetchPartition::default()
+                .with_partition(p)
+                .with_fetch_offset(offset)
+                .with_last_fetched_epoch(last_epoch),
+            name: None,
+            leader: Ok(1),
+        }
+    }
+
+    /// One batch of offsets base..=base+last_delta in leader epoch `epoch`.
+    fn batch(base: i64, last_delta: i32, epoch: i32) -> bytes::Bytes {
+        use bytes::BufMut;
+        let mut b = bytes::BytesMut::new();
+        b.put_i64(base);
+        b.put_i32(49);
+        b.put_i32(epoch);
+        b.put_i8(2);
+        b.put_u32(0);
+        b.put_i16(0);
+        b.put_i32(last_delta);
+        b.resize(61, 0);
+        b.freeze()
+    }
+
+    fn response(parts: Vec<PartitionData>) -> FetchResponse {
+        FetchResponse::default().with_responses(vec![
+            FetchableTopicResponse::default()
+                .with_topic(kafka_protocol::messages::TopicName(
+                    kafka_protocol::protocol::StrBytes::from_static_str("t"),
+                ))
+                .with_partitions(parts),
+        ])
+    }
+
+    #[test]
+    fn the_next_poll_asks_from_where_each_answer_ended_as_the_client_will() {
+        let mut wants = vec![want(0, 10, 3), want(1, 50, -1), want(2, 7, 3)];
+        let resp = response(vec![
+            PartitionData::default()
+                .with_partition_index(0)
+                .with_records(Some(batch(10, 4, 5))),
+            // Nothing new: stays where it was.
+            PartitionData::default()
+                .with_partition_index(1)
+                .with_records(Some(bytes::Bytes::new())),
+            // An error: no longer read ahead.
+            PartitionData::default()
+                .with_partition_index(2)
+                .with_error_code(codes::NOT_LEADER_OR_FOLLOWER),
+        ]);
+        assert!(advance(&mut wants, &resp));
+        let at: Vec<(i32, i64, i32)> = wants
+            .iter()
+            .map(|w| (w.key.1, w.part.fetch_offset, w.part.last_fetched_epoch))
+            .collect();
+        // Partition 0 continues after offset 14 with the epoch of the batch it got (a client
+        // that sends no epoch, partition 1, keeps sending none).
+        assert_eq!(at, vec![(0, 15, 5), (1, 50, -1)]);
+        let empty = response(vec![PartitionData::default().with_partition_index(0)]);
+        assert!(!advance(&mut wants, &empty), "nothing came: the chain ends");
+    }
 }
