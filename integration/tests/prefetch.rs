@@ -854,7 +854,8 @@ fn next_offset(records: &[u8]) -> Option<i64> {
 
 /// A consumer reading a backlog more slowly than shardgate can read it (a raw Fetch every
 /// 20 ms on one connection, 16 KiB per partition) is answered from its connection's queue:
-/// each answer holds byte for byte what Kafka gives a fetch from that offset, with a high
+/// each answer holds byte for byte what Kafka gives a fetch from that offset (or, read when
+/// the queue had less room, its beginning: at least one whole batch), with a high
 /// watermark never ahead of Kafka's; at least 90 % of the partitions answered with records
 /// were in memory when asked (hits), and the queue stays within `prefetch.queue_bytes` (plus
 /// one poll's answer) while the backlog is far larger, refilling as the consumer takes.
@@ -899,7 +900,7 @@ fn a_consumer_behind_is_answered_from_its_queue_byte_for_byte_within_its_bound()
     let mut s = std::net::TcpStream::connect(client).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut offsets = [0i64, 0];
-    let (mut answers, mut peak, mut correlation) = (0usize, 0f64, 0);
+    let (mut answers, mut peak, mut correlation, mut whole) = (0usize, 0f64, 0, 0usize);
     let started = Instant::now();
     while offsets.iter().zip(&ends).any(|(o, e)| o < e) {
         assert!(
@@ -933,6 +934,16 @@ fn a_consumer_behind_is_answered_from_its_queue_byte_for_byte_within_its_bound()
             );
             let kp = &kafka_resp.responses[0].partitions[0];
             assert_eq!(kp.error_code, 0);
+            // Kafka's records from that offset: all of them, or (a read-ahead poll asks no
+            // more than its queue has room for) their beginning, at least one whole batch.
+            let kafka = kp.records.clone().unwrap_or_default();
+            assert!(
+                kafka.starts_with(records) && next_offset(records).is_some(),
+                "partition {i} from {at}: {} bytes through shardgate, not Kafka's first {} bytes",
+                records.len(),
+                kafka.len()
+            );
+            whole += usize::from(kafka.len() == records.len());
             assert!(
                 kp.records.as_deref() == Some(&records[..]),
                 "partition {i} from {at}: {} bytes through shardgate, {} from Kafka",
@@ -951,7 +962,7 @@ fn a_consumer_behind_is_answered_from_its_queue_byte_for_byte_within_its_bound()
     let misses = metric_of(admin, "shardgate_prefetch_misses_total", &[]);
     let full = metric_of(admin, "shardgate_prefetch_queue_full_total", &[]);
     eprintln!(
-        "{answers} partition answers: hits {hits}, late {late}, misses {misses}; queue peak {peak} bytes, full {full} times"
+        "{answers} partition answers ({whole} all of what Kafka sends for the fetch): hits {hits}, late {late}, misses {misses}; queue peak {peak} bytes, full {full} times"
     );
     assert_eq!(hits + late + misses, answers as f64);
     assert!(

@@ -58,8 +58,9 @@ pub struct PrefetchConfig {
     /// Bytes of records one consumer connection may hold read ahead of its position (its
     /// queue): polls continue from the end of what it holds while it has room and they bring
     /// records. All queues together stay within `max_bytes`. 0: one fetch ahead only.
-    #[serde(default = "default_queue_bytes")]
-    pub queue_bytes: usize,
+    /// Unset: 4 MiB, or `max_bytes` when that is smaller (`queue_bytes()`).
+    #[serde(default)]
+    pub queue_bytes: Option<usize>,
     /// Partitions that several consumers (groups) fetch are read once for all of them: a
     /// read in flight is waited for, answers are kept for those behind.
     #[serde(default = "default_enabled")]
@@ -97,6 +98,13 @@ impl PrefetchConfig {
     }
 
     /// Whether the predictive parts run.
+    /// Bytes one connection's queue may hold (`queue_bytes`, by default 4 MiB within
+    /// `max_bytes`).
+    pub fn queue_bytes(&self) -> usize {
+        self.queue_bytes
+            .unwrap_or((4 * 1024 * 1024).min(self.max_bytes))
+    }
+
     pub fn predictive(&self) -> bool {
         self.mode() == PrefetchMode::Predictive
     }
@@ -130,7 +138,7 @@ impl Default for PrefetchConfig {
             samples_per_sec: default_samples_per_sec(),
             max_bytes: default_max_bytes(),
             ttl_ms: default_ttl_ms(),
-            queue_bytes: default_queue_bytes(),
+            queue_bytes: None,
             share_reads: true,
             routing_fields: default_routing_fields(),
             minilm: MinilmConfig::default(),
@@ -155,9 +163,6 @@ fn default_embed_queue() -> usize {
 }
 fn default_max_bytes() -> usize {
     64 * 1024 * 1024
-}
-fn default_queue_bytes() -> usize {
-    4 * 1024 * 1024
 }
 fn default_ttl_ms() -> u64 {
     10_000
@@ -216,13 +221,12 @@ impl PrefetchConfig {
                 "use a value from 1048576 (1 MiB) to 68719476736 (64 GiB); default 67108864",
             );
         }
-        if self.queue_bytes > self.max_bytes {
+        if let Some(q) = self.queue_bytes
+            && q > self.max_bytes
+        {
             return bad(
                 "queue_bytes",
-                format!(
-                    "{} is more than prefetch.max_bytes ({})",
-                    self.queue_bytes, self.max_bytes
-                ),
+                format!("{q} is more than prefetch.max_bytes ({})", self.max_bytes),
                 "use a value from 0 (one fetch ahead only) to prefetch.max_bytes; default 4194304",
             );
         }

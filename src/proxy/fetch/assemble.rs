@@ -48,14 +48,17 @@ pub(super) fn answer(
             .map(|w| (w.name.as_ref().map_or("", |n| n.as_str()), w.key.1))
             .collect();
         let scores = fetch.ctx.profiles.affinities(fetch.client.id, &parts);
-        let cut_before = state.were_cut(answers.iter().map(|(k, _)| k));
-        if super::rank::order(&mut answers, max_bytes, &scores, &cut_before) {
+        let waits = state.waits(answers.iter().map(|(k, _)| k));
+        if super::rank::order(&mut answers, max_bytes, &scores, &waits) {
             metrics::counter!("shardgate_prefetch_ranked_responses_total").increment(1);
         }
     }
-    let mut cut = std::collections::HashSet::new();
+    let isolation = fetch.template.body.isolation_level;
+    let mut cut = Vec::new();
     keep_max_bytes(&mut answers, max_bytes, |k, offset, rest| {
-        cut.insert(k.clone());
+        if offset.is_none() {
+            cut.push(k.clone()); // nothing of it delivered
+        }
         let charge = fetch
             .ctx
             .budget
@@ -64,11 +67,18 @@ pub(super) fn answer(
             k.clone(),
             offset.or_else(|| offsets(k)).unwrap_or(-1),
             None,
+            isolation,
             rest,
             Some(charge),
         );
     });
-    state.set_cut(cut);
+    state.note_cuts(
+        cut.iter(),
+        answers
+            .iter()
+            .filter(|(_, p)| p.records.as_ref().is_some_and(|r| !r.is_empty()))
+            .map(|(k, _)| k),
+    );
     // Where the client will fetch next, and the bytes it got, for partitions that got records.
     let advanced: Delivered = answers
         .iter()
@@ -117,6 +127,13 @@ pub(super) fn answer(
     Ok((Reply::Pieces(pieces), advanced))
 }
 
+/// The length of the first record batch of `records` (0: not even its header).
+fn first_batch_len(records: &bytes::Bytes) -> usize {
+    records.get(8..12).map_or(0, |b| {
+        12 + i32::from_be_bytes(b.try_into().expect("4 bytes")).max(0) as usize
+    })
+}
+
 /// Whether the records of `answers` hold more than `max_bytes` together.
 fn over(answers: &[(Key, PartitionData)], max_bytes: i32) -> bool {
     let total: usize = answers
@@ -145,11 +162,24 @@ pub(super) fn keep_max_bytes(
         if records.is_empty() {
             continue;
         }
-        if total == 0 || total + records.len() <= max {
+        if total + records.len() <= max {
             total += records.len();
             continue;
         }
-        let (fit, next) = plan::batches_within(&records, max.saturating_sub(total));
+        // The first partition with records keeps at least its first batch whole, as Kafka
+        // sends it (else the consumer could never progress).
+        let room = if total == 0 {
+            max.max(first_batch_len(&records))
+        } else {
+            max.saturating_sub(total)
+        };
+        let (fit, next) = plan::batches_within(&records, room);
+        if fit == records.len() || (fit == 0 && total == 0) {
+            // All of it (one batch larger than max_bytes), or not even one whole batch (a
+            // broker's partial one): as it came.
+            total += records.len();
+            continue;
+        }
         let mut left = p.clone();
         left.records = Some(records.slice(fit..));
         rest(key, next, left);
@@ -211,6 +241,16 @@ mod tests {
         assert_eq!((cut[0].0, cut[0].1), (1, Some(104)));
         assert_eq!(cut[0].2.records.as_ref().unwrap().len(), 6 * 1012);
         assert_eq!((cut[1].0, cut[1].1), (2, None));
+    }
+
+    #[test]
+    fn the_first_partition_is_cut_to_max_bytes_but_keeps_one_whole_batch() {
+        // Ten batches of 1,012 bytes, max 2,500: two go out, the rest waits (as Kafka cuts).
+        let mut a = vec![answer(0, batches(0, 10, 1000))];
+        let mut cut = Vec::new();
+        keep_max_bytes(&mut a, 2_500, |k, next, rest| cut.push((k.1, next, rest)));
+        assert_eq!(a[0].1.records.as_ref().unwrap().len(), 2 * 1012);
+        assert_eq!((cut[0].0, cut[0].1), (0, Some(2)));
     }
 
     #[test]

@@ -128,6 +128,11 @@ pub async fn handle(
         // never reported on yet (each bounded by its own timeout).
         fetch.settle(&wants).await;
     }
+    // Throttle times of polls folded since the last answer (this request's own or the
+    // connection's read-ahead): the client backs off as it would with Kafka.
+    let throttle = client.fetch.take_throttle();
+    fetch.throttle_ms = fetch.throttle_ms.max(throttle);
+    client.note_throttle(throttle);
     let (reply, advanced) = assemble::answer(
         &mut fetch,
         &wants,
@@ -250,8 +255,13 @@ impl Fetch<'_> {
             if self.got.contains_key(&w.key) {
                 continue;
             }
-            let p = match state.take(&w.key, plan::Asked::of(&w.part)) {
-                Some(t) => {
+            let took = state.take(&w.key, plan::Asked::of(&w.part), isolation);
+            if let (readahead::Took::Dropped, Ok(b)) = (&took, w.leader) {
+                // The client sought elsewhere: the chain reading there stops for its poll.
+                state.yield_broker(b);
+            }
+            let p = match took {
+                readahead::Took::Entry(t) => {
                     if t.data.records.as_ref().is_some_and(|r| !r.is_empty()) {
                         if self.first_take {
                             self.hits.insert(w.key.clone());
@@ -259,10 +269,12 @@ impl Fetch<'_> {
                             self.late.insert(w.key.clone());
                         }
                     }
-                    self.within_partition_max(w, t.data)
+                    let mut p = self.within_partition_max(w, t.data);
+                    raise_marks(state, &w.key, &mut p);
+                    p
                 }
-                None if !prefetch => continue,
-                None => match self.ctx.shared_reads.find(
+                _ if !prefetch => continue,
+                _ => match self.ctx.shared_reads.find(
                     self.client.id,
                     w,
                     isolation,
@@ -272,14 +284,7 @@ impl Fetch<'_> {
                     shared::Found::Ready(p) => {
                         self.hits.insert(w.key.clone());
                         let mut p = *p;
-                        // Read earlier (maybe for another consumer): offsets this connection
-                        // was told since are still true and never go back.
-                        if let Some(seen) = state.seen(&w.key) {
-                            p.high_watermark = p.high_watermark.max(seen.high_watermark);
-                            p.last_stable_offset =
-                                p.last_stable_offset.max(seen.last_stable_offset);
-                            p.log_start_offset = p.log_start_offset.max(seen.log_start_offset);
-                        }
+                        raise_marks(state, &w.key, &mut p);
                         p
                     }
                     shared::Found::InFlight(f) => {
@@ -308,6 +313,7 @@ impl Fetch<'_> {
                         w.key.clone(),
                         w.part.fetch_offset,
                         Some(plan::Asked::of(&w.part)),
+                        isolation,
                         p,
                         Some(charge),
                     );
@@ -346,9 +352,14 @@ impl Fetch<'_> {
             rest.records = Some(records.slice(fit..));
             p.records = Some(records.slice(..fit));
             let charge = self.ctx.budget.charge(records.len() - fit);
-            self.client
-                .fetch
-                .put(w.key.clone(), next, None, rest, Some(charge));
+            self.client.fetch.put(
+                w.key.clone(),
+                next,
+                None,
+                self.template.body.isolation_level,
+                rest,
+                Some(charge),
+            );
         }
         p
     }
@@ -373,9 +384,11 @@ impl Fetch<'_> {
         // A shared pre-read under way answers its partitions (or, empty, lets them be polled).
         let mut waits: Vec<upstream::SubFuture> = self.covered.values().cloned().collect();
         for (broker, ws) in by_broker {
-            let offsets: Vec<(&Key, i64)> =
-                ws.iter().map(|w| (&w.key, w.part.fetch_offset)).collect();
-            if let Some(f) = state.pending_for(broker, &offsets) {
+            let asked: Vec<(&Key, plan::Asked)> = ws
+                .iter()
+                .map(|w| (&w.key, plan::Asked::of(&w.part)))
+                .collect();
+            if let Some(f) = state.pending_for(broker, &asked) {
                 waits.push(f);
                 continue;
             }
@@ -386,7 +399,7 @@ impl Fetch<'_> {
                 // was left of the wait then (give or take its timer), no second poll.
                 continue;
             }
-            match self.start_poll(broker, &ws, remaining, false) {
+            match self.start_poll(broker, &ws, remaining, readahead::PollKind::Own) {
                 Some(f) => {
                     self.polled.insert(broker);
                     self.mine.insert(broker, f.clone());
@@ -399,13 +412,14 @@ impl Fetch<'_> {
         waits
     }
 
-    /// Continuation read-ahead: for every broker that just delivered records, the client's
-    /// next fetch is sent now (the partitions that got records from their next offset, or
-    /// from the end of what the connection's queue holds of them; the others where they
-    /// were), so upstream reads the next answer while this one is written to the client
-    /// instead of after; `refill.rs` keeps going while the queue has room. The next fetch of
-    /// the connection picks the polls up. Consumers that got nothing cause no read-ahead (an
-    /// idle consumer costs no extra polls).
+    /// Continuation read-ahead: after a response with records, the client's next fetch is
+    /// sent now to every broker without a poll in flight (the partitions that got records
+    /// from their next offset, or from the end of what the connection's queue holds of them;
+    /// the others where they were), so upstream reads the next answer while this one is
+    /// written to the client instead of after, and partitions of other brokers are read
+    /// while a queue answers from memory; `refill.rs` keeps going while the queue has room.
+    /// The next fetch of the connection picks the polls up. Consumers that got nothing cause
+    /// no read-ahead (an idle consumer costs no extra polls).
     fn read_ahead(&self, wants: &[Want], advanced: &assemble::Delivered, max_wait: Duration) {
         let mode = self.ctx.settings.raw.prefetch.mode();
         if advanced.is_empty() || mode == crate::config::PrefetchMode::Off {
@@ -416,7 +430,10 @@ impl Fetch<'_> {
         let prefetch = mode == crate::config::PrefetchMode::Predictive;
         let isolation = self.template.body.isolation_level;
         let topo = self.ctx.topology().load();
-        let mut by_broker: BTreeMap<i32, (bool, Vec<Want>)> = BTreeMap::new();
+        let Some(room) = refill::room(self.ctx, state) else {
+            return; // the queue is full: the client takes from it first
+        };
+        let mut by_broker: BTreeMap<i32, Vec<Want>> = BTreeMap::new();
         for w in wants {
             let Ok(b) = w.leader else { continue };
             let mut next = w.clone();
@@ -458,16 +475,31 @@ impl Fetch<'_> {
             {
                 continue;
             }
-            let entry = by_broker.entry(b).or_default();
-            entry.0 |= got.is_some();
-            entry.1.push(next);
+            by_broker.entry(b).or_default().push(next);
         }
-        for (broker, (moved, ws)) in by_broker {
-            if !moved {
-                continue;
-            }
+        for (broker, ws) in by_broker {
             let refs: Vec<&Want> = ws.iter().collect();
-            let Some(poll) = self.start_poll(broker, &refs, max_wait, true) else {
+            // At most the room left (Kafka still sends one whole batch).
+            let mut template = self.template.clone();
+            template.body.max_bytes =
+                (room.min(i32::MAX as usize) as i32).clamp(1, template.body.max_bytes.max(1));
+            let Some(poll) = refill::start_poll(
+                self.ctx,
+                self.client.id,
+                state,
+                &template,
+                broker,
+                &refs,
+                max_wait,
+                readahead::PollKind::ReadAhead,
+            ) else {
+                // One is in flight: if it does not ask what the client will, the chain
+                // behind it stops after it.
+                let asked: Vec<(&Key, plan::Asked)> = ws
+                    .iter()
+                    .map(|w| (&w.key, plan::Asked::of(&w.part)))
+                    .collect();
+                let _ = state.pending_for(broker, &asked);
                 continue;
             };
             metrics::counter!("shardgate_fetch_readahead_polls_total").increment(1);
@@ -490,7 +522,7 @@ impl Fetch<'_> {
         broker: i32,
         wants: &[&Want],
         max_wait: Duration,
-        ahead: bool,
+        kind: readahead::PollKind,
     ) -> Option<upstream::SubFuture> {
         refill::start_poll(
             self.ctx,
@@ -500,7 +532,7 @@ impl Fetch<'_> {
             broker,
             wants,
             max_wait,
-            ahead,
+            kind,
         )
     }
 
@@ -518,12 +550,12 @@ impl Fetch<'_> {
 
     fn fold(&mut self, result: &upstream::SubResult) {
         let budget = self.ctx.budget.clone();
+        // Its throttle time is kept in the connection's state (a read-ahead task may fold
+        // it first), and taken before the answer goes out.
         let folded = self
             .client
             .fetch
             .fold(result, |n| (n > 0).then(|| budget.charge(n)));
-        self.throttle_ms = self.throttle_ms.max(folded.throttle_ms);
-        self.client.note_throttle(folded.throttle_ms);
         if folded.stale {
             self.ctx.topology().request_refresh();
         }
@@ -640,4 +672,17 @@ fn gate(
             .increment(1);
     }
     Some(kept)
+}
+
+/// Offsets this connection was told since an answer was read (for another consumer, or
+/// before a gate let it through) are still true and never go back: never ahead of upstream.
+fn raise_marks(state: &readahead::ConnFetch, key: &Key, p: &mut PartitionData) {
+    if p.error_code != codes::NONE {
+        return;
+    }
+    if let Some(seen) = state.seen(key) {
+        p.high_watermark = p.high_watermark.max(seen.high_watermark);
+        p.last_stable_offset = p.last_stable_offset.max(seen.last_stable_offset);
+        p.log_start_offset = p.log_start_offset.max(seen.log_start_offset);
+    }
 }

@@ -19,12 +19,16 @@ use crate::protocol::{TopicRef, codes};
 use crate::proxy::budget::Charge;
 
 /// Data not fetched again within this is dropped (the client moved on or went idle).
-const DATA_TTL: Duration = Duration::from_secs(30);
+pub const DATA_TTL: Duration = Duration::from_secs(30);
 /// An error is news only for the next fetch or so.
 const ERROR_TTL: Duration = Duration::from_secs(2);
 
 /// Record bytes in all connections' queues of this process (`prefetch.max_bytes` bounds it).
 static QUEUED: AtomicUsize = AtomicUsize::new(0);
+
+/// Poll numbers, unique in the process: a request may fold another connection's poll (a
+/// shared read), which must never pass for one of its own.
+static SEQ: AtomicU64 = AtomicU64::new(0);
 
 pub fn queued_total() -> usize {
     QUEUED.load(Ordering::Relaxed)
@@ -39,8 +43,8 @@ struct Held {
 impl Held {
     fn new(conn: &Arc<AtomicUsize>, n: usize) -> Self {
         conn.fetch_add(n, Ordering::Relaxed);
-        let total = QUEUED.fetch_add(n, Ordering::Relaxed) + n;
-        metrics::gauge!("shardgate_prefetch_queue_bytes").set(total as f64);
+        QUEUED.fetch_add(n, Ordering::Relaxed);
+        metrics::gauge!("shardgate_prefetch_queue_bytes").increment(n as f64);
         Self {
             conn: conn.clone(),
             n,
@@ -51,8 +55,8 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         self.conn.fetch_sub(self.n, Ordering::Relaxed);
-        let total = QUEUED.fetch_sub(self.n, Ordering::Relaxed) - self.n;
-        metrics::gauge!("shardgate_prefetch_queue_bytes").set(total as f64);
+        QUEUED.fetch_sub(self.n, Ordering::Relaxed);
+        metrics::gauge!("shardgate_prefetch_queue_bytes").decrement(self.n as f64);
     }
 }
 
@@ -61,6 +65,28 @@ pub struct Taken {
     pub data: PartitionData,
     /// Read by a poll sent ahead of the client's request.
     pub ahead: bool,
+}
+
+/// What a fetch found in a partition's queue (moved once, right away: not worth a box).
+#[allow(clippy::large_enum_variant)]
+pub enum Took {
+    Entry(Taken),
+    /// Nothing queued.
+    Empty,
+    /// Entries from another offset or with other epochs or isolation level: dropped (the
+    /// client sought elsewhere or learnt new epochs).
+    Dropped,
+}
+
+/// Who sends a poll (`start_if_idle`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollKind {
+    /// A request's own poll, for what it needs now.
+    Own,
+    /// The read-ahead of the client's next fetch, sent as a response goes out.
+    ReadAhead,
+    /// The next poll of a read-ahead chain (`refill.rs`).
+    Chain,
 }
 
 /// Where a partition's queue ends.
@@ -77,7 +103,9 @@ pub enum Tail {
 #[derive(Default)]
 pub struct ConnFetch {
     inner: Mutex<Inner>,
-    seq: AtomicU64,
+    /// Whether a sweep of expired entries is scheduled (a connection that stops fetching
+    /// would otherwise keep its queue while it stays open).
+    sweep_armed: std::sync::atomic::AtomicBool,
     /// Record bytes queued for this connection.
     queued: Arc<AtomicUsize>,
     /// The connection's fetch sessions with the brokers (its polls).
@@ -90,11 +118,14 @@ struct Inner {
     /// When the client last fetched each partition (a queue continues only for those it
     /// still fetches).
     asked: HashMap<Key, Instant>,
-    /// Partitions the last response cut at max_bytes (they go first in the next).
-    cut: std::collections::HashSet<Key>,
+    /// Partitions cut at max_bytes in the last responses, and in how many in a row (they go
+    /// first in the next, longest waiting first).
+    cut: HashMap<Key, u32>,
+    /// The largest throttle time of polls folded since a request last took it.
+    throttle_ms: i32,
     seen: HashMap<Key, Marks>,
-    /// Per broker: the poll in flight, and the offset it asks each partition from.
-    pending: HashMap<i32, (u64, SubFuture, HashMap<Key, i64>)>,
+    /// Per broker: the poll in flight, and how it asks for each partition.
+    pending: HashMap<i32, (u64, SubFuture, HashMap<Key, Asked>)>,
     /// Brokers where a request waits for partitions (or offsets) the read-ahead poll in
     /// flight does not ask for: the chain of read-ahead polls stops there and lets it poll.
     yielding: std::collections::HashSet<i32>,
@@ -120,6 +151,8 @@ struct Ready {
     /// The epochs of the poll it came from (None: the rest of an answer already checked, whose
     /// continuation does not depend on them).
     epochs: Option<(i32, i32)>,
+    /// The isolation level it was read with.
+    isolation: i8,
     data: PartitionData,
     at: Instant,
     ahead: bool,
@@ -164,12 +197,12 @@ impl std::fmt::Debug for ConnFetch {
 
 impl ConnFetch {
     pub fn next_seq(&self) -> u64 {
-        self.seq.fetch_add(1, Ordering::Relaxed)
+        SEQ.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The first entry of `key`'s queue if it answers a fetch `asked`; otherwise the queue
-    /// is dropped (the client sought elsewhere or learnt new epochs).
-    pub fn take(&self, key: &Key, asked: Asked) -> Option<Taken> {
+    /// The first entry of `key`'s queue if it answers a fetch `asked` at `isolation`;
+    /// otherwise the queue is dropped (the client sought elsewhere or learnt new epochs).
+    pub fn take(&self, key: &Key, asked: Asked, isolation: i8) -> Took {
         let mut st = self.inner.lock().expect("read-ahead");
         let now = Instant::now();
         match st.asked.get_mut(key) {
@@ -178,8 +211,12 @@ impl ConnFetch {
                 st.asked.insert(key.clone(), now);
             }
         }
-        let q = st.ready.get_mut(key)?;
-        let r = q.pop_front()?;
+        let Some(q) = st.ready.get_mut(key) else {
+            return Took::Empty;
+        };
+        let Some(r) = q.pop_front() else {
+            return Took::Empty;
+        };
         let epochs_hold = r
             .epochs
             .is_none_or(|e| e == (asked.current_leader_epoch, asked.last_fetched_epoch));
@@ -187,29 +224,33 @@ impl ConnFetch {
             Some("ttl")
         } else if r.offset != asked.offset {
             Some("seek")
-        } else if !epochs_hold {
+        } else if !epochs_hold || r.isolation != isolation {
             Some("epoch")
         } else {
             None
         };
-        let dropped = match reason {
-            None => 0,
+        let took = match reason {
+            None => Took::Entry(Taken {
+                data: r.data,
+                ahead: r.ahead,
+            }),
             Some(reason) => {
                 let n = 1 + q.len() as u64;
                 q.clear();
                 metrics::counter!("shardgate_fetch_readahead_dropped_total").increment(n);
                 metrics::counter!("shardgate_prefetch_evictions_total", "reason" => reason)
                     .increment(n);
-                n
+                if reason == "ttl" {
+                    Took::Empty
+                } else {
+                    Took::Dropped
+                }
             }
         };
         if q.is_empty() {
             st.ready.remove(key);
         }
-        (dropped == 0).then_some(Taken {
-            data: r.data,
-            ahead: r.ahead,
-        })
+        took
     }
 
     /// Puts `data` (an answer from `offset`) first in `key`'s queue for a later fetch;
@@ -220,6 +261,7 @@ impl ConnFetch {
         key: Key,
         offset: i64,
         asked: Option<Asked>,
+        isolation: i8,
         data: PartitionData,
         charge: Option<Charge>,
     ) {
@@ -228,6 +270,7 @@ impl ConnFetch {
         st.ready.entry(key).or_default().push_front(Ready {
             offset,
             epochs: asked.map(|a| (a.current_leader_epoch, a.last_fetched_epoch)),
+            isolation,
             data,
             at: Instant::now(),
             ahead: false,
@@ -245,18 +288,46 @@ impl ConnFetch {
         }
     }
 
-    /// Whether the last response cut each of `keys` at max_bytes.
-    pub fn were_cut<'a>(&self, keys: impl Iterator<Item = &'a Key>) -> Vec<bool> {
+    /// In how many responses in a row each of `keys` was cut at max_bytes.
+    pub fn waits<'a>(&self, keys: impl Iterator<Item = &'a Key>) -> Vec<u32> {
         let st = self.inner.lock().expect("read-ahead");
-        keys.map(|k| st.cut.contains(k)).collect()
+        keys.map(|k| st.cut.get(k).copied().unwrap_or(0)).collect()
     }
 
-    /// The partitions the response just assembled cut at max_bytes.
-    pub fn set_cut(&self, cut: std::collections::HashSet<Key>) {
+    /// What the response just assembled did with partitions that had records: `cut` at
+    /// max_bytes (nothing of them delivered) or `delivered` (some or all).
+    pub fn note_cuts<'a>(
+        &self,
+        cut: impl Iterator<Item = &'a Key>,
+        delivered: impl Iterator<Item = &'a Key>,
+    ) {
         let mut st = self.inner.lock().expect("read-ahead");
-        if !(cut.is_empty() && st.cut.is_empty()) {
-            st.cut = cut;
+        for k in delivered {
+            st.cut.remove(k);
         }
+        for k in cut {
+            *st.cut.entry(k.clone()).or_insert(0) += 1;
+        }
+        if st.cut.len() > 100_000 {
+            st.cut.clear(); // partitions no longer fetched; bounded whatever the client does
+        }
+    }
+
+    /// The largest throttle time upstream gave polls folded since the last call.
+    pub fn take_throttle(&self) -> i32 {
+        std::mem::take(&mut self.inner.lock().expect("read-ahead").throttle_ms)
+    }
+
+    /// Drops expired entries; a connection that stopped fetching keeps nothing past them.
+    pub fn expire(&self) {
+        self.sweep_armed.store(false, Ordering::Relaxed);
+        let mut st = self.inner.lock().expect("read-ahead");
+        expire(&mut st, Instant::now());
+    }
+
+    /// Whether the caller should schedule a sweep (none is scheduled yet).
+    pub fn arm_sweep(&self) -> bool {
+        !self.sweep_armed.swap(true, Ordering::Relaxed)
     }
 
     /// Record bytes queued for this connection.
@@ -303,11 +374,11 @@ impl ConnFetch {
     /// The poll in flight on `broker`, and whether it asks for every one of `wants` (key,
     /// offset) at that offset. When it does not, the read-ahead chain there stops after it
     /// (the request then polls what it needs).
-    pub fn pending_for(&self, broker: i32, wants: &[(&Key, i64)]) -> Option<SubFuture> {
+    pub fn pending_for(&self, broker: i32, wants: &[(&Key, Asked)]) -> Option<SubFuture> {
         let mut st = self.inner.lock().expect("read-ahead");
         let (_, f, asked) = st.pending.get(&broker)?;
         let f = f.clone();
-        let covers = wants.iter().all(|(k, o)| asked.get(*k) == Some(o));
+        let covers = wants.iter().all(|(k, a)| asked.get(*k) == Some(a));
         if !covers {
             st.yielding.insert(broker);
         }
@@ -323,6 +394,16 @@ impl ConnFetch {
             .contains(&broker)
     }
 
+    /// Makes the read-ahead chain on `broker` stop after its poll in flight (a request
+    /// needs something it does not read).
+    pub fn yield_broker(&self, broker: i32) {
+        self.inner
+            .lock()
+            .expect("read-ahead")
+            .yielding
+            .insert(broker);
+    }
+
     /// Starts a poll of `broker` with `start(seq)` and files it as the one in flight there,
     /// unless one is already (one poll per broker at a time: the socket serves one request at
     /// a time, and the fetch session with the broker numbers them). `ahead`: a read-ahead,
@@ -330,17 +411,28 @@ impl ConnFetch {
     pub fn start_if_idle(
         &self,
         broker: i32,
-        ahead: bool,
-        asked: HashMap<Key, i64>,
+        kind: PollKind,
+        asked: HashMap<Key, Asked>,
         start: impl FnOnce(u64) -> SubFuture,
     ) -> Option<SubFuture> {
         let mut st = self.inner.lock().expect("read-ahead");
-        if st.pending.contains_key(&broker) || (ahead && st.yielding.contains(&broker)) {
+        if st.pending.contains_key(&broker) {
+            if kind == PollKind::Own {
+                // The chain got its poll out first: it stops after it.
+                st.yielding.insert(broker);
+            }
             return None;
         }
-        if !ahead {
-            st.yielding.remove(&broker);
+        match kind {
+            PollKind::Chain if st.yielding.contains(&broker) => return None,
+            // A request's poll, or the read-ahead of its next fetch, covers what made it
+            // yield.
+            PollKind::Own | PollKind::ReadAhead => {
+                st.yielding.remove(&broker);
+            }
+            PollKind::Chain => {}
         }
+        let ahead = kind != PollKind::Own;
         let seq = self.next_seq();
         let f = start(seq);
         st.pending.insert(broker, (seq, f.clone(), asked));
@@ -361,24 +453,15 @@ impl ConnFetch {
         st.pending.remove(&r.broker);
         let ahead = st.ahead.remove(&r.seq);
         let now = Instant::now();
-        let mut expired = 0u64;
-        st.ready.retain(|_, q| {
-            let before = q.len();
-            q.retain(|e| !e.expired(now));
-            expired += (before - q.len()) as u64;
-            !q.is_empty()
-        });
-        if expired > 0 {
-            metrics::counter!("shardgate_prefetch_evictions_total", "reason" => "ttl")
-                .increment(expired);
-        }
-        st.asked.retain(|_, at| now.duration_since(*at) <= DATA_TTL);
+        expire(&mut st, now);
         let mut folded = Folded::default();
         let offsets: HashMap<&Key, Asked> = r.asked.iter().map(|(k, a)| (k, *a)).collect();
         let queued = self.queued.clone();
+        let isolation = r.isolation;
         let entry = |asked: Asked, data: PartitionData, charge: Option<Charge>| Ready {
             offset: asked.offset,
             epochs: Some((asked.current_leader_epoch, asked.last_fetched_epoch)),
+            isolation,
             _held: Held::new(&queued, data.records.as_ref().map_or(0, |r| r.len())),
             data,
             at: now,
@@ -388,6 +471,7 @@ impl ConnFetch {
         match &r.outcome {
             Ok(resp) if resp.error_code == codes::NONE => {
                 folded.throttle_ms = resp.throttle_time_ms;
+                st.throttle_ms = st.throttle_ms.max(resp.throttle_time_ms);
                 for t in &resp.responses {
                     for p in &t.partitions {
                         let key: Key = (
@@ -456,6 +540,24 @@ impl ConnFetch {
     }
 }
 
+/// Drops expired entries (and the record of partitions not asked for since).
+fn expire(st: &mut Inner, now: Instant) {
+    let mut expired = 0u64;
+    st.ready.retain(|_, q| {
+        let before = q.len();
+        q.retain(|e| !e.expired(now));
+        expired += (before - q.len()) as u64;
+        !q.is_empty()
+    });
+    if expired > 0 {
+        metrics::counter!("shardgate_prefetch_evictions_total", "reason" => "ttl")
+            .increment(expired);
+    }
+    st.asked.retain(|_, at| now.duration_since(*at) <= DATA_TTL);
+    let asked = &st.asked;
+    st.seen.retain(|k, _| asked.contains_key(k));
+}
+
 /// Queues `e` after what `key` holds when it continues it; otherwise (a gap, an error
 /// before it) it replaces the queue: a fetch can only ever take the first entry.
 fn append(st: &mut Inner, key: Key, e: Ready) {
@@ -471,125 +573,5 @@ fn append(st: &mut Inner, key: Key, e: Ready) {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn key() -> Key {
-        (
-            TopicRef {
-                name: kafka_protocol::protocol::StrBytes::from_static_str("t"),
-                id: uuid::Uuid::nil(),
-            },
-            0,
-        )
-    }
-
-    fn asked(offset: i64, current: i32, last: i32) -> Asked {
-        Asked {
-            offset,
-            current_leader_epoch: current,
-            last_fetched_epoch: last,
-        }
-    }
-
-    #[test]
-    fn a_polls_answer_serves_only_a_fetch_with_the_same_offset_and_epochs() {
-        let f = ConnFetch::default();
-        let data = || PartitionData::default().with_high_watermark(20);
-        f.put(key(), 10, Some(asked(10, 5, 4)), data(), None);
-        assert!(
-            f.take(&key(), asked(10, 5, 5)).is_none(),
-            "other last epoch"
-        );
-        f.put(key(), 10, Some(asked(10, 5, 4)), data(), None);
-        assert!(
-            f.take(&key(), asked(10, 6, 4)).is_none(),
-            "other leader epoch"
-        );
-        f.put(key(), 10, Some(asked(10, 5, 4)), data(), None);
-        assert!(f.take(&key(), asked(11, 5, 4)).is_none(), "other offset");
-        f.put(key(), 10, Some(asked(10, 5, 4)), data(), None);
-        assert!(f.take(&key(), asked(10, 5, 4)).is_some());
-        // The rest of a checked answer continues whatever the epochs.
-        f.put(key(), 10, None, data(), None);
-        assert!(f.take(&key(), asked(10, 7, 7)).is_some());
-    }
-
-    fn batch(base: i64, last_delta: i32, epoch: i32) -> bytes::Bytes {
-        use bytes::BufMut;
-        let mut b = bytes::BytesMut::new();
-        b.put_i64(base);
-        b.put_i32(100);
-        b.put_i32(epoch);
-        b.put_i8(2);
-        b.put_u32(0);
-        b.put_i16(0);
-        b.put_i32(last_delta);
-        b.resize(112, 0);
-        b.freeze()
-    }
-
-    /// Files an answer of `records` to a poll of `key` from `asked` (sent ahead).
-    fn land(f: &ConnFetch, asked: Asked, records: bytes::Bytes) {
-        use futures::FutureExt;
-        use kafka_protocol::messages::FetchResponse;
-        use kafka_protocol::messages::fetch_response::FetchableTopicResponse;
-        let resp = FetchResponse::default().with_responses(vec![
-            FetchableTopicResponse::default()
-                .with_topic(kafka_protocol::messages::TopicName(key().0.name))
-                .with_partitions(vec![
-                    PartitionData::default()
-                        .with_high_watermark(1000)
-                        .with_records(Some(records)),
-                ]),
-        ]);
-        let result = Arc::new(SubResult {
-            broker: 1,
-            seq: 0,
-            asked: vec![(key(), asked)],
-            outcome: Ok(resp),
-        });
-        let seq = std::cell::Cell::new(0);
-        let started = f
-            .start_if_idle(1, true, HashMap::new(), |s| {
-                seq.set(s);
-                futures::future::ready(result.clone()).boxed().shared()
-            })
-            .expect("idle");
-        drop(started);
-        let result = SubResult {
-            broker: 1,
-            seq: seq.get(),
-            asked: result.asked.clone(),
-            outcome: result.outcome.clone(),
-        };
-        f.fold(&result, |_| None);
-    }
-
-    #[test]
-    fn a_queue_serves_contiguous_reads_in_order_and_a_seek_drops_it() {
-        let f = ConnFetch::default();
-        land(&f, asked(10, 5, 4), batch(10, 9, 5)); // 10..=19
-        assert_eq!(f.tail(&key()), Tail::At(20, Some(5)));
-        land(&f, asked(20, 5, 5), batch(20, 4, 5)); // 20..=24, read from where the first ends
-        assert_eq!(f.tail(&key()), Tail::At(25, Some(5)));
-        assert_eq!(f.ready_len(), 2);
-        assert_eq!(f.queued_bytes(), 224);
-        let first = f.take(&key(), asked(10, 5, 4)).expect("first read");
-        assert!(first.ahead);
-        assert_eq!(f.queued_bytes(), 112);
-        // The client asks from the end of what it got, with its last batch's epoch.
-        assert!(f.take(&key(), asked(20, 5, 5)).is_some(), "second read");
-        assert_eq!((f.ready_len(), f.queued_bytes()), (0, 0));
-
-        land(&f, asked(25, 5, 5), batch(25, 4, 5));
-        land(&f, asked(30, 5, 5), batch(30, 4, 5));
-        // A read that does not continue the queue replaces it.
-        land(&f, asked(50, 5, 5), batch(50, 4, 5));
-        assert_eq!(f.ready_len(), 1);
-        // A seek drops what is queued.
-        assert!(f.take(&key(), asked(40, 5, 5)).is_none());
-        assert_eq!((f.ready_len(), f.queued_bytes()), (0, 0));
-        assert_eq!(f.tail(&key()), Tail::Empty);
-    }
-}
+#[path = "readahead_tests.rs"]
+mod tests;

@@ -16,7 +16,7 @@ use std::time::Duration;
 use kafka_protocol::messages::FetchResponse;
 
 use super::plan::{Key, Want};
-use super::readahead::ConnFetch;
+use super::readahead::{ConnFetch, PollKind};
 use super::upstream::{self, SubFuture, Template};
 use crate::protocol::codes;
 use crate::proxy::Ctx;
@@ -33,16 +33,16 @@ pub(super) fn start_poll(
     broker: i32,
     wants: &[&Want],
     max_wait: Duration,
-    ahead: bool,
+    kind: PollKind,
 ) -> Option<SubFuture> {
     let sessions = (ctx.settings.raw.upstream.fetch_sessions && template.version >= 7)
         .then(|| state.sessions.clone());
     let request_timeout = Duration::from_millis(ctx.settings.raw.upstream.request_timeout_ms);
     let asked = wants
         .iter()
-        .map(|w| (w.key.clone(), w.part.fetch_offset))
+        .map(|w| (w.key.clone(), super::plan::Asked::of(&w.part)))
         .collect();
-    state.start_if_idle(broker, ahead, asked, |seq| {
+    state.start_if_idle(broker, kind, asked, |seq| {
         let f = upstream::start(
             ctx.pool.clone(),
             conn,
@@ -84,13 +84,25 @@ pub(super) struct Refill {
 
 impl Refill {
     /// Follows `poll` (a read-ahead of `wants`) and the polls after it.
-    pub async fn run(self, mut wants: Vec<Want>, mut poll: SubFuture) {
+    pub async fn run(mut self, mut wants: Vec<Want>, mut poll: SubFuture) {
         let ttl = Duration::from_millis(self.ctx.settings.raw.prefetch.ttl_ms);
+        let max_bytes = self.template.body.max_bytes;
         loop {
             let r = poll.await;
             let Some(state) = self.state.upgrade() else {
                 return;
             };
+            // Whatever ends the chain, what it queued expires even if the client stops
+            // fetching (nothing else would look at it while the connection stays open).
+            if state.arm_sweep() {
+                let weak = self.state.clone();
+                state.drive(async move {
+                    tokio::time::sleep(super::readahead::DATA_TTL + Duration::from_secs(1)).await;
+                    if let Some(s) = weak.upgrade() {
+                        s.expire();
+                    }
+                });
+            }
             let budget = self.ctx.budget.clone();
             let folded = state.fold(&r, |n| (n > 0).then(|| budget.charge(n)));
             if folded.stale {
@@ -101,10 +113,15 @@ impl Refill {
             if resp.error_code != codes::NONE || !advance(&mut wants, resp) {
                 return;
             }
-            if !self.room(&state) {
-                metrics::counter!("shardgate_prefetch_queue_full_total").increment(1);
+            let Some(room) = self.room(&state) else {
+                if self.ctx.settings.raw.prefetch.queue_bytes() > 0 {
+                    metrics::counter!("shardgate_prefetch_queue_full_total").increment(1);
+                }
                 return;
-            }
+            };
+            // A poll brings at most the room left (Kafka still sends one whole batch).
+            self.template.body.max_bytes =
+                (room.min(i32::MAX as usize) as i32).clamp(1, max_bytes.max(1));
             let topo = self.ctx.topology().load();
             let predictive = self.ctx.settings.raw.prefetch.predictive();
             let isolation = self.template.body.isolation_level;
@@ -132,7 +149,7 @@ impl Refill {
                 self.broker,
                 &refs,
                 self.max_wait,
-                true,
+                PollKind::Chain,
             ) else {
                 return; // the client's own poll is out: it continues from there
             };
@@ -141,13 +158,23 @@ impl Refill {
         }
     }
 
-    /// Whether the connection's queue, all queues and the memory budget have room for more.
-    fn room(&self, state: &ConnFetch) -> bool {
-        let cfg = &self.ctx.settings.raw.prefetch;
-        state.queued_bytes() < cfg.queue_bytes
-            && super::readahead::queued_total() < cfg.max_bytes
-            && self.ctx.budget.used() < self.ctx.budget.limit() / 2
+    /// The bytes the connection's queue, all queues and the memory budget have room for
+    /// (None: no room).
+    fn room(&self, state: &ConnFetch) -> Option<usize> {
+        room(&self.ctx, state)
     }
+}
+
+/// The bytes a connection's queue may still take: within `prefetch.queue_bytes`, all queues
+/// within `prefetch.max_bytes`, the memory budget under half used (None: none).
+pub(super) fn room(ctx: &Ctx, state: &ConnFetch) -> Option<usize> {
+    let cfg = &ctx.settings.raw.prefetch;
+    let mine = cfg.queue_bytes().checked_sub(state.queued_bytes())?;
+    let all = cfg
+        .max_bytes
+        .checked_sub(super::readahead::queued_total())?;
+    let budget = (ctx.budget.limit() / 2).checked_sub(ctx.budget.used())?;
+    Some(mine.min(all).min(budget)).filter(|r| *r > 0)
 }
 
 /// Moves each partition of `wants` past what `resp` brought for it (partitions it answered

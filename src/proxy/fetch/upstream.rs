@@ -27,6 +27,8 @@ pub struct SubResult {
     pub seq: u64,
     /// The partitions it asked for, at which offsets and epochs.
     pub asked: Vec<(Key, super::plan::Asked)>,
+    /// The isolation level it was sent with.
+    pub isolation: i8,
     pub outcome: Result<FetchResponse, String>,
 }
 
@@ -91,6 +93,7 @@ pub fn start(
     let fallback = (planned.used != Use::None)
         .then(|| body(&base, by_id, wants, &Planned::sessionless(wants.len())));
     let version = template.version;
+    let isolation = template.body.isolation_level;
     let client_id = template.client_id.clone();
     let used = planned.used;
     metrics::counter!("shardgate_upstream_fetches_total").increment(1);
@@ -160,6 +163,7 @@ pub fn start(
             broker,
             seq,
             asked,
+            isolation,
             outcome,
         })
     }

@@ -316,6 +316,7 @@ async fn a_partition_two_connections_read_is_read_once_for_both() {
                 by_id.clone(),
                 crate::proxy::fetch::plan::Asked::of(&want.part),
             )],
+            isolation: 0,
             outcome: Ok(answer),
         });
         futures::future::ready(r).boxed().shared()

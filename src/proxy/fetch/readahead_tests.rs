@@ -1,0 +1,132 @@
+//! Unit tests of `readahead.rs` (the per-connection queue).
+use super::*;
+
+fn key() -> Key {
+    (
+        TopicRef {
+            name: kafka_protocol::protocol::StrBytes::from_static_str("t"),
+            id: uuid::Uuid::nil(),
+        },
+        0,
+    )
+}
+
+fn entry(t: Took) -> bool {
+    matches!(t, Took::Entry(_))
+}
+
+fn asked(offset: i64, current: i32, last: i32) -> Asked {
+    Asked {
+        offset,
+        current_leader_epoch: current,
+        last_fetched_epoch: last,
+    }
+}
+
+#[test]
+fn a_polls_answer_serves_only_a_fetch_with_the_same_offset_and_epochs() {
+    let f = ConnFetch::default();
+    let data = || PartitionData::default().with_high_watermark(20);
+    f.put(key(), 10, Some(asked(10, 5, 4)), 0, data(), None);
+    assert!(
+        !entry(f.take(&key(), asked(10, 5, 5), 0)),
+        "other last epoch"
+    );
+    f.put(key(), 10, Some(asked(10, 5, 4)), 0, data(), None);
+    assert!(
+        !entry(f.take(&key(), asked(10, 6, 4), 0)),
+        "other leader epoch"
+    );
+    f.put(key(), 10, Some(asked(10, 5, 4)), 0, data(), None);
+    assert!(!entry(f.take(&key(), asked(11, 5, 4), 0)), "other offset");
+    f.put(key(), 10, Some(asked(10, 5, 4)), 0, data(), None);
+    assert!(entry(f.take(&key(), asked(10, 5, 4), 0)));
+    // The rest of a checked answer continues whatever the epochs.
+    f.put(key(), 10, None, 0, data(), None);
+    assert!(entry(f.take(&key(), asked(10, 7, 7), 0)));
+}
+
+fn batch(base: i64, last_delta: i32, epoch: i32) -> bytes::Bytes {
+    use bytes::BufMut;
+    let mut b = bytes::BytesMut::new();
+    b.put_i64(base);
+    b.put_i32(100);
+    b.put_i32(epoch);
+    b.put_i8(2);
+    b.put_u32(0);
+    b.put_i16(0);
+    b.put_i32(last_delta);
+    b.resize(112, 0);
+    b.freeze()
+}
+
+/// Files an answer of `records` to a poll of `key` from `asked` (sent ahead).
+fn land(f: &ConnFetch, asked: Asked, records: bytes::Bytes) {
+    use futures::FutureExt;
+    use kafka_protocol::messages::FetchResponse;
+    use kafka_protocol::messages::fetch_response::FetchableTopicResponse;
+    let resp = FetchResponse::default().with_responses(vec![
+        FetchableTopicResponse::default()
+            .with_topic(kafka_protocol::messages::TopicName(key().0.name))
+            .with_partitions(vec![
+                PartitionData::default()
+                    .with_high_watermark(1000)
+                    .with_records(Some(records)),
+            ]),
+    ]);
+    let result = Arc::new(SubResult {
+        broker: 1,
+        seq: 0,
+        asked: vec![(key(), asked)],
+        isolation: 0,
+        outcome: Ok(resp),
+    });
+    let seq = std::cell::Cell::new(0);
+    let started = f
+        .start_if_idle(1, PollKind::ReadAhead, HashMap::new(), |s| {
+            seq.set(s);
+            futures::future::ready(result.clone()).boxed().shared()
+        })
+        .expect("idle");
+    drop(started);
+    let result = SubResult {
+        broker: 1,
+        seq: seq.get(),
+        asked: result.asked.clone(),
+        isolation: 0,
+        outcome: result.outcome.clone(),
+    };
+    f.fold(&result, |_| None);
+}
+
+#[test]
+fn a_queue_serves_contiguous_reads_in_order_and_a_seek_drops_it() {
+    let f = ConnFetch::default();
+    land(&f, asked(10, 5, 4), batch(10, 9, 5)); // 10..=19
+    assert_eq!(f.tail(&key()), Tail::At(20, Some(5)));
+    land(&f, asked(20, 5, 5), batch(20, 4, 5)); // 20..=24, read from where the first ends
+    assert_eq!(f.tail(&key()), Tail::At(25, Some(5)));
+    assert_eq!(f.ready_len(), 2);
+    assert_eq!(f.queued_bytes(), 224);
+    let Took::Entry(first) = f.take(&key(), asked(10, 5, 4), 0) else {
+        panic!("first read")
+    };
+    assert!(first.ahead);
+    assert_eq!(f.queued_bytes(), 112);
+    // The client asks from the end of what it got, with its last batch's epoch.
+    assert!(entry(f.take(&key(), asked(20, 5, 5), 0)), "second read");
+    assert_eq!((f.ready_len(), f.queued_bytes()), (0, 0));
+
+    land(&f, asked(25, 5, 5), batch(25, 4, 5));
+    land(&f, asked(30, 5, 5), batch(30, 4, 5));
+    // A read that does not continue the queue replaces it.
+    land(&f, asked(50, 5, 5), batch(50, 4, 5));
+    assert_eq!(f.ready_len(), 1);
+    // Another isolation level does not take it.
+    assert!(!entry(f.take(&key(), asked(50, 5, 5), 1)));
+    land(&f, asked(50, 5, 5), batch(50, 4, 5));
+    // A seek drops what is queued.
+    assert!(!entry(f.take(&key(), asked(40, 5, 5), 0)));
+    assert_eq!((f.ready_len(), f.queued_bytes()), (0, 0));
+    assert_eq!(f.tail(&key()), Tail::Empty);
+}
