@@ -57,7 +57,7 @@ pub struct PrefetchConfig {
     pub ttl_ms: u64,
     /// Bytes of records one consumer connection may hold read ahead of its position (its
     /// queue): polls continue from the end of what it holds while it has room and they bring
-    /// records. All queues together stay within `max_bytes`. 0: one fetch ahead only.
+    /// records. All queues together stay within `max_bytes`. 0: no connection read-ahead.
     /// Unset: 4 MiB, or `max_bytes` when that is smaller (`queue_bytes()`).
     #[serde(default)]
     pub queue_bytes: Option<usize>,
@@ -79,7 +79,7 @@ pub struct PrefetchConfig {
 pub enum PrefetchMode {
     /// Nothing is read before a client asks for it.
     Off,
-    /// Each connection's next fetch is polled when an answer goes out (one fetch ahead).
+    /// Each connection's queue: its next fetches polled ahead (`queue_bytes`).
     Sequential,
     /// Also pre-reads (rebalances), reads shared across consumers, and the profiles that
     /// drive them.
@@ -227,7 +227,7 @@ impl PrefetchConfig {
             return bad(
                 "queue_bytes",
                 format!("{q} is more than prefetch.max_bytes ({})", self.max_bytes),
-                "use a value from 0 (one fetch ahead only) to prefetch.max_bytes; default 4194304",
+                "use a value from 0 (no connection read-ahead) to prefetch.max_bytes; default 4194304",
             );
         }
         if !(100..=600_000).contains(&self.ttl_ms) {
