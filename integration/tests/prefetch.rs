@@ -938,14 +938,19 @@ fn a_consumer_behind_is_answered_from_its_queue_byte_for_byte_within_its_bound()
             // more than its queue has room for) their beginning, at least one whole batch.
             let kafka = kp.records.clone().unwrap_or_default();
             assert!(
-                kafka.starts_with(records) && next_offset(records).is_some(),
+                kafka.starts_with(records),
                 "partition {i} from {at}: {} bytes through shardgate, not Kafka's first {} bytes",
                 records.len(),
                 kafka.len()
             );
-            whole += usize::from(kafka.len() == records.len());
             assert!(p.high_watermark <= kp.high_watermark && p.high_watermark > at);
-            offsets[i as usize] = next_offset(records).expect("whole batches");
+            // Only a broker's partial batch (a poll with little room left): the client asks
+            // again from the same offset; not counted as delivered.
+            let Some(next) = next_offset(records) else {
+                continue;
+            };
+            whole += usize::from(kafka.len() == records.len());
+            offsets[i as usize] = next;
             answers += 1;
         }
         peak = peak.max(metric_of(admin, "shardgate_prefetch_queue_bytes", &[]));
