@@ -70,6 +70,17 @@ enum ShardsOp {
     },
     /// Merge two adjacent shards.
     Merge { topic: String, a: u32, b: u32 },
+    /// Shards and load per broker, and the replica moves under way.
+    Placement { topic: String },
+    /// Move a pool partition's replicas to BROKERS (new leader first, as many as it has).
+    Move {
+        topic: String,
+        partition: i32,
+        #[arg(long, value_delimiter = ',', required = true)]
+        to: Vec<i32>,
+    },
+    /// Cancel a replica move under way.
+    CancelMove { topic: String, partition: i32 },
 }
 
 fn main() -> ExitCode {
@@ -206,6 +217,21 @@ fn shards_cli(
             "POST",
             format!("/api/v1/topics/{topic}/merge"),
             Some(serde_json::json!({ "shards": [a, b] }).to_string()),
+        ),
+        ShardsOp::Placement { topic } => ("GET", format!("/api/v1/topics/{topic}/placement"), None),
+        ShardsOp::Move {
+            topic,
+            partition,
+            to,
+        } => (
+            "POST",
+            format!("/api/v1/topics/{topic}/placement/moves"),
+            Some(serde_json::json!({ "partition": partition, "to": to }).to_string()),
+        ),
+        ShardsOp::CancelMove { topic, partition } => (
+            "DELETE",
+            format!("/api/v1/topics/{topic}/placement/moves/{partition}"),
+            None,
         ),
     };
     match shardgate::admin::http_request_tls(

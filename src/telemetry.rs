@@ -11,8 +11,16 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
         0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
         5.0, 10.0,
     ];
+    // Replica moves take seconds to hours.
+    let move_buckets = [
+        0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+    ];
     let handle = PrometheusBuilder::new()
         .set_buckets(&buckets)?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("shardgate_reassignment_seconds".into()),
+            &move_buckets,
+        )?
         .install_recorder()?;
     describe();
     zero();
@@ -131,10 +139,63 @@ pub fn zero_topic(topic: &str) {
         metrics::counter!("shardgate_shard_merges_total", "topic" => topic.to_string(), "reason" => reason)
             .increment(0);
     }
+    for kind in ["idle", "active"] {
+        metrics::counter!("shardgate_reassignments_finished_total", "topic" => topic.to_string(), "kind" => kind)
+            .increment(0);
+        for reason in MOVE_REASONS {
+            metrics::counter!("shardgate_reassignments_started_total", "topic" => topic.to_string(), "kind" => kind, "reason" => reason)
+                .increment(0);
+        }
+    }
+    for reason in MOVE_CANCEL_REASONS {
+        metrics::counter!("shardgate_reassignments_cancelled_total", "topic" => topic.to_string(), "reason" => reason)
+            .increment(0);
+    }
+    metrics::counter!("shardgate_reassignment_bytes_total", "topic" => topic.to_string())
+        .increment(0);
 }
+
+/// Why a replica move starts (`shards::controller::reassign`) and why one is cancelled.
+const MOVE_REASONS: [&str; 3] = ["balance", "split_placement", "api"];
+const MOVE_CANCEL_REASONS: [&str; 6] = [
+    "api",
+    "timeout",
+    "topic_deleted",
+    "refused",
+    "external",
+    "lost_leadership",
+];
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        "shardgate_reassignments_started_total",
+        "Replica moves of pool partitions started, by kind (idle/active) and reason"
+    );
+    describe_counter!(
+        "shardgate_reassignments_finished_total",
+        "Replica moves Kafka completed, by kind"
+    );
+    describe_counter!(
+        "shardgate_reassignments_cancelled_total",
+        "Replica moves cancelled, by reason"
+    );
+    describe_counter!(
+        "shardgate_reassignment_bytes_total",
+        "Bytes the new replicas of finished moves held"
+    );
+    describe_histogram!(
+        "shardgate_reassignment_seconds",
+        "Duration of finished replica moves, by kind"
+    );
+    describe_gauge!(
+        "shardgate_placement_imbalance_ratio",
+        "Busiest broker's active-shard load over the mean (leader instance)"
+    );
+    describe_gauge!(
+        "shardgate_placement_blocked",
+        "1 while placement cannot act on a topic, by reason"
+    );
     describe_gauge!("shardgate_connections", "Open client connections");
     describe_counter!("shardgate_connections_total", "Client connections accepted");
     describe_counter!(

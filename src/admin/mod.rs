@@ -23,6 +23,7 @@ use crate::shards::{HASH_END, ShardMap};
 use crate::upstream::topology::TopologyHandle;
 
 mod auth;
+mod placement;
 mod serve;
 
 pub use serve::serve;
@@ -52,6 +53,18 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/topics/{topic}/load", get(get_load))
         .route("/api/v1/topics/{topic}/shards/{id}/split", post(split))
         .route("/api/v1/topics/{topic}/merge", post(merge))
+        .route(
+            "/api/v1/topics/{topic}/placement",
+            get(placement::get_placement),
+        )
+        .route(
+            "/api/v1/topics/{topic}/placement/moves",
+            post(placement::post_move),
+        )
+        .route(
+            "/api/v1/topics/{topic}/placement/moves/{partition}",
+            axum::routing::delete(placement::delete_move),
+        )
         .route("/api/v1/consumers", get(consumers))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -93,6 +106,7 @@ async fn metrics(State(s): State<AdminState>) -> String {
     metrics::gauge!("shardgate_huge_allocations").set(crate::alloc::huge_allocations() as f64);
     let mut text = s.prometheus.render();
     shard_gauges(&s, &mut text);
+    placement::placement_gauges(&s, &mut text);
     text
 }
 

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 mod admin;
 mod authorization;
+mod placement;
 mod prefetch;
 mod sasl;
 mod tls;
@@ -18,6 +19,7 @@ pub use admin::{
     AdminAuth, AdminConfig, AdminRole, AdminTls, AdminTlsConfig, AdminToken, ResolvedToken,
 };
 pub use authorization::{AclConfig, AclDocument, Authorization, AuthorizationConfig};
+pub use placement::PlacementConfig;
 pub use prefetch::{
     EMBEDDERS, HASHING_DIMS, MINILM_TOKENIZER_FILES, MinilmConfig, PrefetchConfig, PrefetchMode,
 };
@@ -71,6 +73,8 @@ pub struct Config {
     pub topics: Vec<TopicConfig>,
     #[serde(default)]
     pub prefetch: PrefetchConfig,
+    #[serde(default)]
+    pub placement: PlacementConfig,
     #[serde(default)]
     pub log: LogConfig,
 }
@@ -602,6 +606,9 @@ impl Config {
         self.prefetch
             .validate()
             .map_err(|(field, problem, fix)| invalid(&format!("prefetch.{field}"), problem, fix))?;
+        self.placement.validate().map_err(|(field, problem, fix)| {
+            invalid(&format!("placement.{field}"), problem, fix)
+        })?;
         if let Some(tls) = &self.listener.tls {
             tls.validate()?;
         }

@@ -47,6 +47,10 @@ const DROPPED: &[&str] = &[
     "advertised.host.name",
     "advertised.port",
     "zookeeper.connect",
+    // Replication throttles shardgate sets on a real broker while it moves replicas: that
+    // broker's, not the virtual node's.
+    "leader.replication.throttled.rate",
+    "follower.replication.throttled.rate",
 ];
 /// Per-listener settings of the real listeners.
 const DROPPED_PREFIX: &str = "listener.name.";

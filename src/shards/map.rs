@@ -72,6 +72,10 @@ pub struct ShardMap {
     pub next_id: u32,
     pub shards: Vec<Shard>,
     pub gates: Vec<Gate>,
+    /// Replica moves under way (placement), written before Kafka is asked and removed once
+    /// it is done; absent from the JSON when there are none (maps of older instances parse).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub moves: Vec<super::moves::Move>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -129,6 +133,7 @@ impl ShardMap {
             next_id: count,
             shards,
             gates: vec![],
+            moves: vec![],
         })
     }
 

@@ -8,13 +8,16 @@
 //! - `gates`: which records of a gated partition a consumer group may see yet.
 //! - `group_state`: Kafka's view of the groups (owners, commits), the gates' authority.
 //! - `produce`: produce to managed topics (rerouting, shardgate's idempotent writer lanes).
-//! - `placement`, `sampler`: where a split goes; the autoscaler's measurements.
+//! - `placement`, `sampler`: where a split goes and which replicas move; the autoscaler's
+//!   measurements.
+//! - `moves`: replica moves as the map records them, judged against Kafka's state.
 //! - `stored`: a topic's config and map as one store document.
 
 pub mod controller;
 pub mod gates;
 pub mod group_state;
 pub mod map;
+pub mod moves;
 pub mod placement;
 pub mod produce;
 pub mod registry;

@@ -33,31 +33,45 @@ pub async fn log_sizes(
     }
     let mut sizes = HashMap::new();
     for (broker, parts) in by_leader {
-        let req = DescribeLogDirsRequest::default().with_topics(Some(vec![
-            DescribableLogDirTopic::default()
-                .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
-                .with_partitions(parts.clone()),
-        ]));
-        let resp: DescribeLogDirsResponse = pool
-            .call(
-                broker,
-                0,
-                ApiKey::DescribeLogDirs,
-                DESCRIBE_LOG_DIRS_VERSION,
-                None,
-                &req,
-            )
-            .await?;
-        for dir in resp.results.iter().filter(|d| d.error_code == codes::NONE) {
-            for t in dir.topics.iter().filter(|t| t.name.0.as_str() == topic) {
-                for p in t
-                    .partitions
-                    .iter()
-                    .filter(|p| parts.contains(&p.partition_index))
-                {
-                    let e = sizes.entry(p.partition_index).or_insert(0);
-                    *e = (*e).max(p.partition_size);
-                }
+        sizes.extend(log_sizes_on(pool, broker, topic, &parts).await?);
+    }
+    Ok(sizes)
+}
+
+/// Bytes `broker` stores for each of `partitions` (its own replica, leader or not; the
+/// largest log dir entry when it is moving between dirs). Partitions it has no replica of
+/// are absent.
+pub async fn log_sizes_on(
+    pool: &Pool,
+    broker: i32,
+    topic: &str,
+    parts: &[i32],
+) -> Result<HashMap<i32, i64>, UpstreamError> {
+    let mut sizes = HashMap::new();
+    let req = DescribeLogDirsRequest::default().with_topics(Some(vec![
+        DescribableLogDirTopic::default()
+            .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partitions(parts.to_vec()),
+    ]));
+    let resp: DescribeLogDirsResponse = pool
+        .call(
+            broker,
+            0,
+            ApiKey::DescribeLogDirs,
+            DESCRIBE_LOG_DIRS_VERSION,
+            None,
+            &req,
+        )
+        .await?;
+    for dir in resp.results.iter().filter(|d| d.error_code == codes::NONE) {
+        for t in dir.topics.iter().filter(|t| t.name.0.as_str() == topic) {
+            for p in t
+                .partitions
+                .iter()
+                .filter(|p| parts.contains(&p.partition_index))
+            {
+                let e = sizes.entry(p.partition_index).or_insert(0);
+                *e = (*e).max(p.partition_size);
             }
         }
     }

@@ -246,6 +246,11 @@ impl Controller {
                 }
                 _ => (None, measure),
             };
+            if at.is_none()
+                && let Some(wait) = self.split_waits(&config, &map, id).await
+            {
+                return Ok(wait);
+            }
             self.stats
                 .lock()
                 .expect("stats")
@@ -301,6 +306,17 @@ pub struct ShardLoad {
 }
 
 impl Controller {
+    /// Partitions of `topic` whose shard is above a split threshold (leader only).
+    pub(super) fn hot_partitions(&self, topic: &str) -> Vec<i32> {
+        self.stats
+            .lock()
+            .expect("stats")
+            .iter()
+            .filter(|((t, _), st)| t == topic && st.hot_since.is_some())
+            .map(|((_, p), _)| *p)
+            .collect()
+    }
+
     /// Per partition of `topic`: its shard's load, from the autoscaler's samples (empty on an
     /// instance that does not lead, or before the first sample).
     pub fn loads(&self, topic: &str) -> HashMap<i32, ShardLoad> {

@@ -18,6 +18,7 @@ impl Controller {
                     p,
                     PartitionView {
                         leader: pi.map(|i| i.leader).filter(|l| *l >= 0),
+                        replicas: pi.map(|i| i.replicas.clone()).unwrap_or_default(),
                         isr: pi.map(|i| i.isr.clone()).unwrap_or_default(),
                         consumer_load: consumers.get(&p).copied().unwrap_or(0),
                     },
@@ -27,11 +28,38 @@ impl Controller {
     }
 
     /// The idle partition for a new shard: the one whose upstream leader and whose consumer
-    /// carry the fewest active shards of this topic.
-    pub(super) fn place(&self, map: &ShardMap) -> Result<i32, ControlError> {
+    /// carry the least load of this topic's active shards (their count before the
+    /// autoscaler has samples). Partitions whose replicas are moving are not taken.
+    pub(super) fn place(&self, config: &TopicConfig, map: &ShardMap) -> Result<i32, ControlError> {
         let active: Vec<i32> = map.active().iter().map(|s| s.partition).collect();
-        placement::pick_idle(&map.idle_partitions(), &active, &self.partition_views(map))
-            .ok_or(ControlError::Map(MapError::PoolExhausted(map.pool)))
+        placement::pick_idle(
+            &self.idle_not_moving(map),
+            &active,
+            &self.partition_views(map),
+            &self.shard_weights(config),
+        )
+        .ok_or(ControlError::Map(MapError::PoolExhausted(map.pool)))
+    }
+
+    /// Idle partitions of the pool without a replica move under way.
+    pub(super) fn idle_not_moving(&self, map: &ShardMap) -> Vec<i32> {
+        let mut idle = map.idle_partitions();
+        idle.retain(|p| !map.moves.iter().any(|m| m.partition == *p));
+        idle
+    }
+
+    /// Each sampled active partition's load relative to the split thresholds (1.0: at the
+    /// threshold), the larger of records/s and bytes/s.
+    pub(super) fn shard_weights(&self, config: &TopicConfig) -> HashMap<i32, f64> {
+        let a = &config.autoscale;
+        self.loads(&config.name)
+            .into_iter()
+            .map(|(p, l)| {
+                let r = l.records_per_sec / a.split_records_per_sec.max(f64::MIN_POSITIVE);
+                let b = l.bytes_per_sec / a.split_bytes_per_sec.max(f64::MIN_POSITIVE);
+                (p, r.max(b))
+            })
+            .collect()
     }
 
     pub async fn split(
@@ -55,7 +83,7 @@ impl Controller {
             Some(a) => a,
             None => weighted_median(&mut self.shards.samples_in(topic, s.start, s.end), &s),
         };
-        let map = match self.place(&map) {
+        let map = match self.place(&config, &map) {
             Err(ControlError::Map(MapError::PoolExhausted(_))) if config.max_pool > map.pool => {
                 self.grow_pool(&config, &map).await?
             }
@@ -64,7 +92,7 @@ impl Controller {
                 map
             }
         };
-        let to = self.place(&map)?;
+        let to = self.place(&config, &map)?;
         let mut next = map.split(shard, at, to)?;
         let from = self.end_offsets(topic, &[to]).await?[&to];
         if let Some(g) = next.gates.last_mut() {
@@ -139,46 +167,18 @@ impl Controller {
         if map.sealing().next().is_none() {
             return Ok(map);
         }
-        let deadline =
-            Instant::now() + Duration::from_millis(self.settings.raw.upstream.request_timeout_ms);
-        while self.shards.inflight_before(&map.topic, map.epoch) > 0 {
-            if Instant::now() > deadline {
-                return Err(ControlError::Kafka(
-                    "produce requests of the old epoch did not finish; the seal is retried later"
-                        .into(),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
         // Every live instance must route by this epoch with nothing older in flight; what
         // their writers had acknowledged on the parents then bounds the seal from below.
         let mut acked: HashMap<i32, i64> = HashMap::new();
-        loop {
-            match self.store.instances().await? {
-                None => break,
-                Some(list) => {
-                    let lagging: Vec<i32> = list
-                        .iter()
-                        .filter(|i| i.applied.get(&map.topic).is_none_or(|e| *e < map.epoch))
-                        .map(|i| i.node_id)
-                        .collect();
-                    if lagging.is_empty() {
-                        for ends in list.iter().filter_map(|i| i.acked.get(&map.topic)) {
-                            for (p, end) in ends {
-                                let e = acked.entry(*p).or_insert(*end);
-                                *e = (*e).max(*end);
-                            }
-                        }
-                        break;
-                    }
-                    if Instant::now() > deadline {
-                        return Err(ControlError::Kafka(format!(
-                            "instances {lagging:?} have not applied epoch {}; the seal is retried later",
-                            map.epoch
-                        )));
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+        for ends in self
+            .wait_applied(&map.topic, map.epoch)
+            .await?
+            .iter()
+            .filter_map(|i| i.acked.get(&map.topic))
+        {
+            for (p, end) in ends {
+                let e = acked.entry(*p).or_insert(*end);
+                *e = (*e).max(*end);
             }
         }
         let parents: Vec<i32> = map
@@ -213,5 +213,44 @@ impl Controller {
         }
         self.commit(config, &next, map.epoch).await?;
         Ok(next)
+    }
+
+    /// Waits until no produce request routed under an epoch of `topic` older than `epoch` is
+    /// in flight here and every live instance reports it applied `epoch` (bounded by the
+    /// request timeout). The live instances as last read (empty with the embedded store).
+    pub(super) async fn wait_applied(
+        &self,
+        topic: &str,
+        epoch: u64,
+    ) -> Result<Vec<InstanceInfo>, ControlError> {
+        let deadline =
+            Instant::now() + Duration::from_millis(self.settings.raw.upstream.request_timeout_ms);
+        while self.shards.inflight_before(topic, epoch) > 0 {
+            if Instant::now() > deadline {
+                return Err(ControlError::Kafka(format!(
+                    "produce requests older than epoch {epoch} did not finish; the seal is retried later"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        loop {
+            let Some(list) = self.store.instances().await? else {
+                return Ok(Vec::new());
+            };
+            let lagging: Vec<i32> = list
+                .iter()
+                .filter(|i| i.applied.get(topic).is_none_or(|e| *e < epoch))
+                .map(|i| i.node_id)
+                .collect();
+            if lagging.is_empty() {
+                return Ok(list);
+            }
+            if Instant::now() > deadline {
+                return Err(ControlError::Kafka(format!(
+                    "instances {lagging:?} have not applied epoch {epoch}; the seal is retried later"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }

@@ -159,6 +159,12 @@ impl Controller {
                     if was != lead {
                         tracing::info!(leader = lead, node_id = me.node_id, "leadership changed");
                     }
+                    if was && !lead {
+                        // Moves this instance drove are cancelled in Kafka; the next leader
+                        // removes their records.
+                        let me = self.clone();
+                        tokio::spawn(async move { me.abandon_moves().await });
+                    }
                     metrics::gauge!("shardgate_controller_leader").set(if lead {
                         1.0
                     } else {

@@ -1,5 +1,5 @@
-//! The leader's loop: finish interrupted seals, retire gates every group passed, balance
-//! leaderships, run the autoscaler, export map gauges.
+//! The leader's loop: finish interrupted seals, retire gates every group passed, follow
+//! replica moves, place (leaderships, then replicas), run the autoscaler, export map gauges.
 
 use super::*;
 
@@ -11,11 +11,16 @@ impl Controller {
         let mut last_sample: HashMap<String, Instant> = HashMap::new();
         let mut last_balance: HashMap<String, Instant> = HashMap::new();
         let mut last_check = Instant::now();
+        let mut last_follow = Instant::now();
         loop {
             tick.tick().await;
             if self.is_leader() && last_check.elapsed() >= Duration::from_secs(5) {
                 last_check = Instant::now();
                 self.republish().await;
+            }
+            if self.is_leader() && last_follow.elapsed() >= Duration::from_secs(1) {
+                last_follow = Instant::now();
+                self.follow_moves().await;
             }
             for m in self.shards.all() {
                 let topic = m.config.name.clone();
@@ -41,12 +46,12 @@ impl Controller {
                         .is_none_or(|t| t.elapsed() >= Duration::from_secs(balance))
                 {
                     last_balance.insert(topic.clone(), Instant::now());
-                    match self.balance_leaders(&topic).await {
+                    match self.placement_tick(&topic).await {
                         Ok(Some(detail)) => {
-                            tracing::info!(topic, reason = "leader_balance", %detail, "placement acted")
+                            tracing::info!(topic, reason = "balance", %detail, "placement acted")
                         }
                         Ok(None) => {}
-                        Err(e) => tracing::warn!(topic, error = %e, "leader balancing failed"),
+                        Err(e) => tracing::warn!(topic, error = %e, "placement failed"),
                     }
                 }
                 let every = Duration::from_millis(m.config.autoscale.sample_interval_ms);

@@ -19,8 +19,11 @@ mod autoscale;
 mod balance;
 mod change;
 mod follow;
+mod kafka_admin;
 mod leader;
 mod offsets;
+mod reassign;
+mod reassign_follow;
 mod topics;
 
 use autoscale::ShardStats;
@@ -78,6 +81,8 @@ pub enum ControlError {
     Kafka(String),
     #[error("the shard count would leave [{min}, {max}]")]
     Bounds { min: u32, max: u32 },
+    #[error("busy: {0}")]
+    Busy(String),
 }
 
 impl ControlError {
@@ -85,9 +90,9 @@ impl ControlError {
     pub fn status(&self) -> u16 {
         match self {
             ControlError::UnknownTopic(_) => 404,
-            ControlError::AlreadyManaged(_) | ControlError::Store(StoreError::Conflict { .. }) => {
-                409
-            }
+            ControlError::AlreadyManaged(_)
+            | ControlError::Busy(_)
+            | ControlError::Store(StoreError::Conflict { .. }) => 409,
             ControlError::BadConfig { .. } | ControlError::Map(_) | ControlError::Bounds { .. } => {
                 400
             }
@@ -132,6 +137,8 @@ pub struct Controller {
     split_blocked: Mutex<HashMap<String, &'static str>>,
     /// Whether this instance holds the leader lock (always, with the embedded store).
     leader: std::sync::atomic::AtomicBool,
+    /// Placement's memory between ticks (imbalance timers, copy progress, recent moves).
+    placement: Mutex<reassign::PlacementMemory>,
 }
 
 impl Controller {
@@ -155,6 +162,7 @@ impl Controller {
             cooldown: Mutex::new(HashMap::new()),
             split_blocked: Mutex::new(HashMap::new()),
             leader,
+            placement: Mutex::new(Default::default()),
         }
     }
 

@@ -145,7 +145,18 @@ impl ManagedProduce {
                     Job {
                         info: w.info,
                         records: w.records,
-                        acks,
+                        // A leader change under a replica move could drop what the old
+                        // leader alone acknowledged: acks=all while the move lasts.
+                        acks: if acks == 1
+                            && m.map
+                                .moves
+                                .iter()
+                                .any(|mv| mv.acks_all && mv.partition == w.target)
+                        {
+                            -1
+                        } else {
+                            acks
+                        },
                         deadline,
                         client,
                         reply: tx,
