@@ -63,6 +63,30 @@ fn reassigning(topic: &str) -> bool {
     .contains(topic)
 }
 
+/// Waits until the placement view of `topic` on `admin` shows no move under way.
+fn until_nothing_moves(admin: &str, topic: &str, what: &str, limit: Duration) {
+    eventually(what, limit, || {
+        let (_, view) = api(
+            admin,
+            "GET",
+            &format!("/api/v1/topics/{topic}/placement"),
+            None,
+        );
+        view["moving"].as_array().is_some_and(|m| m.is_empty())
+    });
+}
+
+/// No reassignment of `topic` runs, and no throttle is set on any broker or on the topic.
+fn assert_nothing_left(topic: &str) {
+    assert!(!reassigning(topic), "no reassignment left");
+    for b in 1..=3 {
+        let left = throttles("brokers", &b.to_string());
+        assert!(left.is_empty(), "broker {b}: {left:?}");
+    }
+    let left = throttles("topics", topic);
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// Partition → (leader, replicas), from Kafka.
 fn layout(topic: &str) -> BTreeMap<i32, (i32, Vec<i32>)> {
     let c: BaseConsumer = ClientConfig::new()
@@ -255,31 +279,17 @@ async fn the_throttle_is_set_during_an_active_move_and_removed_afterwards() {
     assert_eq!(view["moving"][0]["partition"], 0, "{view}");
     let t = topic.clone();
     tokio::task::spawn_blocking(move || {
-        eventually(
+        until_nothing_moves(
+            admin,
+            &t,
             "the move done and cleaned up",
             Duration::from_secs(240),
-            || {
-                let (_, view) = api(admin, "GET", &format!("/api/v1/topics/{t}/placement"), None);
-                view["moving"].as_array().is_some_and(|m| m.is_empty())
-            },
         );
     })
     .await
     .unwrap();
     let took = started.elapsed();
-    assert!(!reassigning(&topic), "no reassignment left");
-    for b in 1..=3 {
-        assert!(
-            throttles("brokers", &b.to_string()).is_empty(),
-            "broker {b}: {:?}",
-            throttles("brokers", &b.to_string())
-        );
-    }
-    assert!(
-        throttles("topics", &topic).is_empty(),
-        "{:?}",
-        throttles("topics", &topic)
-    );
+    assert_nothing_left(&topic);
     eventually(
         "partition 0 led by the target",
         Duration::from_secs(30),
@@ -395,13 +405,11 @@ async fn deleting_the_topic_during_a_move_leaves_no_reassignment_or_throttle() {
             ]),
             Duration::from_secs(60),
         );
-        eventually(
+        until_nothing_moves(
+            admin,
+            &t,
             "the move cancelled and cleaned up",
             Duration::from_secs(60),
-            || {
-                let (_, view) = api(admin, "GET", &format!("/api/v1/topics/{t}/placement"), None);
-                view["moving"].as_array().is_some_and(|m| m.is_empty())
-            },
         );
     })
     .await
@@ -756,5 +764,119 @@ async fn an_rf1_pool_piled_on_broker_1_is_spread_while_clients_run() {
         assigned.load(Ordering::SeqCst),
         1,
         "no rebalance after the first assignment"
+    );
+}
+
+/// Two instances on Consul; the leader instance is killed (SIGKILL) while a throttled move
+/// it started runs: the next leader finds the move in the shard map and finishes it (or
+/// cancels it past its timeout), leaving no reassignment, throttle or record behind, and
+/// partition 0 keeps every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the 3-broker testbed with Consul: integration/run-tests"]
+async fn a_new_leader_finishes_a_move_its_killed_predecessor_left() {
+    assert_eq!(brokers(), 3, "this test needs the 3-broker testbed");
+    let consul = var("CONSUL_HTTP_ADDR", "http://127.0.0.1:28500");
+    let cluster = unique("placement");
+    let clients = ["127.0.0.1:29143", "127.0.0.1:29144"];
+    let admins = ["127.0.0.1:29243", "127.0.0.1:29244"];
+    let bootstrap: Vec<String> = kafka().split(',').map(|b| format!("\"{b}\"")).collect();
+    let mut instances: Vec<Option<Shardgate>> = (0..2)
+        .map(|i| {
+            let config = format!(
+                "[listener]\nbind = \"{client}\"\nnode_id = {n}\n\n[[instances]]\nnode_id = 1\nadvertised = \"{c1}\"\n\n[[instances]]\nnode_id = 2\nadvertised = \"{c2}\"\n\n[upstream]\nbootstrap = [{boot}]\n\n[admin]\nbind = \"{admin}\"\n\n[store]\nkind = \"consul\"\nconsul_addr = \"{consul}\"\ncluster = \"{cluster}\"\n\n[placement]\nthrottle_bytes_per_sec = 524288\n",
+                client = clients[i],
+                n = i + 1,
+                c1 = clients[0],
+                c2 = clients[1],
+                boot = bootstrap.join(", "),
+                admin = admins[i],
+            );
+            Some(start_shardgate(
+                &cache().join("run"),
+                &format!("placement-consul-{}", i + 1),
+                &config,
+                &format!("http://{}", admins[i]),
+            ))
+        })
+        .collect();
+    let leads = move |i: usize| {
+        metric_of(
+            &format!("http://{}", admins[i]),
+            "shardgate_controller_leader",
+            &[],
+        ) == 1.0
+    };
+    tokio::task::spawn_blocking(move || {
+        eventually("a leader instance", Duration::from_secs(60), || {
+            leads(0) || leads(1)
+        })
+    })
+    .await
+    .unwrap();
+    let leader = if leads(0) { 0 } else { 1 };
+    let survivor = 1 - leader;
+    let mib = 30;
+    let (topic, _, to) = filled_rf1(admins[survivor], "move-adopt", mib).await;
+    let (_, records) = watermarks_direct(&topic, 0);
+    // Asked of the survivor: forwarded to the leader, which starts it.
+    let (code, body) = api(
+        admins[survivor],
+        "POST",
+        &format!("/api/v1/topics/{topic}/placement/moves"),
+        Some(json!({"partition": 0, "to": [to]})),
+    );
+    assert_eq!(code, 202, "{body}");
+    let t = topic.clone();
+    tokio::task::spawn_blocking(move || {
+        eventually("the move under way", Duration::from_secs(15), || {
+            reassigning(&t) && !throttles("brokers", &to.to_string()).is_empty()
+        })
+    })
+    .await
+    .unwrap();
+    instances[leader].take(); // SIGKILL
+    let killed = Instant::now();
+    let t = topic.clone();
+    let adm = admins[survivor];
+    tokio::task::spawn_blocking(move || {
+        eventually("the survivor leads", Duration::from_secs(60), || {
+            leads(survivor)
+        });
+        eprintln!(
+            "survivor leads {:.1} s after the kill",
+            killed.elapsed().as_secs_f64()
+        );
+        until_nothing_moves(
+            adm,
+            &t,
+            "the move ended and cleaned up",
+            Duration::from_secs(240),
+        );
+    })
+    .await
+    .unwrap();
+    assert_nothing_left(&topic);
+    let m = |name: &str| {
+        metric_of(
+            &format!("http://{}", admins[survivor]),
+            name,
+            &[&format!("topic=\"{topic}\"")],
+        )
+    };
+    let (finished, cancelled) = (
+        m("shardgate_reassignments_finished_total"),
+        m("shardgate_reassignments_cancelled_total"),
+    );
+    eprintln!(
+        "after the kill: {finished} finished, {cancelled} cancelled by the survivor, {:.1} s",
+        killed.elapsed().as_secs_f64()
+    );
+    assert_eq!(finished + cancelled, 1.0);
+    let replicas = layout(&topic)[&0].1.clone();
+    assert_eq!(replicas.len(), 1, "{replicas:?}");
+    assert_eq!(
+        watermarks_direct(&topic, 0).1,
+        records,
+        "partition 0 kept its records"
     );
 }

@@ -22,8 +22,23 @@ impl Controller {
                 }
             };
             // Kafka lists nothing for a move that ended, was cancelled or whose topic is
-            // gone: judge that by a topology read after the list, not an older one.
-            if parts.iter().any(|p| !listed.contains_key(p)) {
+            // gone, and a topology without the topic (or with another id) may only be older
+            // than it (an instance that just took over): judge those by a topology read
+            // after the list, not an older one.
+            let known = self
+                .pool
+                .topology
+                .load()
+                .topics
+                .get(topic.as_bytes())
+                .map(|t| t.id.to_string());
+            if parts.iter().any(|p| !listed.contains_key(p))
+                || entry
+                    .map
+                    .moves
+                    .iter()
+                    .any(|m| known.as_deref() != Some(m.topic_id.as_str()))
+            {
                 let seen = self.pool.topology.load().version;
                 self.pool
                     .topology
