@@ -151,8 +151,12 @@ pub fn zero_topic(topic: &str) {
         metrics::counter!("shardgate_reassignments_cancelled_total", "topic" => topic.to_string(), "reason" => reason)
             .increment(0);
     }
-    metrics::counter!("shardgate_reassignment_bytes_total", "topic" => topic.to_string())
-        .increment(0);
+    for name in [
+        "shardgate_reassignment_bytes_total",
+        "shardgate_reassignments_adopted_total",
+    ] {
+        metrics::counter!(name, "topic" => topic.to_string()).increment(0);
+    }
 }
 
 /// Why a replica move starts (`shards::controller::reassign`) and why one is cancelled.
@@ -179,6 +183,10 @@ fn describe() {
     describe_counter!(
         "shardgate_reassignments_cancelled_total",
         "Replica moves cancelled, by reason"
+    );
+    describe_counter!(
+        "shardgate_reassignments_adopted_total",
+        "Replica moves a new leader instance took over from its predecessor"
     );
     describe_counter!(
         "shardgate_reassignment_bytes_total",

@@ -768,17 +768,41 @@ async fn an_rf1_pool_piled_on_broker_1_is_spread_while_clients_run() {
 }
 
 /// Two instances on Consul; the leader instance is killed (SIGKILL) while a throttled move
-/// it started runs: the next leader finds the move in the shard map and finishes it (or
-/// cancels it past its timeout), leaving no reassignment, throttle or record behind, and
-/// partition 0 keeps every record.
+/// it started runs: the next leader finds the move in the shard map, adopts it and finishes
+/// it (or cancels it past its timeout), leaving no reassignment, throttle or record behind,
+/// and partition 0 keeps every record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs the 3-broker testbed with Consul: integration/run-tests"]
 async fn a_new_leader_finishes_a_move_its_killed_predecessor_left() {
+    leader_lost_mid_move(false, 29143).await;
+}
+
+/// The same with the leader frozen (SIGSTOP) past its session instead: the next leader
+/// adopts the move; the old one, thawed, finds it lost leadership and leaves the move alone
+/// (another instance owns it now), so it finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the 3-broker testbed with Consul: integration/run-tests"]
+async fn a_leader_frozen_past_its_session_leaves_its_move_to_the_next_leader() {
+    leader_lost_mid_move(true, 29145).await;
+}
+
+/// Two Consul instances on client ports `port`, `port + 1` (admin `port + 100`, ...); the
+/// leader loses leadership while a move runs, killed or (`freeze`) frozen until the other
+/// one adopted the move, then thawed.
+async fn leader_lost_mid_move(freeze: bool, port: u16) {
     assert_eq!(brokers(), 3, "this test needs the 3-broker testbed");
     let consul = var("CONSUL_HTTP_ADDR", "http://127.0.0.1:28500");
     let cluster = unique("placement");
-    let clients = ["127.0.0.1:29143", "127.0.0.1:29144"];
-    let admins = ["127.0.0.1:29243", "127.0.0.1:29244"];
+    let c = [
+        format!("127.0.0.1:{port}"),
+        format!("127.0.0.1:{}", port + 1),
+    ];
+    let a = [
+        format!("127.0.0.1:{}", port + 100),
+        format!("127.0.0.1:{}", port + 101),
+    ];
+    let clients: [&'static str; 2] = [c[0].clone().leak(), c[1].clone().leak()];
+    let admins: [&'static str; 2] = [a[0].clone().leak(), a[1].clone().leak()];
     let bootstrap: Vec<String> = kafka().split(',').map(|b| format!("\"{b}\"")).collect();
     let mut instances: Vec<Option<Shardgate>> = (0..2)
         .map(|i| {
@@ -793,7 +817,7 @@ async fn a_new_leader_finishes_a_move_its_killed_predecessor_left() {
             );
             Some(start_shardgate(
                 &cache().join("run"),
-                &format!("placement-consul-{}", i + 1),
+                &format!("placement-consul-{port}-{}", i + 1),
                 &config,
                 &format!("http://{}", admins[i]),
             ))
@@ -834,7 +858,17 @@ async fn a_new_leader_finishes_a_move_its_killed_predecessor_left() {
     })
     .await
     .unwrap();
-    instances[leader].take(); // SIGKILL
+    let adopted = move || {
+        metric_of(
+            &format!("http://{}", admins[survivor]),
+            "shardgate_reassignments_adopted_total",
+            &[],
+        )
+    };
+    let frozen = freeze.then(|| Frozen::stop(instances[leader].as_ref().unwrap().pid()));
+    if !freeze {
+        instances[leader].take(); // SIGKILL
+    }
     let killed = Instant::now();
     let t = topic.clone();
     let adm = admins[survivor];
@@ -843,9 +877,16 @@ async fn a_new_leader_finishes_a_move_its_killed_predecessor_left() {
             leads(survivor)
         });
         eprintln!(
-            "survivor leads {:.1} s after the kill",
+            "survivor leads {:.1} s after the fault",
             killed.elapsed().as_secs_f64()
         );
+        eventually(
+            "the survivor adopts the move",
+            Duration::from_secs(10),
+            || adopted() == 1.0,
+        );
+        // Thawed now: it finds it lost leadership and must not cancel the adopted move.
+        drop(frozen);
         until_nothing_moves(
             adm,
             &t,
@@ -868,10 +909,21 @@ async fn a_new_leader_finishes_a_move_its_killed_predecessor_left() {
         m("shardgate_reassignments_cancelled_total"),
     );
     eprintln!(
-        "after the kill: {finished} finished, {cancelled} cancelled by the survivor, {:.1} s",
+        "after the fault: {finished} finished, {cancelled} cancelled by the survivor, {:.1} s",
         killed.elapsed().as_secs_f64()
     );
     assert_eq!(finished + cancelled, 1.0);
+    if freeze {
+        // The thawed instance cancelled nothing: the move finished where it was going.
+        let lost = metric_of(
+            &format!("http://{}", admins[leader]),
+            "shardgate_reassignments_cancelled_total",
+            &["reason=\"lost_leadership\""],
+        );
+        assert_eq!(lost, 0.0, "the old leader cancelled an adopted move");
+        assert_eq!(finished, 1.0);
+        assert_eq!(layout(&topic)[&0].1, vec![to]);
+    }
     let replicas = layout(&topic)[&0].1.clone();
     assert_eq!(replicas.len(), 1, "{replicas:?}");
     assert_eq!(

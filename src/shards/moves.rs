@@ -38,6 +38,11 @@ pub struct Move {
     pub kind: MoveKind,
     /// "split_placement", "balance" or "api".
     pub reason: String,
+    /// Node id of the leader instance driving it (the one that started it, or the one that
+    /// took it over): an instance that lost leadership cancels only the moves it still owns,
+    /// never one a newer leader adopted meanwhile.
+    #[serde(default)]
+    pub owner: i32,
     /// Wall clock (ms since the epoch): survives a change of leader instance.
     pub started_at_ms: u64,
     /// The leader's log size when the move began.
@@ -157,6 +162,7 @@ mod tests {
             to: vec![2],
             kind: MoveKind::Active,
             reason: "balance".into(),
+            owner: 1,
             started_at_ms: 0,
             bytes: 0,
             acks_all: true,

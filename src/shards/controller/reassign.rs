@@ -61,6 +61,11 @@ impl Controller {
             problem,
             fix: fix.into(),
         };
+        if self.shards.fenced() {
+            return Err(ControlError::Busy(
+                "this instance's store session is not confirmed; retry".into(),
+            ));
+        }
         let _op = self.ops.lock().await;
         let (config, map) = self.current(topic)?;
         if partition < 0 || partition >= map.pool {
@@ -186,6 +191,7 @@ impl Controller {
             to,
             kind,
             reason: reason.to_string(),
+            owner: self.settings.node_id,
             started_at_ms: crate::shards::map::now_ms(),
             bytes,
             acks_all,

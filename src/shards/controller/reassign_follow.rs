@@ -8,6 +8,11 @@ use crate::shards::moves::{self, Move, Throttle, Verdict};
 impl Controller {
     /// One look at every recorded move (leader only): see the module docs.
     pub(super) async fn follow_moves(&self) {
+        // A stalled instance (e.g. frozen past its session) may believe it still leads for a
+        // moment after it wakes: it touches no move until its session is confirmed.
+        if self.shards.fenced() {
+            return;
+        }
         for entry in self.shards.all() {
             if entry.map.moves.is_empty() {
                 continue;
@@ -45,8 +50,18 @@ impl Controller {
                     .refresh_after(seen, Duration::from_secs(5))
                     .await;
             }
-            for m in entry.map.moves.clone() {
+            for mut m in entry.map.moves.clone() {
                 let key = (topic.clone(), m.partition);
+                if m.owner != self.settings.node_id {
+                    match self.adopt(&topic, m.partition).await {
+                        Ok(Some(adopted)) => m = adopted,
+                        Ok(None) => continue, // ended meanwhile
+                        Err(e) => {
+                            tracing::warn!(topic, partition = m.partition, error = %e, "cannot adopt a reassignment; retried");
+                            continue;
+                        }
+                    }
+                }
                 if self
                     .placement
                     .lock()
@@ -188,9 +203,19 @@ impl Controller {
     /// removes their throttles, without touching the store (the next leader sees them gone
     /// and removes the records, or, if it adopted one meanwhile, finds it cancelled).
     pub(super) async fn abandon_moves(&self) {
-        for entry in self.shards.all() {
+        // The store's maps, read now: a move another leader adopted while this instance was
+        // stalled is that leader's to finish (and an unreachable store decides nothing).
+        let stored = match self.store.load_topics().await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "leadership lost with the store unreachable: moves left to the next leader");
+                return;
+            }
+        };
+        let me = self.settings.node_id;
+        for entry in stored {
             let topic = entry.config.name.clone();
-            for m in &entry.map.moves {
+            for m in entry.map.moves.iter().filter(|m| m.owner == me) {
                 let code = self.alter_reassignment(&topic, m.partition, None).await;
                 tracing::warn!(
                     topic,
@@ -213,5 +238,25 @@ impl Controller {
                 metrics::counter!("shardgate_reassignments_cancelled_total", "topic" => topic.clone(), "reason" => "lost_leadership").increment(1);
             }
         }
+    }
+
+    /// Makes this instance the owner of a recorded move (a new leader taking over its
+    /// predecessor's): one map change. The move as recorded now, None if it ended.
+    async fn adopt(&self, topic: &str, partition: i32) -> Result<Option<Move>, ControlError> {
+        let _op = self.ops.lock().await;
+        let (config, map) = self.current(topic)?;
+        let mut next = map.clone();
+        let Some(m) = next.moves.iter_mut().find(|m| m.partition == partition) else {
+            return Ok(None);
+        };
+        let was = m.owner;
+        m.owner = self.settings.node_id;
+        let adopted = m.clone();
+        next.epoch += 1;
+        self.commit(&config, &next, map.epoch).await?;
+        metrics::counter!("shardgate_reassignments_adopted_total", "topic" => topic.to_string())
+            .increment(1);
+        tracing::info!(topic, partition, from = ?adopted.from, to = ?adopted.to, previous_owner = was, "reassignment adopted");
+        Ok(Some(adopted))
     }
 }
