@@ -270,13 +270,26 @@ async fn the_throttle_is_set_during_an_active_move_and_removed_afterwards() {
     })
     .await
     .unwrap();
-    let (_, view) = api(
-        admin,
-        "GET",
-        &format!("/api/v1/topics/{topic}/placement"),
-        None,
+    // What an operator sees: `shardgate shards placement TOPIC`.
+    let cli = run_ok(
+        Command::new(
+            std::env::var("SHARDGATE_BIN")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|_| repo().join("target/debug/shardgate")),
+        )
+        .args([
+            "shards",
+            "placement",
+            &topic,
+            "--admin",
+            &format!("http://{admin}"),
+        ]),
+        Duration::from_secs(20),
     );
+    let view: Value = serde_json::from_str(&cli).unwrap();
     assert_eq!(view["moving"][0]["partition"], 0, "{view}");
+    assert_eq!(view["moving"][0]["to"], json!([to]), "{view}");
+    assert_eq!(view["brokers"].as_array().map(Vec::len), Some(3), "{view}");
     let t = topic.clone();
     tokio::task::spawn_blocking(move || {
         until_nothing_moves(

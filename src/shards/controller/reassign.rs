@@ -300,9 +300,11 @@ impl Controller {
     ) -> Result<(), ControlError> {
         let (_, map) = self.current(topic)?;
         let Some(m) = map.moves.iter().find(|m| m.partition == partition).cloned() else {
-            return Err(ControlError::Kafka(format!(
-                "no move of {topic}/{partition} is recorded"
-            )));
+            return Err(ControlError::BadConfig {
+                field: "partition".into(),
+                problem: format!("no move of {topic}/{partition} is under way"),
+                fix: "see GET /api/v1/topics/{topic}/placement for the moves under way".into(),
+            });
         };
         let code = self.alter_reassignment(topic, partition, None).await?;
         if ![0, NO_REASSIGNMENT_IN_PROGRESS, UNKNOWN_TOPIC_OR_PARTITION].contains(&code) {

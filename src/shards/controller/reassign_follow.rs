@@ -19,6 +19,9 @@ impl Controller {
             }
             let topic = entry.config.name.clone();
             let parts: Vec<i32> = entry.map.moves.iter().map(|m| m.partition).collect();
+            // Moves being launched while the list is asked for are judged next time: the list
+            // may predate their reassignment (and would read as gone).
+            let launching = self.placement.lock().expect("placement").launching.clone();
             let listed = match self.list_reassignments(&topic, &parts).await {
                 Ok(l) => l,
                 Err(e) => {
@@ -62,12 +65,13 @@ impl Controller {
                         }
                     }
                 }
-                if self
-                    .placement
-                    .lock()
-                    .expect("placement")
-                    .launching
-                    .contains(&key)
+                if launching.contains(&key)
+                    || self
+                        .placement
+                        .lock()
+                        .expect("placement")
+                        .launching
+                        .contains(&key)
                 {
                     continue;
                 }
