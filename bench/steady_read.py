@@ -11,16 +11,52 @@ beginning (consumers behind, catching up while new records keep coming): the sum
 the time from the group's first record to the last backlog record read (`catchup_s`), and the
 latencies are those of the records sent after the backlog.
 
-    steady_read.py BOOTSTRAP PRODUCE_BOOTSTRAP TOPIC CONSUMERS RATE SECONDS [BACKLOG]
+With PACE > 0 (and a backlog) each member handles at most PACE records/s, with a small local
+queue (librdkafka's `queued.max.messages.kbytes` 256, fetches of 64 KiB): a consumer that works
+through what is already there at its own steady rate and fetches as its queue drains (like the
+Java consumer, which fetches a partition again once it has handed out what it had). It stays
+behind the log end for the whole run; the summary gives the records read and the fetch round
+trips (what prefetch can shorten here), no end-to-end latency (the records waited in the
+backlog by design).
+
+With SHARDGATE_METRICS set (a shardgate's /metrics URL), its prefetch counters are also read
+at two moments of the steady part of the run: a third of SECONDS after the producer started
+and just before the members stop; the `window` line gives their differences. Precision over
+the whole run counts what is still queued when the members stop as never delivered (a
+read-ahead of SECONDS at most); the window shows the steady state.
+
+    steady_read.py BOOTSTRAP PRODUCE_BOOTSTRAP TOPIC CONSUMERS RATE SECONDS [BACKLOG [PACE]]
 """
 import json
+import os
 import statistics
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 
 from confluent_kafka import Consumer, Producer
+
+WINDOW = {
+    "hits": "shardgate_prefetch_hits_total",
+    "misses": "shardgate_prefetch_misses_total",
+    "late": "shardgate_prefetch_late_total",
+    "prefetched": "shardgate_prefetch_prefetched_records_total",
+    "delivered": "shardgate_prefetch_delivered_records_total",
+}
+
+
+def counters(url):
+    """Each WINDOW counter summed over its series, and the time it was read."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    got = dict.fromkeys(WINDOW, 0.0)
+    for line in text.splitlines():
+        name = line.split("{")[0].split(" ")[0]
+        for k, metric in WINDOW.items():
+            if name == metric:
+                got[k] += float(line.rsplit(" ", 1)[1])
+    return time.time(), got
 
 
 def percentile(xs, q):
@@ -28,7 +64,7 @@ def percentile(xs, q):
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else float("nan")
 
 
-def consume(bootstrap, topic, group, stop, e2e, rtts, counts, i, ready, backlog, progress):
+def consume(bootstrap, topic, group, stop, e2e, rtts, counts, i, ready, backlog, progress, pace):
     def stats(text):
         s = json.loads(text)
         for b in s.get("brokers", {}).values():
@@ -36,24 +72,40 @@ def consume(bootstrap, topic, group, stop, e2e, rtts, counts, i, ready, backlog,
             if b.get("nodeid", -1) >= 0 and b.get("rtt", {}).get("cnt", 0) > 0:
                 rtts.append((b["rtt"]["p50"] / 1000.0, b["rtt"]["p99"] / 1000.0))
 
-    c = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": group,
-            "enable.auto.commit": True,
-            "auto.offset.reset": "earliest" if backlog else "latest",
-            "statistics.interval.ms": 1000,
-            "stats_cb": stats,
-        }
-    )
+    config = {
+        "bootstrap.servers": bootstrap,
+        "group.id": group,
+        "enable.auto.commit": True,
+        "auto.offset.reset": "earliest" if backlog else "latest",
+        "statistics.interval.ms": 1000,
+        "stats_cb": stats,
+    }
+    if pace:
+        config.update(
+            {
+                "fetch.max.bytes": 65536,
+                "message.max.bytes": 65536,
+                "max.partition.fetch.bytes": 65536,
+                "queued.max.messages.kbytes": 256,
+                "fetch.queue.backoff.ms": 10,
+            }
+        )
+    c = Consumer(config)
     c.subscribe([topic], on_assign=lambda *_: ready.release())
     got = 0
+    due = None
     while not stop.is_set():
         # poll, not consume(num_messages=N): consume waits for N records or its timeout,
         # which would add up to that timeout to every record's latency.
         m = c.poll(0.1)
         if m is not None and m.error() is None:
             got += 1
+            if pace:
+                due = (due or time.monotonic()) + 1.0 / pace
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                continue
             if backlog:
                 now = time.time()
                 with progress["lock"]:
@@ -72,6 +124,9 @@ def main():
     bootstrap, produce_bootstrap, topic = sys.argv[1], sys.argv[2], sys.argv[3]
     consumers, rate, seconds = int(sys.argv[4]), int(sys.argv[5]), float(sys.argv[6])
     backlog = int(sys.argv[7]) if len(sys.argv) > 7 else 0
+    pace = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0
+    if pace and not backlog:
+        raise SystemExit("PACE needs a BACKLOG to work through")
     progress = {"lock": threading.Lock(), "first": None, "backlog": 0, "caught_up": None}
     pad = b"x" * 180
     if backlog:
@@ -91,7 +146,7 @@ def main():
     threads = [
         threading.Thread(
             target=consume,
-            args=(bootstrap, topic, group, stop, e2e, rtts, counts, i, ready, backlog, progress),
+            args=(bootstrap, topic, group, stop, e2e, rtts, counts, i, ready, backlog, progress, pace),
         )
         for i in range(consumers)
     ]
@@ -106,7 +161,11 @@ def main():
     p = Producer({"bootstrap.servers": produce_bootstrap, "linger.ms": 1, "acks": 1})
     began = time.time()
     sent = 0
+    metrics_url = os.environ.get("SHARDGATE_METRICS")
+    window = []
     while time.time() - began < seconds:
+        if metrics_url and not window and time.time() - began >= seconds / 3:
+            window.append(counters(metrics_url))
         due = int((time.time() - began) * rate)
         while sent < due:
             p.produce(topic, value=f"{time.time():20.6f}".encode() + pad)
@@ -115,8 +174,10 @@ def main():
         time.sleep(0.002)
     p.flush(30)
     time.sleep(2.0)  # the last records reach the consumers
-    while backlog and progress["caught_up"] is None and time.time() - began < seconds + 120:
+    while backlog and not pace and progress["caught_up"] is None and time.time() - began < seconds + 120:
         time.sleep(0.5)
+    if window:
+        window.append(counters(metrics_url))
     stop.set()
     for t in threads:
         t.join()
@@ -125,6 +186,18 @@ def main():
     ms = [x * 1000 for x in e2e]
     rtt50 = statistics.mean(r[0] for r in rtts) if rtts else float("nan")
     rtt99 = statistics.mean(r[1] for r in rtts) if rtts else float("nan")
+    if len(window) == 2:
+        (t0, a), (t1, b) = window
+        print(
+            f"window seconds={t1 - t0:.1f} "
+            + " ".join(f"{k}={b[k] - a[k]:.0f}" for k in WINDOW)
+        )
+    if pace:
+        print(
+            f"summary sent={sent} records={sum(counts)} e2e_p50_ms=nan e2e_p99_ms=nan "
+            f"rtt_p50_ms={rtt50:.2f} rtt_p99_ms={rtt99:.2f} catchup_s=nan"
+        )
+        return
     print(
         f"summary sent={sent} records={len(e2e) + progress['backlog']} e2e_p50_ms={percentile(ms, 0.5):.2f} "
         f"e2e_p99_ms={percentile(ms, 0.99):.2f} rtt_p50_ms={rtt50:.2f} rtt_p99_ms={rtt99:.2f}"

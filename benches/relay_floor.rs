@@ -8,6 +8,9 @@
 //!
 //!   cargo bench --bench relay_floor -- [ROUNDS] [SAMPLES] [ECHO_SLEEP_US]   (defaults 5, 5000, 0)
 
+#[path = "support/pump.rs"]
+mod pump;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -150,17 +153,6 @@ fn thread_relay(to: SocketAddr) -> SocketAddr {
     addr
 }
 
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        }
-    }
-    let _ = to.shutdown(std::net::Shutdown::Write);
+fn pipe(from: TcpStream, to: TcpStream) {
+    pump::copy(from, to, 64 * 1024);
 }

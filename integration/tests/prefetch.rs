@@ -202,6 +202,75 @@ fn a_rejoining_member_finds_its_partitions_read_from_its_commits_exactly() {
     assert!(delivered > 0.0);
 }
 
+/// A rejoining member's committed offsets are read by shardgate when the leader's SyncGroup
+/// passes (a round trip before the member asks) and its OffsetFetch is answered from that
+/// read: Kafka's commits, not what shardgate saw. A commit made straight at Kafka while the
+/// group was empty, which shardgate never saw, is where the member resumes.
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn a_rejoining_member_gets_kafkas_committed_offsets_a_round_trip_sooner() {
+    let topic = unique("prefetch-offsets");
+    create_topic(&topic, PARTITIONS);
+    produce_plain(&topic, "w1", 40);
+    let group = unique("g-offsets");
+    let client_id = "offsets-member";
+
+    // Through shardgate: all 40 read and committed (shardgate sees offset 40), then it leaves.
+    let a = group_member(&proxy(), &group, client_id);
+    a.subscribe(&[&topic]).unwrap();
+    assert_eq!(consume(&a, 40, Duration::from_secs(60)).len(), 40);
+    a.commit_consumer_state(CommitMode::Sync).unwrap();
+    a.unsubscribe();
+    drop(a);
+
+    // Straight at Kafka while the group is empty: partition 0 back to offset 25.
+    let direct: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", &group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Offset(25))
+        .unwrap();
+    direct.commit(&tpl, CommitMode::Sync).unwrap();
+    drop(direct);
+
+    let answered = metric(
+        "shardgate_prefetch_offset_answers_total",
+        &["outcome=\"answered\""],
+    );
+    let b = group_member(&proxy(), &group, client_id);
+    b.subscribe(&[&topic]).unwrap();
+    let got = consume(&b, 15, Duration::from_secs(60));
+    let answered = metric(
+        "shardgate_prefetch_offset_answers_total",
+        &["outcome=\"answered\""],
+    ) - answered;
+    drop(b);
+
+    let offsets: Vec<(i32, i64)> = got.iter().map(|r| (r.0, r.1)).collect();
+    let expected: Vec<(i32, i64)> = (25..40).map(|o| (0, o)).collect();
+    eprintln!(
+        "rejoin offsets: resumed at {:?}; OffsetFetch answered from the rebalance read {answered}",
+        offsets.first()
+    );
+    assert_eq!(
+        offsets, expected,
+        "the member did not resume from Kafka's commit"
+    );
+    assert!(
+        got.iter()
+            .zip(25..)
+            .all(|(r, i)| r.3.as_deref() == Some(format!("w1-{i}").as_bytes())),
+        "records differ from what was produced at those offsets"
+    );
+    assert!(
+        answered >= 1.0,
+        "the member's OffsetFetch was not answered from the read made at the rebalance"
+    );
+}
+
 /// Plain records, directly to Kafka, on partition 0: `{wave}-{i}`.
 fn produce_plain(topic: &str, wave: &str, n: usize) {
     let producer: BaseProducer = ClientConfig::new()

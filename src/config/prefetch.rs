@@ -61,6 +61,11 @@ pub struct PrefetchConfig {
     /// Unset: 4 MiB, or `max_bytes` when that is smaller (`queue_bytes()`).
     #[serde(default)]
     pub queue_bytes: Option<usize>,
+    /// A connection's queue holds what its client takes within this at the rate it has been
+    /// taking records (at least a full answer for each partition it fetches, at most
+    /// `queue_bytes`): a slow consumer is not read far ahead of where it will stop.
+    #[serde(default = "default_horizon_ms")]
+    pub horizon_ms: u64,
     /// Partitions that several consumers (groups) fetch are read once for all of them: a
     /// read in flight is waited for, answers are kept for those behind.
     #[serde(default = "default_enabled")]
@@ -138,6 +143,7 @@ impl Default for PrefetchConfig {
             samples_per_sec: default_samples_per_sec(),
             max_bytes: default_max_bytes(),
             ttl_ms: default_ttl_ms(),
+            horizon_ms: default_horizon_ms(),
             queue_bytes: None,
             share_reads: true,
             routing_fields: default_routing_fields(),
@@ -166,6 +172,9 @@ fn default_max_bytes() -> usize {
 }
 fn default_ttl_ms() -> u64 {
     10_000
+}
+fn default_horizon_ms() -> u64 {
+    1_000
 }
 fn default_samples_per_sec() -> u32 {
     200
@@ -228,6 +237,13 @@ impl PrefetchConfig {
                 "queue_bytes",
                 format!("{q} is more than prefetch.max_bytes ({})", self.max_bytes),
                 "use a value from 0 (no connection read-ahead) to prefetch.max_bytes; default 4194304",
+            );
+        }
+        if !(10..=600_000).contains(&self.horizon_ms) {
+            return bad(
+                "horizon_ms",
+                format!("{} is out of range", self.horizon_ms),
+                "use a value from 10 to 600000 (10 minutes); default 1000",
             );
         }
         if !(100..=600_000).contains(&self.ttl_ms) {

@@ -8,9 +8,12 @@
 //! - `embed`: the embedders that turn sampled record content into vectors, the bounded
 //!   background pool that runs them off the request path, and the running-mean centroids the
 //!   predictor compares partitions' content with.
+//! - `offsets`: committed offsets read when a classic group's leader sends its assignment,
+//!   answering its members' OffsetFetch a round trip sooner (`proxy::rebalance_offsets`).
 
 pub mod content;
 pub mod embed;
+pub mod offsets;
 pub mod profiles;
 
 pub use profiles::Profiles;

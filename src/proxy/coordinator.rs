@@ -3,7 +3,7 @@
 //! own shape when it cannot be reached.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use kafka_protocol::messages::*;
@@ -243,11 +243,16 @@ fn coordinator_moved(api: ApiKey, version: i16, frame: &Bytes) -> bool {
 
 /// Group and transaction APIs: forwarded as the client's bytes to the real coordinator.
 pub async fn forward_to_coordinator(
-    ctx: &Ctx,
+    ctx: &Arc<Ctx>,
     client: &ClientConn,
     req: &RequestFrame,
 ) -> Result<Reply, HandlerError> {
     let (key_type, keys) = coordinator_keys(req)?;
+    if key_type == GROUP {
+        for k in &keys {
+            super::rebalance_offsets::commits_change(ctx, req.api_key, k);
+        }
+    }
     let mut targets = BTreeMap::new();
     for k in &keys {
         let b = match find_coordinator(ctx, client, key_type, k).await? {
@@ -262,6 +267,20 @@ pub async fn forward_to_coordinator(
         1 => *targets.keys().next().expect("one target"),
         _ => return super::multi_group::split_by_coordinator(ctx, client, req, targets).await,
     };
+    if key_type == GROUP
+        && let [group] = keys.as_slice()
+    {
+        use super::rebalance_offsets as ahead;
+        match req.api_key {
+            ApiKey::SyncGroup => ahead::leader_sync(ctx, client, req, broker),
+            ApiKey::OffsetFetch => {
+                if let Some(reply) = ahead::answer_offset_fetch(ctx, client, req, group).await? {
+                    return Ok(reply);
+                }
+            }
+            _ => {}
+        }
+    }
     let sent = match super::sockets::parked_for(req) {
         // Requests the coordinator may hold until a rebalance completes get a connection of
         // their own (as each Kafka consumer has its own coordinator connection).

@@ -23,6 +23,7 @@ pub mod observe;
 pub mod partitioned;
 pub mod produce;
 pub mod quotas;
+pub mod rebalance_offsets;
 pub mod responses;
 pub mod sasl;
 pub mod server;
@@ -103,6 +104,8 @@ pub struct Ctx {
     /// Reads every connection may take (rebalance pre-reads, partitions several consumers
     /// read).
     pub shared_reads: Arc<fetch::shared::SharedReads>,
+    /// Committed offsets read at classic groups' rebalances (`rebalance_offsets`).
+    pub offsets_ahead: crate::prefetch::offsets::OffsetsAhead,
     /// SASL on the client listener (None: clients do not authenticate); set by `app`.
     pub sasl: Option<Arc<crate::auth::Authenticator>>,
     /// The ACL rules in force (None: authorization off); replaced when the store's change.
@@ -141,6 +144,7 @@ impl Ctx {
             profiles,
             sampler,
             shared_reads,
+            offsets_ahead: Default::default(),
             sasl: None,
             acls: Arc::new(arc_swap::ArcSwapOption::new(settings_acls)),
         }

@@ -63,6 +63,7 @@ fn observe_assignment(
     ) else {
         return;
     };
+    super::rebalance_offsets::sync_answered(ctx, client, group, &body, answer.error_code);
     if answer.error_code != codes::NONE
         || answer
             .protocol_type
@@ -109,7 +110,7 @@ fn observe_assignment(
 /// A member was just assigned `parts`: it will ask for its committed offsets and fetch from
 /// them. Where this instance saw the group's commits, those partitions are read now
 /// (`fetch::shared`), so the member's first fetch finds them read or under way.
-fn pre_read(
+pub(super) fn pre_read(
     ctx: &Ctx,
     client: &ClientConn,
     req: &RequestFrame,
@@ -130,12 +131,16 @@ fn pre_read(
     if known.is_empty() {
         return;
     }
+    ctx.shared_reads
+        .pre_read(ctx, known, isolation_of(ctx, client, req));
+}
+
+/// The isolation level the client fetched with before (read_uncommitted when unknown).
+pub(super) fn isolation_of(ctx: &Ctx, client: &ClientConn, req: &RequestFrame) -> i8 {
     let client_id = req.header.client_id.as_deref().unwrap_or("");
-    let isolation = ctx
-        .profiles
+    ctx.profiles
         .isolation_of(client.peer.ip(), client_id)
-        .unwrap_or(0);
-    ctx.shared_reads.pre_read(ctx, known, isolation);
+        .unwrap_or(0)
 }
 
 /// Membership the consumer profiles follow beyond assignments: heartbeats, leaving, and

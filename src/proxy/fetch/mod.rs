@@ -19,6 +19,7 @@
 
 mod assemble;
 mod learn;
+mod pace;
 mod plan;
 mod rank;
 pub mod readahead;
@@ -141,6 +142,13 @@ pub async fn handle(
         version,
         req.correlation_id(),
     )?;
+    client.fetch.note_delivered(
+        advanced.values().map(|(_, r)| r.len()).sum(),
+        wants
+            .iter()
+            .map(|w| w.part.partition_max_bytes.max(0) as usize)
+            .sum(),
+    );
     fetch.read_ahead(&wants, &advanced, Duration::from_millis(max_wait));
     if ctx.settings.raw.prefetch.mode() != crate::config::PrefetchMode::Off {
         learn::count(&wants, &advanced, &fetch.hits, &fetch.late);
@@ -477,7 +485,8 @@ impl Fetch<'_> {
             }
             by_broker.entry(b).or_default().push(next);
         }
-        for (broker, ws) in by_broker {
+        for (broker, mut ws) in by_broker {
+            state.emptiest_first(&mut ws);
             let refs: Vec<&Want> = ws.iter().collect();
             // At most the room left (Kafka still sends one whole batch).
             let mut template = self.template.clone();

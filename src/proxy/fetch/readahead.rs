@@ -110,6 +110,8 @@ pub struct ConnFetch {
     queued: Arc<AtomicUsize>,
     /// The connection's fetch sessions with the brokers (its polls).
     pub sessions: std::sync::Arc<super::upstream_sessions::Sessions>,
+    /// How fast its client takes records (how much its queue should hold).
+    pace: Mutex<super::pace::Pace>,
 }
 
 #[derive(Default)]
@@ -333,6 +335,37 @@ impl ConnFetch {
     /// Record bytes queued for this connection.
     pub fn queued_bytes(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
+    }
+
+    /// A fetch was answered with `bytes` of records; its partitions take at most `floor`.
+    pub fn note_delivered(&self, bytes: usize, floor: usize) {
+        if let Ok(mut p) = self.pace.lock() {
+            p.note(bytes, floor, Instant::now());
+        }
+    }
+
+    /// Bytes the queue should hold: what the client takes within `horizon` at its rate, at
+    /// least a full answer for each partition it fetches, at most `cap` (`pace.rs`).
+    pub fn queue_target(&self, horizon: Duration, cap: usize) -> usize {
+        match self.pace.lock() {
+            Ok(p) => p.target(Instant::now(), horizon, cap),
+            Err(_) => cap,
+        }
+    }
+
+    /// Orders a poll's partitions by what the queue holds of them, least first: with little
+    /// room, the broker fills the partitions it is asked for in order, and the queue should
+    /// not hold one partition's next answers while another's next fetch finds nothing.
+    pub fn emptiest_first(&self, wants: &mut [super::plan::Want]) {
+        let st = self.inner.lock().expect("read-ahead");
+        let held = |k: &Key| -> usize {
+            st.ready.get(k).map_or(0, |q| {
+                q.iter()
+                    .map(|r| r.data.records.as_ref().map_or(0, |b| b.len()))
+                    .sum()
+            })
+        };
+        wants.sort_by_cached_key(|w| held(&w.key));
     }
 
     /// Whether the client fetched `key` within `within`.

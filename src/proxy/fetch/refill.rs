@@ -3,7 +3,8 @@
 //! queue holds, with the epoch of its last batch, as the client will ask), for as long as
 //! - the polls bring records (a consumer at the end of the log gets one long-poll per wait,
 //!   as without shardgate),
-//! - the connection's queue is below `prefetch.queue_bytes`, all queues below
+//! - the connection's queue is below what its client takes within `prefetch.horizon_ms`
+//!   at its rate (at least one response, at most `prefetch.queue_bytes`), all queues below
 //!   `prefetch.max_bytes` and the memory budget less than half used (so the queue follows
 //!   the consumer's rate: it refills as the consumer takes from it),
 //! - the client still fetches the partition (within `prefetch.ttl_ms`) and the broker still
@@ -140,6 +141,7 @@ impl Refill {
             if wants.is_empty() || state.yielding(self.broker) {
                 return; // a request needs other partitions or offsets: it polls them
             }
+            state.emptiest_first(&mut wants);
             let refs: Vec<&Want> = wants.iter().collect();
             let Some(next) = start_poll(
                 &self.ctx,
@@ -165,11 +167,14 @@ impl Refill {
     }
 }
 
-/// The bytes a connection's queue may still take: within `prefetch.queue_bytes`, all queues
-/// within `prefetch.max_bytes`, the memory budget under half used (None: none).
+/// The bytes a connection's queue may still take: within what its client takes in
+/// `prefetch.horizon_ms` (at least a full answer for each partition it fetches, at most
+/// `prefetch.queue_bytes`), all queues within `prefetch.max_bytes`, the memory budget under
+/// half used (None: none).
 pub(super) fn room(ctx: &Ctx, state: &ConnFetch) -> Option<usize> {
     let cfg = &ctx.settings.raw.prefetch;
-    let mine = cfg.queue_bytes().checked_sub(state.queued_bytes())?;
+    let target = state.queue_target(Duration::from_millis(cfg.horizon_ms), cfg.queue_bytes());
+    let mine = target.checked_sub(state.queued_bytes())?;
     let all = cfg
         .max_bytes
         .checked_sub(super::readahead::queued_total())?;
