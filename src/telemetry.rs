@@ -47,7 +47,7 @@ fn zero() {
     ] {
         counter!(name).increment(0);
     }
-    let labelled: [(&'static str, &'static str, &[&'static str]); 8] = [
+    let labelled: [(&'static str, &'static str, &[&'static str]); 10] = [
         (
             "shardgate_connections_rejected_total",
             "reason",
@@ -84,6 +84,16 @@ fn zero() {
             "shardgate_prefetch_reads_total",
             "reason",
             &["rebalance", "shared"],
+        ),
+        (
+            "shardgate_prefetch_offset_reads_total",
+            "outcome",
+            &["read", "failed"],
+        ),
+        (
+            "shardgate_prefetch_offset_answers_total",
+            "outcome",
+            &["answered", "late", "missing"],
         ),
         (
             "shardgate_prefetch_evictions_total",
@@ -269,6 +279,14 @@ fn describe() {
     describe_histogram!(
         "shardgate_prefetch_embedding_batch_seconds",
         "Time to embed one batch of samples on an embedding thread"
+    );
+    describe_counter!(
+        "shardgate_prefetch_offset_reads_total",
+        "Committed offsets read when a classic group's leader sent its assignment, by outcome"
+    );
+    describe_counter!(
+        "shardgate_prefetch_offset_answers_total",
+        "Members' OffsetFetch after a rebalance: answered from the rebalance read, or left to Kafka (late, missing)"
     );
 }
 
