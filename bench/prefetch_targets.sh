@@ -6,6 +6,8 @@
 #   prefetch-off    127.0.0.1:29189, mode "off" (nothing read before it is asked)
 #   sequential      127.0.0.1:29187, mode "sequential" (each connection's queue read ahead)
 #   predictive      127.0.0.1:29188, mode "predictive", the default
+# PREFETCH_EXTRA (environment): TOML lines added to every instance's [prefetch] table (tuning
+# experiments, e.g. PREFETCH_EXTRA='horizon_ms = 3000').
 # Sets `targets` and `admins` (name → address / admin port), `pid_of`, `upstream`; defines
 # `counter ADMIN_PORT METRIC` (sum over its series) and `cpu_s PID`. Stops everything on exit.
 target_dir="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
@@ -50,6 +52,7 @@ path = "$work/$1-data"
 
 [prefetch]
 mode = "$4"
+${PREFETCH_EXTRA:-}
 TOML
   SHARDGATE_LOG=warn "$bin" run --config "$work/$1.toml" >"$work/$1.log" 2>&1 &
   pids+=($!)
