@@ -9,7 +9,7 @@
 # PREFETCH_EXTRA (environment): TOML lines added to every instance's [prefetch] table (tuning
 # experiments, e.g. PREFETCH_EXTRA='horizon_ms = 3000').
 # Sets `targets` and `admins` (name → address / admin port), `pid_of`, `upstream`; defines
-# `counter ADMIN_PORT METRIC` (sum over its series) and `cpu_s PID`. Stops everything on exit.
+# `counter ADMIN_PORT METRIC` (sum over its series), `cpu_s PID` and `embed_cpu_s PID`. Stops everything on exit.
 target_dir="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
 cargo build --release --quiet --bins
 bin="$target_dir/release/shardgate"
@@ -73,4 +73,16 @@ counter() { # ADMIN_PORT NAME
 }
 cpu_s() { # PID: user + system CPU seconds
   awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"
+}
+embed_cpu_s() { # PID: user + system CPU seconds of its sampling and embedding threads
+  # (sg-sample, sg-embed-N: all the content work, off the request path)
+  local t sum=0
+  for t in /proc/"$1"/task/*; do
+    case "$(cat "$t/comm" 2>/dev/null)" in
+      sg-sample | sg-embed-*)
+        sum=$(awk -v s="$sum" -v hz="$(getconf CLK_TCK)" \
+          '{sub(/^.*\) /, ""); print s + ($12 + $13) / hz}' "$t/stat") ;;
+    esac
+  done
+  echo "$sum"
 }

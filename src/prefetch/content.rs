@@ -59,7 +59,7 @@ impl Sampler {
         cfg: &PrefetchConfig,
         profiles: Arc<Profiles>,
     ) -> Result<Option<Self>, EmbedError> {
-        if cfg.mode() == crate::config::PrefetchMode::Off || cfg.samples_per_sec == 0 {
+        if cfg.mode() == crate::config::PrefetchMode::Off || cfg.samples_per_sec() == 0 {
             return Ok(None);
         }
         let embedder = embed::from_config(cfg)?;
@@ -81,7 +81,7 @@ impl Sampler {
         Ok(Some(Self {
             tx,
             epoch: Instant::now(),
-            interval_us: 1_000_000 / u64::from(cfg.samples_per_sec),
+            interval_us: 1_000_000 / u64::from(cfg.samples_per_sec()),
             next_us: AtomicU64::new(0),
         }))
     }
@@ -253,7 +253,7 @@ mod tests {
             }],
         );
         let cfg = PrefetchConfig {
-            samples_per_sec: 1000,
+            samples_per_sec: Some(1000),
             ..PrefetchConfig::default()
         };
         let sampler = Sampler::start(&cfg, profiles.clone()).unwrap().unwrap();

@@ -91,7 +91,7 @@ impl Refill {
         loop {
             let r = poll.await;
             let Some(state) = self.state.upgrade() else {
-                return;
+                return ended("closed");
             };
             // Whatever ends the chain, what it queued expires even if the client stops
             // fetching (nothing else would look at it while the connection stays open).
@@ -108,17 +108,22 @@ impl Refill {
             let folded = state.fold(&r, |n| (n > 0).then(|| budget.charge(n)));
             if folded.stale {
                 self.ctx.topology().request_refresh();
-                return;
+                return ended("stale");
             }
-            let Ok(resp) = &r.outcome else { return };
-            if resp.error_code != codes::NONE || !advance(&mut wants, resp) {
-                return;
+            let Ok(resp) = &r.outcome else {
+                return ended("error");
+            };
+            if resp.error_code != codes::NONE {
+                return ended("error");
+            }
+            if !advance(&mut wants, resp) {
+                return ended("nothing_new");
             }
             let Some(room) = self.room(&state) else {
                 if self.ctx.settings.raw.prefetch.queue_bytes() > 0 {
                     metrics::counter!("shardgate_prefetch_queue_full_total").increment(1);
                 }
-                return;
+                return ended("full");
             };
             // A poll brings at most the room left (Kafka still sends one whole batch).
             self.template.body.max_bytes =
@@ -138,8 +143,11 @@ impl Refill {
                             super::leader_epoch(&topo, w),
                         ))
             });
-            if wants.is_empty() || state.yielding(self.broker) {
-                return; // a request needs other partitions or offsets: it polls them
+            if wants.is_empty() {
+                return ended("unasked_or_shared");
+            }
+            if state.yielding(self.broker) {
+                return ended("yielded"); // a request needs other partitions or offsets: it polls them
             }
             state.emptiest_first(&mut wants);
             let refs: Vec<&Want> = wants.iter().collect();
@@ -153,7 +161,7 @@ impl Refill {
                 self.max_wait,
                 PollKind::Chain,
             ) else {
-                return; // the client's own poll is out: it continues from there
+                return ended("poll_out"); // the client's own poll is out: it continues from there
             };
             metrics::counter!("shardgate_fetch_readahead_polls_total").increment(1);
             poll = next;
@@ -165,6 +173,13 @@ impl Refill {
     fn room(&self, state: &ConnFetch) -> Option<usize> {
         room(&self.ctx, state)
     }
+}
+
+/// Why a chain of read-ahead polls stopped (`shardgate_fetch_readahead_chain_ends_total`):
+/// a queue that keeps missing while seldom full shows here which condition ends it.
+fn ended(reason: &'static str) {
+    metrics::counter!("shardgate_fetch_readahead_chain_ends_total", "reason" => reason)
+        .increment(1);
 }
 
 /// The bytes a connection's queue may still take: within what its client takes in
