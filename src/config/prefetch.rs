@@ -116,8 +116,8 @@ impl PrefetchConfig {
     }
 
     /// Record sets sampled per second. `minilm` embeds ~370 sentences/s on a core and each
-    /// set gives up to 8: 2 sets/s keep it near 4 % of a core whatever the record rate (the
-    /// issue's budget: 5 % per 10k records/s); `hashing` embeds millions a second.
+    /// set gives up to 8: at 2 sets/s it took 3.1 % of a core whatever the record rate
+    /// (BENCHMARKS.md, session 15; at 200 a whole core); `hashing` embeds millions a second.
     pub fn samples_per_sec(&self) -> u32 {
         self.samples_per_sec
             .unwrap_or(if self.embedder == "minilm" { 2 } else { 200 })

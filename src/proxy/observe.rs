@@ -4,7 +4,6 @@
 
 use bytes::Bytes;
 use kafka_protocol::messages::*;
-use kafka_protocol::protocol::Decodable;
 
 use super::connection::ClientConn;
 use super::forward::typed_reply;
@@ -72,19 +71,8 @@ fn observe_assignment(
     {
         return;
     }
-    let mut buf = answer.assignment.clone();
-    let all: Vec<(String, i32)> = if buf.len() < 2 {
-        vec![]
-    } else {
-        let version = i16::from_be_bytes([buf[0], buf[1]]);
-        bytes::Buf::advance(&mut buf, 2);
-        let Ok(a) = ConsumerProtocolAssignment::decode(&mut buf, version.clamp(0, 3)) else {
-            return;
-        };
-        a.assigned_partitions
-            .iter()
-            .flat_map(|t| t.partitions.iter().map(|p| (t.topic.0.to_string(), *p)))
-            .collect()
+    let Some(all) = super::rebalance_offsets::assigned(&answer.assignment) else {
+        return;
     };
     let member = body.member_id.as_str();
     ctx.profiles.assigned(

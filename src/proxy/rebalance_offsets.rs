@@ -19,8 +19,9 @@ use crate::protocol::{RequestFrame, codes};
 /// Longest a member's OffsetFetch waits for the read still under way (beyond, Kafka answers).
 const WAIT: Duration = Duration::from_secs(1);
 
-/// The partitions a consumer-protocol assignment names (None: not one).
-fn assigned(bytes: &bytes::Bytes) -> Option<Vec<(String, i32)>> {
+/// The partitions a consumer-protocol assignment names (None: not one; an empty assignment
+/// names none).
+pub(super) fn assigned(bytes: &bytes::Bytes) -> Option<Vec<(String, i32)>> {
     let mut buf = bytes.clone();
     if buf.len() < 2 {
         return Some(vec![]);
