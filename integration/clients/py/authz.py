@@ -12,7 +12,7 @@ KCLIENT_PASSWORD); with --ca over TLS, with --cert/--key presenting a client cer
   consume:T:G:N                 subscribe in group G, read N, commit them
   topics:PREFIX                 list topics (Metadata for all topics) starting with PREFIX
   describe:T                    Metadata for T by name
-  create:T  delete:T  partitions:T:N  acl:T  delete_records:T:OFFSET
+  create:T (waits until listed)  delete:T  partitions:T:N  acl:T  delete_records:T:OFFSET
   groups:PREFIX  describe_group:G  configs:T  alter_configs:T
 Prints one JSON object: {"<step>": "OK..." | "ERROR_NAME[,OTHER]"}.
 """
@@ -117,7 +117,14 @@ def step(conf, adm, s):
         t = md.topics.get(args[0])
         return "OK" if t is not None and t.error is None else (t.error.name() if t else "MISSING")
     if kind == "create":
-        return result(adm.create_topics([NewTopic(args[0], 1, int(os.environ.get("RF", "1")))])[args[0]])[0]
+        got = result(adm.create_topics([NewTopic(args[0], 1, int(os.environ.get("RF", "1")))])[args[0]])[0]
+        if got == "OK":
+            # Kafka answers CreateTopics once the controller has it; each broker's metadata follows
+            # a moment later, so a listing right after may not have it yet (seen in CI).
+            deadline = time.time() + 15
+            while args[0] not in adm.list_topics(timeout=20).topics and time.time() < deadline:
+                time.sleep(0.2)
+        return got
     if kind == "delete":
         return result(adm.delete_topics([args[0]])[args[0]])[0]
     if kind == "partitions":
