@@ -7,7 +7,8 @@
 #   sequential      127.0.0.1:29187, mode "sequential" (each connection's queue read ahead)
 #   predictive      127.0.0.1:29188, mode "predictive", the default
 # PREFETCH_EXTRA (environment): TOML lines added to every instance's [prefetch] table (tuning
-# experiments, e.g. PREFETCH_EXTRA='horizon_ms = 3000').
+# experiments, e.g. PREFETCH_EXTRA='horizon_ms = 3000'). BENCH_LOG: the instances' log filter
+# (default warn; e.g. BENCH_LOG=warn,shardgate::proxy::fetch=debug traces each fetch).
 # Sets `targets` and `admins` (name → address / admin port), `pid_of`, `upstream`; defines
 # `counter ADMIN_PORT METRIC` (sum over its series), `cpu_s PID` and `embed_cpu_s PID`. Stops everything on exit.
 target_dir="${CARGO_TARGET_DIR:-$REPO_ROOT/target}"
@@ -54,7 +55,7 @@ path = "$work/$1-data"
 mode = "$4"
 ${PREFETCH_EXTRA:-}
 TOML
-  SHARDGATE_LOG=warn "$bin" run --config "$work/$1.toml" >"$work/$1.log" 2>&1 &
+  SHARDGATE_LOG="${BENCH_LOG:-warn}" "$bin" run --config "$work/$1.toml" >"$work/$1.log" 2>&1 &
   pids+=($!)
   pid_of[$1]=$!
   for _ in $(seq 100); do

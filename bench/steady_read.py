@@ -15,9 +15,12 @@ With PACE > 0 (and a backlog) each member handles at most PACE records/s, with a
 queue (librdkafka's `queued.max.messages.kbytes` 256, fetches of 64 KiB): a consumer that works
 through what is already there at its own steady rate and fetches as its queue drains (like the
 Java consumer, which fetches a partition again once it has handed out what it had). It stays
-behind the log end for the whole run; the summary gives the records read and the fetch round
-trips (what prefetch can shorten here), no end-to-end latency (the records waited in the
-backlog by design).
+behind the log end for the whole run if the backlog lasts: PACE is per member, and librdkafka
+may take one partition's records far faster than the other's, so BACKLOG / PARTITIONS above
+SECONDS x (PACE - RATE / PARTITIONS) keeps every partition behind; the summary gives the records read, the fetch round trips (what
+prefetch can shorten here) and `tail_members`, the members whose fetching reached a partition's
+log end during the window (their fetches there wait for new records: no read-ahead has them),
+no end-to-end latency (the records waited in the backlog by design).
 
 With SHARDGATE_METRICS set (a shardgate's /metrics URL), its prefetch counters are also read
 at two moments of the steady part of the run: a third of SECONDS after the producer started
@@ -67,6 +70,15 @@ def percentile(xs, q):
 def consume(bootstrap, topic, group, stop, e2e, rtts, counts, i, ready, backlog, progress, pace):
     def stats(text):
         s = json.loads(text)
+        if pace and progress["window"]:
+            # A paced member meant to stay behind: did its fetching reach the log end of a
+            # partition during the window (then its fetches there wait for new records, which
+            # no read-ahead can have)?
+            for t in s.get("topics", {}).values():
+                for p in t.get("partitions", {}).values():
+                    if (p.get("partition", -1) >= 0 and p.get("fetch_state") == "active"
+                            and 0 <= p.get("hi_offset", -1) <= p.get("next_offset", -1)):
+                        progress["tails"].add(i)
         for b in s.get("brokers", {}).values():
             # Broker handles of the cluster (fetches), not the coordinator or bootstrap ones.
             if b.get("nodeid", -1) >= 0 and b.get("rtt", {}).get("cnt", 0) > 0:
@@ -127,14 +139,22 @@ def main():
     pace = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0
     if pace and not backlog:
         raise SystemExit("PACE needs a BACKLOG to work through")
-    progress = {"lock": threading.Lock(), "first": None, "backlog": 0, "caught_up": None}
+    progress = {"lock": threading.Lock(), "first": None, "backlog": 0, "caught_up": None,
+                "window": False, "tails": set()}
     pad = b"x" * 180
     if backlog:
-        p = Producer({"bootstrap.servers": produce_bootstrap, "linger.ms": 5, "acks": 1})
-        for _ in range(backlog):
+        # Spread evenly over the partitions (round robin; librdkafka's sticky partitioner put
+        # uneven runs of it on each, and a member whose partitions got little caught up within
+        # seconds) in batches of 16 KiB, the Java producer's default (librdkafka's 1 MB
+        # batches are each answered whole, one fetch per 5 s at PACE 1000).
+        p = Producer({"bootstrap.servers": produce_bootstrap, "linger.ms": 5, "acks": 1,
+                      "batch.size": 16384})
+        parts = len(p.list_topics(topic, timeout=20).topics[topic].partitions)
+        for n in range(backlog):
             while True:
                 try:
-                    p.produce(topic, value=f"{time.time():20.6f}".encode() + b"b" + pad[1:])
+                    p.produce(topic, value=f"{time.time():20.6f}".encode() + b"b" + pad[1:],
+                              partition=n % parts)
                     break
                 except BufferError:
                     p.poll(0.01)
@@ -166,6 +186,7 @@ def main():
     while time.time() - began < seconds:
         if metrics_url and not window and time.time() - began >= seconds / 3:
             window.append(counters(metrics_url))
+            progress["window"] = True
         due = int((time.time() - began) * rate)
         while sent < due:
             p.produce(topic, value=f"{time.time():20.6f}".encode() + pad)
@@ -178,6 +199,7 @@ def main():
         time.sleep(0.5)
     if window:
         window.append(counters(metrics_url))
+    progress["window"] = False
     stop.set()
     for t in threads:
         t.join()
@@ -195,7 +217,8 @@ def main():
     if pace:
         print(
             f"summary sent={sent} records={sum(counts)} e2e_p50_ms=nan e2e_p99_ms=nan "
-            f"rtt_p50_ms={rtt50:.2f} rtt_p99_ms={rtt99:.2f} catchup_s=nan"
+            f"rtt_p50_ms={rtt50:.2f} rtt_p99_ms={rtt99:.2f} catchup_s=nan "
+            f"tail_members={len(progress['tails'])}"
         )
         return
     print(

@@ -1188,3 +1188,171 @@ fn a_consumer_gets_the_content_it_prefers_first_when_not_everything_fits() {
         );
     }
 }
+
+/// A classic-protocol member on a raw connection to shardgate: joins `group` for `topic`,
+/// leads it, assigns itself partition 0 with its SyncGroup (shardgate starts its read of the
+/// group's committed offsets then) and returns (generation, member id).
+fn lead_group_raw(s: &mut std::net::TcpStream, group: &str, topic: &str) -> (i32, String) {
+    use bytes::BufMut;
+    use kafka_protocol::messages::*;
+    use kafka_protocol::protocol::{Encodable, StrBytes};
+    let versioned = |body: &dyn Fn(&mut bytes::BytesMut)| {
+        let mut b = bytes::BytesMut::new();
+        b.put_i16(0);
+        body(&mut b);
+        b.freeze()
+    };
+    let subscription = versioned(&|b| {
+        ConsumerProtocolSubscription::default()
+            .with_topics(vec![StrBytes::from_string(topic.to_string())])
+            .encode(b, 0)
+            .unwrap()
+    });
+    let join = |member: &str| {
+        JoinGroupRequest::default()
+            .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
+            .with_session_timeout_ms(10_000)
+            .with_rebalance_timeout_ms(10_000)
+            .with_member_id(StrBytes::from_string(member.to_string()))
+            .with_protocol_type(StrBytes::from_static_str("consumer"))
+            .with_protocols(vec![
+                join_group_request::JoinGroupRequestProtocol::default()
+                    .with_name(StrBytes::from_static_str("range"))
+                    .with_metadata(subscription.clone()),
+            ])
+    };
+    let first: JoinGroupResponse = ask_on(s, ApiKey::JoinGroup, 5, 1, &join("")).unwrap();
+    assert_eq!(first.error_code, 79, "MEMBER_ID_REQUIRED first: {first:?}");
+    let member = first.member_id.to_string();
+    let joined: JoinGroupResponse = ask_on(s, ApiKey::JoinGroup, 5, 2, &join(&member)).unwrap();
+    assert_eq!(joined.error_code, 0, "{joined:?}");
+    assert_eq!(joined.leader.as_str(), member, "the only member leads");
+    let assignment = versioned(&|b| {
+        ConsumerProtocolAssignment::default()
+            .with_assigned_partitions(vec![
+                consumer_protocol_assignment::TopicPartition::default()
+                    .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
+                    .with_partitions(vec![0]),
+            ])
+            .encode(b, 0)
+            .unwrap()
+    });
+    let sync = SyncGroupRequest::default()
+        .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
+        .with_generation_id(joined.generation_id)
+        .with_member_id(StrBytes::from_string(member.clone()))
+        .with_assignments(vec![
+            sync_group_request::SyncGroupRequestAssignment::default()
+                .with_member_id(StrBytes::from_string(member.clone()))
+                .with_assignment(assignment),
+        ]);
+    let synced: SyncGroupResponse = ask_on(s, ApiKey::SyncGroup, 3, 3, &sync).unwrap();
+    assert_eq!(synced.error_code, 0, "{synced:?}");
+    (joined.generation_id, member)
+}
+
+/// Partition 0's committed offset as an OffsetFetch v7 on `s` answers it.
+fn offset_fetch_raw(s: &mut std::net::TcpStream, group: &str, topic: &str) -> i64 {
+    use kafka_protocol::messages::*;
+    use kafka_protocol::protocol::StrBytes;
+    let req = OffsetFetchRequest::default()
+        .with_group_id(GroupId(StrBytes::from_string(group.to_string())))
+        .with_topics(Some(vec![
+            offset_fetch_request::OffsetFetchRequestTopic::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+                .with_partition_indexes(vec![0]),
+        ]))
+        .with_require_stable(true);
+    let r: OffsetFetchResponse = ask_on(s, ApiKey::OffsetFetch, 7, 10, &req).unwrap();
+    assert_eq!(r.error_code, 0, "{r:?}");
+    let p = &r.topics[0].partitions[0];
+    assert_eq!(p.error_code, 0, "{r:?}");
+    p.committed_offset
+}
+
+/// Commits `offset` for partition 0 straight at Kafka, outside any generation.
+fn commit_direct(group: &str, topic: &str, offset: i64) {
+    let direct: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Offset(offset))
+        .unwrap();
+    direct.commit(&tpl, CommitMode::Sync).unwrap();
+}
+
+/// The offsets read when the leader's SyncGroup passed are what Kafka would answer only until
+/// the group commits again: a commit between the member's SyncGroup and its OffsetFetch
+/// (here on the same raw connection, so it certainly lands in that window) drops the read
+/// and the OffsetFetch gets Kafka's new commit. The control group, with no commit in
+/// between, is answered from the read (so the path is live here).
+#[test]
+#[ignore = "needs the testbed (integration/testbed up)"]
+fn a_commit_after_the_rebalance_read_is_what_the_members_offset_fetch_gets() {
+    let topic = unique("prefetch-recommit");
+    create_topic(&topic, 1);
+    produce_plain(&topic, "w", 20);
+    let answered = || {
+        metric(
+            "shardgate_prefetch_offset_answers_total",
+            &["outcome=\"answered\""],
+        )
+    };
+
+    // Control: committed 5 at Kafka; the member's OffsetFetch is answered from the read.
+    let control = unique("g-recommit-control");
+    commit_direct(&control, &topic, 5);
+    let before = answered();
+    let mut s = std::net::TcpStream::connect(proxy()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    lead_group_raw(&mut s, &control, &topic);
+    assert_eq!(offset_fetch_raw(&mut s, &control, &topic), 5);
+    assert_eq!(
+        answered() - before,
+        1.0,
+        "the control OffsetFetch was not answered from the rebalance read"
+    );
+
+    // The same, with the member committing 9 in its new generation before it asks.
+    let group = unique("g-recommit");
+    commit_direct(&group, &topic, 5);
+    let before = answered();
+    let mut s = std::net::TcpStream::connect(proxy()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let (generation, member) = lead_group_raw(&mut s, &group, &topic);
+    {
+        use kafka_protocol::messages::*;
+        use kafka_protocol::protocol::StrBytes;
+        let commit = OffsetCommitRequest::default()
+            .with_group_id(GroupId(StrBytes::from_string(group.clone())))
+            .with_generation_id_or_member_epoch(generation)
+            .with_member_id(StrBytes::from_string(member))
+            .with_topics(vec![
+                offset_commit_request::OffsetCommitRequestTopic::default()
+                    .with_name(TopicName(StrBytes::from_string(topic.clone())))
+                    .with_partitions(vec![
+                        offset_commit_request::OffsetCommitRequestPartition::default()
+                            .with_partition_index(0)
+                            .with_committed_offset(9),
+                    ]),
+            ]);
+        let r: OffsetCommitResponse = ask_on(&mut s, ApiKey::OffsetCommit, 7, 4, &commit).unwrap();
+        assert_eq!(r.topics[0].partitions[0].error_code, 0, "{r:?}");
+    }
+    let got = offset_fetch_raw(&mut s, &group, &topic);
+    eprintln!(
+        "recommit: control answered from the read with 5; after a commit of 9 the member got {got}"
+    );
+    assert_eq!(
+        got, 9,
+        "the member got the offset read before its own commit"
+    );
+    assert_eq!(
+        answered() - before,
+        0.0,
+        "an OffsetFetch after a commit was answered from the read"
+    );
+}

@@ -103,7 +103,6 @@ impl PrefetchConfig {
         }
     }
 
-    /// Whether the predictive parts run.
     /// Bytes one connection's queue may hold (`queue_bytes`, by default 4 MiB within
     /// `max_bytes`).
     pub fn queue_bytes(&self) -> usize {
@@ -111,6 +110,7 @@ impl PrefetchConfig {
             .unwrap_or((4 * 1024 * 1024).min(self.max_bytes))
     }
 
+    /// Whether the predictive parts run.
     pub fn predictive(&self) -> bool {
         self.mode() == PrefetchMode::Predictive
     }

@@ -42,6 +42,28 @@ pub(super) fn count(
     metrics::counter!("shardgate_prefetch_delivered_records_total").increment(records);
 }
 
+/// One line per answered fetch at debug level (`shardgate::proxy::fetch=debug`): where its
+/// partitions came from and what the connection's queue holds after it.
+pub(super) fn trace(
+    fetch: &super::Fetch<'_>,
+    asked: usize,
+    advanced: &assemble::Delivered,
+    started: Instant,
+) {
+    tracing::debug!(
+        conn = fetch.client.id,
+        asked,
+        delivered = advanced.len(),
+        bytes = advanced.values().map(|(_, r)| r.len()).sum::<usize>(),
+        hits = fetch.hits.len(),
+        late = fetch.late.len(),
+        polled = fetch.polled.len(),
+        queued = fetch.client.fetch.queued_bytes(),
+        ms = started.elapsed().as_secs_f64() * 1000.0,
+        "fetch answered"
+    );
+}
+
 /// Tells the consumer profiles where this connection fetched and what it got.
 pub(super) fn profile(
     ctx: &Ctx,

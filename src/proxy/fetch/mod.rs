@@ -149,6 +149,7 @@ pub async fn handle(
             .map(|w| w.part.partition_max_bytes.max(0) as usize)
             .sum(),
     );
+    learn::trace(&fetch, wants.len(), &advanced, started);
     fetch.read_ahead(&wants, &advanced, Duration::from_millis(max_wait));
     if ctx.settings.raw.prefetch.mode() != crate::config::PrefetchMode::Off {
         learn::count(&wants, &advanced, &fetch.hits, &fetch.late);

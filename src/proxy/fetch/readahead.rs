@@ -22,6 +22,15 @@ use crate::proxy::budget::Charge;
 pub const DATA_TTL: Duration = Duration::from_secs(30);
 /// An error is news only for the next fetch or so.
 const ERROR_TTL: Duration = Duration::from_secs(2);
+/// A partition the client has not fetched for this long loses its queue (it was revoked in
+/// a rebalance, or the consumer paused it). As long as `prefetch.ttl_ms` by default: the
+/// chain stops reading a partition after that too. The Java consumer leaves a partition
+/// out of its fetches while it still holds records of it, for seconds with large fetches.
+pub const UNASKED_TTL: Duration = Duration::from_secs(10);
+/// A partition not fetched for this long no longer counts against the queue's rate target
+/// (its bytes still count against `queue_bytes`): a partition revoked in a rebalance must
+/// not keep the ones that replaced it from being read ahead until it expires.
+pub const RECENT: Duration = Duration::from_secs(1);
 
 /// Record bytes in all connections' queues of this process (`prefetch.max_bytes` bounds it).
 static QUEUED: AtomicUsize = AtomicUsize::new(0);
@@ -267,6 +276,15 @@ impl ConnFetch {
         data: PartitionData,
         charge: Option<Charge>,
     ) {
+        if data.error_code == codes::NONE
+            && data.records.as_ref().is_some_and(|r| !r.is_empty())
+            && !whole_batch(&data)
+        {
+            // The rest of a cut answer that is only the broker's partial last batch: a
+            // client answered with it alone reads nothing (and librdkafka doubles its
+            // partition max bytes); the next fetch reads that batch whole.
+            return;
+        }
         let held = Held::new(&self.queued, data.records.as_ref().map_or(0, |r| r.len()));
         let mut st = self.inner.lock().expect("read-ahead");
         st.ready.entry(key).or_default().push_front(Ready {
@@ -335,6 +353,22 @@ impl ConnFetch {
     /// Record bytes queued for this connection.
     pub fn queued_bytes(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Record bytes queued for partitions the client fetched within `within`.
+    pub fn queued_recent(&self, within: Duration) -> usize {
+        let st = self.inner.lock().expect("read-ahead");
+        let now = Instant::now();
+        st.ready
+            .iter()
+            .filter(|(k, _)| {
+                st.asked
+                    .get(*k)
+                    .is_some_and(|at| now.duration_since(*at) <= within)
+            })
+            .flat_map(|(_, q)| q.iter())
+            .map(|r| r.data.records.as_ref().map_or(0, |b| b.len()))
+            .sum()
     }
 
     /// A fetch was answered with `bytes` of records; its partitions take at most `floor`.
@@ -537,8 +571,12 @@ impl ConnFetch {
                             metrics::counter!("shardgate_prefetch_prefetched_records_total")
                                 .increment((next - asked.offset).max(0) as u64);
                         }
+                        // Records without one whole batch (the end of a poll's bytes cut
+                        // into the next batch) are no answer to queue: a client given only
+                        // that reads nothing and, librdkafka, doubles its partition max
+                        // bytes (and so the queue's floor) each time.
                         let news = p.error_code != codes::NONE
-                            || records > 0
+                            || (records > 0 && whole_batch(p))
                             || p.diverging_epoch.epoch >= 0
                             || p.snapshot_id.epoch >= 0;
                         if news {
@@ -575,8 +613,16 @@ impl ConnFetch {
 
 /// Drops expired entries (and the record of partitions not asked for since).
 fn expire(st: &mut Inner, now: Instant) {
-    let mut expired = 0u64;
-    st.ready.retain(|_, q| {
+    let (mut expired, mut unasked) = (0u64, 0u64);
+    let asked = &st.asked;
+    st.ready.retain(|k, q| {
+        if asked
+            .get(k)
+            .is_none_or(|at| now.duration_since(*at) > UNASKED_TTL)
+        {
+            unasked += q.len() as u64;
+            return false;
+        }
         let before = q.len();
         q.retain(|e| !e.expired(now));
         expired += (before - q.len()) as u64;
@@ -586,9 +632,20 @@ fn expire(st: &mut Inner, now: Instant) {
         metrics::counter!("shardgate_prefetch_evictions_total", "reason" => "ttl")
             .increment(expired);
     }
+    if unasked > 0 {
+        metrics::counter!("shardgate_prefetch_evictions_total", "reason" => "unasked")
+            .increment(unasked);
+    }
     st.asked.retain(|_, at| now.duration_since(*at) <= DATA_TTL);
     let asked = &st.asked;
     st.seen.retain(|k, _| asked.contains_key(k));
+}
+
+/// Whether `p` holds at least one whole record batch.
+fn whole_batch(p: &PartitionData) -> bool {
+    p.records
+        .as_ref()
+        .is_some_and(|r| super::plan::batches_within(r, usize::MAX).1.is_some())
 }
 
 /// Queues `e` after what `key` holds when it continues it; otherwise (a gap, an error

@@ -102,6 +102,8 @@ fn land(f: &ConnFetch, asked: Asked, records: bytes::Bytes) {
 #[test]
 fn a_queue_serves_contiguous_reads_in_order_and_a_seek_drops_it() {
     let f = ConnFetch::default();
+    // The client fetches the partition (read-ahead follows only what it fetches).
+    assert!(!entry(f.take(&key(), asked(10, 5, 4), 0)));
     land(&f, asked(10, 5, 4), batch(10, 9, 5)); // 10..=19
     assert_eq!(f.tail(&key()), Tail::At(20, Some(5)));
     land(&f, asked(20, 5, 5), batch(20, 4, 5)); // 20..=24, read from where the first ends
@@ -129,4 +131,53 @@ fn a_queue_serves_contiguous_reads_in_order_and_a_seek_drops_it() {
     assert!(!entry(f.take(&key(), asked(40, 5, 5), 0)));
     assert_eq!((f.ready_len(), f.queued_bytes()), (0, 0));
     assert_eq!(f.tail(&key()), Tail::Empty);
+}
+
+#[test]
+fn a_partition_the_client_stopped_fetching_neither_starves_the_others_nor_stays() {
+    let f = ConnFetch::default();
+    let other: Key = (key().0, 1);
+    let data = || PartitionData::default().with_records(Some(batch(0, 0, 1)));
+    // Both fetched (an empty queue answers nothing, but the fetch is noted), both queued.
+    for k in [key(), other.clone()] {
+        assert!(!entry(f.take(&k, asked(0, -1, -1), 0)));
+        f.put(k, 0, None, 0, data(), None);
+    }
+    assert_eq!(f.queued_recent(RECENT), 224);
+    let last_asked = |ago: Duration| {
+        let at = Instant::now().checked_sub(ago).expect("uptime");
+        f.inner.lock().unwrap().asked.insert(other.clone(), at);
+    };
+    // Revoked in a rebalance: no longer counted against the rate target, still held.
+    last_asked(Duration::from_secs(2));
+    assert_eq!(f.queued_recent(RECENT), 112);
+    assert_eq!(f.queued_bytes(), 224);
+    f.expire();
+    assert_eq!(f.queued_bytes(), 224, "kept while it may come back");
+    // Not fetched for UNASKED_TTL: dropped; the partition still fetched keeps its queue.
+    last_asked(UNASKED_TTL + Duration::from_secs(1));
+    f.expire();
+    assert_eq!(f.queued_bytes(), 112);
+    assert!(entry(f.take(&key(), asked(0, -1, -1), 0)));
+    assert_eq!(f.queued_bytes(), 0);
+}
+
+#[test]
+fn a_poll_that_brought_only_part_of_a_batch_queues_nothing() {
+    let f = ConnFetch::default();
+    assert!(!entry(f.take(&key(), asked(10, 5, 4), 0)));
+    // The broker's bytes ran out inside the first batch: nothing a client could read.
+    land(&f, asked(10, 5, 4), batch(10, 9, 5).slice(..60));
+    assert_eq!((f.ready_len(), f.queued_bytes()), (0, 0));
+    assert_eq!(f.tail(&key()), Tail::Empty, "read again from where it was");
+    // A whole batch and the start of the next: queued (the fetch reads the whole one).
+    let mut two = batch(10, 9, 5).to_vec();
+    two.extend_from_slice(&batch(20, 4, 5)[..60]);
+    land(&f, asked(10, 5, 4), bytes::Bytes::from(two));
+    assert_eq!(f.ready_len(), 1);
+    assert_eq!(f.tail(&key()), Tail::At(20, Some(5)));
+    // The rest of an answer cut at max_bytes that is only that partial batch: not kept.
+    let partial = PartitionData::default().with_records(Some(batch(20, 4, 5).slice(..60)));
+    f.put(key(), 20, None, 0, partial, None);
+    assert_eq!(f.ready_len(), 1);
 }

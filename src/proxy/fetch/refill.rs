@@ -43,6 +43,14 @@ pub(super) fn start_poll(
         .iter()
         .map(|w| (w.key.clone(), super::plan::Asked::of(&w.part)))
         .collect();
+    tracing::debug!(
+        conn,
+        ?kind,
+        max_bytes = template.body.max_bytes,
+        parts = ?wants.iter().map(|w| (w.key.1, w.part.fetch_offset)).collect::<Vec<_>>(),
+        queued = state.queued_bytes(),
+        "poll"
+    );
     state.start_if_idle(broker, kind, asked, |seq| {
         let f = upstream::start(
             ctx.pool.clone(),
@@ -119,6 +127,17 @@ impl Refill {
             if !advance(&mut wants, resp) {
                 return ended("nothing_new");
             }
+            tracing::debug!(
+                conn = self.conn,
+                bytes = resp
+                    .responses
+                    .iter()
+                    .flat_map(|t| &t.partitions)
+                    .map(|p| p.records.as_ref().map_or(0, |r| r.len()))
+                    .sum::<usize>(),
+                queued = state.queued_bytes(),
+                "read-ahead landed"
+            );
             let Some(room) = self.room(&state) else {
                 if self.ctx.settings.raw.prefetch.queue_bytes() > 0 {
                     metrics::counter!("shardgate_prefetch_queue_full_total").increment(1);
@@ -184,12 +203,25 @@ fn ended(reason: &'static str) {
 
 /// The bytes a connection's queue may still take: within what its client takes in
 /// `prefetch.horizon_ms` (at least a full answer for each partition it fetches, at most
-/// `prefetch.queue_bytes`), all queues within `prefetch.max_bytes`, the memory budget under
+/// `prefetch.queue_bytes`; counting the partitions it fetched within the last second), all
+/// its partitions within `prefetch.queue_bytes`, all queues within `prefetch.max_bytes`, the memory budget under
 /// half used (None: none).
 pub(super) fn room(ctx: &Ctx, state: &ConnFetch) -> Option<usize> {
     let cfg = &ctx.settings.raw.prefetch;
     let target = state.queue_target(Duration::from_millis(cfg.horizon_ms), cfg.queue_bytes());
-    let mine = target.checked_sub(state.queued_bytes())?;
+    // The target is for what the client fetches now: a partition it stopped fetching (revoked
+    // in a rebalance) holds bytes until it expires, which must not starve the others (they
+    // still count against the hard bound).
+    let recent = state.queued_recent(super::readahead::RECENT);
+    tracing::trace!(
+        target,
+        recent,
+        queued = state.queued_bytes(),
+        "read-ahead room"
+    );
+    let mine = target
+        .checked_sub(recent)?
+        .min(cfg.queue_bytes().checked_sub(state.queued_bytes())?);
     let all = cfg
         .max_bytes
         .checked_sub(super::readahead::queued_total())?;
