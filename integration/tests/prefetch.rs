@@ -224,17 +224,7 @@ fn a_rejoining_member_gets_kafkas_committed_offsets_a_round_trip_sooner() {
     drop(a);
 
     // Straight at Kafka while the group is empty: partition 0 back to offset 25.
-    let direct: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .set("group.id", &group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&topic, 0, Offset::Offset(25))
-        .unwrap();
-    direct.commit(&tpl, CommitMode::Sync).unwrap();
-    drop(direct);
+    commit_direct(&group, &topic, 25);
 
     let answered = metric(
         "shardgate_prefetch_offset_answers_total",
@@ -1290,7 +1280,7 @@ fn commit_direct(group: &str, topic: &str, offset: i64) {
 /// and the OffsetFetch gets Kafka's new commit. The control group, with no commit in
 /// between, is answered from the read (so the path is live here).
 #[test]
-#[ignore = "needs the testbed (integration/testbed up)"]
+#[ignore = "needs the testbed: integration/run-tests"]
 fn a_commit_after_the_rebalance_read_is_what_the_members_offset_fetch_gets() {
     let topic = unique("prefetch-recommit");
     create_topic(&topic, 1);
