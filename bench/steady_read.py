@@ -17,10 +17,11 @@ through what is already there at its own steady rate and fetches as its queue dr
 Java consumer, which fetches a partition again once it has handed out what it had). It stays
 behind the log end for the whole run if the backlog lasts: PACE is per member, and librdkafka
 may take one partition's records far faster than the other's, so BACKLOG / PARTITIONS above
-SECONDS x (PACE - RATE / PARTITIONS) keeps every partition behind; the summary gives the records read, the fetch round trips (what
-prefetch can shorten here) and `tail_members`, the members whose fetching reached a partition's
-log end during the window (their fetches there wait for new records: no read-ahead has them),
-no end-to-end latency (the records waited in the backlog by design).
+SECONDS x (PACE - RATE / PARTITIONS) keeps every partition behind; the summary gives the
+records read, the fetch round trips (what prefetch can shorten here) and `tail_members`, the
+members whose fetching reached a partition's log end during the window (their fetches there
+wait for new records: no read-ahead has them), no end-to-end latency (the records waited in
+the backlog by design).
 
 With SHARDGATE_METRICS set (a shardgate's /metrics URL), its prefetch counters are also read
 at two moments of the steady part of the run: a third of SECONDS after the producer started

@@ -23,9 +23,9 @@ pub const DATA_TTL: Duration = Duration::from_secs(30);
 /// An error is news only for the next fetch or so.
 const ERROR_TTL: Duration = Duration::from_secs(2);
 /// A partition the client has not fetched for this long loses its queue (it was revoked in
-/// a rebalance, or the consumer paused it). As long as `prefetch.ttl_ms` by default: the
-/// chain stops reading a partition after that too. The Java consumer leaves a partition
-/// out of its fetches while it still holds records of it, for seconds with large fetches.
+/// a rebalance, or the consumer paused it); the chain stops reading it by then too (after
+/// `prefetch.ttl_ms` if shorter). Not shorter: the Java consumer leaves a partition out of
+/// its fetches while it still holds records of it, for seconds with large fetches.
 pub const UNASKED_TTL: Duration = Duration::from_secs(10);
 /// A partition not fetched for this long no longer counts against the queue's rate target
 /// (its bytes still count against `queue_bytes`): a partition revoked in a rebalance must

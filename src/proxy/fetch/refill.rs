@@ -43,15 +43,7 @@ pub(super) fn start_poll(
         .iter()
         .map(|w| (w.key.clone(), super::plan::Asked::of(&w.part)))
         .collect();
-    tracing::debug!(
-        conn,
-        ?kind,
-        max_bytes = template.body.max_bytes,
-        parts = ?wants.iter().map(|w| (w.key.1, w.part.fetch_offset)).collect::<Vec<_>>(),
-        queued = state.queued_bytes(),
-        "poll"
-    );
-    state.start_if_idle(broker, kind, asked, |seq| {
+    let started = state.start_if_idle(broker, kind, asked, |seq| {
         let f = upstream::start(
             ctx.pool.clone(),
             conn,
@@ -78,7 +70,18 @@ pub(super) fn start_poll(
             &ids,
             f,
         )
-    })
+    });
+    if started.is_some() {
+        tracing::debug!(
+            conn,
+            ?kind,
+            max_bytes = template.body.max_bytes,
+            parts = ?wants.iter().map(|w| (w.key.1, w.part.fetch_offset)).collect::<Vec<_>>(),
+            queued = state.queued_bytes(),
+            "poll sent"
+        );
+    }
+    started
 }
 
 /// A connection's chain of read-ahead polls on one broker.
@@ -94,7 +97,9 @@ pub(super) struct Refill {
 impl Refill {
     /// Follows `poll` (a read-ahead of `wants`) and the polls after it.
     pub async fn run(mut self, mut wants: Vec<Want>, mut poll: SubFuture) {
-        let ttl = Duration::from_millis(self.ctx.settings.raw.prefetch.ttl_ms);
+        // Not past the point where the queue drops a partition the client stopped fetching.
+        let ttl = Duration::from_millis(self.ctx.settings.raw.prefetch.ttl_ms)
+            .min(super::readahead::UNASKED_TTL);
         let max_bytes = self.template.body.max_bytes;
         loop {
             let r = poll.await;
@@ -204,8 +209,8 @@ fn ended(reason: &'static str) {
 /// The bytes a connection's queue may still take: within what its client takes in
 /// `prefetch.horizon_ms` (at least a full answer for each partition it fetches, at most
 /// `prefetch.queue_bytes`; counting the partitions it fetched within the last second), all
-/// its partitions within `prefetch.queue_bytes`, all queues within `prefetch.max_bytes`, the memory budget under
-/// half used (None: none).
+/// its partitions within `prefetch.queue_bytes`, all queues within `prefetch.max_bytes`, the
+/// memory budget under half used (None: none).
 pub(super) fn room(ctx: &Ctx, state: &ConnFetch) -> Option<usize> {
     let cfg = &ctx.settings.raw.prefetch;
     let target = state.queue_target(Duration::from_millis(cfg.horizon_ms), cfg.queue_bytes());
