@@ -98,7 +98,7 @@ fn zero() {
         (
             "shardgate_prefetch_evictions_total",
             "reason",
-            &["ttl", "replaced", "crowded", "unasked"],
+            &["ttl", "replaced", "crowded", "unasked", "unassigned"],
         ),
         ("shardgate_prefetch_refused_total", "reason", &["memory"]),
     ];

@@ -694,7 +694,7 @@ async fn two_instances_deliver_every_record_in_key_order_across_splits_and_merge
     for (i, body) in bodies.iter().enumerate() {
         let t = format!("topic=\"{topic}\"");
         line(format!(
-            "instance {} metrics: gate_fallback_opens_total {}, gate_held_fetches_total {}, gate_wait_seconds count {}, gate_closed (sum) {}, splits {}, merges {}, writer_indeterminate_total {}",
+            "instance {} metrics: gate_fallback_opens_total {}, gate_held_fetches_total {}, gate_wait_seconds count {}, gate_closed (sum) {}, splits {}, merges {}, writer_indeterminate_total {}, leader_moves {}",
             i + 1,
             metric_in(body, "shardgate_gate_fallback_opens_total", &[&t]),
             metric_in(body, "shardgate_gate_held_fetches_total", &[&t]),
@@ -703,6 +703,7 @@ async fn two_instances_deliver_every_record_in_key_order_across_splits_and_merge
             metric_in(body, "shardgate_shard_splits_total", &[&t]),
             metric_in(body, "shardgate_shard_merges_total", &[&t]),
             metric_in(body, "shardgate_writer_indeterminate_total", &[]),
+            metric_in(body, "shardgate_leader_moves_total", &[&t]),
         ));
     }
     line(format!(

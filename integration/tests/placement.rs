@@ -345,35 +345,6 @@ async fn the_throttle_is_set_during_an_active_move_and_removed_afterwards() {
     );
 }
 
-/// Every value of `want` found in `topic` read straight from Kafka from the beginning (up
-/// to 60 s).
-fn read_values_direct(topic: &str, partitions: i32, want: &HashSet<String>) -> HashSet<String> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .set("group.id", unique("placement-check"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
-            .unwrap();
-    }
-    c.assign(&tpl).unwrap();
-    let mut found = HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while found.len() < want.len() && Instant::now() < deadline {
-        if let Some(Ok(m)) = c.poll(Duration::from_millis(200))
-            && let Some(v) = m.payload()
-            && let Ok(s) = std::str::from_utf8(v)
-            && want.contains(s)
-        {
-            found.insert(s.to_string());
-        }
-    }
-    found
-}
-
 /// A topic deleted while one of its partitions moves: shardgate cancels what is left,
 /// removes the broker throttle rates and the move's record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

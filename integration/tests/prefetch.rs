@@ -918,13 +918,9 @@ fn next_offset(records: &[u8]) -> Option<i64> {
 /// watermark never ahead of Kafka's; at least 90 % of the partitions answered with records
 /// were in memory when asked (hits), and the queue stays within `prefetch.queue_bytes` (plus
 /// one poll's answer) while the backlog is far larger, refilling as the consumer takes.
-#[test]
-#[ignore = "needs the testbed: integration/run-tests"]
-fn a_consumer_behind_is_answered_from_its_queue_byte_for_byte_within_its_bound() {
-    const QUEUE: usize = 256 * 1024;
-    const PART_MAX: i32 = 16 * 1024;
-    let topic = unique("prefetch-queue");
-    create_topic(&topic, 2);
+/// `n` records of about 210 bytes on each of partitions 0..`parts` of `topic`, in batches of
+/// 20, straight to Kafka.
+fn fill_partitions(topic: &str, parts: i32, n: usize) {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", kafka())
         .set("batch.num.messages", "20")
@@ -932,11 +928,11 @@ fn a_consumer_behind_is_answered_from_its_queue_byte_for_byte_within_its_bound()
         .create()
         .unwrap();
     let pad = "x".repeat(200);
-    for i in 0..6000 {
-        for p in 0..2 {
+    for i in 0..n {
+        for p in 0..parts {
             let v = format!("{p}-{i:06}-{pad}");
             while producer
-                .send(BaseRecord::<(), _>::to(&topic).partition(p).payload(&v))
+                .send(BaseRecord::<(), _>::to(topic).partition(p).payload(&v))
                 .is_err()
             {
                 producer.poll(Duration::from_millis(10));
@@ -944,6 +940,16 @@ fn a_consumer_behind_is_answered_from_its_queue_byte_for_byte_within_its_bound()
         }
     }
     producer.flush(Duration::from_secs(60)).unwrap();
+}
+
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn a_consumer_behind_is_answered_from_its_queue_byte_for_byte_within_its_bound() {
+    const QUEUE: usize = 256 * 1024;
+    const PART_MAX: i32 = 16 * 1024;
+    let topic = unique("prefetch-queue");
+    create_topic(&topic, 2);
+    fill_partitions(&topic, 2, 6000);
     let ends: Vec<i64> = (0..2).map(|p| watermarks_direct(&topic, p).1).collect();
     assert_eq!(ends, vec![6000, 6000]);
     let leaders = leaders_direct(&topic);
@@ -1066,6 +1072,19 @@ fn sentence(pets: bool, i: usize) -> String {
 #[test]
 #[ignore = "needs the testbed: integration/run-tests"]
 fn a_consumer_gets_the_content_it_prefers_first_when_not_everything_fits() {
+    preferred_first(false);
+}
+
+/// The same with the preference in a routing value (`prefetch.routing_fields`, a header)
+/// and the same text in every record: the routing-value histograms decide.
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn a_consumer_gets_the_routing_value_it_prefers_first_when_not_everything_fits() {
+    preferred_first(true);
+}
+
+/// `routing`: pets and markets told apart by a `type` header instead of the text.
+fn preferred_first(routing: bool) {
     const PART_MAX: i32 = 2048;
     let (warm, topic) = (unique("prefetch-warm"), unique("prefetch-rank"));
     create_topic_direct(&warm, &["--replica-assignment", "1"]);
@@ -1076,29 +1095,54 @@ fn a_consumer_gets_the_content_it_prefers_first_when_not_everything_fits() {
         .set("acks", "1") // replication factor 1 on a testbed asking 2 in sync
         .create()
         .unwrap();
-    let send = |t: &str, p: i32, v: String| {
-        while producer
-            .send(BaseRecord::<(), _>::to(t).partition(p).payload(&v))
-            .is_err()
-        {
+    let send = |t: &str, p: i32, pets: bool, i: usize| {
+        let (text, kind) = match routing {
+            false => (sentence(pets, i), None),
+            true => (
+                sentence(false, i),
+                Some(if pets { "pets" } else { "markets" }),
+            ),
+        };
+        let headers = kind.map(|k| {
+            rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                key: "type",
+                value: Some(k),
+            })
+        });
+        loop {
+            let mut r = BaseRecord::<(), _>::to(t).partition(p).payload(&text);
+            if let Some(h) = headers.clone() {
+                r = r.headers(h);
+            }
+            if producer.send(r).is_ok() {
+                break;
+            }
             producer.poll(Duration::from_millis(10));
         }
     };
     for i in 0..300 {
-        send(&warm, 0, sentence(true, i));
+        send(&warm, 0, true, i);
         for p in 0..4 {
-            send(&topic, p, sentence(p == 3, i));
+            send(&topic, p, p == 3, i);
         }
     }
     producer.flush(Duration::from_secs(60)).unwrap();
 
-    let (client, admin) = ("127.0.0.1:29156", "127.0.0.1:29256");
+    let (name, client, admin, extra) = match routing {
+        false => ("prefetch-rank", "127.0.0.1:29156", "127.0.0.1:29256", ""),
+        true => (
+            "prefetch-rank-routing",
+            "127.0.0.1:29158",
+            "127.0.0.1:29258",
+            "routing_fields = [\"header:type\"]\n",
+        ),
+    };
     let _sg = own_instance(
-        "prefetch-rank",
+        name,
         client,
         admin,
         "",
-        "[prefetch]\nsamples_per_sec = 100000\n",
+        &format!("[prefetch]\nsamples_per_sec = 100000\n{extra}"),
     );
     let mut s = std::net::TcpStream::connect(client).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -1183,6 +1227,18 @@ fn a_consumer_gets_the_content_it_prefers_first_when_not_everything_fits() {
 /// leads it, assigns itself partition 0 with its SyncGroup (shardgate starts its read of the
 /// group's committed offsets then) and returns (generation, member id).
 fn lead_group_raw(s: &mut std::net::TcpStream, group: &str, topic: &str) -> (i32, String) {
+    lead_group_raw_with(s, group, topic, None, &[0])
+}
+
+/// `lead_group_raw` with the member id of an earlier join (a rejoin: one JoinGroup) and the
+/// partitions the member assigns itself.
+fn lead_group_raw_with(
+    s: &mut std::net::TcpStream,
+    group: &str,
+    topic: &str,
+    rejoin: Option<&str>,
+    partitions: &[i32],
+) -> (i32, String) {
     use bytes::BufMut;
     use kafka_protocol::messages::*;
     use kafka_protocol::protocol::{Encodable, StrBytes};
@@ -1211,9 +1267,23 @@ fn lead_group_raw(s: &mut std::net::TcpStream, group: &str, topic: &str) -> (i32
                     .with_metadata(subscription.clone()),
             ])
     };
-    let first: JoinGroupResponse = ask_on(s, ApiKey::JoinGroup, 5, 1, &join("")).unwrap();
-    assert_eq!(first.error_code, 79, "MEMBER_ID_REQUIRED first: {first:?}");
-    let member = first.member_id.to_string();
+    let member = match rejoin {
+        Some(m) => m.to_string(),
+        None => {
+            // A coordinator still loading (a new instance, a new group) answers 14-16 first.
+            let started = std::time::Instant::now();
+            let first = loop {
+                let r: JoinGroupResponse = ask_on(s, ApiKey::JoinGroup, 5, 1, &join("")).unwrap();
+                if !(14..=16).contains(&r.error_code) || started.elapsed() > Duration::from_secs(30)
+                {
+                    break r;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            assert_eq!(first.error_code, 79, "MEMBER_ID_REQUIRED first: {first:?}");
+            first.member_id.to_string()
+        }
+    };
     let joined: JoinGroupResponse = ask_on(s, ApiKey::JoinGroup, 5, 2, &join(&member)).unwrap();
     assert_eq!(joined.error_code, 0, "{joined:?}");
     assert_eq!(joined.leader.as_str(), member, "the only member leads");
@@ -1222,7 +1292,7 @@ fn lead_group_raw(s: &mut std::net::TcpStream, group: &str, topic: &str) -> (i32
             .with_assigned_partitions(vec![
                 consumer_protocol_assignment::TopicPartition::default()
                     .with_topic(TopicName(StrBytes::from_string(topic.to_string())))
-                    .with_partitions(vec![0]),
+                    .with_partitions(partitions.to_vec()),
             ])
             .encode(b, 0)
             .unwrap()
@@ -1344,5 +1414,79 @@ fn a_commit_after_the_rebalance_read_is_what_the_members_offset_fetch_gets() {
         answered() - before,
         0.0,
         "an OffsetFetch after a commit was answered from the read"
+    );
+}
+
+/// Partitions revoked from a member at a rebalance lose their read-ahead at the member's next
+/// fetch after its new assignment (`shardgate_prefetch_evictions_total{reason="unassigned"}`),
+/// not 10 s later when they would expire unasked. One raw connection is the member (it leads
+/// its group and assigns itself partitions 0 and 1, then, rejoining, only 0) and fetches.
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn partitions_revoked_at_a_rebalance_lose_their_read_ahead_at_the_next_fetch() {
+    let topic = unique("prefetch-revoke");
+    create_topic(&topic, 2);
+    fill_partitions(&topic, 2, 3000);
+    let (client, admin) = ("127.0.0.1:29157", "127.0.0.1:29257");
+    let _sg = own_instance("prefetch-revoke", client, admin, "", "");
+    let unassigned = || {
+        metric_of(
+            admin,
+            "shardgate_prefetch_evictions_total",
+            &["reason=\"unassigned\""],
+        )
+    };
+    let mut s = std::net::TcpStream::connect(client).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let group = unique("g-revoke");
+    let (_, member) = lead_group_raw_with(&mut s, &group, &topic, None, &[0, 1]);
+    let mut offsets = [0i64, 0];
+    let mut correlation = 100;
+    let mut fetch = |s: &mut std::net::TcpStream, parts: &[i32], offsets: &mut [i64; 2]| {
+        correlation += 1;
+        let asked: Vec<(i32, i64)> = parts.iter().map(|p| (*p, offsets[*p as usize])).collect();
+        let resp = fetch_on(
+            s,
+            correlation,
+            &fetch_v12(&topic, &asked, 16 * 1024, 64 * 1024),
+        );
+        for p in resp.responses.iter().flat_map(|t| &t.partitions) {
+            assert_eq!(p.error_code, 0, "partition {}", p.partition_index);
+            if let Some(next) = p.records.as_deref().and_then(next_offset) {
+                offsets[p.partition_index as usize] = next;
+            }
+        }
+    };
+    // Both partitions fetched a few times (far from their ends: 3,000 records each), until
+    // read-ahead is queued.
+    let started = Instant::now();
+    for n in 1.. {
+        fetch(&mut s, &[0, 1], &mut offsets);
+        std::thread::sleep(Duration::from_millis(20));
+        let queued = metric_of(admin, "shardgate_prefetch_queue_bytes", &[]);
+        if n >= 5 && queued > 0.0 && offsets.iter().all(|o| *o > 0) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "nothing read ahead"
+        );
+    }
+    assert_eq!(unassigned(), 0.0, "evicted while both were assigned");
+    // A rebalance: the member keeps partition 0 only.
+    lead_group_raw_with(&mut s, &group, &topic, Some(&member), &[0]);
+    let revoked_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(1100));
+    fetch(&mut s, &[0], &mut offsets);
+    let evicted = unassigned();
+    let queued = metric_of(admin, "shardgate_prefetch_queue_bytes", &[]);
+    eprintln!(
+        "revoked partition 1 at offset {}: {evicted} queued answers evicted as unassigned {:.1}s after the new assignment; {queued} bytes queued after",
+        offsets[1],
+        revoked_at.elapsed().as_secs_f64()
+    );
+    assert!(
+        evicted > 0.0,
+        "partition 1's read-ahead was not evicted at the next fetch"
     );
 }

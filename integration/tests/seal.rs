@@ -276,3 +276,193 @@ async fn seal_covers_records_acknowledged_above_the_high_watermark() {
         &backwards[..backwards.len().min(10)]
     );
 }
+
+/// Kafka's error code when the preferred replica leads already.
+const ELECTION_NOT_NEEDED: i16 = 84;
+
+/// `partition`'s replicas reordered to `replicas` and its preferred replica elected, asked of
+/// `broker` directly (Kafka's admin APIs, as an operator's tools would; retried for 15 s while
+/// the controller takes the order in, or while a new controller takes over).
+fn reorder_and_elect(broker: &str, topic: &str, partition: i32, replicas: &[i32]) {
+    use kafka_protocol::messages::alter_partition_reassignments_request::{
+        ReassignablePartition, ReassignableTopic,
+    };
+    use kafka_protocol::messages::elect_leaders_request::TopicPartitions;
+    use kafka_protocol::messages::{
+        AlterPartitionReassignmentsRequest, AlterPartitionReassignmentsResponse, ApiKey, BrokerId,
+        ElectLeadersRequest, ElectLeadersResponse, TopicName,
+    };
+    use kafka_protocol::protocol::StrBytes;
+    let name = || TopicName(StrBytes::from_string(topic.to_string()));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut reordered = false;
+    loop {
+        if !reordered {
+            let req = AlterPartitionReassignmentsRequest::default()
+                .with_timeout_ms(10_000)
+                .with_topics(vec![
+                    ReassignableTopic::default()
+                        .with_name(name())
+                        .with_partitions(vec![
+                            ReassignablePartition::default()
+                                .with_partition_index(partition)
+                                .with_replicas(Some(
+                                    replicas.iter().map(|b| BrokerId(*b)).collect(),
+                                )),
+                        ]),
+                ]);
+            let r: AlterPartitionReassignmentsResponse =
+                ask(broker, ApiKey::AlterPartitionReassignments, 0, &req);
+            let code = r
+                .responses
+                .iter()
+                .flat_map(|t| &t.partitions)
+                .map(|p| p.error_code)
+                .find(|c| *c != 0)
+                .unwrap_or(r.error_code);
+            reordered = code == 0;
+            assert!(
+                reordered || Instant::now() < deadline,
+                "reorder: error {code}"
+            );
+        }
+        if reordered {
+            let req = ElectLeadersRequest::default()
+                .with_election_type(0)
+                .with_timeout_ms(10_000)
+                .with_topic_partitions(Some(vec![
+                    TopicPartitions::default()
+                        .with_topic(name())
+                        .with_partitions(vec![partition]),
+                ]));
+            let r: ElectLeadersResponse = ask(broker, ApiKey::ElectLeaders, 2, &req);
+            let code = r
+                .replica_election_results
+                .iter()
+                .flat_map(|t| &t.partition_result)
+                .map(|p| p.error_code)
+                .find(|c| *c != 0)
+                .unwrap_or(r.error_code);
+            if code == 0 || code == ELECTION_NOT_NEEDED {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "preferred election: error {code}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A leadership move shardgate makes itself (placement spreading active shards over brokers)
+/// must not lose records its writers acknowledged with acks=1. Such a record may so far be on
+/// the old leader alone; when the new leader is elected without it, the old leader truncates
+/// it on following. Provoked here: the broker placement will pick as the new leader is paused
+/// (`kill -STOP`, 7 s: below broker.session.timeout.ms, so it stays eligible, and below
+/// replica.lag.time.max.ms, so it stays in the ISR) while acks=1 records keep arriving on the
+/// partition that will move, and the pile-up that makes placement act is created just before
+/// the pause. Expected: shardgate waits (writers on acks=all, the election only once the high
+/// watermark covers what was acknowledged), so every acknowledged record is read back from
+/// Kafka afterwards. The test's own leadership change (shard 1, to make the pile-up) is made
+/// with no record in flight, so it cannot lose any itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the 3-broker testbed: integration/run-tests"]
+async fn a_leadership_move_to_a_lagging_replica_loses_no_acks1_record() {
+    assert!(brokers() >= 3, "needs 3 brokers (testbed up --brokers 3)");
+    const POOL: i32 = 6;
+    let topic = unique("leadmove");
+    // Shards 0, 1, 2 led by brokers 1, 3, 2 (balanced: placement has nothing to do yet).
+    let assignment: Vec<&str> = (0..POOL)
+        .map(|p| ["1:2:3", "3:1:2", "2:3:1"][p as usize % 3])
+        .collect();
+    create_topic_direct(&topic, &["--replica-assignment", &assignment.join(",")]);
+    let (code, created) = admin_post(
+        "/api/v1/topics",
+        &json!({"name": topic, "initial_shards": 3, "pool": POOL,
+                "autoscale": {"enabled": false, "balance_interval_secs": 2}}),
+    );
+    assert_eq!(code, 201, "adopt: {created}");
+    let moves = || {
+        metric(
+            "shardgate_leader_moves_total",
+            &[&format!("topic=\"{topic}\"")],
+        )
+    };
+    let moves_before = moves();
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let produce = |prefix: &'static str, stop: Arc<AtomicBool>| {
+        let (topic, acked) = (topic.clone(), acked.clone());
+        tokio::spawn(async move {
+            let p: FutureProducer = ClientConfig::new()
+                .set("bootstrap.servers", proxy())
+                .set("acks", "1")
+                .set("enable.idempotence", "false")
+                .set("linger.ms", "5")
+                .create()
+                .unwrap();
+            produce_keyed_sequences(p, &topic, prefix, KEYS, &stop, &acked).await;
+        })
+    };
+    let first = Arc::new(AtomicBool::new(false));
+    let producer = produce("a", first.clone());
+    eventually("records acknowledged", Duration::from_secs(60), || {
+        acked.lock().unwrap().len() >= 300
+    });
+    first.store(true, Ordering::SeqCst);
+    producer.await.unwrap();
+    // Followers fetch continuously: a second without writes leaves nothing on a leader alone.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Shard 1's leadership moved from broker 3 to broker 1, then broker 3 paused at once.
+    // Broker 1 then leads two active shards and broker 3 none: placement moves shard 0 (the
+    // lowest on the busiest broker) to broker 3, the least loaded in-sync replica.
+    let broker1 = kafka().split(',').next().unwrap().to_string();
+    reorder_and_elect(&broker1, &topic, 1, &[1, 3, 2]);
+    let paused_at = Instant::now();
+    let paused = Frozen::stop(Frozen::pid_of("kafka-3.pid"));
+    let second = Arc::new(AtomicBool::new(false));
+    let producer = produce("b", second.clone());
+    let acked_at_pause = acked.lock().unwrap().len();
+    let mut moved_while_paused = None;
+    while paused_at.elapsed() < Duration::from_secs(7) {
+        if moved_while_paused.is_none() && moves() > moves_before {
+            moved_while_paused = Some(paused_at.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let acked_in_pause = acked.lock().unwrap().len() - acked_at_pause;
+    drop(paused);
+    eprintln!(
+        "broker 3 paused {:.1}s; leader moved while paused: {moved_while_paused:?}; records acknowledged during the pause: {acked_in_pause}",
+        paused_at.elapsed().as_secs_f64(),
+    );
+    eventually(
+        "shardgate's leadership move",
+        Duration::from_secs(60),
+        || moves() > moves_before,
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    second.store(true, Ordering::SeqCst);
+    producer.await.unwrap();
+
+    let want: std::collections::HashSet<String> = acked.lock().unwrap().iter().cloned().collect();
+    let found = read_values_direct(&topic, POOL, &want);
+    let mut lost: Vec<&String> = want.difference(&found).collect();
+    lost.sort();
+    let leaders = partition_leaders(&topic, 3);
+    eprintln!(
+        "acknowledged {}, read back from Kafka {}, lost {} (e.g. {:?}); leader moves {}; leaders of shards 0-2 now {leaders:?}",
+        want.len(),
+        found.len(),
+        lost.len(),
+        &lost[..lost.len().min(5)],
+        moves() - moves_before
+    );
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged records lost across shardgate's leadership move, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+}

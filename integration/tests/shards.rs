@@ -850,22 +850,7 @@ fn active_shards_piled_on_one_broker_are_spread_by_leader_moves() {
                 "autoscale": {"split_records_per_sec": 1e9, "balance_interval_secs": 2}}),
     );
     assert_eq!(code, 201, "{body}");
-    let leaders = || -> Vec<i32> {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kafka())
-            .create()
-            .unwrap();
-        let md = c
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .unwrap();
-        let mut parts: Vec<(i32, i32)> = md.topics()[0]
-            .partitions()
-            .iter()
-            .map(|p| (p.id(), p.leader()))
-            .collect();
-        parts.sort();
-        parts.iter().take(3).map(|(_, l)| *l).collect()
-    };
+    let leaders = || partition_leaders(&topic, 3);
     let moves_before = metric(
         "shardgate_leader_moves_total",
         &[&format!("topic=\"{topic}\"")],

@@ -142,7 +142,13 @@ fn sample(s: &Sample, fields: &[RouteField], profiles: &Profiles, pool: &Pool<Sa
     for r in all.iter().step_by(step) {
         for f in fields {
             if let Some(v) = field_value(r, f) {
-                profiles.routed(s.key.conn, &String::from(f.clone()), &v);
+                profiles.routed(
+                    s.key.conn,
+                    &s.key.topic,
+                    s.key.partition,
+                    &String::from(f.clone()),
+                    &v,
+                );
             }
         }
         if let Some(v) = &r.value {

@@ -724,3 +724,55 @@ pub fn fetch_v12(
                 ),
         ])
 }
+
+/// Every value of `want` found in `topic` read straight from Kafka from the beginning (up
+/// to 60 s).
+pub fn read_values_direct(
+    topic: &str,
+    partitions: i32,
+    want: &std::collections::HashSet<String>,
+) -> std::collections::HashSet<String> {
+    let c: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", unique("direct-check"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    rdkafka::consumer::Consumer::assign(&c, &tpl).unwrap();
+    let mut found = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while found.len() < want.len() && Instant::now() < deadline {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(200))
+            && let Some(v) = rdkafka::message::Message::payload(&m)
+            && let Ok(s) = std::str::from_utf8(v)
+            && want.contains(s)
+        {
+            found.insert(s.to_string());
+        }
+    }
+    found
+}
+
+/// The leader (broker id) of each of the first `n` partitions of `topic`, from Kafka directly.
+pub fn partition_leaders(topic: &str, n: usize) -> Vec<i32> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .create()
+        .unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut parts: Vec<(i32, i32)> = md.topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| (p.id(), p.leader()))
+        .collect();
+    parts.sort();
+    parts.iter().take(n).map(|(_, l)| *l).collect()
+}

@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::embed::Centroid;
+use routing::{Histogram, top_values};
+
+mod routing;
 
 /// A member not heard from (heartbeat, commit, fetch of its connections) for this long is
 /// forgotten: well past any session timeout Kafka allows by default (45 s).
@@ -29,10 +32,8 @@ pub const MAX_MEMBERS: usize = 10_000;
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 /// Partitions whose content centroid is kept (about 1 KiB each with 256 dimensions).
 const MAX_PARTITION_CENTROIDS: usize = 4096;
-/// Distinct (field, value) pairs counted per connection.
-const MAX_ROUTING_VALUES: usize = 256;
-/// Routing values shown per field.
-const TOP_ROUTING_VALUES: usize = 5;
+/// A partition's routing histogram halves its counts at this many samples.
+const ROUTING_HORIZON: u64 = 1000;
 /// After this many samples a centroid follows recent content (a moving average).
 const CENTROID_HORIZON: u64 = 500;
 /// Committed offsets kept per group (client-supplied partition lists are bounded too).
@@ -77,7 +78,7 @@ struct Conn {
     /// Mean embedding of sampled records delivered on this connection.
     centroid: Option<Centroid>,
     /// (field, value) → records seen with it, among the sampled ones.
-    routing: HashMap<(String, String), u64>,
+    routing: Histogram,
     /// Whether a record set delivered on it was offered for sampling yet.
     sampled: bool,
     /// The isolation level of its last fetch, and whether it is filed under its client.
@@ -119,6 +120,8 @@ struct Inner {
     committed: HashMap<String, HashMap<Tp, i64>>,
     /// Mean embedding of each partition's sampled recent content.
     partition_content: HashMap<Tp, Centroid>,
+    /// Routing values among each partition's sampled recent records.
+    partition_routing: HashMap<Tp, Histogram>,
     /// (client address, client id) → the isolation level of its last fetch (outlives its
     /// connections: a member that rejoins from a new connection reads as before).
     isolation: HashMap<(IpAddr, String), i8>,
@@ -319,7 +322,7 @@ impl Profiles {
             history: VecDeque::new(),
             seen: now,
             centroid: None,
-            routing: HashMap::new(),
+            routing: Histogram::default(),
             sampled: false,
             isolation,
             isolation_filed: false,
@@ -393,17 +396,20 @@ impl Profiles {
             .copied()
     }
 
-    /// A sampled record delivered on `conn` carried `value` in routing field `field`.
-    pub fn routed(&self, conn: u64, field: &str, value: &str) {
+    /// A sampled record of `topic`/`partition` delivered on `conn` carried `value` in routing
+    /// field `field`: counted for the connection and the partition.
+    pub fn routed(&self, conn: u64, topic: &str, partition: i32, field: &str, value: &str) {
         let mut inner = self.lock();
-        let Some(c) = inner.conns.get_mut(&conn) else {
-            return;
-        };
-        let key = (field.to_string(), value.to_string());
-        if let Some(n) = c.routing.get_mut(&key) {
-            *n += 1;
-        } else if c.routing.len() < MAX_ROUTING_VALUES {
-            c.routing.insert(key, 1);
+        if let Some(c) = inner.conns.get_mut(&conn) {
+            c.routing.add(field, value);
+        }
+        let tp = (topic.to_string(), partition);
+        if let Some(h) = inner.partition_routing.get_mut(&tp) {
+            h.add(field, value);
+        } else if inner.partition_routing.len() < MAX_PARTITION_CENTROIDS {
+            let mut h = Histogram::recent(ROUTING_HORIZON);
+            h.add(field, value);
+            inner.partition_routing.insert(tp, h);
         }
     }
 
@@ -426,24 +432,47 @@ impl Profiles {
         }
     }
 
-    /// How close each partition's recent content is to what `conn` was delivered (cosine
-    /// similarity of their centroids; None where either has no samples yet).
+    /// How close each partition's recent records are to what `conn` was delivered: the cosine
+    /// similarity of their content centroids and that of their routing-value histograms,
+    /// the mean of the two where both are known (None where neither is).
     pub fn affinities(&self, conn: u64, parts: &[(&str, i32)]) -> Vec<Option<f32>> {
         let inner = self.lock();
-        let mine = inner
-            .conns
-            .get(&conn)
-            .and_then(|c| c.centroid.as_ref())
-            .filter(|c| c.count() > 0);
+        let Some(c) = inner.conns.get(&conn) else {
+            return vec![None; parts.len()];
+        };
+        let mine = c.centroid.as_ref().filter(|c| c.count() > 0);
         parts
             .iter()
             .map(|(t, p)| {
-                let mine = mine?;
-                let theirs = inner.partition_content.get(&(t.to_string(), *p))?;
-                (theirs.count() > 0 && theirs.dims() == mine.dims())
-                    .then(|| super::embed::cosine(mine.mean(), theirs.mean()))
+                let tp = (t.to_string(), *p);
+                let content = mine.and_then(|mine| {
+                    let theirs = inner.partition_content.get(&tp)?;
+                    (theirs.count() > 0 && theirs.dims() == mine.dims())
+                        .then(|| super::embed::cosine(mine.mean(), theirs.mean()))
+                });
+                let routing = inner
+                    .partition_routing
+                    .get(&tp)
+                    .and_then(|h| c.routing.cosine(h));
+                match (content, routing) {
+                    (Some(a), Some(b)) => Some((a + b) / 2.0),
+                    (a, b) => a.or(b),
+                }
             })
             .collect()
+    }
+
+    /// The assignment of the member `conn` belongs to, when it arrived after `known` (the
+    /// arrival time of the last one the caller acted on): when it arrived and its partitions.
+    pub fn assignment_of(
+        &self,
+        conn: u64,
+        known: Option<Instant>,
+    ) -> Option<(Instant, Vec<(String, i32)>)> {
+        let inner = self.lock();
+        let key = Self::member_of(&inner, inner.conns.get(&conn)?)?;
+        let m = inner.members.get(key)?;
+        (known != Some(m.assigned_at)).then(|| (m.assigned_at, m.assigned.clone()))
     }
 
     pub fn connection_closed(&self, conn: u64) {
@@ -581,7 +610,7 @@ impl Profiles {
                 delivered_records: conns.iter().map(|(_, c)| c.delivered).sum(),
                 delivered_bytes: conns.iter().map(|(_, c)| c.bytes).sum(),
                 content_samples: centroid.as_ref().map_or(0, |c| c.1),
-                top_routing_values: top_values(conns.iter().map(|(_, c)| *c)),
+                top_routing_values: top_values(conns.iter().map(|(_, c)| &c.routing)),
             });
         }
         alone.sort_by_key(|(id, _)| *id);
@@ -614,7 +643,7 @@ impl Profiles {
                 delivered_records: c.delivered,
                 delivered_bytes: c.bytes,
                 content_samples: centroid.as_ref().map_or(0, |c| c.1),
-                top_routing_values: top_values(std::iter::once(c)),
+                top_routing_values: top_values(std::iter::once(&c.routing)),
             });
         }
         out
@@ -653,27 +682,6 @@ fn similarity(inner: &Inner, centroid: Option<&(Vec<f32>, u64)>, tp: &Tp) -> Opt
     let (mean, _) = centroid?;
     let p = inner.partition_content.get(tp)?;
     (p.count() > 0).then(|| super::embed::cosine(mean, p.mean()))
-}
-
-fn top_values<'a>(conns: impl Iterator<Item = &'a Conn>) -> BTreeMap<String, Vec<(String, u64)>> {
-    let mut counts: HashMap<(&str, &str), u64> = HashMap::new();
-    for c in conns {
-        for ((f, v), n) in &c.routing {
-            *counts.entry((f.as_str(), v.as_str())).or_default() += n;
-        }
-    }
-    let mut by_field: BTreeMap<String, Vec<(String, u64)>> = BTreeMap::new();
-    for ((f, v), n) in counts {
-        by_field
-            .entry(f.to_string())
-            .or_default()
-            .push((v.to_string(), n));
-    }
-    for values in by_field.values_mut() {
-        values.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        values.truncate(TOP_ROUTING_VALUES);
-    }
-    by_field
 }
 
 fn sorted_ids(conns: &[(u64, &Conn)]) -> Vec<u64> {

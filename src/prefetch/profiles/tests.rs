@@ -241,3 +241,39 @@ fn members_are_bounded() {
     }
     assert!(p.lock().committed["g"].len() <= MAX_COMMITTED_PER_GROUP);
 }
+
+#[test]
+fn partitions_rank_by_routing_values_and_content_together() {
+    let p = Profiles::new(100);
+    p.fetched(
+        7,
+        ip(1),
+        "c",
+        0,
+        Instant::now(),
+        [f("t", 0, 0, Some(1), 10)],
+    );
+    // Delivered on connection 7: mostly pets (a warm-up topic).
+    for _ in 0..20 {
+        p.routed(7, "warm", 0, "header:type", "pets");
+    }
+    // Partition 1 carries pets, partition 2 markets; partition 3 nothing sampled.
+    for _ in 0..5 {
+        p.routed(7, "t", 1, "header:type", "pets");
+        p.routed(7, "t", 2, "header:type", "markets");
+    }
+    let a = p.affinities(7, &[("t", 1), ("t", 2), ("t", 3)]);
+    assert!(a[0].unwrap() > 0.9 && a[1].unwrap() < 0.3, "{a:?}");
+    assert_eq!(a[2], None);
+    // Content too: the mean of both (markets content that matches perfectly lifts p2 by half).
+    p.content(7, "warm", 0, &[0.0, 1.0]);
+    p.content(7, "t", 2, &[0.0, 1.0]);
+    let b = p.affinities(7, &[("t", 1), ("t", 2)]);
+    assert_eq!(b[0], a[0], "no content sampled for p1: routing alone");
+    assert!(
+        (b[1].unwrap() - (a[1].unwrap() + 1.0) / 2.0).abs() < 1e-3,
+        "{b:?}"
+    );
+    // An unknown connection ranks nothing.
+    assert_eq!(p.affinities(99, &[("t", 1)]), vec![None]);
+}

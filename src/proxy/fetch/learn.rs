@@ -2,7 +2,7 @@
 //! and the consumer profiles (positions, delivered record sets for content sampling).
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::assemble;
 use super::plan::{Key, Want};
@@ -122,5 +122,50 @@ pub(super) fn profile(
                 ctx.profiles.sampled(client.id);
             }
         }
+    }
+}
+
+/// When the group member this connection belongs to got a new assignment: the read-ahead of
+/// partitions it no longer holds (revoked in a rebalance) is dropped and no longer read.
+/// Looked for at most once a second per connection; left alone when none of what the
+/// connection fetches is in the assignment (the link to the member is then doubtful: the
+/// queue's own expiry, `readahead::UNASKED_TTL`, still applies).
+pub(super) fn unassigned(ctx: &Ctx, client: &ClientConn) {
+    let now = Instant::now();
+    let known = {
+        let mut a = client.fetch.assignment.lock().expect("assignment");
+        if a.1
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return;
+        }
+        a.1 = Some(now);
+        a.0
+    };
+    let Some((at, assigned)) = ctx.profiles.assignment_of(client.id, known) else {
+        return;
+    };
+    client.fetch.assignment.lock().expect("assignment").0 = Some(at);
+    let topo = ctx.topology().load();
+    let holds = |k: &Key| -> Option<bool> {
+        let name = if k.0.name.is_empty() {
+            topo.topic_name(&k.0.id)?.as_str()
+        } else {
+            k.0.name.as_str()
+        };
+        Some(
+            assigned
+                .binary_search_by(|(t, p)| (t.as_str(), *p).cmp(&(name, k.1)))
+                .is_ok(),
+        )
+    };
+    if client
+        .fetch
+        .asked_keys()
+        .iter()
+        .any(|k| holds(k) == Some(true))
+    {
+        // A topic id no longer known is kept: only what is known not to be assigned goes.
+        client.fetch.retain_assigned(|k| holds(k) != Some(false));
     }
 }

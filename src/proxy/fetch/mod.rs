@@ -156,6 +156,7 @@ pub async fn handle(
     }
     let isolation = fetch.template.body.isolation_level;
     learn::profile(ctx, client, req, &wants, &advanced, isolation, started);
+    learn::unassigned(ctx, client);
     Ok(reply)
 }
 

@@ -121,6 +121,9 @@ pub struct ConnFetch {
     pub sessions: std::sync::Arc<super::upstream_sessions::Sessions>,
     /// How fast its client takes records (how much its queue should hold).
     pace: Mutex<super::pace::Pace>,
+    /// When the member assignment last applied to the queue arrived, and when one was last
+    /// looked for (`learn::unassigned`).
+    pub assignment: Mutex<(Option<Instant>, Option<Instant>)>,
 }
 
 #[derive(Default)]
@@ -602,6 +605,33 @@ impl ConnFetch {
             }
         }
         folded
+    }
+
+    /// The partitions the client fetched lately.
+    pub fn asked_keys(&self) -> Vec<Key> {
+        let st = self.inner.lock().expect("read-ahead");
+        st.asked.keys().cloned().collect()
+    }
+
+    /// Drops the queues of partitions `keep` refuses (no longer assigned to the connection's
+    /// group member) and forgets they were asked for, so the read-ahead chain stops reading
+    /// them: at once, not `UNASKED_TTL` after the rebalance.
+    pub fn retain_assigned(&self, keep: impl Fn(&Key) -> bool) {
+        let mut st = self.inner.lock().expect("read-ahead");
+        let mut dropped = 0u64;
+        st.ready.retain(|k, q| {
+            let kept = keep(k);
+            if !kept {
+                dropped += q.len() as u64;
+            }
+            kept
+        });
+        st.asked.retain(|k, _| keep(k));
+        drop(st);
+        if dropped > 0 {
+            metrics::counter!("shardgate_prefetch_evictions_total", "reason" => "unassigned")
+                .increment(dropped);
+        }
     }
 
     #[cfg(test)]

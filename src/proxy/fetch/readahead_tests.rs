@@ -133,16 +133,22 @@ fn a_queue_serves_contiguous_reads_in_order_and_a_seek_drops_it() {
     assert_eq!(f.tail(&key()), Tail::Empty);
 }
 
-#[test]
-fn a_partition_the_client_stopped_fetching_neither_starves_the_others_nor_stays() {
-    let f = ConnFetch::default();
+/// Partitions 0 and 1 of "t" fetched (an empty queue answers nothing, but the fetch is
+/// noted), then one record batch (112 bytes) queued for each; partition 1's key.
+fn two_queued(f: &ConnFetch) -> Key {
     let other: Key = (key().0, 1);
     let data = || PartitionData::default().with_records(Some(batch(0, 0, 1)));
-    // Both fetched (an empty queue answers nothing, but the fetch is noted), both queued.
     for k in [key(), other.clone()] {
         assert!(!entry(f.take(&k, asked(0, -1, -1), 0)));
         f.put(k, 0, None, 0, data(), None);
     }
+    other
+}
+
+#[test]
+fn a_partition_the_client_stopped_fetching_neither_starves_the_others_nor_stays() {
+    let f = ConnFetch::default();
+    let other = two_queued(&f);
     assert_eq!(f.queued_recent(RECENT), 224);
     let last_asked = |ago: Duration| {
         let at = Instant::now().checked_sub(ago).expect("uptime");
@@ -180,4 +186,17 @@ fn a_poll_that_brought_only_part_of_a_batch_queues_nothing() {
     let partial = PartitionData::default().with_records(Some(batch(20, 4, 5).slice(..60)));
     f.put(key(), 20, None, 0, partial, None);
     assert_eq!(f.ready_len(), 1);
+}
+
+#[test]
+fn a_partition_revoked_from_the_member_loses_its_queue_at_once() {
+    let f = ConnFetch::default();
+    two_queued(&f);
+    assert_eq!(f.asked_keys().len(), 2);
+    // The new assignment holds partition 0 only: partition 1's queue goes, and the chain no
+    // longer reads it (it is not asked for any more); partition 0 keeps its queue.
+    f.retain_assigned(|k| k.1 == 0);
+    assert_eq!(f.queued_bytes(), 112);
+    assert_eq!(f.asked_keys(), vec![key()]);
+    assert!(entry(f.take(&key(), asked(0, -1, -1), 0)));
 }

@@ -6,7 +6,14 @@
 //! under the replication throttle only when that is not enough.
 
 use super::*;
+use crate::shards::moves::{Move, MoveKind};
 use crate::shards::placement::{active_move, broker_loads, idle_move, imbalance};
+
+/// `Move::reason` of a leadership move (a reorder of the same replicas and an election).
+pub(super) const LEADERSHIP: &str = "leadership";
+
+/// How long a leader change waits for acknowledged records to be replicated.
+const REPLICATED_WAIT: Duration = Duration::from_secs(10);
 
 /// Below this total load (in split thresholds) an imbalance is not worth copying data for.
 const MIN_LOAD_TO_MOVE: f64 = 0.5;
@@ -38,21 +45,61 @@ impl Controller {
         else {
             return Ok(None);
         };
+        let topic_id = topo.topics.get(topic.as_bytes()).map(|t| t.id.to_string());
         drop(topo);
+        let Some(topic_id) = topic_id else {
+            return Ok(None);
+        };
         let mut replicas = info.replicas.clone();
         replicas.retain(|b| *b != to);
         replicas.insert(0, to);
-        let code = self
-            .alter_reassignment(topic, partition, Some(&replicas))
-            .await?;
-        if code != 0 {
-            return Err(ControlError::Kafka(format!(
-                "AlterPartitionReassignments {topic}/{partition} to {replicas:?}: error {code}"
-            )));
-        }
-        // The preferred election needs the controller to have the new order; it is applied at
-        // once for a reorder, but the broker may still answer "not available" for a moment.
-        self.elect_preferred(topic, partition).await?;
+        // The move is recorded first, like a replica move of an active partition: every
+        // instance writes the partition with acks=all until it ends, and the election waits
+        // until what any writer acknowledged with acks=1 is replicated. A record the old
+        // leader alone held would otherwise be truncated when it follows the new one (an
+        // acknowledged record lost: the two-instance test saw 10 of 182,440).
+        let m = Move {
+            partition,
+            topic_id,
+            from: info.replicas.clone(),
+            to: replicas.clone(),
+            kind: MoveKind::Active,
+            reason: LEADERSHIP.to_string(),
+            owner: self.settings.node_id,
+            started_at_ms: crate::shards::map::now_ms(),
+            bytes: 0,
+            acks_all: true,
+            throttle: None,
+        };
+        let key = (topic.to_string(), partition);
+        let epoch = {
+            let _op = self.ops.lock().await;
+            let (config, map) = self.current(topic)?;
+            if map.moves.iter().any(|x| x.partition == partition) {
+                return Ok(None);
+            }
+            self.record_move(&config, &map, &m).await?
+        };
+        let moved = self.elect_replicated(topic, &m, epoch).await;
+        self.placement
+            .lock()
+            .expect("placement")
+            .launching
+            .remove(&key);
+        let ended = self
+            .end_move(
+                topic,
+                &m,
+                if moved.is_ok() {
+                    "finished"
+                } else {
+                    "cancelled"
+                },
+                if moved.is_ok() { "done" } else { "refused" },
+            )
+            .await;
+        moved?;
+        ended?;
         self.pool.topology.request_refresh();
         metrics::counter!("shardgate_leader_moves_total", "topic" => topic.to_string())
             .increment(1);
@@ -60,6 +107,75 @@ impl Controller {
             "partition {partition}: leader {} -> {to} (active shards of the topic per broker were uneven)",
             info.leader
         )))
+    }
+
+    /// A recorded leadership move's Kafka steps: acks=all in force on every instance, what
+    /// they acknowledged replicated, the replicas reordered, the preferred election.
+    async fn elect_replicated(
+        &self,
+        topic: &str,
+        m: &Move,
+        epoch: u64,
+    ) -> Result<(), ControlError> {
+        self.wait_replicated(topic, m.partition, epoch).await?;
+        let code = self
+            .alter_reassignment(topic, m.partition, Some(&m.to))
+            .await?;
+        if code != 0 {
+            return Err(ControlError::Kafka(format!(
+                "AlterPartitionReassignments {topic}/{} to {:?}: error {code}",
+                m.partition, m.to
+            )));
+        }
+        // The preferred election needs the controller to have the new order; it is applied at
+        // once for a reorder, but the broker may still answer "not available" for a moment.
+        let elected = self.elect_preferred(topic, m.partition).await;
+        if elected.is_err() {
+            // Kafka's own preferred-leader rebalance would otherwise elect the new first
+            // replica later, with writers back on acks=1.
+            let _ = self
+                .alter_reassignment(topic, m.partition, Some(&m.from))
+                .await;
+        }
+        elected
+    }
+
+    /// Before a leader change of `partition` (its writers on acks=all from `epoch` on): waits
+    /// until every live instance applied `epoch` and the high watermark reached the end of
+    /// what any of them acknowledged there. After that every in-sync replica, so any leader
+    /// Kafka may elect, holds every acknowledged record. Bounded by `REPLICATED_WAIT` (the
+    /// leader's loop waits meanwhile; a replica that lags longer drops out of the ISR and is
+    /// not elected, or the move is refused and tried again later).
+    pub(super) async fn wait_replicated(
+        &self,
+        topic: &str,
+        partition: i32,
+        epoch: u64,
+    ) -> Result<(), ControlError> {
+        let acked = self
+            .wait_applied(topic, epoch)
+            .await?
+            .iter()
+            .filter_map(|i| i.acked.get(topic)?.get(&partition).copied())
+            .fold(self.managed.acked_end(topic, partition), i64::max);
+        let deadline = Instant::now() + REPLICATED_WAIT;
+        loop {
+            let hw = self
+                .end_offsets(topic, &[partition])
+                .await?
+                .get(&partition)
+                .copied()
+                .unwrap_or(-1);
+            if hw >= acked {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(ControlError::Kafka(format!(
+                    "{topic}/{partition}: high watermark {hw} still below {acked}, the end of what writers acknowledged; the leader stays"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// One placement step for `topic`: a leadership move if one helps, else (reassign on,

@@ -24,16 +24,21 @@ impl Controller {
         let acked = applied
             .iter()
             .filter_map(|m| {
+                // Parents being sealed, and partitions whose leader is about to change
+                // (writers on acks=all for them): both wait for what was acknowledged.
                 let ends: BTreeMap<i32, i64> = m
                     .map
                     .sealing()
                     .flat_map(|g| g.after.iter().filter(|a| a.seal_offset.is_none()))
-                    .map(|a| {
-                        (
-                            a.partition,
-                            self.managed.acked_end(&m.config.name, a.partition),
-                        )
-                    })
+                    .map(|a| a.partition)
+                    .chain(
+                        m.map
+                            .moves
+                            .iter()
+                            .filter(|mv| mv.acks_all)
+                            .map(|mv| mv.partition),
+                    )
+                    .map(|p| (p, self.managed.acked_end(&m.config.name, p)))
                     .filter(|(_, end)| *end >= 0)
                     .collect();
                 (!ends.is_empty()).then(|| (m.config.name.clone(), ends))

@@ -197,25 +197,10 @@ impl Controller {
             acks_all,
             throttle,
         };
-        let mut next = map.clone();
-        next.moves.push(m.clone());
-        next.epoch += 1;
         let key = (topic.to_string(), partition);
-        self.placement
-            .lock()
-            .expect("placement")
-            .launching
-            .insert(key.clone());
-        if let Err(e) = self.commit(&config, &next, map.epoch).await {
-            self.placement
-                .lock()
-                .expect("placement")
-                .launching
-                .remove(&key);
-            return Err(e);
-        }
+        let epoch = self.record_move(&config, &map, &m).await?;
         drop(_op);
-        let launched = self.launch(topic, &m, next.epoch).await;
+        let launched = self.launch(topic, &m, epoch).await;
         self.placement
             .lock()
             .expect("placement")
@@ -231,10 +216,41 @@ impl Controller {
         Ok(m)
     }
 
+    /// Records `m` in `map` (one map change; the caller holds `ops`), its partition marked
+    /// launching so that `follow_moves` leaves it alone until Kafka is asked (the caller
+    /// unmarks it). The new epoch.
+    pub(super) async fn record_move(
+        &self,
+        config: &TopicConfig,
+        map: &ShardMap,
+        m: &Move,
+    ) -> Result<u64, ControlError> {
+        let mut next = map.clone();
+        next.moves.push(m.clone());
+        next.epoch += 1;
+        let key = (map.topic.clone(), m.partition);
+        self.placement
+            .lock()
+            .expect("placement")
+            .launching
+            .insert(key.clone());
+        if let Err(e) = self.commit(config, &next, map.epoch).await {
+            self.placement
+                .lock()
+                .expect("placement")
+                .launching
+                .remove(&key);
+            return Err(e);
+        }
+        Ok(next.epoch)
+    }
+
     /// Steps after the intent: acks=all in force everywhere, the throttle, the reassignment.
     async fn launch(&self, topic: &str, m: &Move, epoch: u64) -> Result<(), ControlError> {
         if m.acks_all {
-            self.wait_applied(topic, epoch).await?;
+            // The leader may change when the reassignment ends: what writers acknowledged
+            // with acks=1 before acks=all took over must be on every in-sync replica first.
+            self.wait_replicated(topic, m.partition, epoch).await?;
         }
         if let Some(t) = &m.throttle {
             let rate = Some(t.rate.to_string());
@@ -459,7 +475,10 @@ impl Controller {
         }
         drop(mem);
         let t = topic.to_string();
-        if how == "finished" {
+        if m.reason == super::balance::LEADERSHIP {
+            // Counted as a leader move (or not) by `balance_leaders`: no replica moved.
+            tracing::info!(topic, partition = m.partition, from = ?m.from, to = ?m.to, outcome = how, secs, "leadership move ended");
+        } else if how == "finished" {
             metrics::counter!("shardgate_reassignments_finished_total", "topic" => t.clone(), "kind" => m.kind.as_str()).increment(1);
             metrics::counter!("shardgate_reassignment_bytes_total", "topic" => t.clone())
                 .increment(copied.unwrap_or(m.bytes).max(0) as u64);

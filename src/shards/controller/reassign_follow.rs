@@ -144,7 +144,7 @@ impl Controller {
             }
             Verdict::Done => {
                 if leader != m.to.first().copied()
-                    && let Err(e) = self.elect_preferred(topic, m.partition).await
+                    && let Err(e) = self.elect_after_move(topic, m).await
                 {
                     tracing::warn!(topic, partition = m.partition, error = %e, "preferred election after a reassignment failed");
                 }
@@ -189,6 +189,16 @@ impl Controller {
                 Ok(())
             }
         }
+    }
+
+    /// The preferred election ending a move whose new leader Kafka did not elect itself;
+    /// with acks=all in force, once what writers acknowledged with acks=1 is replicated.
+    async fn elect_after_move(&self, topic: &str, m: &Move) -> Result<(), ControlError> {
+        if m.acks_all {
+            let (_, map) = self.current(topic)?;
+            self.wait_replicated(topic, m.partition, map.epoch).await?;
+        }
+        self.elect_preferred(topic, m.partition).await
     }
 
     /// The broker rates of `m`'s throttle only (its topic is gone).
