@@ -87,22 +87,6 @@ fn assert_nothing_left(topic: &str) {
     assert!(left.is_empty(), "{left:?}");
 }
 
-/// Partition → (leader, replicas), from Kafka.
-fn layout(topic: &str) -> BTreeMap<i32, (i32, Vec<i32>)> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .create()
-        .unwrap();
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    md.topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| (p.id(), (p.leader(), p.replicas().to_vec())))
-        .collect()
-}
-
 fn set_min_insync_1(topic: &str) {
     run_ok(
         Command::new(bin("kafka-configs")).args([
@@ -179,7 +163,7 @@ async fn filled_rf1(admin: &str, prefix: &str, mib: usize) -> (String, i32, i32)
         json!({"enabled": false, "balance_interval_secs": 0}),
     );
     fill(&topic, 0, mib).await;
-    let (from, _) = layout(&topic)[&0].clone();
+    let (from, _) = partition_layout(&topic)[&0].clone();
     let to = (1..=3).find(|b| *b != from).unwrap();
     (topic, from, to)
 }
@@ -306,7 +290,7 @@ async fn the_throttle_is_set_during_an_active_move_and_removed_afterwards() {
     eventually(
         "partition 0 led by the target",
         Duration::from_secs(30),
-        || layout(&topic)[&0] == (to, vec![to]),
+        || partition_layout(&topic)[&0] == (to, vec![to]),
     );
     let m = |name: &str, labels: &[&str]| metric_of(&format!("http://{admin}"), name, labels);
     let topic_label = format!("topic=\"{topic}\"");
@@ -513,7 +497,10 @@ async fn an_rf1_pool_piled_on_broker_1_is_spread_while_clients_run() {
     let t = topic.clone();
     tokio::task::spawn_blocking(move || {
         eventually("all on broker 1", Duration::from_secs(90), || {
-            !reassigning(&t) && layout(&t).values().all(|(l, r)| *l == 1 && r == &vec![1])
+            !reassigning(&t)
+                && partition_layout(&t)
+                    .values()
+                    .all(|(l, r)| *l == 1 && r == &vec![1])
         })
     })
     .await
@@ -611,7 +598,7 @@ async fn an_rf1_pool_piled_on_broker_1_is_spread_while_clients_run() {
     let shares = tokio::task::spawn_blocking(move || {
         let before: Vec<i64> = (0..12).map(|p| watermarks_direct(&t, p).1).collect();
         std::thread::sleep(Duration::from_secs(20));
-        let lay = layout(&t);
+        let lay = partition_layout(&t);
         let mut per: BTreeMap<i32, i64> = BTreeMap::new();
         for p in 0..12 {
             *per.entry(lay[&p].0).or_default() += watermarks_direct(&t, p).1 - before[p as usize];
@@ -906,9 +893,9 @@ async fn leader_lost_mid_move(freeze: bool, port: u16) {
         );
         assert_eq!(lost, 0.0, "the old leader cancelled an adopted move");
         assert_eq!(finished, 1.0);
-        assert_eq!(layout(&topic)[&0].1, vec![to]);
+        assert_eq!(partition_layout(&topic)[&0].1, vec![to]);
     }
-    let replicas = layout(&topic)[&0].1.clone();
+    let replicas = partition_layout(&topic)[&0].1.clone();
     assert_eq!(replicas.len(), 1, "{replicas:?}");
     assert_eq!(
         watermarks_direct(&topic, 0).1,

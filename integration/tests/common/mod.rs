@@ -758,8 +758,8 @@ pub fn read_values_direct(
     found
 }
 
-/// The leader (broker id) of each of the first `n` partitions of `topic`, from Kafka directly.
-pub fn partition_leaders(topic: &str, n: usize) -> Vec<i32> {
+/// Partition → (leader, replicas) of `topic`, from Kafka directly.
+pub fn partition_layout(topic: &str) -> std::collections::BTreeMap<i32, (i32, Vec<i32>)> {
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
     let c: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", kafka())
@@ -768,11 +768,18 @@ pub fn partition_leaders(topic: &str, n: usize) -> Vec<i32> {
     let md = c
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .unwrap();
-    let mut parts: Vec<(i32, i32)> = md.topics()[0]
+    md.topics()[0]
         .partitions()
         .iter()
-        .map(|p| (p.id(), p.leader()))
-        .collect();
-    parts.sort();
-    parts.iter().take(n).map(|(_, l)| *l).collect()
+        .map(|p| (p.id(), (p.leader(), p.replicas().to_vec())))
+        .collect()
+}
+
+/// The leader (broker id) of each of the first `n` partitions of `topic`, from Kafka directly.
+pub fn partition_leaders(topic: &str, n: usize) -> Vec<i32> {
+    partition_layout(topic)
+        .values()
+        .take(n)
+        .map(|(leader, _)| *leader)
+        .collect()
 }
