@@ -143,7 +143,7 @@ impl Refill {
                 queued = state.queued_bytes(),
                 "read-ahead landed"
             );
-            let Some(room) = self.room(&state) else {
+            let Some(room) = self.room(&state).filter(|r| *r >= self.min_poll(&state)) else {
                 if self.ctx.settings.raw.prefetch.queue_bytes() > 0 {
                     metrics::counter!("shardgate_prefetch_queue_full_total").increment(1);
                 }
@@ -197,7 +197,21 @@ impl Refill {
     fn room(&self, state: &ConnFetch) -> Option<usize> {
         room(&self.ctx, state)
     }
+
+    /// The least room a chain poll is sent for: a quarter of the queue's target, at most
+    /// `MIN_CHAIN_POLL`. A poll's answer usually ends inside a record batch, which the next
+    /// poll reads again from its start; small polls made that a large share of what was read
+    /// (session 16: 12 % more bytes upstream than without prefetch). With less room the chain
+    /// stops, and the client's next fetch, taking from the queue, sends the next read-ahead.
+    fn min_poll(&self, state: &ConnFetch) -> usize {
+        let cfg = &self.ctx.settings.raw.prefetch;
+        let target = state.queue_target(Duration::from_millis(cfg.horizon_ms), cfg.queue_bytes());
+        (target / 4).min(MIN_CHAIN_POLL)
+    }
 }
+
+/// See `Refill::min_poll`.
+const MIN_CHAIN_POLL: usize = 64 * 1024;
 
 /// Why a chain of read-ahead polls stopped (`shardgate_fetch_readahead_chain_ends_total`):
 /// a queue that keeps missing while seldom full shows here which condition ends it.
