@@ -876,13 +876,7 @@ fn fetch_on(s: &mut std::net::TcpStream, correlation_id: i32, req: &FetchRequest
 
 /// The broker leading each partition of `topic` (host:port), from Kafka's metadata.
 fn leaders_direct(topic: &str) -> std::collections::HashMap<i32, String> {
-    let c: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .create()
-        .unwrap();
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
+    let md = metadata_direct(topic);
     let brokers: std::collections::HashMap<i32, String> = md
         .brokers()
         .iter()

@@ -758,17 +758,20 @@ pub fn read_values_direct(
     found
 }
 
-/// Partition → (leader, replicas) of `topic`, from Kafka directly.
-pub fn partition_layout(topic: &str) -> std::collections::BTreeMap<i32, (i32, Vec<i32>)> {
+/// Kafka's own metadata of `topic` (asked of the brokers directly).
+pub fn metadata_direct(topic: &str) -> rdkafka::metadata::Metadata {
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
     let c: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", kafka())
         .create()
         .unwrap();
-    let md = c
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    md.topics()[0]
+    c.fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap()
+}
+
+/// Partition → (leader, replicas) of `topic`, from Kafka directly.
+pub fn partition_layout(topic: &str) -> std::collections::BTreeMap<i32, (i32, Vec<i32>)> {
+    metadata_direct(topic).topics()[0]
         .partitions()
         .iter()
         .map(|p| (p.id(), (p.leader(), p.replicas().to_vec())))

@@ -2,9 +2,9 @@
 //! Kafka fills a response in request order (rotated by fetch sessions). With prefetch
 //! `predictive`, shardgate puts first the partitions whose recent records are closest to what
 //! the consumer was delivered (cosine similarity of embedding centroids and of routing-value
-//! histograms from sampled records, `prefetch::profiles`), but partitions the connection's previous responses cut go before
-//! all of them, the longest waiting first, so every partition gets its turn. Partitions of
-//! one topic stay together (one topic entry each). The records themselves are untouched;
+//! histograms from sampled records, `prefetch::profiles`), but partitions the connection's
+//! previous responses cut go before all of them, the longest waiting first, so every
+//! partition gets its turn. Partitions of one topic stay together (one topic entry each). The records themselves are untouched;
 //! only the order of partitions changes, which Kafka's protocol leaves to the broker.
 
 use kafka_protocol::messages::fetch_response::PartitionData;
