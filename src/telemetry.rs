@@ -44,6 +44,7 @@ fn zero() {
         "shardgate_prefetch_delivered_records_total",
         "shardgate_fetch_readahead_polls_total",
         "shardgate_fetch_readahead_dropped_total",
+        "shardgate_prefetch_opening_reads_total",
     ] {
         counter!(name).increment(0);
     }
@@ -287,6 +288,10 @@ fn describe() {
     describe_counter!(
         "shardgate_prefetch_offset_answers_total",
         "Members' OffsetFetch after a rebalance: answered from the rebalance read, or left to Kafka (late, missing)"
+    );
+    describe_counter!(
+        "shardgate_prefetch_opening_reads_total",
+        "Partitions of read-ahead polls read because an ordering gate holding them is about to open"
     );
 }
 

@@ -1484,3 +1484,260 @@ fn partitions_revoked_at_a_rebalance_lose_their_read_ahead_at_the_next_fetch() {
         "partition 1's read-ahead was not evicted at the next fetch"
     );
 }
+
+/// Children of a split are read ahead when their gate is about to open, and only then. A
+/// managed topic is split (parent p, child q behind a gate) with about 300 KiB of q's
+/// records waiting. Member B of a group (same client id as member A) is assigned q and a
+/// plain topic's partition: while A has not read p at all, B reads the plain partition
+/// through and q's gate holds everything, and shardgate keeps no more of q than the answer
+/// the gate holds (before: read ahead as deep as B's queue, to expire unread). Then A reads
+/// p past the seal without committing: the gate is about to open, and q is read ahead beyond
+/// the held answer before it opens. A commits, the gate opens, and B gets q's records from
+/// memory first, each exactly what Kafka holds at its offset.
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn a_child_is_read_ahead_when_its_gate_is_about_to_open_and_not_before() {
+    const PART_MAX: usize = 16 * 1024;
+    let (client, admin) = ("127.0.0.1:29159", "127.0.0.1:29259");
+    let _sg = own_instance("prefetch-opening", client, admin, "", "");
+    let admin_url = format!("http://{admin}");
+    let post = |path: &str, body: serde_json::Value| {
+        let (code, text) =
+            shardgate::admin::http_request(&admin_url, "POST", path, Some(&body.to_string()))
+                .unwrap();
+        assert!(code == 200 || code == 201, "{path}: {code} {text}");
+    };
+    let topic = unique("prefetch-opening");
+    post(
+        "/api/v1/topics",
+        serde_json::json!({
+            "name": topic, "route_by": ["key"], "initial_shards": 1, "pool": 2,
+            "replication_factor": rf(), "autoscale": {"enabled": false}
+        }),
+    );
+    let produce = |from: usize, n: usize| {
+        let p: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", client)
+            .set("batch.num.messages", "20")
+            .set("linger.ms", "1")
+            .create()
+            .unwrap();
+        let pad = "y".repeat(200);
+        for i in from..from + n {
+            let key = format!("k{}", i % 50);
+            let value = format!("{key}:{i:06}:{pad}");
+            while p
+                .send(BaseRecord::to(&topic).key(&key).payload(&value))
+                .is_err()
+            {
+                p.poll(Duration::from_millis(10));
+            }
+            p.poll(Duration::ZERO);
+        }
+        p.flush(Duration::from_secs(60)).unwrap();
+    };
+    produce(0, 400);
+    let shards = || {
+        let (_, text) = shardgate::admin::http_request(
+            &admin_url,
+            "GET",
+            &format!("/api/v1/topics/{topic}/shards"),
+            None,
+        )
+        .unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()
+    };
+    let id = active(&shards())[0]["id"].as_u64().unwrap();
+    post(
+        &format!("/api/v1/topics/{topic}/shards/{id}/split"),
+        serde_json::json!({}),
+    );
+    let mut gate = serde_json::Value::Null;
+    eventually(
+        "the split's gate is sealed",
+        Duration::from_secs(40),
+        || {
+            gate = shards()["gates"][0].clone();
+            gate["after"][0]["seal_offset"].is_i64()
+        },
+    );
+    let (parent, child) = (
+        gate["after"][0]["partition"].as_i64().unwrap() as i32,
+        gate["partition"].as_i64().unwrap() as i32,
+    );
+    let from = gate["from_offset"].as_i64().unwrap();
+    produce(400, 3000);
+    let plain = unique("prefetch-opening-plain");
+    create_topic_direct(&plain, &["--partitions", "1"]);
+    fill_partitions(&plain, 1, 3000);
+    let parent_end = watermarks_direct(&topic, parent).1;
+    let child_end = watermarks_direct(&topic, child).1;
+    let waiting = (child_end - from) as usize;
+    assert!(waiting > 1000, "only {waiting} records went to the child");
+
+    let member = |group: &str| {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", client)
+            .set("group.id", group)
+            .set("client.id", "opening-app")
+            .set("enable.auto.commit", "false")
+            .set("max.partition.fetch.bytes", PART_MAX.to_string())
+            .create()
+            .unwrap();
+        c
+    };
+    let assign = |c: &BaseConsumer, parts: &[(&str, i32, i64)]| {
+        let mut tpl = TopicPartitionList::new();
+        for (t, p, o) in parts {
+            tpl.add_partition_offset(t, *p, Offset::Offset(*o)).unwrap();
+        }
+        c.assign(&tpl).unwrap();
+    };
+    let group = unique("g-opening");
+    // A's commit at 0 links the application's client id to the group, far behind the seal.
+    let a = member(&group);
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, parent, Offset::Offset(0))
+        .unwrap();
+    a.commit(&tpl, CommitMode::Sync).unwrap();
+    let b = member(&group);
+    assign(&b, &[(&topic, child, from), (&plain, 0, 0)]);
+    let mut got_child: Vec<Rec> = Vec::new();
+    let mut plain_got = 0usize;
+    let mut poll_b = |for_: Duration, got_child: &mut Vec<Rec>| {
+        let until = Instant::now() + for_;
+        while Instant::now() < until {
+            if let Some(m) = b.poll(Duration::from_millis(50)) {
+                let m = m.unwrap();
+                if m.topic() == plain {
+                    plain_got += 1;
+                } else {
+                    got_child.push(rec(&m));
+                }
+            }
+        }
+        plain_got
+    };
+    let started = Instant::now();
+    while poll_b(Duration::from_millis(200), &mut got_child) < 3000 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "B read {plain_got} of 3000"
+        );
+    }
+    poll_b(Duration::from_millis(1500), &mut got_child);
+    assert!(
+        got_child.is_empty(),
+        "the gate let {} records through",
+        got_child.len()
+    );
+    let queue = || metric_of(admin, "shardgate_prefetch_queue_bytes", &[]);
+    let opening = || metric_of(admin, "shardgate_prefetch_opening_reads_total", &[]);
+    let far = queue();
+    // The answer the gate holds: what Kafka gives a fetch of q from the gate's offset (one
+    // whole batch at least, however large shardgate's writers made it).
+    let held = {
+        let mut s = std::net::TcpStream::connect(&leaders_direct(&topic)[&child]).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let r = fetch_on(
+            &mut s,
+            1,
+            &fetch_v12(&topic, &[(child, from)], PART_MAX as i32, 50 << 20),
+        );
+        r.responses[0].partitions[0]
+            .records
+            .as_ref()
+            .map_or(0, |r| r.len())
+    };
+    eprintln!(
+        "gate far: queues hold {far} bytes (the held answer {held}), opening reads {}",
+        opening()
+    );
+    assert!(
+        far <= held as f64,
+        "with the group far behind the seal shardgate keeps {far} bytes beyond q's held answer of {held}"
+    );
+    assert_eq!(opening(), 0.0);
+
+    // A reads the parent through (past the seal) and does not commit yet.
+    assign(&a, &[(&topic, parent, 0)]);
+    let mut parent_got = 0i64;
+    let started = Instant::now();
+    while parent_got < parent_end {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "A read {parent_got} of {parent_end}"
+        );
+        if let Some(m) = a.poll(Duration::from_millis(100)) {
+            m.unwrap();
+            parent_got += 1;
+        }
+        poll_b(Duration::ZERO, &mut got_child);
+    }
+    poll_b(Duration::from_secs(2), &mut got_child);
+    assert!(
+        got_child.is_empty(),
+        "the gate let {} records through before the commit",
+        got_child.len()
+    );
+    let near = queue();
+    let reads = opening();
+    eprintln!("gate about to open: queues hold {near} bytes, opening reads {reads}");
+    assert!(
+        reads >= 1.0,
+        "q was not read ahead while its gate was about to open"
+    );
+    assert!(near > far, "the queue did not grow ({far} -> {near} bytes)");
+
+    // A commits: the gate opens, and B drains q, first from memory.
+    let counts = || {
+        [
+            "shardgate_prefetch_hits_total",
+            "shardgate_prefetch_late_total",
+            "shardgate_prefetch_misses_total",
+        ]
+        .map(|m| metric_of(admin, m, &[]))
+    };
+    let before = counts();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, parent, Offset::Offset(parent_end))
+        .unwrap();
+    a.commit(&tpl, CommitMode::Sync).unwrap();
+    let committed = Instant::now();
+    let mut first = None;
+    while got_child.len() < waiting {
+        assert!(
+            committed.elapsed() < Duration::from_secs(60),
+            "B got {} of q's {waiting} records",
+            got_child.len()
+        );
+        poll_b(Duration::from_millis(50), &mut got_child);
+        if first.is_none() && !got_child.is_empty() {
+            first = Some(committed.elapsed());
+        }
+    }
+    let after = counts();
+    let [hits, late, misses] = [0, 1, 2].map(|i| after[i] - before[i]);
+    eprintln!(
+        "gate opened: first of q's records {first:?} after the commit; hits {hits}, late {late}, misses {misses}"
+    );
+    assert!(
+        hits >= 2.0,
+        "the held answer and the one read ahead: {hits} hits"
+    );
+
+    // Exactly Kafka's records of q from the gate's offset.
+    let direct: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", unique("direct-check"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    assign(&direct, &[(&topic, child, from)]);
+    let kafka_child = consume(&direct, waiting, Duration::from_secs(60));
+    got_child.sort();
+    assert_eq!(got_child.len(), kafka_child.len());
+    for (s, k) in got_child.iter().zip(&kafka_child) {
+        assert_eq!(s, k, "q at offset {}", k.1);
+    }
+}

@@ -18,9 +18,11 @@
 //! the wait ran out; a poll still running then serves the connection's next fetch.
 
 mod assemble;
+mod gated;
 mod learn;
 mod pace;
 mod plan;
+mod queued;
 mod rank;
 pub mod readahead;
 mod refill;
@@ -39,7 +41,7 @@ use kafka_protocol::messages::{ApiKey, FetchRequest, FetchResponse};
 use super::connection::ClientConn;
 use super::{Ctx, HandlerError, Reply};
 use crate::protocol::{RequestFrame, codes, encode_response};
-use crate::shards::gates::{Consumer, records_before};
+use crate::shards::gates::Consumer;
 use plan::{Key, Want};
 
 pub async fn handle(
@@ -314,18 +316,18 @@ impl Fetch<'_> {
             }
             if let (Some(who), Some(name)) = (self.who, &w.name) {
                 let before = p.records.as_ref().map_or(0, |r| r.len());
-                let kept = gate(self.ctx, who, self.client.id, name, &p);
+                let kept = gated::through(self.ctx, who, self.client.id, name, &p);
                 if before > 0 && kept.as_ref().is_some_and(|k| k.is_empty()) {
                     // Everything held: keep it (charged again) for the next check rather
                     // than fetch again.
                     let charge = self.ctx.budget.charge(before);
-                    state.put(
+                    state.hold(
                         w.key.clone(),
                         w.part.fetch_offset,
-                        Some(plan::Asked::of(&w.part)),
+                        plan::Asked::of(&w.part),
                         isolation,
                         p,
-                        Some(charge),
+                        charge,
                     );
                     self.held.insert(w.key.clone());
                     continue;
@@ -429,10 +431,16 @@ impl Fetch<'_> {
     /// written to the client instead of after, and partitions of other brokers are read
     /// while a queue answers from memory; `refill.rs` keeps going while the queue has room.
     /// The next fetch of the connection picks the polls up. Consumers that got nothing cause
-    /// no read-ahead (an idle consumer costs no extra polls).
+    /// no read-ahead (an idle consumer costs no extra polls), except of children of a split
+    /// whose gate is about to open (`gated::opening`); children a gate holds further off are
+    /// not read beyond the answer it holds.
     fn read_ahead(&self, wants: &[Want], advanced: &assemble::Delivered, max_wait: Duration) {
         let mode = self.ctx.settings.raw.prefetch.mode();
-        if advanced.is_empty() || mode == crate::config::PrefetchMode::Off {
+        if mode == crate::config::PrefetchMode::Off {
+            return;
+        }
+        let opening = gated::opening(self.ctx, self.who, self.client.id, &self.held, wants);
+        if advanced.is_empty() && opening.is_empty() {
             return;
         }
         let state = &self.client.fetch;
@@ -446,6 +454,10 @@ impl Fetch<'_> {
         let mut by_broker: BTreeMap<i32, Vec<Want>> = BTreeMap::new();
         for w in wants {
             let Ok(b) = w.leader else { continue };
+            let held = self.held.contains(&w.key);
+            if (held || advanced.is_empty()) && !opening.contains(&w.key) {
+                continue;
+            }
             let mut next = w.clone();
             let got = advanced.get(&w.key);
             match state.tail(&w.key) {
@@ -514,6 +526,8 @@ impl Fetch<'_> {
                 continue;
             };
             metrics::counter!("shardgate_fetch_readahead_polls_total").increment(1);
+            let children = ws.iter().filter(|w| opening.contains(&w.key)).count();
+            metrics::counter!("shardgate_prefetch_opening_reads_total").increment(children as u64);
             let chain = refill::Refill {
                 ctx: self.ctx.clone(),
                 conn: self.client.id,
@@ -651,38 +665,6 @@ fn observe_positions(
             .fetched(c, client.id, name, w.part.partition, w.part.fetch_offset);
     }
     who
-}
-
-/// The records of a gated partition that `who` may see (`None`: no gate applies). Several
-/// gates may cover one partition (one per split or merge that moved keys onto it): records
-/// are held from the first offset a closed gate covers.
-fn gate(
-    ctx: &Ctx,
-    who: &Consumer,
-    conn: u64,
-    topic: &str,
-    p: &PartitionData,
-) -> Option<bytes::Bytes> {
-    let m = ctx.shards.get(topic)?;
-    let fallback = match m.config.autoscale.gate_fallback_secs {
-        0 => None,
-        s => Some(Duration::from_secs(s)),
-    };
-    let from = m
-        .map
-        .gates
-        .iter()
-        .filter(|g| g.partition == p.partition_index)
-        .filter(|g| !ctx.groups.gate_open(who, conn, topic, g, fallback))
-        .map(|g| g.from_offset.unwrap_or(0))
-        .min()?;
-    let records = p.records.as_ref()?;
-    let kept = records_before(records, from);
-    if kept.len() < records.len() {
-        metrics::counter!("shardgate_gate_held_fetches_total", "topic" => topic.to_string())
-            .increment(1);
-    }
-    Some(kept)
 }
 
 /// Offsets this connection was told since an answer was read (for another consumer, or

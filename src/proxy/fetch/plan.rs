@@ -205,6 +205,13 @@ pub fn batches_within(records: &bytes::Bytes, limit: usize) -> (usize, Option<i6
     (pos, next)
 }
 
+/// Whether `p` holds at least one whole record batch.
+pub fn whole_batch(p: &PartitionData) -> bool {
+    p.records
+        .as_ref()
+        .is_some_and(|r| batches_within(r, usize::MAX).1.is_some())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use kafka_protocol::messages::fetch_response::PartitionData;
 
 use super::plan::{Asked, Key, Marks, error_answer};
+use super::queued::Counted;
 use super::upstream::{SubFuture, SubResult};
 use crate::protocol::{TopicRef, codes};
 use crate::proxy::budget::Charge;
@@ -32,42 +33,9 @@ pub const UNASKED_TTL: Duration = Duration::from_secs(10);
 /// not keep the ones that replaced it from being read ahead until it expires.
 pub const RECENT: Duration = Duration::from_secs(1);
 
-/// Record bytes in all connections' queues of this process (`prefetch.max_bytes` bounds it).
-static QUEUED: AtomicUsize = AtomicUsize::new(0);
-
 /// Poll numbers, unique in the process: a request may fold another connection's poll (a
 /// shared read), which must never pass for one of its own.
 static SEQ: AtomicU64 = AtomicU64::new(0);
-
-pub fn queued_total() -> usize {
-    QUEUED.load(Ordering::Relaxed)
-}
-
-/// Record bytes of one queue entry, counted for its connection and the process until dropped.
-struct Held {
-    conn: Arc<AtomicUsize>,
-    n: usize,
-}
-
-impl Held {
-    fn new(conn: &Arc<AtomicUsize>, n: usize) -> Self {
-        conn.fetch_add(n, Ordering::Relaxed);
-        QUEUED.fetch_add(n, Ordering::Relaxed);
-        metrics::gauge!("shardgate_prefetch_queue_bytes").increment(n as f64);
-        Self {
-            conn: conn.clone(),
-            n,
-        }
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.conn.fetch_sub(self.n, Ordering::Relaxed);
-        QUEUED.fetch_sub(self.n, Ordering::Relaxed);
-        metrics::gauge!("shardgate_prefetch_queue_bytes").decrement(self.n as f64);
-    }
-}
 
 /// An entry taken by a fetch.
 pub struct Taken {
@@ -170,8 +138,10 @@ struct Ready {
     data: PartitionData,
     at: Instant,
     ahead: bool,
+    /// Held back by an ordering gate (`hold`).
+    gated: bool,
     _charge: Option<Charge>,
-    _held: Held,
+    _counted: Counted,
 }
 
 impl Ready {
@@ -279,27 +249,59 @@ impl ConnFetch {
         data: PartitionData,
         charge: Option<Charge>,
     ) {
+        if let Some(e) = self.entry(offset, asked, isolation, data, charge) {
+            let mut st = self.inner.lock().expect("read-ahead");
+            st.ready.entry(key).or_default().push_front(e);
+        }
+    }
+
+    /// `put` for an answer an ordering gate holds back: the client's answer once the gate
+    /// opens, not read ahead, so it counts against `queue_bytes` but not the rate target.
+    pub fn hold(
+        &self,
+        key: Key,
+        offset: i64,
+        asked: Asked,
+        isolation: i8,
+        data: PartitionData,
+        charge: Charge,
+    ) {
+        if let Some(mut e) = self.entry(offset, Some(asked), isolation, data, Some(charge)) {
+            e.gated = true;
+            let mut st = self.inner.lock().expect("read-ahead");
+            st.ready.entry(key).or_default().push_front(e);
+        }
+    }
+
+    fn entry(
+        &self,
+        offset: i64,
+        asked: Option<Asked>,
+        isolation: i8,
+        data: PartitionData,
+        charge: Option<Charge>,
+    ) -> Option<Ready> {
         if data.error_code == codes::NONE
             && data.records.as_ref().is_some_and(|r| !r.is_empty())
-            && !whole_batch(&data)
+            && !super::plan::whole_batch(&data)
         {
             // The rest of a cut answer that is only the broker's partial last batch: a
             // client answered with it alone reads nothing (and librdkafka doubles its
             // partition max bytes); the next fetch reads that batch whole.
-            return;
+            return None;
         }
-        let held = Held::new(&self.queued, data.records.as_ref().map_or(0, |r| r.len()));
-        let mut st = self.inner.lock().expect("read-ahead");
-        st.ready.entry(key).or_default().push_front(Ready {
+        let counted = Counted::new(&self.queued, data.records.as_ref().map_or(0, |r| r.len()));
+        Some(Ready {
             offset,
             epochs: asked.map(|a| (a.current_leader_epoch, a.last_fetched_epoch)),
             isolation,
             data,
             at: Instant::now(),
             ahead: false,
+            gated: false,
             _charge: charge,
-            _held: held,
-        });
+            _counted: counted,
+        })
     }
 
     /// Where `key`'s queue ends.
@@ -358,7 +360,8 @@ impl ConnFetch {
         self.queued.load(Ordering::Relaxed)
     }
 
-    /// Record bytes queued for partitions the client fetched within `within`.
+    /// Record bytes queued for partitions the client fetched within `within` (answers a gate
+    /// holds back not counted).
     pub fn queued_recent(&self, within: Duration) -> usize {
         let st = self.inner.lock().expect("read-ahead");
         let now = Instant::now();
@@ -370,6 +373,7 @@ impl ConnFetch {
                     .is_some_and(|at| now.duration_since(*at) <= within)
             })
             .flat_map(|(_, q)| q.iter())
+            .filter(|r| !r.gated)
             .map(|r| r.data.records.as_ref().map_or(0, |b| b.len()))
             .sum()
     }
@@ -532,10 +536,11 @@ impl ConnFetch {
             offset: asked.offset,
             epochs: Some((asked.current_leader_epoch, asked.last_fetched_epoch)),
             isolation,
-            _held: Held::new(&queued, data.records.as_ref().map_or(0, |r| r.len())),
+            _counted: Counted::new(&queued, data.records.as_ref().map_or(0, |r| r.len())),
             data,
             at: now,
             ahead,
+            gated: false,
             _charge: charge,
         };
         match &r.outcome {
@@ -579,7 +584,7 @@ impl ConnFetch {
                         // that reads nothing and, librdkafka, doubles its partition max
                         // bytes (and so the queue's floor) each time.
                         let news = p.error_code != codes::NONE
-                            || (records > 0 && whole_batch(p))
+                            || (records > 0 && super::plan::whole_batch(p))
                             || p.diverging_epoch.epoch >= 0
                             || p.snapshot_id.epoch >= 0;
                         if news {
@@ -669,13 +674,6 @@ fn expire(st: &mut Inner, now: Instant) {
     st.asked.retain(|_, at| now.duration_since(*at) <= DATA_TTL);
     let asked = &st.asked;
     st.seen.retain(|k, _| asked.contains_key(k));
-}
-
-/// Whether `p` holds at least one whole record batch.
-fn whole_batch(p: &PartitionData) -> bool {
-    p.records
-        .as_ref()
-        .is_some_and(|r| super::plan::batches_within(r, usize::MAX).1.is_some())
 }
 
 /// Queues `e` after what `key` holds when it continues it; otherwise (a gap, an error

@@ -200,3 +200,24 @@ fn a_partition_revoked_from_the_member_loses_its_queue_at_once() {
     assert_eq!(f.asked_keys(), vec![key()]);
     assert!(entry(f.take(&key(), asked(0, -1, -1), 0)));
 }
+
+#[test]
+fn an_answer_a_gate_holds_counts_against_the_bound_but_not_the_rate_target() {
+    let f = ConnFetch::default();
+    let budget = crate::proxy::budget::MemoryBudget::new(1 << 20);
+    let records = PartitionData::default().with_records(Some(batch(10, 9, 5)));
+    assert!(!entry(f.take(&key(), asked(10, 5, 4), 0)));
+    f.hold(key(), 10, asked(10, 5, 4), 0, records, budget.charge(112));
+    assert_eq!(f.queued_bytes(), 112);
+    assert_eq!(
+        f.queued_recent(RECENT),
+        0,
+        "the client's answer, not read ahead"
+    );
+    // Read ahead behind it: counted.
+    land(&f, asked(20, 5, 5), batch(20, 4, 5));
+    assert_eq!((f.queued_bytes(), f.queued_recent(RECENT)), (224, 112));
+    // Taken (the gate opened): the held answer first, at its offset.
+    assert!(entry(f.take(&key(), asked(10, 5, 4), 0)));
+    assert!(entry(f.take(&key(), asked(20, 5, 5), 0)));
+}

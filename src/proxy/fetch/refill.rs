@@ -241,9 +241,7 @@ pub(super) fn room(ctx: &Ctx, state: &ConnFetch) -> Option<usize> {
     let mine = target
         .checked_sub(recent)?
         .min(cfg.queue_bytes().checked_sub(state.queued_bytes())?);
-    let all = cfg
-        .max_bytes
-        .checked_sub(super::readahead::queued_total())?;
+    let all = cfg.max_bytes.checked_sub(super::queued::total())?;
     let budget = (ctx.budget.limit() / 2).checked_sub(ctx.budget.used())?;
     Some(mine.min(all).min(budget)).filter(|r| *r > 0)
 }

@@ -464,6 +464,29 @@ impl GroupTracker {
         open
     }
 
+    /// Whether `gate` is about to open for `who` (fetching on `conn`): it is sealed and every
+    /// parent was delivered up to its seal, by fetch positions (of `conn`, or of connections
+    /// linked to each group alone) or commits; what is missing is the commit that opens it.
+    /// A prediction for prefetch only: records go through on `gate_open` alone.
+    pub fn gate_opening(&self, who: &Consumer, conn: u64, topic: &str, gate: &Gate) -> bool {
+        if gate.from_offset.is_none() || gate.after.iter().any(|p| p.seal_offset.is_none()) {
+            return false;
+        }
+        let groups = match who {
+            Consumer::Groups(g) => self.narrow(g, topic, gate.partition),
+            Consumer::Connection(_) => Vec::new(),
+        };
+        gate.after.iter().all(|parent| {
+            let seal = parent.seal_offset.unwrap_or(i64::MAX);
+            let own = self.conn_position(conn, topic, parent.partition);
+            groups.iter().all(|g| {
+                let committed = self.group_position(g, topic, parent.partition);
+                let fetched = self.group_fetch_position(g, topic, parent.partition);
+                committed.unwrap_or(-1).max(fetched).max(own) >= seal
+            }) && (!groups.is_empty() || own >= seal)
+        })
+    }
+
     /// Committed positions per group on managed topics, for `GET /api/v1/consumers`.
     pub fn snapshot(
         &self,

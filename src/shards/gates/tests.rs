@@ -187,3 +187,39 @@ fn records_are_cut_at_the_first_batch_at_or_after_the_gate() {
     assert_eq!(records_before(&b, 90).len(), 0);
     assert_eq!(records_before(&b, 1000).len(), b.len());
 }
+
+#[test]
+fn a_gate_is_about_to_open_once_the_group_was_delivered_every_parent_up_to_its_seal() {
+    let t = GroupTracker::default();
+    let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    assert!(
+        !t.gate_opening(&Consumer::Connection(3), 3, "t", &gate(Some(50))),
+        "nothing delivered"
+    );
+    t.link(ip, "app", "g1");
+    let who = t.consumer(ip, "app", 9);
+    assert!(!t.gate_opening(&who, 9, "t", &gate(None)), "not sealed");
+    t.committed("g1", "t", 0, 10);
+    assert!(!t.gate_opening(&who, 9, "t", &gate(Some(50))), "far behind");
+    // Another connection of the group (the member holding the parent) reads past the seal:
+    // the group has everything before it and only has to commit.
+    t.fetched(&who, 4, "t", 0, 30);
+    assert!(!t.gate_opening(&who, 9, "t", &gate(Some(50))));
+    t.fetched(&who, 4, "t", 0, 60);
+    assert!(t.gate_opening(&who, 9, "t", &gate(Some(50))));
+    assert!(
+        !t.gate_open(&who, 9, "t", &gate(Some(50)), None),
+        "about to open is no reason to let records through"
+    );
+    // A second group behind the same address and client id that is far behind: not yet.
+    t.link(ip, "app", "g2");
+    t.committed("g2", "t", 0, 5);
+    let both = t.consumer(ip, "app", 9);
+    assert!(!t.gate_opening(&both, 9, "t", &gate(Some(50))));
+    // A connection linked to no group: its own fetch positions.
+    let alone = Consumer::Connection(7);
+    t.fetched(&alone, 7, "t", 0, 49);
+    assert!(!t.gate_opening(&alone, 7, "t", &gate(Some(50))));
+    t.fetched(&alone, 7, "t", 0, 50);
+    assert!(t.gate_opening(&alone, 7, "t", &gate(Some(50))));
+}
