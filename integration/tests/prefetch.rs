@@ -827,12 +827,7 @@ fn a_split_gate_holds_a_group_behind_it_even_when_answers_are_shared() {
     }
     assert_eq!(next.values().sum::<usize>(), 6000, "every record once");
     // Byte for byte what a direct consumer reads at the same offsets.
-    let direct: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .set("group.id", unique("g-gate-direct"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+    let direct = direct_consumer();
     let mut tpl = TopicPartitionList::new();
     for p in 0..4 {
         tpl.add_partition_offset(&topic, p, Offset::Beginning)
@@ -913,10 +908,13 @@ fn next_offset(records: &[u8]) -> Option<i64> {
 /// were in memory when asked (hits), and the queue stays within `prefetch.queue_bytes` (plus
 /// one poll's answer) while the backlog is far larger, refilling as the consumer takes.
 /// `n` records of about 210 bytes on each of partitions 0..`parts` of `topic`, in batches of
-/// 20, straight to Kafka.
+/// 20, straight to Kafka; record `i` of partition `p` is `"{p}-{i:06}-xxx.."` at offset `i`
+/// (idempotent: a retried first batch cannot land after the second, as right after the
+/// topic's creation it did).
 fn fill_partitions(topic: &str, parts: i32, n: usize) {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", kafka())
+        .set("enable.idempotence", "true")
         .set("batch.num.messages", "20")
         .set("linger.ms", "1")
         .create()
@@ -1727,12 +1725,7 @@ fn a_child_is_read_ahead_when_its_gate_is_about_to_open_and_not_before() {
     );
 
     // Exactly Kafka's records of q from the gate's offset.
-    let direct: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka())
-        .set("group.id", unique("direct-check"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
+    let direct = direct_consumer();
     assign(&direct, &[(&topic, child, from)]);
     let kafka_child = consume(&direct, waiting, Duration::from_secs(60));
     got_child.sort();
@@ -1740,4 +1733,115 @@ fn a_child_is_read_ahead_when_its_gate_is_about_to_open_and_not_before() {
     for (s, k) in got_child.iter().zip(&kafka_child) {
         assert_eq!(s, k, "q at offset {}", k.1);
     }
+}
+
+/// Several consumers behind at once stay within the process's cap on read-ahead
+/// (`prefetch.max_bytes`), below what their own queues would take together: four raw
+/// connections each read two partitions of a backlog (16 KiB a partition every 20 ms), each
+/// allowed a 768 KiB queue (3 MiB together) under a 1 MiB cap (the least it may be). Every answer is still
+/// exactly Kafka's records from its offset, and read-ahead still answers most fetches.
+#[test]
+#[ignore = "needs the testbed: integration/run-tests"]
+fn consumers_behind_together_stay_within_the_read_ahead_cap() {
+    const QUEUE: usize = 768 * 1024;
+    const CAP: usize = 1024 * 1024;
+    const PART_MAX: i32 = 16 * 1024;
+    const CONNS: i32 = 4;
+    let topic = unique("prefetch-cap");
+    create_topic(&topic, 2 * CONNS);
+    fill_partitions(&topic, 2 * CONNS, 3000);
+    let (client, admin) = ("127.0.0.1:29160", "127.0.0.1:29260");
+    let _sg = own_instance(
+        "prefetch-cap",
+        client,
+        admin,
+        "",
+        &format!("[prefetch]\nqueue_bytes = {QUEUE}\nmax_bytes = {CAP}\n"),
+    );
+    let peak = std::sync::Mutex::new(0f64);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let answers: usize = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let started = Instant::now();
+            // Bounded: a reader that panics never sets `done`.
+            while !done.load(std::sync::atomic::Ordering::Relaxed)
+                && started.elapsed() < Duration::from_secs(200)
+            {
+                let q = metric_of(admin, "shardgate_prefetch_queue_bytes", &[]);
+                let mut p = peak.lock().unwrap();
+                *p = p.max(q);
+                drop(p);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let readers: Vec<_> = (0..CONNS)
+            .map(|c| {
+                let topic = &topic;
+                s.spawn(move || {
+                    let mut s = std::net::TcpStream::connect(client).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    let parts = [2 * c, 2 * c + 1];
+                    let mut offsets = [0i64; 2];
+                    let (mut correlation, mut answers) = (0, 0usize);
+                    let started = Instant::now();
+                    while offsets.iter().any(|o| *o < 3000) {
+                        assert!(
+                            started.elapsed() < Duration::from_secs(180),
+                            "stuck at {offsets:?}"
+                        );
+                        correlation += 1;
+                        let asked: Vec<(i32, i64)> =
+                            parts.iter().zip(offsets).map(|(p, o)| (*p, o)).collect();
+                        let resp = fetch_on(
+                            &mut s,
+                            correlation,
+                            &fetch_v12(topic, &asked, PART_MAX, 4 * PART_MAX),
+                        );
+                        assert_eq!(resp.error_code, 0);
+                        for p in resp.responses.iter().flat_map(|t| &t.partitions) {
+                            assert_eq!(p.error_code, 0);
+                            let i = parts.iter().position(|x| *x == p.partition_index).unwrap();
+                            let Some(next) = p.records.as_ref().and_then(|r| next_offset(r)) else {
+                                continue;
+                            };
+                            // Records are "{partition}-{index}-pad" with index = offset.
+                            let text = String::from_utf8_lossy(p.records.as_ref().unwrap());
+                            assert!(
+                                text.contains(&format!("{}-{:06}-", p.partition_index, offsets[i])),
+                                "partition {} from {}: not Kafka's records from that offset: {:?}",
+                                p.partition_index,
+                                offsets[i],
+                                &text[..text.len().min(300)]
+                            );
+                            offsets[i] = next;
+                            answers += 1;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    answers
+                })
+            })
+            .collect();
+        let n = readers.into_iter().map(|r| r.join().unwrap()).sum();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        watcher.join().unwrap();
+        n
+    });
+    let peak = *peak.lock().unwrap();
+    let hits = metric_of(admin, "shardgate_prefetch_hits_total", &[]);
+    eprintln!(
+        "{answers} partition answers, {hits} from memory; read-ahead queues peaked at {peak} bytes (cap {CAP}, queues {CONNS} x {QUEUE})"
+    );
+    assert!(
+        peak <= (CAP + CONNS as usize * 2 * PART_MAX as usize) as f64,
+        "queues together peaked at {peak} bytes for a cap of {CAP}"
+    );
+    assert!(
+        peak >= (CAP / 2) as f64,
+        "the cap was never approached: {peak} bytes"
+    );
+    assert!(
+        hits >= 0.5 * answers as f64,
+        "{hits} of {answers} answers from memory"
+    );
 }

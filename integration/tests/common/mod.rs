@@ -758,6 +758,17 @@ pub fn read_values_direct(
     found
 }
 
+/// A consumer straight at Kafka (a group of its own, no commits), to check what shardgate
+/// delivered against what Kafka holds.
+pub fn direct_consumer() -> rdkafka::consumer::BaseConsumer {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka())
+        .set("group.id", unique("direct-check"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap()
+}
+
 /// Kafka's own metadata of `topic` (asked of the brokers directly).
 pub fn metadata_direct(topic: &str) -> rdkafka::metadata::Metadata {
     use rdkafka::consumer::{BaseConsumer, Consumer as _};
