@@ -45,6 +45,9 @@ fn zero() {
         "shardgate_fetch_readahead_polls_total",
         "shardgate_fetch_readahead_dropped_total",
         "shardgate_prefetch_opening_reads_total",
+        "shardgate_prefetch_wasted_bytes_total",
+        "shardgate_prefetch_fetches_saved_total",
+        "shardgate_fetch_delivered_records_total",
     ] {
         counter!(name).increment(0);
     }
@@ -288,6 +291,18 @@ fn describe() {
     describe_counter!(
         "shardgate_prefetch_offset_answers_total",
         "Members' OffsetFetch after a rebalance: answered from the rebalance read, or left to Kafka (late, missing)"
+    );
+    describe_counter!(
+        "shardgate_prefetch_wasted_bytes_total",
+        "Record bytes read from upstream ahead of consumers and dropped before any fetch took them"
+    );
+    describe_counter!(
+        "shardgate_prefetch_fetches_saved_total",
+        "Fetch responses with records whose request sent no upstream poll of its own"
+    );
+    describe_counter!(
+        "shardgate_fetch_delivered_records_total",
+        "Records delivered to consumers (coverage = prefetch_delivered_records_total / this)"
     );
     describe_counter!(
         "shardgate_prefetch_opening_reads_total",

@@ -1033,6 +1033,56 @@ fn a_consumer_behind_is_answered_from_its_queue_byte_for_byte_within_its_bound()
         peak <= (QUEUE + 4 * PART_MAX as usize) as f64,
         "queue peaked at {peak} bytes for a bound of {QUEUE}"
     );
+    // What operators read of it: every record delivered, nearly all from memory (coverage),
+    // fetches that needed no upstream poll of their own, and nothing read for nothing.
+    let all = metric_of(admin, "shardgate_fetch_delivered_records_total", &[]);
+    let covered = metric_of(admin, "shardgate_prefetch_delivered_records_total", &[]);
+    let saved = metric_of(admin, "shardgate_prefetch_fetches_saved_total", &[]);
+    let wasted = || metric_of(admin, "shardgate_prefetch_wasted_bytes_total", &[]);
+    eprintln!(
+        "records delivered {all}, from memory {covered}; {saved} of {correlation} fetches saved an upstream poll; wasted {} bytes",
+        wasted()
+    );
+    assert_eq!(all, 12000.0);
+    assert!(covered >= 0.9 * all, "coverage {}", covered / all);
+    assert!(
+        saved >= 0.8 * correlation as f64,
+        "{saved} of {correlation} fetches saved"
+    );
+    assert_eq!(wasted(), 0.0, "the consumer took everything read ahead");
+    // A consumer that goes away with records queued: they were read for nothing. (A topic
+    // of its own: partitions another connection fetched lately are shared reads.)
+    let other = unique("prefetch-queue-gone");
+    create_topic(&other, 1);
+    fill_partitions(&other, 1, 3000);
+    let mut s = std::net::TcpStream::connect(client).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    fetch_on(
+        &mut s,
+        1,
+        &fetch_v12(&other, &[(0, 0)], PART_MAX, 4 * PART_MAX),
+    );
+    let queue = || metric_of(admin, "shardgate_prefetch_queue_bytes", &[]);
+    eventually("a queue read ahead", Duration::from_secs(10), || {
+        queue() > 0.0
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let held = queue();
+    drop(s);
+    eventually(
+        "the queue dropped with its connection",
+        Duration::from_secs(10),
+        || queue() == 0.0,
+    );
+    eprintln!(
+        "a connection closed with {held} bytes queued: wasted {} bytes",
+        wasted()
+    );
+    assert!(
+        held > 0.0 && wasted() >= held,
+        "{} bytes counted wasted of {held} dropped",
+        wasted()
+    );
 }
 
 /// Sentences about pets or markets (the two kinds of content the ranking test tells apart).

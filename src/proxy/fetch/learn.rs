@@ -10,22 +10,28 @@ use crate::protocol::RequestFrame;
 use crate::proxy::Ctx;
 use crate::proxy::connection::ClientConn;
 
-/// Counts the partitions that got records by where they came from.
+/// Counts the partitions that got records by where they came from, the records delivered
+/// (all, and from memory: the coverage of prefetch), and a response with records for which
+/// the request sent no upstream poll of its own (`polled`: it did). With prefetch off
+/// (`prefetch` false) only the records delivered.
 pub(super) fn count(
     wants: &[Want],
     advanced: &assemble::Delivered,
     hits_of: &HashSet<Key>,
     late_of: &HashSet<Key>,
+    polled: bool,
+    prefetch: bool,
 ) {
     // Per partition that got records: from memory (hit: a shared pre-read, or this
     // connection's queue as it was when the request came), late (a read-ahead poll under
     // way when the request came, landed after: no poll of its own, but waited for) or
     // read for this request (miss).
-    let (mut hits, mut late, mut records) = (0u64, 0u64, 0u64);
+    let (mut hits, mut late, mut records, mut all) = (0u64, 0u64, 0u64, 0u64);
     for (k, (next, _)) in advanced {
         let Some(w) = wants.iter().find(|w| &w.key == k) else {
             continue;
         };
+        all += (next - w.part.fetch_offset).max(0) as u64;
         if hits_of.contains(k) {
             hits += 1;
         } else if late_of.contains(k) {
@@ -35,11 +41,18 @@ pub(super) fn count(
         }
         records += (next - w.part.fetch_offset).max(0) as u64;
     }
+    metrics::counter!("shardgate_fetch_delivered_records_total").increment(all);
+    if !prefetch {
+        return;
+    }
     metrics::counter!("shardgate_prefetch_hits_total").increment(hits);
     metrics::counter!("shardgate_prefetch_late_total").increment(late);
     metrics::counter!("shardgate_prefetch_misses_total")
         .increment(advanced.len() as u64 - hits - late);
     metrics::counter!("shardgate_prefetch_delivered_records_total").increment(records);
+    if !advanced.is_empty() && !polled {
+        metrics::counter!("shardgate_prefetch_fetches_saved_total").increment(1);
+    }
 }
 
 /// One line per answered fetch at debug level (`shardgate::proxy::fetch=debug`): where its

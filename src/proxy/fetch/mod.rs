@@ -153,9 +153,14 @@ pub async fn handle(
     );
     learn::trace(&fetch, wants.len(), &advanced, started);
     fetch.read_ahead(&wants, &advanced, Duration::from_millis(max_wait));
-    if ctx.settings.raw.prefetch.mode() != crate::config::PrefetchMode::Off {
-        learn::count(&wants, &advanced, &fetch.hits, &fetch.late);
-    }
+    learn::count(
+        &wants,
+        &advanced,
+        &fetch.hits,
+        &fetch.late,
+        !fetch.polled.is_empty(),
+        ctx.settings.raw.prefetch.mode() != crate::config::PrefetchMode::Off,
+    );
     let isolation = fetch.template.body.isolation_level;
     learn::profile(ctx, client, req, &wants, &advanced, isolation, started);
     learn::unassigned(ctx, client);

@@ -11,10 +11,13 @@ pub fn total() -> usize {
     QUEUED.load(Ordering::Relaxed)
 }
 
-/// Record bytes of one queue entry, counted for its connection and the process until dropped.
+/// Record bytes of one queue entry, counted for its connection and the process until dropped;
+/// dropped without being taken by a fetch, they were read from upstream for nothing
+/// (`shardgate_prefetch_wasted_bytes_total`).
 pub(super) struct Counted {
     conn: Arc<AtomicUsize>,
     n: usize,
+    taken: bool,
 }
 
 impl Counted {
@@ -25,7 +28,13 @@ impl Counted {
         Self {
             conn: conn.clone(),
             n,
+            taken: false,
         }
+    }
+
+    /// A fetch took the entry's records (to deliver them, or to hold them at a gate again).
+    pub(super) fn taken(&mut self) {
+        self.taken = true;
     }
 }
 
@@ -34,5 +43,8 @@ impl Drop for Counted {
         self.conn.fetch_sub(self.n, Ordering::Relaxed);
         QUEUED.fetch_sub(self.n, Ordering::Relaxed);
         metrics::gauge!("shardgate_prefetch_queue_bytes").decrement(self.n as f64);
+        if !self.taken && self.n > 0 {
+            metrics::counter!("shardgate_prefetch_wasted_bytes_total").increment(self.n as u64);
+        }
     }
 }

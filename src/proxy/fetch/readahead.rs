@@ -141,7 +141,7 @@ struct Ready {
     /// Held back by an ordering gate (`hold`).
     gated: bool,
     _charge: Option<Charge>,
-    _counted: Counted,
+    counted: Counted,
 }
 
 impl Ready {
@@ -198,7 +198,7 @@ impl ConnFetch {
         let Some(q) = st.ready.get_mut(key) else {
             return Took::Empty;
         };
-        let Some(r) = q.pop_front() else {
+        let Some(mut r) = q.pop_front() else {
             return Took::Empty;
         };
         let epochs_hold = r
@@ -214,10 +214,13 @@ impl ConnFetch {
             None
         };
         let took = match reason {
-            None => Took::Entry(Taken {
-                data: r.data,
-                ahead: r.ahead,
-            }),
+            None => {
+                r.counted.taken();
+                Took::Entry(Taken {
+                    data: r.data,
+                    ahead: r.ahead,
+                })
+            }
             Some(reason) => {
                 let n = 1 + q.len() as u64;
                 q.clear();
@@ -300,7 +303,7 @@ impl ConnFetch {
             ahead: false,
             gated: false,
             _charge: charge,
-            _counted: counted,
+            counted,
         })
     }
 
@@ -536,7 +539,7 @@ impl ConnFetch {
             offset: asked.offset,
             epochs: Some((asked.current_leader_epoch, asked.last_fetched_epoch)),
             isolation,
-            _counted: Counted::new(&queued, data.records.as_ref().map_or(0, |r| r.len())),
+            counted: Counted::new(&queued, data.records.as_ref().map_or(0, |r| r.len())),
             data,
             at: now,
             ahead,

@@ -92,6 +92,8 @@ struct Slot {
     /// Record bytes of a ready slot, or the bytes reserved for a read in flight (the cap
     /// counts both).
     bytes: usize,
+    /// A rebalance pre-read no consumer has taken yet (evicted so, it was read for nothing).
+    unserved: bool,
 }
 
 /// What a fetch finds for one partition.
@@ -201,7 +203,7 @@ impl SharedReads {
         // current leader epoch ends at the log end (no divergence below anything read).
         let last = want.part.last_fetched_epoch;
         let limit = want.part.partition_max_bytes.max(0) as usize;
-        for s in entries.iter() {
+        for s in entries.iter_mut() {
             if s.topic_id != topic_id
                 || s.isolation != isolation
                 || (epoch >= 0 && epoch != s.epoch)
@@ -218,7 +220,9 @@ impl SharedReads {
                 State::Ready(p) if z == s.offset => {
                     if checked {
                         // An oversized first batch: only the request's own read can tell.
-                        return cut(p, limit).map_or(Found::Nothing, |p| Found::Ready(Box::new(p)));
+                        let found = cut(p, limit).map(|p| Found::Ready(Box::new(p)));
+                        s.unserved &= found.is_none();
+                        return found.unwrap_or(Found::Nothing);
                     }
                 }
                 State::Ready(p) => {
@@ -226,8 +230,9 @@ impl SharedReads {
                         continue;
                     };
                     if last < 0 || last == s.epoch || last == first_epoch {
-                        return cut(&inside, limit)
-                            .map_or(Found::Nothing, |p| Found::Ready(Box::new(p)));
+                        let found = cut(&inside, limit).map(|p| Found::Ready(Box::new(p)));
+                        s.unserved &= found.is_none();
+                        return found.unwrap_or(Found::Nothing);
                     }
                 }
             }
@@ -280,6 +285,9 @@ impl SharedReads {
 
     fn evicted(&self, slot: &Slot, reason: &'static str) {
         self.bytes.fetch_sub(slot.bytes, Relaxed);
+        if slot.unserved && matches!(slot.state, State::Ready(_)) {
+            metrics::counter!("shardgate_prefetch_wasted_bytes_total").increment(slot.bytes as u64);
+        }
         metrics::gauge!("shardgate_prefetch_bytes").set(self.bytes.load(Relaxed) as f64);
         metrics::counter!("shardgate_prefetch_evictions_total", "reason" => reason).increment(1);
     }
@@ -512,6 +520,7 @@ impl SharedReads {
                     at: Instant::now(),
                     state: State::InFlight(filed.clone()),
                     bytes: 0,
+                    unserved: false,
                 },
             ));
         }
@@ -630,6 +639,7 @@ impl SharedReads {
                         at: Instant::now(),
                         state: State::InFlight(filed.clone()),
                         bytes: PARTITION_MAX_BYTES as usize,
+                        unserved: true,
                     },
                 );
                 if !put {

@@ -76,6 +76,7 @@ fn holding(p: PartitionData, epoch: i32, last_epoch: i32) -> SharedReads {
             at: Instant::now(),
             state: State::Ready(Box::new(p)),
             bytes,
+            unserved: true,
         }],
     );
     store.count.store(1, std::sync::atomic::Ordering::Relaxed);
@@ -423,6 +424,7 @@ fn a_full_store_evicts_its_oldest_answers_for_new_ones_and_never_exceeds_its_cap
         at: Instant::now(),
         state: State::Ready(Box::new(data(&[batch(offset, 1, 100)], &[]))),
         bytes: 100,
+        unserved: false,
     };
     for (i, offset) in [10, 20, 30].into_iter().enumerate() {
         let mut slots = store.lock();
