@@ -162,6 +162,18 @@ def shards():
                ("sum by (reason) (rate(shardgate_prefetch_reads_total[5m]))", "reads {{reason}}/s"),
                ("sum by (reason) (rate(shardgate_prefetch_evictions_total[5m]))", "evictions {{reason}}/s")],
               w=8),
+        panel("Prefetch coverage (records delivered from memory)",
+              [("sum(rate(shardgate_prefetch_delivered_records_total[5m])) / clamp_min(sum(rate(shardgate_fetch_delivered_records_total[5m])), 1e-9)", "coverage")],
+              unit="percentunit", w=8),
+        panel("Upstream fetches saved and spent by prefetch",
+              [("sum(rate(shardgate_prefetch_fetches_saved_total[5m]))", "saved/s"),
+               ("sum(rate(shardgate_fetch_readahead_polls_total[5m]))", "read-ahead polls/s"),
+               ("sum(rate(shardgate_prefetch_opening_reads_total[5m]))", "gate-opening reads/s")],
+              w=8),
+        panel("Prefetch bytes read for nothing",
+              [("sum(rate(shardgate_prefetch_wasted_bytes_total[5m]))", "wasted bytes/s"),
+               ("sum(shardgate_prefetch_queue_bytes)", "queued bytes")],
+              unit="bytes", w=8),
     ]
     annotations = [
         {

@@ -114,6 +114,7 @@ fn zero() {
     // Gauges set only when something happens.
     for name in [
         "shardgate_prefetch_bytes",
+        "shardgate_prefetch_queue_bytes",
         "shardgate_memory_budget_waiting",
     ] {
         metrics::gauge!(name).set(0.0);
